@@ -1,0 +1,15 @@
+"""casify: retrofit Channel-wise Activation Suppressing (CAS, ICLR 2021) onto pretrained PyTorch classifiers."""
+__version__ = "0.1.0"
+
+from .cas import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
+from .hub import LoadError, from_pretrained, save_pretrained
+from .model import CASModel
+from .normalize import InputNormalize
+from .routing import route
+from .surgery import Layer, LayerError, list_layers, unwrap, wrap
+from .tracing import TraceError
+
+__all__ = [
+    "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "Layer", "LayerError", "LoadError", "TraceError",
+    "aux_logits", "find_cas_modules", "from_pretrained", "list_layers", "route", "save_pretrained", "unwrap", "wrap",
+]

@@ -1,0 +1,130 @@
+"""The wrapped model: the original's modules and parameters under their own names, CAS modules beside them, and a
+forward compiled from the rewritten fx graph of the current mode (train or eval)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+
+from .cas import CASModule
+
+CAS_ATTR = "cas_modules"
+NORMALIZE_ATTR = "input_normalize"
+
+
+def compile_graph(graph: fx.Graph) -> Callable:
+    """Python code for ``graph`` whose ``self`` is the wrapped model, compiled once."""
+    code = graph.python_code(root_module="self")
+    namespace: Dict[str, Any] = dict(code.globals)
+    exec(compile(code.src, "<casify graph>", "exec"), namespace)
+    return namespace["forward"]
+
+
+class CASModel(nn.Module):
+    """A classifier with CAS modules inserted after chosen activations.
+
+    ``forward(x)`` returns logits only, like the original. The auxiliary logits of the last forward are in
+    :attr:`cas_outputs` (a dict from layer name to (N, num_classes) logits). The state dict holds the original's keys
+    unchanged plus ``cas_modules.*``. Train/eval-dependent behaviour of the original (dropout, drop-path, batch norm and
+    any ``self.training`` branch) is kept by tracing both modes: each mode runs its own graph.
+    """
+
+    def __init__(self, base: nn.Module, graphs: Dict[bool, fx.Graph], cas_modules: Dict[str, CASModule],
+                 normalize: Optional[nn.Module], config: dict):
+        super().__init__()
+        reserved = {CAS_ATTR, NORMALIZE_ATTR}
+        clash = reserved & (set(base._modules) | set(base._parameters) | set(base._buffers) | set(vars(base)))
+        if clash:
+            raise ValueError(f"the model already has attributes named {sorted(clash)}, which casify needs for its own "
+                             "modules; rename them in your model")
+        for name, child in base._modules.items():
+            self.add_module(name, child)
+        for name, param in base._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in base._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
+        self.cas_modules = nn.ModuleDict(cas_modules)
+        if normalize is not None:
+            self.input_normalize = normalize
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_graphs", graphs)
+        object.__setattr__(self, "_forwards", {mode: compile_graph(g) for mode, g in graphs.items()})
+        object.__setattr__(self, "casify_config", config)
+        self.train(base.training)
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self._forwards[self.training](self, *args, **kwargs)
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The rewritten graph that the current mode runs."""
+        return self._graphs[self.training]
+
+    @property
+    def cas_layers(self) -> List[str]:
+        """Names of the layers that carry a CAS module, in graph order."""
+        return list(self.casify_config["cas"]["layers"])
+
+    @property
+    def cas_outputs(self) -> Dict[str, torch.Tensor]:
+        """Auxiliary logits of the last forward, by layer name (the side channel beside the logits)."""
+        names = self.cas_layers
+        outs = {}
+        for name, module in zip(names, self.cas_modules.values()):
+            if module.last_aux_logits is None:
+                raise RuntimeError("no auxiliary logits yet: run a forward through the model first")
+            outs[name] = module.last_aux_logits
+        return outs
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.casify_config["cas"]["num_classes"])
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The original model object. It shares its modules with this one; see :func:`casify.unwrap`."""
+        return self._base
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_base")
+            if base is not None and not name.startswith("_"):
+                value = getattr(base, name, _MISSING)
+                # Metadata (timm's pretrained_cfg, num_features, ...) passes through; methods of the original would
+                # run without CAS, so they do not.
+                if value is not _MISSING and not callable(value):
+                    return value
+            raise
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_forwards":
+                continue
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        object.__setattr__(new, "_forwards", {mode: compile_graph(g) for mode, g in new._graphs.items()})
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("casify models are not pickled (pickles run code on load); save with model.save_pretrained(dir) "
+                        "and load with casify.from_pretrained(dir)")
+
+    # -- saving -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write ``config.json`` and ``model.safetensors`` to ``save_directory`` (see :func:`casify.save_pretrained`)."""
+        from .hub import save_pretrained
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the folder of :meth:`save_pretrained` with a model card (see :func:`casify.push_to_hub`)."""
+        from .hub import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+_MISSING = object()

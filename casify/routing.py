@@ -1,0 +1,59 @@
+"""Which label each CAS module masks with on a forward.
+
+Inside ``route(model, labels=y)`` every CAS module uses the weight row of ``y`` (the paper's training phase); outside it
+each module uses the row of its own prediction (the test phase). Routing is independent of ``train()``/``eval()``: the
+adversarial-training step crafts its attack in eval mode with predicted routing, then updates in training mode with
+label routing.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .cas import find_cas_modules
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() == 1:
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"class labels must be an integer tensor of shape (N,), got dtype {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes), "
+                             f"got values in [{int(labels.min())}, {int(labels.max())}]")
+        return labels.long()
+    if labels.dim() == 2 and labels.is_floating_point():
+        if labels.shape[1] != num_classes:
+            raise ValueError(f"soft routing weights must have shape (N, {num_classes}), got {tuple(labels.shape)}")
+        return labels
+    raise ValueError(f"labels must be class indices of shape (N,) or soft routing weights of shape (N, {num_classes}), "
+                     f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, labels: Optional[torch.Tensor]) -> Iterator[None]:
+    """Route every CAS module in ``model`` (also through DDP / Accelerate wrappers) by ``labels`` for the duration.
+
+    ``labels`` may be class indices (N,), soft weights over classes (N, num_classes) that mix weight rows, or ``None``
+    to route by prediction explicitly (no warning in training mode). Contexts nest; the previous routing is restored.
+    """
+    modules = find_cas_modules(model)
+    if not modules:
+        raise ValueError("casify.route: the model has no CAS modules; wrap it with casify.wrap(model, layers=...) first")
+    if labels is None:
+        state = ("predicted", None)
+    else:
+        checked = _check_labels(labels, modules[0].num_classes)
+        state = ("labels", checked)
+    previous = [m._route for m in modules]
+    for m in modules:
+        m._route = state if state[1] is None else ("labels", state[1].to(m.classifier.weight.device))
+    try:
+        yield
+    finally:
+        for m, prev in zip(modules, previous):
+            m._route = prev
