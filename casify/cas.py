@@ -54,7 +54,8 @@ class CASModule(nn.Module):
         self.pool_dims = tuple(d for d in range(1, ndim) if d != self.channel_dim)
         self.classifier = nn.Linear(self.num_channels, self.num_classes, bias=True, device=device, dtype=dtype)
         self.init = init
-        self.reset_parameters(init)
+        if init == "identity":  # "paper" keeps the Linear's own default initialisation, drawn once
+            self.reset_parameters(init)
         # Routing state, set by casify.route(): None = no context; ("labels", tensor) or ("predicted", None).
         self._route: Optional[tuple] = None
         self.last_aux_logits: Optional[torch.Tensor] = None

@@ -32,7 +32,7 @@ class CASModel(nn.Module):
     """
 
     def __init__(self, base: nn.Module, graphs: Dict[bool, fx.Graph], cas_modules: Dict[str, CASModule],
-                 normalize: Optional[nn.Module], config: dict):
+                 normalize: Optional[nn.Module], config: dict, constants: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         reserved = {CAS_ATTR, NORMALIZE_ATTR}
         clash = reserved & (set(base._modules) | set(base._parameters) | set(base._buffers) | set(vars(base)))
@@ -45,6 +45,8 @@ class CASModel(nn.Module):
             self.register_parameter(name, param)
         for name, buf in base._buffers.items():
             self.register_buffer(name, buf, persistent=name not in base._non_persistent_buffers_set)
+        for name, value in (constants or {}).items():  # tensors fx captured while tracing
+            self.register_buffer(name, value, persistent=False)
         self.cas_modules = nn.ModuleDict(cas_modules)
         if normalize is not None:
             self.input_normalize = normalize

@@ -51,7 +51,10 @@ def resolve_normalize(spec: NormalizeSpec, model: nn.Module) -> Optional[dict]:
         if spec == "auto":
             cfg = getattr(model, "pretrained_cfg", None) or {}
             if "mean" in cfg and "std" in cfg:
-                return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
+                mean, std = [float(v) for v in cfg["mean"]], [float(v) for v in cfg["std"]]
+                if all(m == 0 for m in mean) and all(s == 1 for s in std):
+                    return None  # models trained on raw [0, 1] pixels (casify's CIFAR models) need no module
+                return {"mean": mean, "std": std}
             return None
         if spec == "imagenet":
             return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}

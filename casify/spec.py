@@ -34,6 +34,8 @@ def _timm_spec(model: nn.Module) -> Optional[dict]:
     in_chans = getattr(model, "in_chans", None)
     if in_chans is not None:
         kwargs["in_chans"] = int(in_chans)
+    # Architecture kwargs a model records about itself (casify's CIFAR models: width, depth, widen_factor).
+    kwargs.update(getattr(model, "arch_kwargs", None) or {})
     return {"source": "timm", "name": name, "kwargs": kwargs}
 
 

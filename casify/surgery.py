@@ -1,6 +1,8 @@
 """Finding insertion points and rewriting a model with torch.fx: ``wrap``, ``list_layers``, ``unwrap``."""
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -36,10 +38,14 @@ class Layer:
 
 
 def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """The size of the dummy input used to find shapes: timm's pretrained config (corrected by a patch embedding's
+    actual image size, which ``img_size=`` overrides), else 3x224x224."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(int(v) for v in cfg["input_size"])
-    return (3, 224, 224)
+    size = tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(isinstance(v, int) for v in img_size):
+        size = (size[0],) + tuple(img_size)
+    return size
 
 
 def _layout(shape: Tuple[int, ...]) -> Tuple[Optional[int], str]:
@@ -66,7 +72,12 @@ def _tensor_shape(node: fx.Node) -> Optional[Tuple[int, ...]]:
 
 
 def _propagate_shapes(model: nn.Module, traced: TracedGraph, input_size) -> None:
-    gm = fx.GraphModule(model, traced.graph)
+    model.__dict__.update(traced.constants)  # visible to the temporary GraphModule only while it is built
+    try:
+        gm = fx.GraphModule(model, traced.graph)
+    finally:
+        for name in traced.constants:
+            model.__dict__.pop(name, None)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -74,7 +85,7 @@ def _propagate_shapes(model: nn.Module, traced: TracedGraph, input_size) -> None
     modes = {m: m.training for m in model.modules()}
     gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(x)
     except Exception as exc:
         raise LayerError(f"running {type(model).__name__} on a dummy input of size {tuple(input_size)} failed "
@@ -123,15 +134,18 @@ def _all_names(traced: TracedGraph) -> List[str]:
     return list(traced.module_outputs) + [n for n in traced.nodes_by_name if n not in traced.module_outputs]
 
 
-def _auto_layer(traced: TracedGraph) -> str:
-    """The last feature stage: the outermost module (else the node) that outputs the last activation with positions."""
-    order = {node: i for i, node in enumerate(traced.graph.nodes)}
+def _auto_layer(traced: TracedGraph, num_classes: Optional[int]) -> str:
+    """The last feature stage: the outermost module (else the node) that outputs the last activation with positions.
+
+    Maps with one channel per class (SqueezeNet's classifier conv) are class scores, not features, and are skipped.
+    """
     best = None
     for node in traced.graph.nodes:
         shape = _tensor_shape(node)
         if node.op in ("placeholder", "output", "get_attr") or shape is None or len(shape) < 3:
             continue
-        if _layout(shape)[0] is not None:
+        dim = _layout(shape)[0]
+        if dim is not None and shape[dim] != num_classes:
             best = node
     if best is None:
         raise LayerError("layers='auto' found no activation with a channel axis and more than one position; "
@@ -142,14 +156,14 @@ def _auto_layer(traced: TracedGraph) -> str:
     return traced.qualnames[best]
 
 
-def _expand(traced: TracedGraph, layers: LayerSpec) -> List[str]:
+def _expand(traced: TracedGraph, layers: LayerSpec, num_classes: Optional[int]) -> List[str]:
     if isinstance(layers, (str, re.Pattern)):
         layers = [layers]
     names: List[str] = []
     candidates = _candidates(traced)
     for spec in layers:
         if isinstance(spec, str) and spec == "auto":
-            names.append(_auto_layer(traced))
+            names.append(_auto_layer(traced, num_classes))
             continue
         if isinstance(spec, re.Pattern) or (isinstance(spec, str) and spec.startswith("re:")):
             pattern = spec if isinstance(spec, re.Pattern) else re.compile(spec[3:])
@@ -166,7 +180,20 @@ def _expand(traced: TracedGraph, layers: LayerSpec) -> List[str]:
     return names
 
 
-def _target(traced: TracedGraph, name: str, channel_dims: Dict[str, int]) -> Tuple[fx.Node, Layer]:
+def _probe_channel_dim(model: nn.Module, name: str, input_size, trace_kwargs) -> Optional[Tuple[int, ...]]:
+    """The layer's output shape at twice the input size; used to resolve an ambiguous layout (C == H == W): the axis
+    whose length does not change is the channel axis."""
+    probe = trace(model, training=False, **trace_kwargs)
+    bigger = (input_size[0],) + tuple(2 * int(s) for s in input_size[1:])
+    try:
+        _propagate_shapes(model, probe, bigger)
+    except LayerError:
+        return None
+    node = _resolve_node(probe, name)
+    return _tensor_shape(node) if node is not None else None
+
+
+def _target(traced: TracedGraph, name: str, channel_dims: Dict[str, int], probe=None) -> Tuple[fx.Node, Layer]:
     node = _resolve_node(traced, name)
     if node is None:
         close = closest_names(name, _all_names(traced))
@@ -181,6 +208,12 @@ def _target(traced: TracedGraph, name: str, channel_dims: Dict[str, int]) -> Tup
         dim, layout = channel_dims[name] % len(shape), "given"
     else:
         dim, layout = _layout(shape)
+    if dim is None and layout == "ambiguous" and probe is not None:
+        other = probe(name)
+        if other is not None and len(other) == len(shape):
+            same = [d for d in range(1, len(shape)) if other[d] == shape[d]]
+            if len(same) == 1:
+                dim, layout = same[0], "probed"
     if dim is None:
         raise LayerError(f"cannot tell which axis of layer {name!r} (shape {shape}) holds the channels; pass "
                          f"channel_dims={{{name!r}: 1}} for channels-first or -1 for channels-last")
@@ -252,12 +285,15 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
     graphs = {mode: trace(model, mode, leaf_modules, autowrap_functions) for mode in (False, True)}
     _propagate_shapes(model, graphs[False], input_size)
 
-    names = _expand(graphs[False], layers)
+    classes = num_classes or _output_classes(graphs[False])
+    names = _expand(graphs[False], layers, classes)
     if not names:
         raise LayerError("no layers given; pass layers=['layer4'] or layers='auto'")
     targets = {}
+    trace_kwargs = {"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions}
+    probe = lambda name: _probe_channel_dim(model, name, input_size, trace_kwargs)  # noqa: E731
     for name in names:
-        node, layer = _target(graphs[False], name, channel_dims)
+        node, layer = _target(graphs[False], name, channel_dims, probe)
         if node in [t[0] for t in targets.values()]:
             other = next(n for n, t in targets.items() if t[0] is node)
             raise LayerError(f"layers {other!r} and {name!r} are the same tensor; give only one of them")
@@ -265,7 +301,6 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
     order = {node: i for i, node in enumerate(graphs[False].graph.nodes)}
     names = sorted(targets, key=lambda n: order[targets[n][0]])
 
-    classes = num_classes or _output_classes(graphs[False])
     if not classes:
         raise LayerError("cannot tell the number of classes from the model's output; pass num_classes=")
     param = next(model.parameters(), None)
@@ -296,7 +331,6 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
                 norm_node = traced.graph.create_node("call_module", NORMALIZE_ATTR, (placeholder,), {},
                                                      name="input_normalize")
             placeholder.replace_all_uses_with(norm_node, delete_user_cb=lambda user, c=norm_node: user is not c)
-        _adopt_constants(model, traced.graph)
         traced.graph.lint()
 
     from .spec import versions
@@ -311,18 +345,8 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
         "versions": versions(),
     }
     normalize_module = InputNormalize(norm["mean"], norm["std"]).to(**factory) if norm is not None else None
-    return CASModel(model, {mode: g.graph for mode, g in graphs.items()}, modules, normalize_module, config)
-
-
-def _adopt_constants(model: nn.Module, graph: fx.Graph) -> None:
-    """fx stores tensors created during tracing on the traced model; check each get_attr still resolves."""
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            obj = model
-            for part in node.target.split("."):
-                obj = getattr(obj, part, None)
-                if obj is None:
-                    raise LayerError(f"traced graph refers to {node.target!r}, which the model does not have")
+    constants = {k: v for g in graphs.values() for k, v in g.constants.items()}
+    return CASModel(model, {mode: g.graph for mode, g in graphs.items()}, modules, normalize_module, config, constants)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ class NamingTracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
         self.leaf_types = tuple(set(timm_leaves) | set(leaf_modules))
         self.casify_scope = ""
+        self.error_scope = None
         self.qualnames: Dict[fx.Node, str] = {}
         self.module_outputs: Dict[str, List[fx.Node]] = defaultdict(list)
         self._counts: Counter = Counter()
@@ -51,6 +52,10 @@ class NamingTracer(fx.Tracer):
         outer, self.casify_scope = self.casify_scope, qualname
         try:
             out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.error_scope is None:  # the innermost module that failed
+                self.error_scope = (qualname, type(m).__name__)
+            raise
         finally:
             self.casify_scope = outer
         if isinstance(out, fx.Proxy) and qualname:
@@ -79,6 +84,7 @@ class TracedGraph:
     graph: fx.Graph
     qualnames: Dict[fx.Node, str]
     module_outputs: Dict[str, List[fx.Node]]
+    constants: Dict[str, torch.Tensor] = field(default_factory=dict)
     nodes_by_name: Dict[str, fx.Node] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -93,10 +99,10 @@ def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many kinds of errors; translate them into one that says what to do
-        where = tracer.casify_scope or type(model).__name__
+        where = "{!r} ({})".format(*tracer.error_scope) if tracer.error_scope else "its own forward"
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__} in {'train' if training else 'eval'} mode "
-            f"(inside {where!r}): {type(exc).__name__}: {exc}\n"
+            f"(inside {where}): {type(exc).__name__}: {exc}\n"
             "Data-dependent Python control flow cannot be traced. Mark the offending submodule's class as a leaf with "
             "casify.wrap(..., leaf_modules=[ThatClass]) (CAS can then go after it but not inside it), or a helper "
             "function with autowrap_functions=[fn]; timm models can also use timm.layers.register_notrace_module."
@@ -104,7 +110,27 @@ def trace(model: nn.Module, training: bool, leaf_modules=(), autowrap_functions=
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return TracedGraph(graph, dict(tracer.qualnames), dict(tracer.module_outputs))
+    constants = _take_constants(model, graph, prefix=f"_casify_const_{'train' if training else 'eval'}_")
+    return TracedGraph(graph, dict(tracer.qualnames), dict(tracer.module_outputs), constants)
+
+
+def _take_constants(model: nn.Module, graph: fx.Graph, prefix: str) -> Dict[str, torch.Tensor]:
+    """fx stores tensors created during tracing as ``_tensor_constant<i>`` attributes of the traced model. Move them
+    off the user's model and rename them, so each graph owns its constants and the original stays untouched."""
+    constants = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target.startswith("_tensor_constant") and "." not in node.target:
+            value = model.__dict__.get(node.target)
+            if not isinstance(value, torch.Tensor):
+                continue
+            new_name = prefix + node.target[len("_tensor_constant"):]
+            constants[new_name] = value
+            node.target = new_name
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target.startswith(prefix):
+            old = "_tensor_constant" + node.target[len(prefix):]
+            model.__dict__.pop(old, None)
+    return constants
 
 
 def closest_names(name: str, candidates: Iterable[str], n: int = 5) -> List[str]:

@@ -1,0 +1,363 @@
+"""Datasets and transforms. Every dataset yields ``(image, label)``: a float CHW tensor in [0, 1] and an int.
+
+No normalisation happens here: mean/std live inside the model (``casify.wrap(..., normalize=...)``), so adversarial
+eps is always measured in [0, 1] pixel space.
+
+Splits: select checkpoints and tune on a held-out *validation* split, never on the test set. Datasets without a
+validation split hold one out of their training set (:func:`train_val_split`); for CIFAR-10 the convention is the
+last 5,000 training images.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+__all__ = [
+    "DATA_ENV", "DATASET_NAMES", "NpzDataset", "TensorImageDataset", "build_dataset", "cifar_train_transform",
+    "data_root", "digits_dataset", "imagefolder_dataset", "imagenet_eval_transform", "imagenet_train_transform",
+    "to_image_tensor", "torchvision_dataset", "train_val_split",
+]
+
+DATA_ENV = "CASIFY_DATA"
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder:<root>", "<path>.npz")
+SPLITS = ("train", "val", "test")
+
+
+def data_root(root: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Where named datasets live: ``root`` if given, else ``$CASIFY_DATA``, else ``./data``."""
+    return Path(root if root is not None else os.environ.get(DATA_ENV, "data")).expanduser()
+
+
+# ----------------------------------------------------------------------------------------------------------- transforms
+
+def to_image_tensor(img) -> torch.Tensor:
+    """A PIL image, an HWC/HW uint8 array or a CHW tensor as a plain float32 CHW tensor in [0, 1]."""
+    if isinstance(img, torch.Tensor):
+        t = img
+    elif isinstance(img, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(img))
+        t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+    else:  # PIL
+        from torchvision.transforms.functional import pil_to_tensor
+        t = pil_to_tensor(img.convert("RGB") if img.mode not in ("RGB", "L") else img)
+    if t.dtype == torch.uint8:
+        return t.float().div_(255.0)
+    return t.float()
+
+
+class ToImageTensor:
+    """Transform form of :func:`to_image_tensor` (picklable, for DataLoader workers)."""
+
+    def __call__(self, img) -> torch.Tensor:
+        return to_image_tensor(img)
+
+    def __repr__(self) -> str:
+        return "ToImageTensor()"
+
+
+def cifar_train_transform(size: int = 32, padding: int = 4) -> Callable:
+    """The paper's CIFAR augmentation: zero-pad 4 pixels, random crop back to 32, random horizontal flip.
+
+    Accepts PIL images, uint8 arrays or [0, 1] tensors and returns a [0, 1] float tensor.
+    """
+    from torchvision import transforms as T
+    return T.Compose([ToImageTensor(), T.RandomCrop(size, padding=padding, fill=0, padding_mode="constant"),
+                      T.RandomHorizontalFlip()])
+
+
+def imagenet_train_transform(size: int = 224) -> Callable:
+    """Standard ImageNet training augmentation: RandomResizedCrop(size) + horizontal flip, to a [0, 1] tensor."""
+    from torchvision import transforms as T
+    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip(), ToImageTensor()])
+
+
+def imagenet_eval_transform(size: int = 224) -> Callable:
+    """Standard ImageNet evaluation: resize the short side to size * 256/224, centre-crop ``size``, to [0, 1]."""
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(int(round(size * 256 / 224)), antialias=True), T.CenterCrop(size), ToImageTensor()])
+
+
+# ------------------------------------------------------------------------------------------------------ array datasets
+
+class TensorImageDataset(Dataset):
+    """Images already in memory (uint8 NHWC/NHW arrays or float NCHW tensors) with integer labels."""
+
+    def __init__(self, images, labels, transform: Optional[Callable] = None, classes: Optional[Sequence[str]] = None):
+        if len(images) != len(labels):
+            raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+        self.images, self.labels, self.transform = images, np.asarray(labels).astype(np.int64), transform
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        img = to_image_tensor(self.images[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+class NpzDataset(TensorImageDataset):
+    """Images from an ``.npz`` file: ``x`` (uint8 NHWC, or NHW for grayscale) and ``y``.
+
+    Files holding several splits (MNIST's ``x_train``/``y_train``/``x_test``/``y_test``) are read with
+    ``split="train"`` or ``split="test"``. ``indices`` keeps only those rows (e.g. a held-out part).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], split: Optional[str] = None,
+                 transform: Optional[Callable] = None, indices: Optional[Sequence[int]] = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no .npz file at {path}")
+        with np.load(path, allow_pickle=False) as data:
+            keys = sorted(data.files)
+            xk, yk = ("x", "y") if split is None else (f"x_{split}", f"y_{split}")
+            if xk not in keys or yk not in keys:
+                if split is None and any(k.startswith("x_") for k in keys):
+                    hint = "; this file holds several splits: pass split=" + " or ".join(
+                        repr(k[2:]) for k in keys if k.startswith("x_"))
+                else:
+                    hint = ""
+                raise ValueError(f"{path} has keys {keys}; expected {xk!r} and {yk!r} (images uint8 NHWC or NHW, "
+                               f"integer labels){hint}")
+            x, y = data[xk], data[yk]
+        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+            raise ValueError(f"{path}[{xk!r}] has shape {x.shape}; expected NHWC with 1 or 3 channels, or NHW")
+        if x.dtype != np.uint8:
+            raise ValueError(f"{path}[{xk!r}] has dtype {x.dtype}; expected uint8 pixels 0..255")
+        if len(x) != len(y):
+            raise ValueError(f"{path}: {xk!r} has {len(x)} images but {yk!r} has {len(y)} labels")
+        if indices is not None:
+            idx = np.asarray(indices, dtype=np.int64)
+            x, y = x[idx], y[idx]
+        self.path, self.split = path, split
+        super().__init__(x, y, transform)
+
+
+def _digits_split_indices(labels: np.ndarray, seed: int) -> dict:
+    """Per class, shuffle with ``seed`` and take round(20 %) for test, round(10 %) for val, the rest for train."""
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test, n_val = int(round(0.2 * len(idx))), int(round(0.1 * len(idx)))
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test:n_test + n_val])
+        parts["train"].append(idx[n_test + n_val:])
+    return {k: np.sort(np.concatenate(v)) for k, v in parts.items()}
+
+
+def digits_dataset(split: str = "train", size: int = 16, channels: int = 3, transform: Optional[Callable] = None,
+                   seed: int = 0) -> TensorImageDataset:
+    """scikit-learn's handwritten digits (1797 real 8x8 images, 16 grey levels), shipped with sklearn: no network.
+
+    Pixels are scaled to [0, 1] (value / 16) and bilinearly upsampled to ``size`` x ``size``; ``channels=3`` repeats
+    the grey channel so RGB models take it. The split is stratified and fixed by ``seed``: per class, 20 % test,
+    10 % val, the rest train, which for seed 0 gives 1259 / 179 / 359 images.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    labels = digits.target.astype(np.int64)
+    idx = _digits_split_indices(labels, seed)[split]
+    x = torch.from_numpy(digits.images[idx].astype(np.float32) / 16.0).unsqueeze(1)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    if channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    return TensorImageDataset(x, labels[idx], transform)
+
+
+# ------------------------------------------------------------------------------------------------ torchvision datasets
+
+_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
+
+
+def torchvision_dataset(name: str, split: str = "train", root=None, download: bool = False,
+                        transform: Optional[Callable] = None) -> Dataset:
+    """CIFAR-10, CIFAR-100 or SVHN from torchvision, as [0, 1] tensors (``transform`` then runs on the tensor).
+
+    Nothing is downloaded unless ``download=True``: missing files raise an error saying so.
+    ``split`` is "train" or "test" (SVHN also "extra"); hold out validation data with :func:`train_val_split`.
+    """
+    import torchvision.datasets as tvd
+    if name not in _TORCHVISION:
+        raise ValueError(f"unknown torchvision dataset {name!r}; choose one of {sorted(_TORCHVISION)}")
+    allowed = ("train", "test", "extra") if name == "svhn" else ("train", "test")
+    if split not in allowed:
+        raise ValueError(f"{name} has splits {allowed}, got {split!r}")
+    root = data_root(root) / name
+    pipeline = ToImageTensor() if transform is None else _Then(ToImageTensor(), transform)
+    cls = getattr(tvd, _TORCHVISION[name])
+    kwargs = {"split": split} if name == "svhn" else {"train": split == "train"}
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        ds = cls(str(root), download=download, transform=pipeline, **kwargs)
+    except RuntimeError as exc:
+        if download:
+            raise
+        raise FileNotFoundError(f"{name} ({split}) is not under {root}; pass download=True on a machine with network "
+                                f"access (or set ${DATA_ENV} / root= to where it is)") from exc
+    ds.num_classes = len(ds.classes) if hasattr(ds, "classes") else 10
+    return ds
+
+
+class _Then:
+    """Compose two callables (picklable, unlike a lambda)."""
+
+    def __init__(self, first: Callable, second: Callable):
+        self.first, self.second = first, second
+
+    def __call__(self, x):
+        return self.second(self.first(x))
+
+
+def imagefolder_dataset(root, transform: Optional[Callable] = None) -> Dataset:
+    """A torchvision ImageFolder (``root/<class>/<image>``, the ImageNet layout) yielding [0, 1] tensors.
+
+    Images differ in size, so pass a transform that fixes it (``imagenet_eval_transform()`` by default); the
+    transform sees PIL images and must end in a tensor (the ImageNet transforms here do).
+    """
+    from torchvision.datasets import ImageFolder
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no image folder at {root}")
+    ds = ImageFolder(str(root), transform=transform if transform is not None else imagenet_eval_transform())
+    ds.num_classes = len(ds.classes)
+    return ds
+
+
+# -------------------------------------------------------------------------------------------------------------- splits
+
+def train_val_split(dataset: Dataset, val_size: Union[int, float], seed: Optional[int] = 0) -> Tuple[Subset, Subset]:
+    """Split ``dataset`` into (train, val) Subsets, deterministically. Select checkpoints on val, never on the test set.
+
+    Args:
+        val_size: number of validation items, or a fraction in (0, 1).
+        seed: a seeded random choice of the validation items; None takes the *last* ``val_size`` items in order,
+            the CIFAR-10 convention (its official training order is already shuffled). Use a seed for datasets stored
+            in class order, such as ImageFolder.
+    """
+    n = len(dataset)
+    k = int(round(val_size * n)) if isinstance(val_size, float) and 0 < val_size < 1 else int(val_size)
+    if not 0 < k < n:
+        raise ValueError(f"val_size must leave both parts non-empty: got {val_size!r} for {n} items")
+    if seed is None:
+        order = np.arange(n)
+    else:
+        order = np.random.default_rng(seed).permutation(n)
+    train_idx, val_idx = np.sort(order[: n - k]), np.sort(order[n - k:])
+    return Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
+
+
+# ------------------------------------------------------------------------------------------------------------- factory
+
+def _npz_split_keys(path: Path) -> list:
+    with np.load(path, allow_pickle=False) as data:
+        return sorted(data.files)
+
+
+def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *, root=None, download: bool = False,
+                  augment: bool = False, transform: Optional[Callable] = None,
+                  val_size: Optional[Union[int, float]] = None, val_seed: Union[int, None, str] = "default",
+                  image_size: Optional[int] = None, **kwargs) -> Dataset:
+    """One split ("train", "val" or "test") of a dataset named in a recipe or config.
+
+    Names: ``"digits"`` (offline, sklearn; ``size``/``channels`` kwargs), ``"cifar10"``, ``"cifar100"``, ``"svhn"``
+    (torchvision, under ``root`` or ``$CASIFY_DATA``), ``"imagefolder:<root>"`` (``<root>/train``, ``<root>/val``,
+    ``<root>/test``; without a ``test/``, ``val/`` is the test set, as for ImageNet), or a path to an ``.npz`` file.
+
+    Validation data, where the dataset has none of its own, is held out of the training split, and "train" then
+    excludes it. Defaults: the last 5,000 training images for cifar10/cifar100/svhn; the last 10 % for an .npz
+    (the last 5,000 of CIFAR-10's train.npz); a seeded random 10 % for an image folder (stored in class order).
+    ``val_size=0`` trains on everything (then "val" is unavailable); ``val_seed`` None means "the last items",
+    an int a seeded random choice, "default" the dataset's convention. A single-split .npz (keys ``x``/``y``) used
+    as "test" is taken whole.
+
+    ``augment=True`` applies training augmentation to the "train" split only (the paper's pad-crop-flip for 32x32
+    data, size/8 padding for digits; RandomResizedCrop(image_size) + flip for image folders); ``transform`` replaces
+    the default tensor transform.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = os.fspath(name_or_path)
+    train_aug = augment and split == "train"
+
+    if name == "digits":
+        if train_aug and transform is None:
+            size = kwargs.get("size", 16)
+            transform = cifar_train_transform(size, padding=max(1, size // 8))
+        return _with_classes(digits_dataset(split, transform=transform, **kwargs), 10)
+
+    if name in _TORCHVISION:
+        base = torchvision_dataset(name, "test" if split == "test" else "train", root=root, download=download,
+                                   transform=transform or (cifar_train_transform() if train_aug else None))
+        if split == "test":
+            return base
+        return _held_out(base, split, 5000 if val_size is None else val_size, val_seed, None, base.num_classes, name)
+
+    if name.startswith("imagefolder:"):
+        folder = Path(name[len("imagefolder:"):]).expanduser()
+        size = image_size or 224
+        tf = transform or (imagenet_train_transform(size) if train_aug else imagenet_eval_transform(size))
+        if (folder / "val").is_dir() and (folder / "test").is_dir():  # the folder has all three splits
+            return imagefolder_dataset(folder / split, tf)
+        if split == "test":  # ImageNet: the official validation set is everyone's test set
+            return imagefolder_dataset(_existing(folder / "test" if (folder / "test").is_dir() else folder / "val",
+                                                 folder), tf)
+        base = imagefolder_dataset(_existing(folder / "train", folder), tf)
+        return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, 0, base.num_classes, name)
+
+    if name.endswith(".npz"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no .npz file at {path}")
+        keys = _npz_split_keys(path)
+        tf = transform or (cifar_train_transform(kwargs.get("size", 32)) if train_aug else None)
+        if f"x_{split}" in keys and (split != "train" or "x_val" in keys):  # the file holds this split itself
+            return NpzDataset(path, split, tf)
+        if split == "test":
+            if "x" not in keys:
+                raise ValueError(f"{path} has keys {keys}; for split='test' expected 'x_test'/'y_test' or 'x'/'y'")
+            return NpzDataset(path, None, tf)
+        base = NpzDataset(path, "train" if "x_train" in keys else None, tf)
+        return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, None, base.num_classes, name)
+
+    raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASET_NAMES)}")
+
+
+def _existing(path: Path, root: Path) -> Path:
+    if not path.is_dir():
+        subs = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"no folder {path}; {root} holds {subs or 'nothing'} "
+                                "(expected train/ and val/ or test/,"
+                                " each with one sub-folder per class)")
+    return path
+
+
+def _held_out(base: Dataset, split: str, val_size, seed, default_seed, num_classes: int, name: str) -> Dataset:
+    """The "train" or "val" part of ``base`` after holding out ``val_size`` items."""
+    seed = default_seed if seed == "default" else seed
+    if not val_size:
+        if split == "val":
+            raise ValueError(f"{name} has no validation split and val_size=0 holds none out; pass val_size=")
+        return base
+    train, val = train_val_split(base, val_size, seed)
+    return _with_classes(train if split == "train" else val, num_classes)
+
+
+def _with_classes(ds: Dataset, num_classes: int) -> Dataset:
+    ds.num_classes = num_classes
+    return ds

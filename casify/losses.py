@@ -1,0 +1,240 @@
+"""AT, TRADES and MART, each with or without the CAS term (paper Table 7, as the authors' code computes them).
+
+A loss is called as ``loss(model, x_nat, x_adv, y)`` and returns ``(loss, metrics)``. It runs the forwards itself, in
+whatever mode the caller put the model in (``model.train()`` for the update) and, when the model has CAS modules, under
+``casify.route(model, labels=y)``: the weight update routes by the true label. TRADES and MART use two separate
+forwards (clean and adversarial), as their authors' code does. Logits are cast to float32 before every loss.
+
+The adversarial examples come from :mod:`casify.attacks`; ``loss.attack_objective`` names the objective the method's
+training attack maximises and ``loss.training_attack()`` gives the authors' full attack setting.
+
+Defaults: ``defaults="paper"`` takes lambda from each method's own paper (TRADES 6, MART 6); ``defaults="authors"`` from
+the CAS authors' code (TRADES 4, MART 5). beta = 2 in both. ``loss.config()`` returns the resolved settings for run
+records.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attacks
+from .cas import aux_logits, find_cas_modules
+from .routing import route
+
+DEFAULTS: Dict[str, Dict[str, Dict[str, float]]] = {
+    "paper": {"at": {}, "trades": {"lambda_": 6.0}, "mart": {"lambda_": 6.0}},
+    "authors": {"at": {}, "trades": {"lambda_": 4.0}, "mart": {"lambda_": 5.0}},
+}
+Metrics = Dict[str, torch.Tensor]
+
+
+def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Final and auxiliary logits (float32) of one forward, routed by ``y`` when the model has CAS modules."""
+    if not find_cas_modules(model):
+        return model(x).float(), []
+    with route(model, labels=y):
+        logits = model(x).float()
+        return logits, [a.float() for a in aux_logits(model)]
+
+
+def _mean(terms: List[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(terms).mean()
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(dim=1) == y).float().mean().detach()
+
+
+def trades_kl(nat_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
+    """TRADES' robust term ``KL(p(x) || p(x'))``, summed over classes, averaged over the batch; no detach."""
+    return F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(nat_logits, dim=1), reduction="batchmean")
+
+
+def mart_bce(adv_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MART's boosted CE: CE plus ``-log(1 - p_k(x'))`` for the most likely wrong class k (MART's constants)."""
+    probs = F.softmax(adv_logits, dim=1)
+    top2 = probs.argsort(dim=1)[:, -2:]
+    wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    return F.cross_entropy(adv_logits, y) + F.nll_loss(torch.log(1.0001 - probs + 1e-12), wrong)
+
+
+def mart_kl(nat_logits: torch.Tensor, adv_logits: torch.Tensor, true_probs: torch.Tensor) -> torch.Tensor:
+    """MART's robust term: per-example ``KL(p(x) || p(x'))`` weighted by ``1 - p_y(x)``, averaged over the batch."""
+    nat_probs = F.softmax(nat_logits, dim=1)
+    adv_probs = F.softmax(adv_logits, dim=1)
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(dim=1)
+    return (kl * (1.0000001 - true_probs)).mean()
+
+
+def _true_probs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+
+
+@dataclass
+class AdversarialLoss(abc.ABC):
+    """Shared plumbing: the CAS switch, the defaults preset, the training attack and the config record.
+
+    Args:
+        cas: add the CAS terms (beta times the mean over CAS modules of the method's loss on each auxiliary head).
+            Requires a model with CAS modules.
+        beta: weight of the CAS terms (2 in the paper and the code).
+        defaults: ``"paper"`` (each method's own paper) or ``"authors"`` (the CAS authors' code) for settings left
+            as ``None``.
+    """
+    cas: bool = False
+    beta: float = 2.0
+    defaults: str = "paper"
+
+    method: ClassVar[str] = ""
+    attack_preset: ClassVar[str] = ""
+
+    def __post_init__(self):
+        if self.defaults not in DEFAULTS:
+            raise ValueError(f"defaults must be one of {sorted(DEFAULTS)}, got {self.defaults!r}")
+        for key, value in DEFAULTS[self.defaults].get(self.method, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    def __call__(self, model: nn.Module, x_nat: Optional[torch.Tensor], x_adv: torch.Tensor,
+                 y: torch.Tensor) -> Tuple[torch.Tensor, Metrics]:
+        has_cas = bool(find_cas_modules(model))
+        if self.cas and not has_cas:
+            raise ValueError(f"{type(self).__name__}(cas=True) needs a model with CAS modules; wrap it with "
+                             "casify.wrap(model, layers=...) or use cas=False")
+        return self.compute(model, x_nat, x_adv, y)
+
+    @abc.abstractmethod
+    def compute(self, model: nn.Module, x_nat: Optional[torch.Tensor], x_adv: torch.Tensor,
+                y: torch.Tensor) -> Tuple[torch.Tensor, Metrics]:
+        """The method's loss and metrics; the forwards happen here (the CAS check is done by ``__call__``)."""
+
+    @property
+    def attack_objective(self) -> str:
+        """The :mod:`casify.attacks` objective that this method's training attack maximises."""
+        return "cas" if self.cas else "ce"
+
+    def training_attack(self, **overrides) -> attacks.Attack:
+        """The authors' training attack for this method (see :data:`casify.attacks.PRESETS`), objective and beta
+        matched to this loss."""
+        overrides = {"objective": self.attack_objective, "beta": self.beta, **overrides}
+        return attacks.get_attack(self.attack_preset, **overrides)
+
+    def config(self) -> dict:
+        """The resolved settings, for run configs and reports."""
+        return {"method": self.method, **dataclasses.asdict(self), "attack_objective": self.attack_objective}
+
+
+@dataclass
+class ATLoss(AdversarialLoss):
+    """Madry et al.'s AT: ``CE(f(x'), y)``; with CAS ``+ beta * mean_s CE(aux_s(x'), y)``. ``x_nat`` is unused."""
+    method: ClassVar[str] = "at"
+    attack_preset: ClassVar[str] = "at-train"
+
+    def compute(self, model, x_nat, x_adv, y):
+        logits, aux = _forward(model, x_adv, y)
+        ce = F.cross_entropy(logits, y)
+        metrics = {"ce_adv": ce.detach(), "acc_adv": _accuracy(logits, y)}
+        loss = ce
+        if self.cas:
+            aux_ce = _mean([F.cross_entropy(a, y) for a in aux])
+            loss = loss + self.beta * aux_ce
+            metrics["aux_ce_adv"] = aux_ce.detach()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+@dataclass
+class TRADESLoss(AdversarialLoss):
+    """TRADES: ``CE(f(x), y) + lambda * KL(p(x) || p(x'))``.
+
+    With CAS, ``beta * mean_s CE(aux_s(x), y)`` joins the natural part and ``beta * mean_s KL(aux_s(x) || aux_s(x'))``
+    the robust part (both inside the lambda factor), as in Table 7. ``lambda_=None`` resolves from ``defaults``:
+    6 (TRADES' paper) or 4 (the CAS authors' code).
+    """
+    lambda_: Optional[float] = None
+    method: ClassVar[str] = "trades"
+    attack_preset: ClassVar[str] = "trades-train"
+
+    @property
+    def attack_objective(self) -> str:
+        return "cas_kl" if self.cas else "kl"
+
+    def compute(self, model, x_nat, x_adv, y):
+        if x_nat is None:
+            raise ValueError("TRADES needs the clean inputs x_nat")
+        nat_logits, nat_aux = _forward(model, x_nat, y)
+        adv_logits, adv_aux = _forward(model, x_adv, y)
+        natural = F.cross_entropy(nat_logits, y)
+        robust = trades_kl(nat_logits, adv_logits)
+        metrics = {"ce_nat": natural.detach(), "kl": robust.detach(), "acc_nat": _accuracy(nat_logits, y),
+                   "acc_adv": _accuracy(adv_logits, y)}
+        if self.cas:
+            aux_ce = _mean([F.cross_entropy(a, y) for a in nat_aux])
+            aux_kl = _mean([trades_kl(n, a) for n, a in zip(nat_aux, adv_aux)])
+            natural = natural + self.beta * aux_ce
+            robust = robust + self.beta * aux_kl
+            metrics.update(aux_ce_nat=aux_ce.detach(), aux_kl=aux_kl.detach())
+        loss = natural + self.lambda_ * robust
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+@dataclass
+class MARTLoss(AdversarialLoss):
+    """MART: ``BCE(f(x'), y) + lambda * mean[KL(p(x) || p(x')) * (1 - p_y(x))]``.
+
+    With CAS, ``beta * mean_s`` of the same two terms on each auxiliary head is added. ``aux_kl_weight`` chooses the
+    ``p_y(x)`` in the auxiliary heads' KL weights: ``"main"`` (default, the authors' code) takes the final head's,
+    ``"aux"`` takes each auxiliary head's own (Table 7 of the paper). ``lambda_=None`` resolves from ``defaults``:
+    6 (MART's paper) or 5 (the CAS authors' code).
+    """
+    lambda_: Optional[float] = None
+    aux_kl_weight: str = "main"
+    method: ClassVar[str] = "mart"
+    attack_preset: ClassVar[str] = "mart-train"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.aux_kl_weight not in ("main", "aux"):
+            raise ValueError(f"aux_kl_weight must be 'main' or 'aux', got {self.aux_kl_weight!r}")
+
+    def compute(self, model, x_nat, x_adv, y):
+        if x_nat is None:
+            raise ValueError("MART needs the clean inputs x_nat")
+        nat_logits, nat_aux = _forward(model, x_nat, y)
+        adv_logits, adv_aux = _forward(model, x_adv, y)
+        main_true = _true_probs(nat_logits, y)
+        bce = mart_bce(adv_logits, y)
+        kl = mart_kl(nat_logits, adv_logits, main_true)
+        loss = bce + self.lambda_ * kl
+        metrics = {"bce_adv": bce.detach(), "kl_weighted": kl.detach(), "acc_nat": _accuracy(nat_logits, y),
+                   "acc_adv": _accuracy(adv_logits, y)}
+        if self.cas:
+            aux_bce = _mean([mart_bce(a, y) for a in adv_aux])
+            weights = [main_true if self.aux_kl_weight == "main" else _true_probs(n, y) for n in nat_aux]
+            aux_kl = _mean([mart_kl(n, a, w) for n, a, w in zip(nat_aux, adv_aux, weights)])
+            loss = loss + self.beta * (aux_bce + self.lambda_ * aux_kl)
+            metrics.update(aux_bce_adv=aux_bce.detach(), aux_kl_weighted=aux_kl.detach())
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+LOSSES: Dict[str, Type[AdversarialLoss]] = {"at": ATLoss, "trades": TRADESLoss, "mart": MARTLoss}
+
+
+def get_loss(name: str, cas: bool = False, **kwargs) -> AdversarialLoss:
+    """``get_loss("at" | "trades" | "mart", cas=..., beta=..., lambda_=..., defaults="paper" | "authors", ...)``."""
+    key = name.lower()
+    if key not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
+    return LOSSES[key](cas=cas, **kwargs)
+
+
+__all__ = ["ATLoss", "AdversarialLoss", "DEFAULTS", "LOSSES", "MARTLoss", "TRADESLoss", "get_loss", "mart_bce",
+           "mart_kl", "trades_kl"]
