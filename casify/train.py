@@ -1,0 +1,358 @@
+"""Adversarial fine-tuning on Accelerate: the same loop on one CPU and on many GPUs.
+
+Each step crafts the adversarial batch with the model in eval mode and every CAS module routed by its own prediction
+(the attack does that), then updates in training mode with the CAS modules routed by the true labels (the loss does
+that). Checkpoints are written atomically and hold everything an exact resume needs: model, optimizer, the step
+(the learning rate is a function of it), the RNG states and the position in the epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import attacks, losses
+from .model import CASModel
+
+SCHEDULES = ("multistep", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; written to ``<output_dir>/run_config.json``.
+
+    eps and step sizes are in pixel units (inputs in [0, 1]). ``milestones`` are epochs (the paper: 75 and 90 of
+    100-200). ``val_*`` settings drive checkpoint selection on the held-out split, never on a test set.
+    """
+    method: str = "at"
+    cas: bool = True
+    beta: float = 2.0
+    defaults: str = "paper"
+    loss_kwargs: Dict = field(default_factory=dict)
+    eps: float = 8 / 255
+    attack_steps: int = 10
+    attack_alpha: Optional[float] = 2 / 255
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"
+    milestones: Sequence[float] = (75, 90)
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    num_workers: int = 0
+    val_every_steps: Optional[int] = None
+    val_attack_steps: int = 10
+    val_max_examples: Optional[int] = 1000
+    checkpoint_every_steps: Optional[int] = None
+    keep_checkpoints: int = 2
+    output_dir: str = "outputs/run"
+    log_with: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.eps <= 0 or self.eps > 1:
+            raise ValueError(f"eps is in pixel units (inputs in [0, 1]); got {self.eps}. Did you mean {self.eps}/255?")
+        if self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and grad_accum must be at least 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+@dataclass
+class TrainState:
+    """Where a run is: restored on resume."""
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_metric: float = -1.0
+    best_step: int = -1
+    history: List[dict] = field(default_factory=list)
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate at optimizer step ``step`` (a pure function of the step, so resuming needs no scheduler)."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+    epoch = step / max(1, steps_per_epoch)
+    return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
+
+
+def _atomic_replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+class Trainer:
+    """Adversarial fine-tuning of a (usually CAS-wrapped) model.
+
+    Args:
+        model: the model to train; inputs are pixels in [0, 1].
+        train_set / val_set: datasets of (image, label). ``val_set`` is the held-out split for checkpoint selection.
+        config: a :class:`TrainConfig`.
+        accelerator: an ``accelerate.Accelerator``; by default one is made from the config.
+        callbacks: functions ``fn(trainer)`` called after every optimizer step (logging, or stopping a run in tests).
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig,
+                 accelerator=None, callbacks: Sequence[Callable] = ()):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+            log_with=config.log_with, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
+        set_seed(config.seed)
+        self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
+                                    **config.loss_kwargs)
+        if config.cas and not isinstance(model, CASModel):
+            raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
+                             f"{config.method.upper()}")
+        self.attack = self.loss.training_attack(eps=config.eps, steps=config.attack_steps,
+                                                **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
+        self.val_attack = attacks.Attack(name="val-pgd", eps=config.eps, steps=config.val_attack_steps,
+                                         objective="cas" if config.cas else "ce", beta=config.beta)
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self.stop = False
+
+        generator = torch.Generator().manual_seed(config.seed)
+        train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=config.num_workers, generator=generator)
+        self.val_loader = None
+        if val_set is not None and len(val_set) > 0:
+            if config.val_max_examples and len(val_set) > config.val_max_examples:
+                val_set = torch.utils.data.Subset(val_set, range(config.val_max_examples))
+            self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=config.lr, momentum=config.momentum)
+        prepared = self.accelerator.prepare(model, optimizer, train_loader,
+                                            *([self.val_loader] if self.val_loader is not None else []))
+        self.model, self.optimizer, self.train_loader = prepared[:3]
+        if self.val_loader is not None:
+            self.val_loader = prepared[3]
+        self.steps_per_epoch = len(self.train_loader) // config.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training set gives {len(self.train_loader)} batches of {config.batch_size} per "
+                             f"process, fewer than grad_accum={config.grad_accum}; lower batch_size")
+        total = int(math.ceil(config.epochs * self.steps_per_epoch))
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Atomically write ``checkpoints/step-<N>`` (accelerate state + trainer state) and point ``latest`` at it."""
+        acc = self.accelerator
+        final = self.checkpoint_root / f"step-{self.state.global_step:08d}"
+        tmp = self.checkpoint_root / f".tmp-step-{self.state.global_step:08d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
+            _atomic_replace_dir(tmp, final)
+            latest_tmp = self.checkpoint_root / ".latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, self.checkpoint_root / "latest")
+            kept = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir())
+            for old in kept[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        pointer = self.checkpoint_root / "latest"
+        if not pointer.exists():
+            return None
+        path = self.checkpoint_root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
+        self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def validate(self) -> Dict[str, float]:
+        """Natural and PGD accuracy on the held-out split, gathered over processes."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        correct_nat = correct_adv = count = 0
+        for x, y in self.val_loader:
+            with self.accelerator.autocast():
+                x_adv = self.val_attack(model, x, y)
+                with torch.no_grad():
+                    nat = model(x).argmax(1) == y
+                    adv = model(x_adv).argmax(1) == y
+            nat, adv = self.accelerator.gather_for_metrics((nat, adv))
+            correct_nat += int(nat.sum())
+            correct_adv += int(adv.sum())
+            count += nat.numel()
+        model.train(was_training)
+        return {"val_natural": correct_nat / max(1, count), "val_pgd": correct_adv / max(1, count), "val_count": count}
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        lr = learning_rate(self.config, self.state.global_step, self.steps_per_epoch, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _write_run_config(self) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            record = {"train": self.config.to_dict(), "loss": self.loss.config(), "attack": self.attack.to_dict(),
+                      "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
+                      "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+            (self.output_dir / "run_config.json").write_text(json.dumps(record, indent=1, default=str))
+
+    def train(self, resume: bool = True) -> TrainState:
+        """Run to ``total_steps``; with ``resume`` continue from the latest checkpoint in ``output_dir``."""
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.config
+        self._write_run_config()
+        latest = self.latest_checkpoint() if resume else None
+        if latest is not None:
+            self.load_checkpoint(latest)
+        if cfg.log_with:
+            acc.init_trackers("casify", config=cfg.to_dict())
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not (cfg.progress and acc.is_local_main_process),
+                   desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", dynamic_ncols=True)
+        unwrapped = acc.unwrap_model(self.model)
+        while self.state.global_step < self.total_steps and not self.stop:
+            self.train_loader.set_epoch(self.state.epoch)
+            loader = self.train_loader
+            skip = self.state.step_in_epoch * cfg.grad_accum
+            if skip:
+                loader = acc.skip_first_batches(self.train_loader, skip)
+            micro = 0
+            for x, y in loader:
+                lr = self._set_lr()
+                with acc.autocast():  # eval mode, predicted routing: the attack sets both and restores the mode
+                    x_adv = self.attack(unwrapped, x, y)
+                self.model.train()
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, metrics = self.loss(self.model, x, x_adv, y)
+                    acc.backward(loss)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                self.state.global_step += 1
+                self.state.step_in_epoch += 1
+                logged = {k: float(acc.gather_for_metrics(v.detach().reshape(1)).mean()) if torch.is_tensor(v) else v
+                          for k, v in metrics.items()}
+                logged.update(loss=float(acc.gather_for_metrics(loss.detach().reshape(1)).mean()), lr=lr,
+                              step=self.state.global_step, epoch=self.state.epoch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
+                if cfg.log_with:
+                    acc.log(logged, step=self.state.global_step)
+                end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
+                last = self.state.global_step >= self.total_steps
+                if end_of_epoch:
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+                if self.val_loader is not None and (last or (cfg.val_every_steps and
+                                                             self.state.global_step % cfg.val_every_steps == 0)
+                                                    or (not cfg.val_every_steps and end_of_epoch)):
+                    self._validate_and_select(logged)
+                if cfg.checkpoint_every_steps and (self.state.global_step % cfg.checkpoint_every_steps == 0 or last):
+                    self.save_checkpoint()
+                for callback in self.callbacks:
+                    callback(self)
+                if last or self.stop or end_of_epoch:
+                    break
+        bar.close()
+        self._save_model("final")
+        if cfg.log_with:
+            acc.end_training()
+        return self.state
+
+    def _validate_and_select(self, logged: dict) -> None:
+        metrics = self.validate()
+        record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logged.get("loss"), **metrics}
+        self.state.history.append(record)
+        if self.config.log_with:
+            self.accelerator.log(metrics, step=self.state.global_step)
+        if metrics["val_pgd"] > self.state.best_metric:
+            self.state.best_metric = metrics["val_pgd"]
+            self.state.best_step = self.state.global_step
+            self._save_model("best", metrics)
+
+    def _save_model(self, name: str, metrics: Optional[dict] = None) -> None:
+        """Save the model (``save_pretrained`` for CAS models, a safetensors state dict otherwise) on the main process."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            folder = self.output_dir / name
+            training = {"config": self.config.to_dict(), "loss": self.loss.config(), "attack": self.attack.to_dict(),
+                        "selected_on": "held-out validation split (robust accuracy)" if name == "best" else "last step",
+                        "step": self.state.global_step}
+            if isinstance(model, CASModel):
+                model.save_pretrained(folder, metrics=metrics, extra={"training": training})
+            else:
+                from safetensors.torch import save_file
+                folder.mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                save_file(state, str(folder / "model.safetensors"))
+                (folder / "training.json").write_text(json.dumps({"training": training, "metrics": metrics},
+                                                                 indent=1, default=str))
+        acc.wait_for_everyone()
+
+
+def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig, **kwargs) -> Trainer:
+    """Build a :class:`Trainer`, run it (resuming from ``config.output_dir`` when a checkpoint is there), return it."""
+    trainer = Trainer(model, train_set, val_set, config, **kwargs)
+    trainer.train()
+    return trainer

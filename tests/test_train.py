@@ -1,0 +1,113 @@
+"""The training loop: routing per phase, exact resume after a crash, selection on the held-out split."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import casify
+from casify.train import TrainConfig, Trainer, learning_rate
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _model():
+    from conftest import TinyNet
+    torch.manual_seed(0)
+    return casify.wrap(TinyNet(), layers=["stem", "block"], input_size=(3, 8, 8), normalize=None, init="paper")
+
+
+def _config(tmp_path, **kw):
+    base = dict(method="at", cas=True, epochs=2, batch_size=8, lr=0.05, eps=4 / 255, attack_steps=2,
+                output_dir=str(tmp_path), progress=False, val_max_examples=16, milestones=(1,))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_attack_in_eval_with_predicted_routing_update_in_train_with_labels(tmp_path):
+    model = _model()
+    calls = []
+    module = casify.find_cas_modules(model)[0]
+    module.register_forward_pre_hook(lambda m, inp: calls.append((m.training, None if m._route is None else m._route[0])))
+    trainer = Trainer(model, _data(16), None, _config(tmp_path, method="at", attack_steps=3, max_steps=1))
+    trainer.train(resume=False)
+    # 3 attack steps in eval mode with predicted routing, then one training forward routed by the labels
+    assert calls == [(False, "predicted")] * 3 + [(True, "labels")]
+
+
+def test_trades_routes_both_training_forwards_by_labels(tmp_path):
+    model = _model()
+    calls = []
+    casify.find_cas_modules(model)[0].register_forward_pre_hook(
+        lambda m, inp: calls.append((m.training, None if m._route is None else m._route[0])))
+    Trainer(model, _data(16), None, _config(tmp_path, method="trades", attack_steps=2, max_steps=1)).train(resume=False)
+    assert calls[-2:] == [(True, "labels"), (True, "labels")]
+    assert all(c == (False, "predicted") for c in calls[:-2])
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
+    config = dict(epochs=2, checkpoint_every_steps=2)  # 6 steps per epoch: the crash is mid-epoch
+    reference = Trainer(_model(), _data(), _data(16, 1), _config(tmp_path / "a", **config))
+    reference.train(resume=False)
+
+    def crash_after_step_4(trainer):
+        if trainer.state.global_step == 4:
+            raise Crash()
+
+    crashed = Trainer(_model(), _data(), _data(16, 1), _config(tmp_path / "b", **config), callbacks=[crash_after_step_4])
+    with pytest.raises(Crash):
+        crashed.train()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-00000004"
+    torch.manual_seed(1234)  # a fresh process: the global RNG is wherever it is
+    resumed = Trainer(_model(), _data(), _data(16, 1), _config(tmp_path / "b", **config))
+    state = resumed.train()
+    assert state.global_step == reference.state.global_step == 12
+    for (k, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert [h["val_pgd"] for h in state.history] == [h["val_pgd"] for h in reference.state.history]
+
+
+def test_selection_uses_validation_and_saves_hub_ready_folders(tmp_path):
+    trainer = Trainer(_model(), _data(), _data(16, 1), _config(tmp_path, epochs=2))
+    state = trainer.train(resume=False)
+    assert len(state.history) == 2 and state.best_step in (6, 12)
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert config["training"]["selected_on"].startswith("held-out validation")
+    assert set(config["metrics"]) == {"val_natural", "val_pgd", "val_count"}
+    run = json.loads((tmp_path / "run_config.json").read_text())
+    assert run["loss"]["method"] == "at" and run["attack"]["objective"] == "cas"
+    from conftest import TinyNet
+    loaded = casify.from_pretrained(tmp_path / "final", model=TinyNet())
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    for k, v in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(lr=0.1, schedule="multistep", milestones=(75, 90), gamma=0.1)
+    assert learning_rate(cfg, 74 * 10, 10, 1000) == pytest.approx(0.1)
+    assert learning_rate(cfg, 75 * 10, 10, 1000) == pytest.approx(0.01)
+    assert learning_rate(cfg, 90 * 10, 10, 1000) == pytest.approx(0.001)
+    cos = TrainConfig(lr=0.1, schedule="cosine")
+    assert learning_rate(cos, 0, 10, 100) == pytest.approx(0.1)
+    assert learning_rate(cos, 50, 10, 100) == pytest.approx(0.05)
+    assert learning_rate(cos, 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_config_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="pixel units"):
+        TrainConfig(eps=8)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="step")
+    from conftest import TinyNet
+    with pytest.raises(ValueError, match="needs a CAS-wrapped model"):
+        Trainer(TinyNet(), _data(), None, _config(tmp_path, cas=True))
