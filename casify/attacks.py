@@ -380,7 +380,8 @@ def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8
 class Attack:
     """A named, serialisable attack setting: ``Attack(...)(model, x, y)`` returns adversarial examples.
 
-    ``kind`` is ``"pgd"``, ``"fgsm"`` (one step) or ``"cw"`` (L-inf PGD on the ``"cw"`` objective). ``eps`` and
+    ``kind`` is ``"pgd"``, ``"fgsm"`` (forces one step, one restart) or ``"cw"`` (forces L-inf and the ``"cw"``
+    objective). ``eps`` and
     ``alpha`` are in pixel units; ``alpha=None`` resolves as in :func:`resolve_alpha`. :meth:`to_dict` gives the
     resolved settings for reports.
     """

@@ -143,3 +143,35 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
                         "Was the folder written by another model, or is model= not the saved architecture?")
     wrapped.load_state_dict(state, strict=True)
     return wrapped
+
+
+def push_to_hub(model: CASModel, repo_id: str, *, evaluation: Optional[dict] = None, dataset_name: str = "unknown",
+                dataset_type: str = "unknown", split: str = "test", private: bool = False, token=None,
+                commit_message: str = "Upload robust model trained with casify", folder: Optional[os.PathLike] = None):
+    """Save the model with a model card (evaluation results in the ``model-index`` metadata) and upload the folder.
+
+    ``folder``: where to stage the files (kept); by default a temporary directory. Returns the commit info.
+    """
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(folder) if folder is not None else Path(tmp)
+        write_hub_folder(model, staging, repo_id, evaluation=evaluation, dataset_name=dataset_name,
+                         dataset_type=dataset_type, split=split)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(staging), commit_message=commit_message)
+
+
+def write_hub_folder(model: CASModel, folder: Union[str, os.PathLike], model_name: str, *,
+                     evaluation: Optional[dict] = None, dataset_name: str = "unknown", dataset_type: str = "unknown",
+                     split: str = "test") -> Path:
+    """``save_pretrained`` plus ``README.md`` (the model card): exactly the files :func:`push_to_hub` uploads."""
+    from .model_card import make_model_card
+
+    folder = Path(folder)
+    save_pretrained(model, folder, metrics=evaluation)
+    config = load_config(folder)
+    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split)
+    _atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
+    return folder
