@@ -28,8 +28,8 @@ from .cas import aux_logits, find_cas_modules
 from .routing import route
 
 DEFAULTS: Dict[str, Dict[str, Dict[str, float]]] = {
-    "paper": {"at": {}, "trades": {"lambda_": 6.0}, "mart": {"lambda_": 6.0}},
-    "authors": {"at": {}, "trades": {"lambda_": 4.0}, "mart": {"lambda_": 5.0}},
+    "paper": {"standard": {}, "at": {}, "trades": {"lambda_": 6.0}, "mart": {"lambda_": 6.0}},
+    "authors": {"standard": {}, "at": {}, "trades": {"lambda_": 4.0}, "mart": {"lambda_": 5.0}},
 }
 Metrics = Dict[str, torch.Tensor]
 
@@ -150,6 +150,29 @@ class ATLoss(AdversarialLoss):
 
 
 @dataclass
+class StandardLoss(AdversarialLoss):
+    """Natural training, no attack: ``CE(f(x), y)``; with CAS ``+ beta * mean_s CE(aux_s(x), y)`` (the paper's
+    Appendix E). It trains the "standard" models of the paper's analysis and pretrains the demo's classifier."""
+    method: ClassVar[str] = "standard"
+    attack_preset: ClassVar[str] = ""
+
+    def compute(self, model, x_nat, x_adv, y):
+        logits, aux = _forward(model, x_nat, y)
+        ce = F.cross_entropy(logits, y)
+        metrics = {"ce_nat": ce.detach(), "acc_nat": _accuracy(logits, y)}
+        loss = ce
+        if self.cas:
+            aux_ce = _mean([F.cross_entropy(a, y) for a in aux])
+            loss = loss + self.beta * aux_ce
+            metrics["aux_ce_nat"] = aux_ce.detach()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def training_attack(self, **overrides):
+        return None
+
+
+@dataclass
 class TRADESLoss(AdversarialLoss):
     """TRADES: ``CE(f(x), y) + lambda * KL(p(x) || p(x'))``.
 
@@ -225,16 +248,17 @@ class MARTLoss(AdversarialLoss):
         return loss, metrics
 
 
-LOSSES: Dict[str, Type[AdversarialLoss]] = {"at": ATLoss, "trades": TRADESLoss, "mart": MARTLoss}
+LOSSES: Dict[str, Type[AdversarialLoss]] = {"standard": StandardLoss, "at": ATLoss, "trades": TRADESLoss,
+                                            "mart": MARTLoss}
 
 
 def get_loss(name: str, cas: bool = False, **kwargs) -> AdversarialLoss:
-    """``get_loss("at" | "trades" | "mart", cas=..., beta=..., lambda_=..., defaults="paper" | "authors", ...)``."""
+    """``get_loss("standard" | "at" | "trades" | "mart", cas=..., beta=..., lambda_=..., defaults="paper" | "authors", ...)``."""
     key = name.lower()
     if key not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
     return LOSSES[key](cas=cas, **kwargs)
 
 
-__all__ = ["ATLoss", "AdversarialLoss", "DEFAULTS", "LOSSES", "MARTLoss", "TRADESLoss", "get_loss", "mart_bce",
+__all__ = ["ATLoss", "AdversarialLoss", "StandardLoss", "DEFAULTS", "LOSSES", "MARTLoss", "TRADESLoss", "get_loss", "mart_bce",
            "mart_kl", "trades_kl"]

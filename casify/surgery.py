@@ -265,6 +265,8 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
         model: any classifier that torch.fx can trace (timm's leaf modules are used automatically).
         layers: module names (their output), graph-node names (a call site), ``"re:<regex>"`` or compiled patterns
             (full match, module names first), or ``"auto"`` (the last feature stage). See :func:`list_layers`.
+            An empty list gives a model without CAS that still has normalisation inside and casify's save/load
+            (the plain-AT baseline of a comparison).
         num_classes: classes of the auxiliary classifiers; by default the model's own output width.
         init: ``"identity"`` (default: the wrapped model computes exactly what the original did at insertion) or
             ``"paper"`` (PyTorch's default Linear init, as in the paper).
@@ -286,9 +288,7 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
     _propagate_shapes(model, graphs[False], input_size)
 
     classes = num_classes or _output_classes(graphs[False])
-    names = _expand(graphs[False], layers, classes)
-    if not names:
-        raise LayerError("no layers given; pass layers=['layer4'] or layers='auto'")
+    names = _expand(graphs[False], layers, classes)  # layers=[] gives normalisation and save/load without CAS
     targets = {}
     trace_kwargs = {"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions}
     probe = lambda name: _probe_channel_dim(model, name, input_size, trace_kwargs)  # noqa: E731

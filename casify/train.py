@@ -34,7 +34,7 @@ class TrainConfig:
     eps and step sizes are in pixel units (inputs in [0, 1]). ``milestones`` are epochs (the paper: 75 and 90 of
     100-200). ``val_*`` settings drive checkpoint selection on the held-out split, never on a test set.
     """
-    method: str = "at"
+    method: str = "at"  # "standard" (natural training), "at", "trades" or "mart"
     cas: bool = True
     beta: float = 2.0
     defaults: str = "paper"
@@ -247,7 +247,8 @@ class Trainer:
     def _write_run_config(self) -> None:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            record = {"train": self.config.to_dict(), "loss": self.loss.config(), "attack": self.attack.to_dict(),
+            record = {"train": self.config.to_dict(), "loss": self.loss.config(),
+                      "attack": self.attack.to_dict() if self.attack else None,
                       "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
                       "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
             (self.output_dir / "run_config.json").write_text(json.dumps(record, indent=1, default=str))
@@ -275,8 +276,10 @@ class Trainer:
             micro = 0
             for x, y in loader:
                 lr = self._set_lr()
-                with acc.autocast():  # eval mode, predicted routing: the attack sets both and restores the mode
-                    x_adv = self.attack(unwrapped, x, y)
+                x_adv = x
+                if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
+                    with acc.autocast():
+                        x_adv = self.attack(unwrapped, x, y)
                 self.model.train()
                 with acc.accumulate(self.model):
                     with acc.autocast():
@@ -336,7 +339,8 @@ class Trainer:
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             folder = self.output_dir / name
-            training = {"config": self.config.to_dict(), "loss": self.loss.config(), "attack": self.attack.to_dict(),
+            training = {"config": self.config.to_dict(), "loss": self.loss.config(),
+                        "attack": self.attack.to_dict() if self.attack else None,
                         "selected_on": "held-out validation split (robust accuracy)" if name == "best" else "last step",
                         "step": self.state.global_step}
             if isinstance(model, CASModel):

@@ -1,0 +1,9 @@
+"""Adversarial fine-tuning with AT (+CAS when the config says so).
+
+    python recipes/finetune_at.py --config recipes/configs/<config>.yaml
+    accelerate launch recipes/finetune_at.py --config recipes/configs/<config>.yaml
+"""
+from casify.recipe import main
+
+if __name__ == "__main__":
+    main("at")
