@@ -134,8 +134,11 @@ class Trainer:
 
         self.config = config
         self.output_dir = Path(config.output_dir)
+        # Launched as several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on a
+        # CPU box), Accelerate runs them as MULTI_CPU (gloo) only when told cpu=True.
+        cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+            cpu=cpu_only, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             log_with=config.log_with, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
         set_seed(config.seed)
