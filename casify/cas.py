@@ -36,10 +36,12 @@ class CASModule(nn.Module):
         init: ``"identity"`` sets every weight row to one and the bias to zero, so at insertion the module passes its
             input through unchanged (a pretrained model keeps its function); ``"paper"`` keeps PyTorch's default
             ``nn.Linear`` initialisation, as the authors' code does.
+        suppress: apply the mask (CAS). ``False`` keeps the auxiliary classifier and its loss but passes the
+            activation through unmasked: the paper's "without suppressing" ablation (Table 2).
     """
 
     def __init__(self, num_channels: int, num_classes: int, channel_dim: int = 1, ndim: int = 4, init: str = "identity",
-                 device=None, dtype=None):
+                 suppress: bool = True, device=None, dtype=None):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -54,6 +56,7 @@ class CASModule(nn.Module):
         self.pool_dims = tuple(d for d in range(1, ndim) if d != self.channel_dim)
         self.classifier = nn.Linear(self.num_channels, self.num_classes, bias=True, device=device, dtype=dtype)
         self.init = init
+        self.suppress = bool(suppress)
         if init == "identity":  # "paper" keeps the Linear's own default initialisation, drawn once
             self.reset_parameters(init)
         # Routing state, set by casify.route(): None = no context; ("labels", tensor) or ("predicted", None).
@@ -72,7 +75,8 @@ class CASModule(nn.Module):
 
     def extra_repr(self) -> str:
         layout = {1: "channels-first"}.get(self.channel_dim, "channels-last")
-        return f"channels={self.num_channels}, classes={self.num_classes}, {layout}, ndim={self.ndim}"
+        return (f"channels={self.num_channels}, classes={self.num_classes}, {layout}, ndim={self.ndim}"
+                + ("" if self.suppress else ", suppress=False"))
 
     def channel_importance(self, routing: torch.Tensor) -> torch.Tensor:
         """Rows of the classifier weight for the routed classes: (N,) class indices, or (N, num_classes) class weights
@@ -88,11 +92,13 @@ class CASModule(nn.Module):
                              f"{self.channel_dim}, got shape {tuple(f.shape)}")
         pooled = f.mean(dim=self.pool_dims)
         aux_logits = self.classifier(pooled)
+        self.last_aux_logits = aux_logits
+        if not self.suppress:
+            return f
         routing = self._routing_for(aux_logits)
         mask = self.channel_importance(routing)
         shape = [f.shape[0]] + [1] * (self.ndim - 1)
         shape[self.channel_dim] = self.num_channels
-        self.last_aux_logits = aux_logits
         return f * mask.view(shape).to(f.dtype)
 
     def _routing_for(self, aux_logits: torch.Tensor) -> torch.Tensor:

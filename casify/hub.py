@@ -118,6 +118,7 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
         raise TypeError("pass the original (un-wrapped) architecture as model=, not a wrapped one")
     cas = config["cas"]
     wrapped = wrap(base, cas["layers"], num_classes=cas["num_classes"], init=cas.get("init", "identity"),
+                   suppress=cas.get("suppress", True),
                    normalize=config.get("normalize"), input_size=cas.get("input_size"),
                    channel_dims={k: int(v) for k, v in cas.get("channel_dims", {}).items()},
                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,

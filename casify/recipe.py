@@ -24,7 +24,7 @@ from .train import TrainConfig, Trainer
 
 DEFAULTS = {
     "model": {"name": None, "pretrained": False, "checkpoint": None, "kwargs": {}, "cas_layers": "auto",
-              "init": "identity", "normalize": "auto", "input_size": None},
+              "init": "identity", "suppress": True, "normalize": "auto", "input_size": None},
     "data": {"name": "digits", "root": None, "download": False, "augment": True, "val_size": None, "image_size": None,
              "test": None, "kwargs": {}},
     "train": {},
@@ -108,6 +108,7 @@ def build_model(spec: dict) -> nn.Module:
     base = build_base_model(spec)
     layers = spec.get("cas_layers")
     return wrap(base, layers if layers is not None else [], init=spec.get("init", "identity"),
+                suppress=spec.get("suppress", True),
                 normalize=spec.get("normalize", "auto"), input_size=spec.get("input_size"))
 
 

@@ -256,7 +256,7 @@ def _module_key(name: str, taken: set) -> str:
 
 
 def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[int] = None, init: str = "identity",
-         normalize="auto", input_size: Optional[Sequence[int]] = None, channel_dims: Optional[Dict[str, int]] = None,
+         suppress: bool = True, normalize="auto", input_size: Optional[Sequence[int]] = None, channel_dims: Optional[Dict[str, int]] = None,
          leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = (), base_spec: Optional[dict] = None,
          class_names: Optional[Sequence[str]] = None) -> CASModel:
     """Insert a CAS module after each of ``layers`` in ``model`` and return the wrapped model.
@@ -270,6 +270,7 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
         num_classes: classes of the auxiliary classifiers; by default the model's own output width.
         init: ``"identity"`` (default: the wrapped model computes exactly what the original did at insertion) or
             ``"paper"`` (PyTorch's default Linear init, as in the paper).
+        suppress: False keeps the auxiliary classifiers but applies no mask (the paper's Table 2 ablation).
         normalize: ``"auto"`` (timm's pretrained mean/std when present), ``"imagenet"``, ``(mean, std)`` or None.
             With normalisation inside, inputs are pixels in [0, 1].
         input_size: (C, H, W) of the dummy input used to find shapes; by default timm's pretrained input size or 224.
@@ -312,7 +313,8 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
         layer = targets[name][1]
         key = _module_key(name, taken)
         keys[name] = key
-        modules[key] = CASModule(layer.channels, classes, layer.channel_dim, len(layer.shape), init=init, **factory)
+        modules[key] = CASModule(layer.channels, classes, layer.channel_dim, len(layer.shape), init=init,
+                                 suppress=suppress, **factory)
 
     norm = resolve_normalize(normalize, model)
     for mode, traced in graphs.items():
@@ -336,7 +338,7 @@ def wrap(model: nn.Module, layers: LayerSpec = "auto", *, num_classes: Optional[
     from .spec import versions
     config = {
         "base_model": base_spec,  # None: inferred when saving
-        "cas": {"layers": names, "init": init, "num_classes": int(classes),
+        "cas": {"layers": names, "init": init, "suppress": bool(suppress), "num_classes": int(classes),
                 "channel_dims": {n: targets[n][1].channel_dim for n in names},
                 "channels": {n: targets[n][1].channels for n in names},
                 "input_size": list(input_size)},

@@ -91,3 +91,13 @@ def test_bad_arguments_are_explained():
     module = CASModule(4, 2)
     with pytest.raises(ValueError, match="4 channels on axis 1"):
         module(torch.randn(2, 5, 3, 3))
+
+
+def test_without_suppression_the_activation_passes_unmasked_but_aux_logits_are_computed():
+    torch.manual_seed(0)
+    module = CASModule(4, 3, init="paper", suppress=False)
+    f = torch.randn(2, 4, 3, 3)
+    with casify.route(module, labels=torch.tensor([0, 1])):
+        out = module(f)
+    assert out is f
+    torch.testing.assert_close(module.last_aux_logits, module.classifier(f.mean(dim=(2, 3))))
