@@ -137,36 +137,31 @@ class ATLoss(AdversarialLoss):
     attack_preset: ClassVar[str] = "at-train"
 
     def compute(self, model, x_nat, x_adv, y):
-        logits, aux = _forward(model, x_adv, y)
+        return self._cross_entropy(model, x_adv, y, "adv")
+
+    def _cross_entropy(self, model, x, y, tag):
+        """CE of the final logits on ``x`` (+ beta * mean auxiliary CE with CAS), with metrics tagged ``tag``."""
+        logits, aux = _forward(model, x, y)
         ce = F.cross_entropy(logits, y)
-        metrics = {"ce_adv": ce.detach(), "acc_adv": _accuracy(logits, y)}
+        metrics = {f"ce_{tag}": ce.detach(), f"acc_{tag}": _accuracy(logits, y)}
         loss = ce
         if self.cas:
             aux_ce = _mean([F.cross_entropy(a, y) for a in aux])
             loss = loss + self.beta * aux_ce
-            metrics["aux_ce_adv"] = aux_ce.detach()
+            metrics[f"aux_ce_{tag}"] = aux_ce.detach()
         metrics["loss"] = loss.detach()
         return loss, metrics
 
 
 @dataclass
-class StandardLoss(AdversarialLoss):
+class StandardLoss(ATLoss):
     """Natural training, no attack: ``CE(f(x), y)``; with CAS ``+ beta * mean_s CE(aux_s(x), y)`` (the paper's
     Appendix E). It trains the "standard" models of the paper's analysis and pretrains the demo's classifier."""
     method: ClassVar[str] = "standard"
     attack_preset: ClassVar[str] = ""
 
     def compute(self, model, x_nat, x_adv, y):
-        logits, aux = _forward(model, x_nat, y)
-        ce = F.cross_entropy(logits, y)
-        metrics = {"ce_nat": ce.detach(), "acc_nat": _accuracy(logits, y)}
-        loss = ce
-        if self.cas:
-            aux_ce = _mean([F.cross_entropy(a, y) for a in aux])
-            loss = loss + self.beta * aux_ce
-            metrics["aux_ce_nat"] = aux_ce.detach()
-        metrics["loss"] = loss.detach()
-        return loss, metrics
+        return self._cross_entropy(model, x_nat, y, "nat")
 
     def training_attack(self, **overrides):
         return None

@@ -8,6 +8,8 @@ import casify
 from casify import attacks
 from casify.attacks import Attack, ObjectiveInput, cw_inf, fgsm, get_objective, pgd
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_CLASSES = 4
 
 
@@ -65,13 +67,6 @@ def train(model, steps: int = 60):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

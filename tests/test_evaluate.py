@@ -14,6 +14,8 @@ from casify.attacks import Attack, attack_context
 from casify.data import digits_dataset
 from casify.evaluate import EvalReport, clean_routings, evaluate, format_eps, parse_eps, square_attack
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_EVAL = 96
 
 
@@ -59,12 +61,6 @@ class Detached(nn.Module):
         return self.model(x.detach())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from torch import nn
 import casify
 from casify.losses import ATLoss, MARTLoss, TRADESLoss, get_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_CLASSES = 5
 BETA = 2.0
 
@@ -33,13 +35,6 @@ class TinyNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 MEANS = torch.rand(NUM_CLASSES, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
