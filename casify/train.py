@@ -330,8 +330,10 @@ class Trainer:
         self.state.history.append(record)
         if self.config.log_with:
             self.accelerator.log(metrics, step=self.state.global_step)
-        if metrics["val_pgd"] > self.state.best_metric:
-            self.state.best_metric = metrics["val_pgd"]
+        # Adversarial training selects by robust accuracy; natural training (no attack) by natural accuracy.
+        metric = metrics["val_pgd"] if self.attack is not None else metrics["val_natural"]
+        if metric > self.state.best_metric:
+            self.state.best_metric = metric
             self.state.best_step = self.state.global_step
             self._save_model("best", metrics)
 
@@ -344,7 +346,8 @@ class Trainer:
             folder = self.output_dir / name
             training = {"config": self.config.to_dict(), "loss": self.loss.config(),
                         "attack": self.attack.to_dict() if self.attack else None,
-                        "selected_on": "held-out validation split (robust accuracy)" if name == "best" else "last step",
+                        "selected_on": (f"held-out validation split ({'robust' if self.attack else 'natural'} accuracy)"
+                                        if name == "best" else "last step"),
                         "step": self.state.global_step}
             if isinstance(model, CASModel):
                 model.save_pretrained(folder, metrics=metrics, extra={"training": training})

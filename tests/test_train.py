@@ -134,3 +134,12 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     # same examples in both runs: the loader's seeded order is the same, split into two halves
     for a, b in zip(full.model.state_dict().values(), accum.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_natural_training_selects_on_natural_accuracy(tmp_path):
+    trainer = Trainer(_model(), _data(), _data(16, 1), _config(tmp_path, method="standard", cas=True, epochs=3))
+    state = trainer.train(resume=False)
+    assert trainer.attack is None and len(state.history) == 3
+    assert state.best_metric == max(h["val_natural"] for h in state.history)
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert config["training"]["selected_on"] == "held-out validation split (natural accuracy)"
