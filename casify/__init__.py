@@ -1,7 +1,7 @@
 """casify: retrofit Channel-wise Activation Suppressing (CAS, ICLR 2021) onto pretrained PyTorch classifiers."""
 __version__ = "0.1.0"
 
-from . import models  # registers the paper's CIFAR models with timm (cifar_resnet18, cifar_wrn34_10, cifar_vgg16)
+from . import attacks, losses, models  # models registers the paper's CIFAR models with timm (cifar_resnet18, cifar_wrn34_10, cifar_vgg16)
 from .cas import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
 from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
 from .model import CASModel
