@@ -115,6 +115,8 @@ def run_part(args):
     done.update(settings=vars(args), versions={"torch": torch.__version__, "casify": casify.__version__},
                 machine=platform.machine(), device="cpu")
     for name, seeds in PARTS[args.part]:
+        if args.only and name not in args.only:
+            continue
         method, layers, wrap_kwargs = EXPERIMENTS[name]
         for seed in seeds:
             key = f"{name}/seed{seed}"
@@ -173,7 +175,7 @@ def _compare(a, b, n, metric):
 
 def report(args):
     runs = {}
-    for part in ("main", "ablations", "trades_mart", "retrofit"):
+    for part in ("main", "ablations", "trades_mart", "retrofit", "std_rerun"):
         p = RESULTS / f"paper_claims_{part}.json"
         if p.exists():
             runs.update(json.loads(p.read_text())["runs"])
@@ -263,6 +265,7 @@ def main():
     parser.add_argument("--retrofit-epochs", type=float, default=3)
     parser.add_argument("--retrofit-lr", type=float, default=0.02)
     parser.add_argument("--resume", action="store_true", help="skip runs already in the part's JSON")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these experiments of the part")
     args = parser.parse_args()
     global RESULTS
     RESULTS = Path(args.results_dir)

@@ -6,6 +6,7 @@ from torch import nn
 
 import casify
 from casify import attacks
+from conftest import SmallConvNet
 from casify.attacks import Attack, ObjectiveInput, cw_inf, fgsm, get_objective, pgd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -13,25 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4
 
 
-class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.relu2 = nn.ReLU()
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-        self.relu3 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.conv3(x))
-        return self.fc(self.pool(x).flatten(1))
 
 
 MEANS = torch.rand(NUM_CLASSES, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
@@ -46,7 +28,8 @@ def make_data(n: int, seed: int):
 
 def cas_net(seed: int = 0, init: str = "paper"):
     torch.manual_seed(seed)
-    return casify.wrap(TinyNet(), layers=["relu2", "relu3"], input_size=(3, 8, 8), normalize=None, init=init)
+    return casify.wrap(SmallConvNet(NUM_CLASSES), layers=["relu2", "relu3"], input_size=(3, 8, 8), normalize=None,
+                       init=init)
 
 
 def train(model, steps: int = 60):
@@ -77,7 +60,7 @@ def trained_cas():
 @pytest.fixture(scope="module")
 def trained_plain():
     torch.manual_seed(1)
-    return train(TinyNet())
+    return train(SmallConvNet(NUM_CLASSES))
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +165,7 @@ def test_attack_runs_in_eval_mode_with_predicted_routing(batch):
     for h in hooks:
         h.remove()
     with pytest.raises(ValueError, match="no CAS modules"):
-        pgd(TinyNet(), x, y, steps=1, routing="labels")
+        pgd(SmallConvNet(NUM_CLASSES), x, y, steps=1, routing="labels")
 
 
 def objective_values(model, x, y, name, **kw):
@@ -224,7 +207,7 @@ def test_aux_objective(trained_cas, batch):
     with pytest.raises(IndexError):
         pgd(trained_cas, x, y, steps=1, objective="aux:2")
     with pytest.raises(ValueError, match="CAS modules"):
-        pgd(TinyNet().eval(), x, y, steps=1, objective="aux:0")
+        pgd(SmallConvNet(NUM_CLASSES).eval(), x, y, steps=1, objective="aux:0")
     with pytest.raises(ValueError, match="unknown objective"):
         get_objective("nope")
 

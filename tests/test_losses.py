@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import casify
+from conftest import SmallConvNet
 from casify.losses import ATLoss, MARTLoss, TRADESLoss, get_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,24 +16,6 @@ NUM_CLASSES = 5
 BETA = 2.0
 
 
-class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = NUM_CLASSES):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
-        self.relu2 = nn.ReLU()
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-        self.relu3 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.conv2(x))
-        x = self.relu3(self.conv3(x))
-        return self.fc(self.pool(x).flatten(1))
 
 
 
@@ -63,14 +46,14 @@ def fit(model, steps: int = 15):
 @pytest.fixture
 def cas_model():
     torch.manual_seed(0)
-    model = casify.wrap(TinyNet(), layers=["relu2", "relu3"], input_size=(3, 8, 8), normalize=None)
+    model = casify.wrap(SmallConvNet(NUM_CLASSES), layers=["relu2", "relu3"], input_size=(3, 8, 8), normalize=None)
     return fit(model.train())
 
 
 @pytest.fixture
 def plain_model():
     torch.manual_seed(0)
-    return fit(TinyNet().train())
+    return fit(SmallConvNet(NUM_CLASSES).train())
 
 
 @pytest.fixture

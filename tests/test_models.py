@@ -107,7 +107,7 @@ def test_rebuild_from_arch_kwargs_and_features_only():
 
 def test_pretrained_without_weights_is_an_error():
     with pytest.raises(ValueError, match="no pretrained weights"):
-        timm.create_model("cifar_resnet18", pretrained=True)
+        timm.create_model("cifar_resnet18", pretrained=True)  # offline-ok: no weight source, so it raises
 
 
 def test_in_chans():
