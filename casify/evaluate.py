@@ -724,6 +724,7 @@ def _autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module,
     """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
     i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active."""
     def craft(x, y, batch, generator):
+        x = x.contiguous()  # pyautoattack .view()s the input gradient, which fails on a permuted (NHWC) batch
         with attack_context(model):
             if flavour == "pyautoattack":
                 aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
