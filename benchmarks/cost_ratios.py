@@ -171,8 +171,11 @@ def main():
     parser.add_argument("--width", type=float, default=0.5, help="CIFAR ResNet-18 width (1.0 = the paper's)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared 2-core machine)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(peak_memory_child(args))
         return
@@ -201,8 +204,9 @@ def main():
     }
     memory = {}
     for variant in ("at", "at_cas", "hand", "fx", "pgd_torchattacks", "pgd_casify"):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", variant, "--device", device, "--width",
-                              str(args.width), "--batch", str(args.batch)], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, __file__, "--memory-child", variant, "--device", device, "--width", str(args.width),
+               "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         memory[variant] = int(out.stdout.strip().splitlines()[-1])
     memory_ratios = {"at_cas_over_at": memory["at_cas"] / max(1, memory["at"]),
                      "fx_over_hand": memory["fx"] / max(1, memory["hand"]),

@@ -211,10 +211,14 @@ def report(args):
         gap_cas = [f["mean_abs_difference"] for f in f_cas]
         rare_at = [f["rare_frequency_adversarial"] for f in f_at]
         rare_cas = [f["rare_frequency_adversarial"] for f in f_cas]
-        ok = statistics.mean(gap_cas) < statistics.mean(gap_at) and statistics.mean(rare_cas) < statistics.mean(rare_at)
-        claims["5_cas_suppresses_and_narrows_frequency_gap"] = {
-            "freq_gap_at": gap_at, "freq_gap_cas": gap_cas, "rare_adv_freq_at": rare_at, "rare_adv_freq_cas": rare_cas,
-            "verdict": "reproduced" if ok else "not reproduced"}
+        claims["5a_cas_suppresses_rarely_used_channels"] = {
+            "rare_adv_freq_at": rare_at, "rare_adv_freq_cas": rare_cas,
+            "verdict": "reproduced" if max(rare_cas) < min(rare_at) else
+            "not reproduced" if min(rare_cas) > max(rare_at) else "inconclusive"}
+        claims["5b_cas_narrows_frequency_gap"] = {
+            "freq_gap_at": gap_at, "freq_gap_cas": gap_cas,
+            "verdict": "reproduced" if max(gap_cas) < min(gap_at) else
+            "not reproduced" if min(gap_cas) > max(gap_at) else "inconclusive"}
         n = runs[seeds("at")[0]]["test846"]["n"]
         claims["6_at_cas_beats_at"] = {m: _compare([acc(k, m) for k in seeds("at")], [acc(k, m) for k in seeds("at_cas")],
                                                    n, m) for m in ("natural", "pgd20", "cw20", "worst_case")}
@@ -225,8 +229,10 @@ def report(args):
     single = lambda base, cas, label: {m: _compare([acc(base, m)], [acc(cas, m)], runs[base]["test846"]["n"], m)  # noqa
                                        for m in ("natural", "pgd20", "cw20", "worst_case")} | {"claim": label}
     if "at_cas_no_suppress/seed0" in runs and "at/seed0" in runs:
-        claims["7_no_suppression_no_gain"] = single("at/seed0", "at_cas_no_suppress/seed0",
-                                                   "AT+CAS without the mask vs AT: the paper expects no gain")
+        c7 = single("at/seed0", "at_cas_no_suppress/seed0", "AT+CAS without the mask vs AT: the paper expects no gain")
+        for m in ("natural", "pgd20", "cw20", "worst_case"):  # the claim is "no gain": equal or worse reproduces it
+            c7[m]["verdict"] = "not reproduced" if c7[m]["difference"] > c7[m]["noise_band"] else "reproduced"
+        claims["7_no_suppression_no_gain"] = c7
     if "at_cas_block3/seed0" in runs and "at_cas/seed0" in runs:
         claims["8_last_stage_helps_more"] = single("at_cas_block3/seed0", "at_cas/seed0",
                                                   "CAS at block4 ('cas') vs block3 ('baseline'): block4 should win")
@@ -236,10 +242,40 @@ def report(args):
                                                              f"{method.upper()}+CAS vs {method.upper()}")
     retro = {k: {"seconds": v["seconds"], **v["test846"]["accuracy"], "robust_acc_per_hour": v.get("robust_acc_per_hour")}
              for k, v in runs.items() if k.startswith("retrofit")}
-    out = {"claims": claims, "retrofit": retro}
+    out = {"claims": claims, "retrofit": retro, "runs_done": sorted(runs)}
     (RESULTS / "paper_claims_verdicts.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / "paper_claims.md").write_text(_markdown(out, runs))
     print(json.dumps(out, indent=1))
     return out
+
+
+def _markdown(out: dict, runs: dict) -> str:
+    lines = ["# The paper's claims at CPU scale", "",
+             "`python benchmarks/paper_claims.py --part report` (after the training parts). CIFAR ResNet-18 of width 1/8, "
+             "5,000 training images, 8 epochs, PGD-3 training at eps 8/255; checkpoints selected on 500 held-out training "
+             "images; accuracies on test846 (lossless) under eps 8/255, CAS models under the adaptive attack. Verdicts "
+             "compare against a band of 2 standard errors (seed spread, or binomial sampling noise for single seeds).",
+             "", "## Accuracy per run (test846, %)", "",
+             "| run | natural | FGSM | PGD-20 | CW-inf | worst case | PGD-20 on test10k-jpeg (approx.) | AutoAttack (n) | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(runs.items()):
+        a = r["test846"]["accuracy"]
+        aa = r.get("autoattack", {})
+        aa_txt = f"{100 * aa['accuracy']['autoattack']:.1f} ({aa['n']})" if "accuracy" in aa and "autoattack" in aa["accuracy"] else ""
+        jp = r.get("test10k_jpeg_approx", {}).get("accuracy", {}).get("pgd20")
+        lines.append(f"| {key} | " + " | ".join(f"{100 * a[m]:.1f}" for m in ("natural", "fgsm", "pgd20", "cw20", "worst_case"))
+                     + f" | {'' if jp is None else f'{100 * jp:.1f}'} | {aa_txt} | {r['seconds']:.0f} |")
+    lines += ["", "## Verdicts", "", "| claim | verdict | numbers |", "|---|---|---|"]
+    for name, c in out["claims"].items():
+        if "verdict" in c:
+            nums = {k: v for k, v in c.items() if k != "verdict"}
+            lines.append(f"| {name} | {c['verdict']} | `{json.dumps(nums, default=lambda v: round(v, 4))[:300]}` |")
+        else:
+            for m, v in c.items():
+                if isinstance(v, dict) and "verdict" in v:
+                    lines.append(f"| {name} ({m}) | {v['verdict']} | baseline {100 * v['baseline_mean']:.1f} vs "
+                                 f"CAS {100 * v['cas_mean']:.1f} (band ±{100 * v['noise_band']:.1f}) |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
