@@ -397,7 +397,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    import pyautoattack
     import torchattacks
     from importlib import metadata
     from casify.spec import versions

@@ -17,7 +17,6 @@ import signal
 import time
 import traceback
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import torch

@@ -11,6 +11,7 @@ from .surgery import Layer, LayerError, list_layers, unwrap, wrap
 from .tracing import TraceError
 
 __all__ = [
+    "attacks", "losses", "models",
     "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "Layer", "LayerError", "LoadError", "TraceError",
     "aux_logits", "find_cas_modules", "from_pretrained", "list_layers", "push_to_hub", "route", "save_pretrained", "unwrap",
     "wrap", "write_hub_folder",

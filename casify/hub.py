@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 

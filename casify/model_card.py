@@ -5,7 +5,7 @@ Evaluation results go into the Hub's ``model-index`` metadata (one entry per att
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 

@@ -1,7 +1,6 @@
 """The CAS module against a hand computation from its own weights."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import casify
 from casify import CASModule

@@ -4,7 +4,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import casify
 from conftest import SmallConvNet

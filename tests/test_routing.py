@@ -1,5 +1,4 @@
 """Label routing: labels inside the context, own prediction outside, independent of train/eval, through DDP."""
-import os
 import warnings
 
 import pytest
