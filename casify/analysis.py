@@ -496,26 +496,27 @@ def _sorted_bars(ax, natural: np.ndarray, adversarial: np.ndarray) -> None:
 
 def plot_magnitude(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], title: str = "") -> Path:
     """Figure 1: per-channel magnitude, channels sorted by descending natural magnitude."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    _sorted_bars(ax, np.asarray(natural, dtype=float), np.asarray(adversarial, dtype=float))
-    ax.set_xlabel("channel (sorted by natural magnitude)")
-    ax.set_ylabel("mean |activation|")
-    ax.set_title(title or "channel-wise activation magnitude")
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _plot_sorted(natural, adversarial, path, "channel (sorted by natural magnitude)", "mean |activation|",
+                        title or "channel-wise activation magnitude")
 
 
 def plot_frequency(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], title: str = "") -> Path:
     """Figure 2: per-channel activation frequency, channels sorted by descending natural frequency."""
+    return _plot_sorted(natural, adversarial, path, "channel (sorted by natural frequency)", "activation frequency",
+                        title or "channel-wise activation frequency", ylim=(0, 1.05))
+
+
+def _plot_sorted(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], xlabel: str, ylabel: str,
+                 title: str, ylim=None) -> Path:
+    """Natural vs adversarial bars per channel, sorted by the natural values (both figures of Section 3)."""
     fig = _figure()
     ax = fig.add_subplot()
     _sorted_bars(ax, np.asarray(natural, dtype=float), np.asarray(adversarial, dtype=float))
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("channel (sorted by natural frequency)")
-    ax.set_ylabel("activation frequency")
-    ax.set_title(title or "channel-wise activation frequency")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)

@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch import nn
 
+from .cas import find_cas_modules
 from .data import build_dataset
 from .hub import from_pretrained
 from .surgery import wrap
@@ -139,7 +140,7 @@ def run(config: dict, method: str) -> dict:
     train_cfg.update(method=method, output_dir=config["output_dir"])
     tcfg = TrainConfig(**train_cfg)
     model = build_model(config["model"])
-    if tcfg.cas and not any(True for _ in getattr(model, "cas_modules", [])):
+    if tcfg.cas and not find_cas_modules(model):
         raise ValueError("train.cas is true but model.cas_layers is empty; set model.cas_layers or train.cas=false")
     train_set, val_set, test_set = build_datasets(config["data"])
     trainer = Trainer(model, train_set, val_set, tcfg)

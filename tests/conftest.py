@@ -1,6 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+import casify
 
 
 class TinyNet(nn.Module):
@@ -57,3 +60,20 @@ class SmallConvNet(nn.Module):
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.conv3(x))
         return self.fc(self.pool(x).flatten(1))
+
+
+def separable_data(n: int, seed: int, num_classes: int):
+    """Separable synthetic 8x8 images: a fixed random pattern per class (the same seeded draw for every caller) plus
+    noise."""
+    means = torch.rand(num_classes, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return (means[y] + 0.1 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
+
+
+def natural_loss(model, x, y):
+    """CE, plus the summed auxiliary CE under label routing when the model has CAS modules: quick test training."""
+    if casify.find_cas_modules(model):
+        with casify.route(model, labels=y):
+            return F.cross_entropy(model(x), y) + sum(F.cross_entropy(a, y) for a in casify.aux_logits(model))
+    return F.cross_entropy(model(x), y)

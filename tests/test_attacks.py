@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import casify
 from casify import attacks
-from conftest import SmallConvNet
+from conftest import SmallConvNet, natural_loss, separable_data
 from casify.attacks import Attack, ObjectiveInput, cw_inf, fgsm, get_objective, pgd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -13,16 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4
 
 
-
-
-MEANS = torch.rand(NUM_CLASSES, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
-
-
 def make_data(n: int, seed: int):
-    """Separable synthetic images: a fixed random pattern per class plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    return (MEANS[y] + 0.1 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
+    return separable_data(n, seed, NUM_CLASSES)
 
 
 def cas_net(seed: int = 0, init: str = "paper"):
@@ -34,21 +26,14 @@ def cas_net(seed: int = 0, init: str = "paper"):
 def train(model, steps: int = 60):
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     model.train()
-    has_cas = bool(casify.find_cas_modules(model))
     for i in range(steps):
         x, y = make_data(64, 100 + i)
-        if has_cas:
-            with casify.route(model, labels=y):
-                loss = F.cross_entropy(model(x), y) + sum(F.cross_entropy(a, y) for a in casify.aux_logits(model))
-        else:
-            loss = F.cross_entropy(model(x), y)
+        loss = natural_loss(model, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     return model
-
-
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import casify
 from casify import evaluate as ev
 from casify.attacks import Attack, attack_context
 from casify.data import digits_dataset
+from conftest import natural_loss
 from casify.evaluate import EvalReport, clean_routings, evaluate, format_eps, parse_eps, square_attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,8 +62,6 @@ class Detached(nn.Module):
         return self.model(x.detach())
 
 
-
-
 @pytest.fixture(scope="module")
 def digits():
     train, test = digits_dataset("train"), digits_dataset("test")
@@ -74,16 +73,11 @@ def fit(model, data, steps=100, seed=0):
     x_all, y_all = data
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    has_cas = bool(casify.find_cas_modules(model))
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(y_all), (64,), generator=g)
         x, y = x_all[idx], y_all[idx]
-        if has_cas:
-            with casify.route(model, labels=y):
-                loss = F.cross_entropy(model(x), y) + sum(F.cross_entropy(a, y) for a in casify.aux_logits(model))
-        else:
-            loss = F.cross_entropy(model(x), y)
+        loss = natural_loss(model, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

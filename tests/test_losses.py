@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import casify
-from conftest import SmallConvNet
+from conftest import SmallConvNet, separable_data
 from casify.losses import ATLoss, MARTLoss, TRADESLoss, get_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,18 +15,8 @@ NUM_CLASSES = 5
 BETA = 2.0
 
 
-
-
-
-
-MEANS = torch.rand(NUM_CLASSES, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
-
-
 def make_data(n: int, seed: int):
-    """Separable synthetic images: a fixed random pattern per class plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    return (MEANS[y] + 0.1 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
+    return separable_data(n, seed, NUM_CLASSES)
 
 
 def fit(model, steps: int = 15):
