@@ -10,6 +10,7 @@ last 5,000 training images.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 __all__ = [
-    "DATA_ENV", "DATASET_NAMES", "NpzDataset", "TensorImageDataset", "build_dataset", "cifar_train_transform",
+    "DATA_ENV", "DATASET_NAMES", "EpochSeededDataset", "NpzDataset", "TensorImageDataset", "build_dataset", "cifar_train_transform",
     "data_root", "digits_dataset", "imagefolder_dataset", "imagenet_eval_transform", "imagenet_train_transform",
     "to_image_tensor", "torchvision_dataset", "train_val_split",
 ]
@@ -59,6 +60,26 @@ class ToImageTensor:
 
     def __repr__(self) -> str:
         return "ToImageTensor()"
+
+
+class ResizeTensor:
+    """Resize a [0, 1] image tensor to ``size`` x ``size`` (bilinear, antialiased): small images for a model
+    pretrained at a larger resolution (e.g. CIFAR for an ImageNet backbone). Picklable for DataLoader workers."""
+
+    def __init__(self, size: int):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {size!r}")
+        self.size = size
+
+    def __call__(self, img) -> torch.Tensor:
+        t = to_image_tensor(img)
+        if tuple(t.shape[-2:]) == (self.size, self.size):
+            return t
+        return F.interpolate(t.unsqueeze(0), size=(self.size, self.size), mode="bilinear", align_corners=False,
+                             antialias=True).squeeze(0).clamp_(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"ResizeTensor({self.size})"
 
 
 def cifar_train_transform(size: int = 32, padding: int = 4) -> Callable:
@@ -103,6 +124,44 @@ class TensorImageDataset(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[index])
+
+
+class EpochSeededDataset(Dataset):
+    """Draws each item's augmentation randomness from a seed of (seed, epoch, index), never from the global RNG.
+
+    Why: a data loader prefetches batches (and worker processes draw from their own RNGs), so augmentation that reads
+    the global RNG makes a run depend on when batches were fetched; a checkpoint then cannot capture where the data
+    stream is and a resumed run diverges. Seeding per item makes item ``i`` of epoch ``e`` the same image whatever the
+    number of workers, the prefetching, or a crash in between. torch, ``random`` and NumPy's global RNG are seeded
+    for the item and restored afterwards, so the caller's RNG streams are untouched. Call :meth:`set_epoch` before
+    iterating an epoch (the Trainer does).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+        self.num_classes = getattr(dataset, "num_classes", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item_seed(self, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+    def __getitem__(self, index: int):
+        seed = self.item_seed(index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stream is left alone
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 class NpzDataset(TensorImageDataset):
@@ -286,6 +345,10 @@ def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *
     an int a seeded random choice, "default" the dataset's convention. A single-split .npz (keys ``x``/``y``) used
     as "test" is taken whole.
 
+    ``image_size`` resizes every image of a cifar10/cifar100/svhn/.npz dataset to that square size (before
+    augmentation), e.g. 128 to retrofit an ImageNet backbone whose last stage would otherwise be 1x1; for image folders
+    it is the crop size.
+
     ``augment=True`` applies training augmentation to the "train" split only (the paper's pad-crop-flip for 32x32
     data, size/8 padding for digits; RandomResizedCrop(image_size) + flip for image folders); ``transform`` replaces
     the default tensor transform.
@@ -302,8 +365,11 @@ def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *
         return _with_classes(digits_dataset(split, transform=transform, **kwargs), 10)
 
     if name in _TORCHVISION:
+        tf = transform or (cifar_train_transform(image_size or 32, padding=(image_size or 32) // 8) if train_aug else None)
+        if image_size and transform is None:
+            tf = _Then(ResizeTensor(image_size), tf) if tf is not None else ResizeTensor(image_size)
         base = torchvision_dataset(name, "test" if split == "test" else "train", root=root, download=download,
-                                   transform=transform or (cifar_train_transform() if train_aug else None))
+                                   transform=tf)
         if split == "test":
             return base
         return _held_out(base, split, 5000 if val_size is None else val_size, val_seed, None, base.num_classes, name)
@@ -325,7 +391,10 @@ def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *
         if not path.is_file():
             raise FileNotFoundError(f"no .npz file at {path}")
         keys = _npz_split_keys(path)
-        tf = transform or (cifar_train_transform(kwargs.get("size", 32)) if train_aug else None)
+        size = image_size or kwargs.get("size", 32)
+        tf = transform or (cifar_train_transform(size, padding=size // 8) if train_aug else None)
+        if image_size and transform is None:
+            tf = _Then(ResizeTensor(image_size), tf) if tf is not None else ResizeTensor(image_size)
         if f"x_{split}" in keys and (split != "train" or "x_val" in keys):  # the file holds this split itself
             return NpzDataset(path, split, tf)
         if split == "test":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,15 +33,27 @@ DEFAULTS = {
     "train": {},
     "eval": {"split": "test", "suite": "quick", "max_examples": 1000, "batch_size": 256},
     "hub": {"push": False, "model_id": None, "private": False},
-    "output_dir": "outputs/run",
+    "output_dir": None,  # None: outputs/<method>-<model>-<data>-s<seed>-<hash of every setting>, see run_name()
     "resume": True,
+    "overwrite": False,
 }
+TOP_LEVEL = set(DEFAULTS) | {"method"}
+FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("model", "normalize")}  # passed on to other libraries as given
+
+
+class ConfigError(ValueError):
+    """A recipe setting is unknown or has the wrong type; raised before anything is built or trained."""
+
+
+def _closest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -48,31 +62,79 @@ def _merge(base: dict, override: dict) -> dict:
 
 def _set(config: dict, dotted: str) -> None:
     if "=" not in dotted:
-        raise ValueError(f"--set expects key.sub=value, got {dotted!r}")
+        raise ConfigError(f"--set expects key.sub=value, got {dotted!r}")
     key, raw = dotted.split("=", 1)
     node = config
-    parts = key.split(".")
+    parts = key.strip().split(".")
     for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
         node = node.setdefault(part, {})
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Every key known, every value of the right type, before anything is built: a typo is an error naming the
+    closest known setting, not a silently ignored line."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "output_dir"}
+    for key in config:
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{source}: unknown setting {key!r}{_closest(key, TOP_LEVEL)} (known: {sorted(TOP_LEVEL)})")
+    for section in ("model", "data", "eval", "hub", "train"):
+        values = config.get(section)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {section} must be a mapping of settings, got {values!r}")
+        known = train_fields if section == "train" else set(DEFAULTS[section])
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown setting {section}.{key}{_closest(key, known)} "
+                                  f"(known {section} settings: {sorted(known)})")
+            default = None if section == "train" else DEFAULTS[section][key]
+            if (section, key) in FREE_FORM or default is None or value is None:
+                continue
+            expected = (int, float) if isinstance(default, (int, float)) and not isinstance(default, bool) else type(default)
+            if key == "cas_layers":
+                expected = (str, list)
+            if not isinstance(value, expected) or isinstance(value, bool) and not isinstance(default, bool):
+                raise ConfigError(f"{source}: {section}.{key} must be a {type(default).__name__} like {default!r}, "
+                                  f"got {value!r}")
+    for key in ("resume", "overwrite"):
+        if not isinstance(config.get(key), bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {config.get(key)!r}")
+    if config.get("output_dir") is not None and not isinstance(config["output_dir"], str):
+        raise ConfigError(f"{source}: output_dir must be a folder path, got {config['output_dir']!r}")
+    try:
+        TrainConfig(**config["train"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> dict:
-    """Defaults < the YAML file < ``--set key.sub=value`` overrides. Unknown sections are an error."""
+    """Defaults < the YAML file < ``--set key.sub=value`` overrides, validated (:func:`validate_config`)."""
     config = copy.deepcopy(DEFAULTS)
     if path:
         data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - set(DEFAULTS) - {"method"}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...), got {type(data).__name__}")
+        unknown = set(data) - TOP_LEVEL
         if unknown:
-            raise ValueError(f"{path}: unknown sections {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+            raise ConfigError(f"{path}: unknown sections {sorted(unknown)}"
+                              f"{_closest(sorted(unknown)[0], TOP_LEVEL)} known: {sorted(TOP_LEVEL)}")
         config = _merge(config, data)
     for item in overrides:
         _set(config, item)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(config["train"]) - train_fields
-    if unknown:
-        raise ValueError(f"unknown train settings {sorted(unknown)}; known: {sorted(train_fields)}")
-    return config
+    return validate_config(config, path or "config")
+
+
+def run_name(config: dict, method: str) -> str:
+    """A default output folder named after the run: what it trains, and a hash of every setting that changes it."""
+    record = {"method": method, "model": config["model"], "data": config["data"], "train": config["train"]}
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    model = Path(str(config["model"].get("name") or "model")).name.replace(":", "-")
+    data = Path(str(config["data"].get("name") or "data").split(":")[-1]).stem
+    cas = "-cas" if config["train"].get("cas", True) else ""
+    return f"outputs/{method}{cas}-{model}-{data}-s{config['train'].get('seed', 0)}-{digest}"
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -123,52 +185,70 @@ def build_datasets(spec: dict):
     return train, val, test
 
 
-def evaluate_model(model: nn.Module, dataset, config: dict, accelerator=None) -> dict:
+def evaluate_model(model: nn.Module, dataset, config: dict, accelerator=None):
     """Robust accuracy on the test split with the configured suite (CAS models under the adaptive attacks)."""
     from .evaluate import evaluate
-    train = config["train"]
+    train = TrainConfig(**config["train"])
     ev = config["eval"]
-    report = evaluate(model, dataset, attacks=ev.get("suite", "quick"), eps=train.get("eps", 8 / 255),
-                      batch_size=ev.get("batch_size", 256), max_examples=ev.get("max_examples"),
-                      seed=train.get("seed", 0), accelerator=accelerator, progress=False)
-    return report
+    return evaluate(model, dataset, attacks=ev.get("suite", "quick"), eps=train.eps,
+                    batch_size=ev.get("batch_size", 256), max_examples=ev.get("max_examples"),
+                    seed=train.seed, accelerator=accelerator, progress=False)
+
+
+def check_publishing(config: dict) -> None:
+    """Publishing settings are checked before training, not after hours of it."""
+    hub = config["hub"]
+    if hub.get("push") and not hub.get("model_id"):
+        raise ConfigError("--push_to_hub needs --hub_model_id user/name (or hub.model_id in the config)")
+    if hub.get("model_id") is not None and (not isinstance(hub["model_id"], str) or hub["model_id"].count("/") != 1):
+        raise ConfigError(f"hub.model_id must be a Hub repo id 'user/name', got {hub['model_id']!r}")
 
 
 def run(config: dict, method: str) -> dict:
-    """Train with ``method`` ("at", "trades", "mart") as configured; return a summary (also in ``summary.json``)."""
+    """Train with ``method`` ("standard", "at", "trades", "mart") as configured; return a summary (also in
+    ``<output_dir>/summary.json``).
+
+    The seed is set before the model is built, so a paper-initialised model and its CAS modules are the same in every
+    run with that seed. ``output_dir`` defaults to a folder named after the run (:func:`run_name`); a folder that holds
+    another run is refused (see :meth:`casify.train.Trainer.train`).
+    """
+    from accelerate.utils import set_seed
+
+    validate_config(config)
+    check_publishing(config)
+    output_dir = config.get("output_dir") or run_name(config, method)
     train_cfg = dict(config["train"])
-    train_cfg.update(method=method, output_dir=config["output_dir"])
+    train_cfg.update(method=method, output_dir=output_dir)
     tcfg = TrainConfig(**train_cfg)
+    set_seed(tcfg.seed)
     model = build_model(config["model"])
     if tcfg.cas and not find_cas_modules(model):
         raise ValueError("train.cas is true but model.cas_layers is empty; set model.cas_layers or train.cas=false")
     train_set, val_set, test_set = build_datasets(config["data"])
-    trainer = Trainer(model, train_set, val_set, tcfg)
-    state = trainer.train(resume=bool(config.get("resume", True)))
+    identity = {"recipe": {"model": config["model"], "data": config["data"]}}
+    trainer = Trainer(model, train_set, val_set, tcfg, identity=identity)
+    state = trainer.train(resume=bool(config.get("resume", True)), overwrite=bool(config.get("overwrite", False)))
     acc = trainer.accelerator
-    out = Path(config["output_dir"])
+    out = Path(output_dir)
     selected = out / "best" if (out / "best").exists() else out / "final"
     robust = from_pretrained(selected).to(acc.device)
     report = evaluate_model(robust, test_set, config, accelerator=acc)
-    summary = {"method": method, "cas": tcfg.cas, "steps": state.global_step, "best_step": state.best_step,
+    summary = {"method": method, "cas": tcfg.cas, "output_dir": str(out), "steps": state.global_step,
+               "global_batch_size": trainer.global_batch_size, "best_step": state.best_step,
                "validation": state.history, "selected": selected.name, "test": report.summary()}
     if acc.is_main_process:
-        from .hub import write_hub_folder
+        from .hub import push_to_hub, write_hub_folder
         hub = config["hub"]
         data_name = str(config["data"]["name"])
         model_id = hub.get("model_id") or f"casify-{method}{'-cas' if tcfg.cas else ''}"
-        write_hub_folder(robust, out / "hub", model_id, evaluation=report.summary(), dataset_name=data_name,
-                         dataset_type=data_name, split=config["eval"].get("split", "test"))
+        card = dict(evaluation=report.summary(), dataset_name=data_name, dataset_type=data_name,
+                    split=config["eval"].get("split", "test"))
+        write_hub_folder(robust, out / "hub", model_id, **card)
         report.save(out / "hub")
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if hub.get("push"):
-            if not hub.get("model_id"):
-                raise ValueError("--push_to_hub needs --hub_model_id user/name")
-            from huggingface_hub import HfApi
-            api = HfApi()
-            api.create_repo(hub["model_id"], private=bool(hub.get("private")), exist_ok=True)
-            api.upload_folder(repo_id=hub["model_id"], folder_path=str(out / "hub"),
-                              commit_message=f"casify {method}{'+CAS' if tcfg.cas else ''}")
+            push_to_hub(robust, hub["model_id"], private=bool(hub.get("private")), folder=out / "hub",
+                        commit_message=f"casify {method}{'+CAS' if tcfg.cas else ''}", **card)
         print(json.dumps(summary["test"], indent=1))
     acc.wait_for_everyone()
     return summary
@@ -179,24 +259,31 @@ def main(method: str, argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--config", help="YAML file (see recipes/configs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set train.epochs=5 --set model.name=resnet18")
-    parser.add_argument("--output_dir")
-    parser.add_argument("--max_steps", type=int)
-    parser.add_argument("--no_resume", action="store_true", help="start afresh even if output_dir has a checkpoint")
+    parser.add_argument("--output_dir", help="the run's folder (default: outputs/<named after the run>)")
+    parser.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (0: train nothing)")
+    parser.add_argument("--no_resume", action="store_true",
+                        help="start afresh; a folder that holds a run is refused unless --overwrite is given too")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --no_resume: delete the run already in output_dir first")
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     config_method = config.pop("method", None)
     if config_method and config_method != method:
-        raise ValueError(f"{args.config} is a {config_method} config; run it with recipes/finetune_{config_method}.py")
+        raise ConfigError(f"{args.config} is a {config_method} config; run it with recipes/finetune_{config_method}.py")
     if args.output_dir:
         config["output_dir"] = args.output_dir
-    if args.max_steps:
+    if args.max_steps is not None:
         config["train"]["max_steps"] = args.max_steps
     if args.no_resume:
         config["resume"] = False
+    if args.overwrite:
+        config["overwrite"] = True
     if args.push_to_hub:
         config["hub"]["push"] = True
     if args.hub_model_id:
         config["hub"]["model_id"] = args.hub_model_id
+    validate_config(config, args.config or "config")
+    check_publishing(config)
     return run(config, method)

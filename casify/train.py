@@ -21,9 +21,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import attacks, losses
+from .data import EpochSeededDataset
+from .eps import parse_eps
 from .model import CASModel
 
 SCHEDULES = ("multistep", "cosine", "constant")
+METHODS = ("standard", "at", "trades", "mart")
+_OPTIONAL = ("attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
+# TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
+NOT_IDENTITY = ("output_dir", "progress", "log_with", "checkpoint_every_steps", "keep_checkpoints", "num_workers")
+RUN_RECORD = "run_config.json"
+
+
+class RunMismatchError(RuntimeError):
+    """An output folder holds another run than the one asked for; resuming it would reuse or mix another run."""
 
 
 @dataclass
@@ -65,19 +76,64 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        self._check_types()
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.eps <= 0 or self.eps > 1:
             raise ValueError(f"eps is in pixel units (inputs in [0, 1]); got {self.eps}. Did you mean {self.eps}/255?")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
+
+    def _check_types(self) -> None:
+        """Settings come from YAML and ``--set``: radii may be written ``8/255``, numbers may arrive as strings
+        (YAML reads ``1e-3`` as one); anything else of the wrong type is an error that names the setting."""
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        for name in ("eps", "attack_alpha"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (int, float)) or isinstance(value, bool):
+                setattr(self, name, parse_eps(value))
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            value = getattr(self, f.name)
+            if default is None or value is None and f.name in _OPTIONAL or isinstance(default, str) and isinstance(value, str):
+                continue
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                if isinstance(value, str):
+                    try:
+                        value = float(value)
+                        setattr(self, f.name, value)
+                    except ValueError:
+                        pass
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif isinstance(default, tuple):
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise ValueError(f"train.{f.name} must be a {type(default).__name__} (default {default!r}), "
+                                 f"got {value!r} ({type(value).__name__})")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)):
+            raise ValueError(f"train.max_steps must be an integer or null, got {self.max_steps!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
         return d
+
+    def identity(self) -> dict:
+        """The settings that change what a run computes (everything but where and how it is logged)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
 
 
 @dataclass
@@ -104,6 +160,43 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, total_st
     return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
 
 
+def _checkpoint_step(path: Path) -> int:
+    """The step of a ``step-<N>`` checkpoint folder: rotation orders by it, not by name."""
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _differences(old, new, prefix: str = "") -> List[str]:
+    """Dotted keys where two JSON-like records differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: List[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{where}: not in the folder's run, {new[key]!r} now")
+            elif key not in new:
+                out.append(f"{where}: {old[key]!r} in the folder's run, not set now")
+            else:
+                out.extend(_differences(old[key], new[key], where))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} in the folder's run, {new!r} now"]
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What identifies a model's architecture: a hash of its state-dict names, shapes and dtypes, and its CAS setup."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    record = {"class": type(model).__name__, "parameters_sha256": h.hexdigest()[:16]}
+    cas = getattr(model, "casify_config", None)
+    if isinstance(cas, dict) and "cas" in cas:
+        record["cas"] = json.loads(json.dumps(cas["cas"], default=str))
+    return record
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(final.name + ".old")
@@ -124,10 +217,15 @@ class Trainer:
         config: a :class:`TrainConfig`.
         accelerator: an ``accelerate.Accelerator``; by default one is made from the config.
         callbacks: functions ``fn(trainer)`` called after every optimizer step (logging, or stopping a run in tests).
+        identity: what else identifies the run beyond ``config`` and the model's architecture (the recipes pass the
+            model and data settings); recorded in ``run_config.json`` and compared on resume.
+
+    Augmentation randomness is drawn per item from (seed, epoch, index) (:class:`casify.data.EpochSeededDataset`), so
+    a run is reproducible and resumes bit-exactly whatever ``num_workers`` is.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig,
-                 accelerator=None, callbacks: Sequence[Callable] = ()):
+                 accelerator=None, callbacks: Sequence[Callable] = (), identity: Optional[dict] = None):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
@@ -153,9 +251,13 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop = False
+        self.identity = {"train": config.identity(), "model": model_fingerprint(model),
+                         "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
+                         **json.loads(json.dumps(identity or {}, default=str))}
 
         generator = torch.Generator().manual_seed(config.seed)
-        train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
+        self.train_data = EpochSeededDataset(train_set, config.seed)
+        train_loader = DataLoader(self.train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                   num_workers=config.num_workers, generator=generator)
         self.val_loader = None
         if val_set is not None and len(val_set) > 0:
@@ -179,7 +281,9 @@ class Trainer:
             raise ValueError(f"the training set gives {len(self.train_loader)} batches of {config.batch_size} per "
                              f"process, fewer than grad_accum={config.grad_accum}; lower batch_size")
         total = int(math.ceil(config.epochs * self.steps_per_epoch))
-        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.total_steps = min(total, config.max_steps) if config.max_steps is not None else total
+        self.identity["train"]["num_processes"] = self.accelerator.num_processes
+        self.global_batch_size = config.batch_size * self.accelerator.num_processes * config.grad_accum
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @property
@@ -202,7 +306,7 @@ class Trainer:
             latest_tmp = self.checkpoint_root / ".latest.tmp"
             latest_tmp.write_text(final.name)
             os.replace(latest_tmp, self.checkpoint_root / "latest")
-            kept = sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir())
+            kept = sorted((p for p in self.checkpoint_root.glob("step-*") if p.is_dir()), key=_checkpoint_step)
             for old in kept[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -249,21 +353,70 @@ class Trainer:
     def _write_run_config(self) -> None:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            record = {"train": self.config.to_dict(), "loss": self.loss.config(),
+            record = {"identity": self.identity, "train": self.config.to_dict(), "loss": self.loss.config(),
                       "attack": self.attack.to_dict() if self.attack else None,
                       "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
+                      "global_batch_size": self.global_batch_size,
                       "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-            (self.output_dir / "run_config.json").write_text(json.dumps(record, indent=1, default=str))
+            tmp = self.output_dir / f".{RUN_RECORD}.tmp"
+            tmp.write_text(json.dumps(record, indent=1, default=str))
+            os.replace(tmp, self.output_dir / RUN_RECORD)
 
-    def train(self, resume: bool = True) -> TrainState:
-        """Run to ``total_steps``; with ``resume`` continue from the latest checkpoint in ``output_dir``."""
+    def _holds_a_run(self) -> bool:
+        return any((self.output_dir / name).exists() for name in (RUN_RECORD, "checkpoints", "best", "final"))
+
+    def _check_output_dir(self, resume: bool, overwrite: bool) -> None:
+        """Never reuse or mix another run: resume only the same run, start afresh only over a folder given up for it."""
+        if not self._holds_a_run():
+            return
+        afresh = ("choose another output_dir (the recipes name it after the run by default), or start afresh here "
+                  "with resume=False, overwrite=True (recipes: --no_resume --overwrite), which deletes the old run")
+        record_path = self.output_dir / RUN_RECORD
+        old = None
+        if record_path.exists():
+            try:
+                old = json.loads(record_path.read_text()).get("identity")
+            except (json.JSONDecodeError, AttributeError):
+                old = None
+        if resume:
+            if old is None:
+                raise RunMismatchError(f"{self.output_dir} holds a run without a readable record of what it is "
+                                       f"({RUN_RECORD}); it cannot be resumed safely: {afresh}")
+            diff = _differences(old, self.identity)
+            if diff:
+                shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
+                raise RunMismatchError(f"{self.output_dir} holds another run; resuming it would train or publish that "
+                                       f"run's weights as this one. What differs: {shown}. To run this one: {afresh}")
+            return
+        if not overwrite:
+            raise RunMismatchError(f"{self.output_dir} already holds a run and resume=False would mix its checkpoints "
+                                   f"and models with this one's: {afresh}")
+        if self.accelerator.is_main_process:
+            for name in ("checkpoints", "best", "final", "hub", "logs"):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+            for name in (RUN_RECORD, "summary.json"):
+                (self.output_dir / name).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume: bool = True, overwrite: bool = False) -> TrainState:
+        """Run to ``total_steps``.
+
+        ``resume``: continue from the latest checkpoint in ``output_dir`` if that folder holds this same run (same
+        record in ``run_config.json``), and refuse with :class:`RunMismatchError` if it holds another. ``resume=False``
+        refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first.
+        """
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.config
+        self._check_output_dir(resume, overwrite)
         self._write_run_config()
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
+        if acc.is_main_process and cfg.progress:
+            print(f"casify: global batch {self.global_batch_size} = batch_size {cfg.batch_size} per process x "
+                  f"{acc.num_processes} process(es) x grad_accum {cfg.grad_accum}; {self.steps_per_epoch} steps per "
+                  f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
             acc.init_trackers("casify", config=cfg.to_dict())
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not (cfg.progress and acc.is_local_main_process),
@@ -271,6 +424,7 @@ class Trainer:
         unwrapped = acc.unwrap_model(self.model)
         while self.state.global_step < self.total_steps and not self.stop:
             self.train_loader.set_epoch(self.state.epoch)
+            self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
             loader = self.train_loader
             skip = self.state.step_in_epoch * cfg.grad_accum
             if skip:

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from casify.recipe import load_config
+import torch
+import yaml
+
+from casify.recipe import ConfigError, load_config, main, run_name
+from casify.train import RunMismatchError, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "digits_tiny_at_cas.yaml"
@@ -82,11 +86,91 @@ def test_imagenet_recipe_runs_two_steps_on_a_tiny_image_folder(tmp_path):
 
 
 def test_bad_recipe_settings_are_explained(tmp_path):
-    with pytest.raises(ValueError, match="unknown train settings \\['epoch'\\]"):
+    with pytest.raises(ConfigError, match=r"unknown setting train\.epoch; did you mean 'epochs'"):
         load_config(str(TINY), ["train.epoch=3"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("modle: {name: resnet18}\n")
-    with pytest.raises(ValueError, match="unknown sections \\['modle'\\]"):
+    with pytest.raises(ValueError, match="unknown sections \\['modle'\\]; did you mean 'model'"):
         load_config(str(bad))
     with pytest.raises(ValueError, match="key.sub=value"):
         load_config(str(TINY), ["train.epochs"])
+    with pytest.raises(ConfigError, match="unknown setting 'trian'; did you mean 'train'"):
+        load_config(str(TINY), ["trian.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown setting model\.cas_layer; did you mean 'cas_layers'"):
+        load_config(str(TINY), ["model.cas_layer=layer4"])
+    with pytest.raises(ConfigError, match=r"train\.lr must be a float"):
+        load_config(str(TINY), ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"eval\.max_examples must be a int"):
+        load_config(str(TINY), ["eval.max_examples=all"])
+    config = load_config(str(TINY), ["train.eps=8/255", "train.attack_alpha=2/255"])
+    assert TrainConfig(**config["train"]).eps == pytest.approx(8 / 255)
+
+
+def test_push_without_a_repo_id_fails_before_training(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match="--hub_model_id"):
+        main("at", ["--config", str(TINY), "--output_dir", str(out), "--push_to_hub"])
+    assert not out.exists()
+
+
+def _tiny_run(out, *extra, method="at"):
+    return main(method, ["--config", str(TINY), "--output_dir", str(out), "--max_steps", "2",
+                         "--set", "eval.max_examples=8", "--set", "train.val_max_examples=16",
+                         "--set", f"method={method}", "--set", "train.progress=false", *extra])
+
+
+def test_same_seed_gives_bit_identical_weights_and_other_runs_are_refused(tmp_path, one_thread):
+    torch.manual_seed(1)
+    _tiny_run(tmp_path / "a")
+    torch.manual_seed(2)  # the model is built after the seed is set: the global RNG before the run does not matter
+    _tiny_run(tmp_path / "b")
+    a = (tmp_path / "a" / "final" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "final" / "model.safetensors").read_bytes()
+    # TRADES into the AT run's folder would "resume" the finished AT run and publish its weights as TRADES
+    with pytest.raises(RunMismatchError, match="train.method: 'at' in the folder's run, 'trades' now"):
+        _tiny_run(tmp_path / "a", method="trades")
+    with pytest.raises(RunMismatchError, match="train.lr"):
+        _tiny_run(tmp_path / "a", "--set", "train.lr=0.5")
+    assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == a
+
+
+def test_default_output_folder_is_named_after_the_run():
+    config = load_config(str(TINY))
+    name = run_name(config, "at")
+    assert name.startswith("outputs/at-cas-cifar_resnet18-digits-s0-")
+    assert run_name(load_config(str(TINY), ["train.lr=0.2"]), "at") != name
+    assert run_name(config, "trades").startswith("outputs/trades-cas-")
+
+
+def _generated_npz(path: Path, num_classes=10, size=32):
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.arange(48) % num_classes, np.arange(8) % num_classes
+    images = lambda y: (rng.random((len(y), size, size, 3)) * 60 + (200 / num_classes) * y[:, None, None, None]).astype(np.uint8)
+    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
+    return path
+
+
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config):
+    """Each config as shipped (model, CAS layers, init, method, loss, attack), one step on generated data: nothing
+    downloaded (pretrained weights off), nothing large (batch 4, a few evaluation images, float32: bf16 on a CPU is
+    slow, and the ImageNet test above runs it)."""
+    method = yaml.safe_load(config.read_text())["method"]
+    data = ["--set", f"data.name={_generated_npz(tmp_path / 'data.npz')}", "--set", "data.val_size=8"]
+    if config.stem.startswith("imagenet"):
+        _tiny_imagefolder(tmp_path / "imagenet")
+        data = ["--set", f"data.name=imagefolder:{tmp_path / 'imagenet'}", "--set", "data.image_size=32",
+                "--set", "data.val_size=3"]
+    elif config.stem.startswith("digits"):
+        data = []
+    out = tmp_path / "run"
+    _run([sys.executable, f"recipes/finetune_{method}.py", "--config", str(config), "--output_dir", str(out),
+          "--max_steps", "1", "--set", "model.pretrained=false", *data, "--set", "train.batch_size=4",
+          "--set", "train.num_workers=0", "--set", "train.val_max_examples=4", "--set", "eval.max_examples=4",
+          "--set", "eval.batch_size=4", "--set", "eval.suite=quick", "--set", "train.progress=false",
+          "--set", "train.mixed_precision=no"], tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 4
