@@ -1,18 +1,36 @@
 """casify: retrofit Channel-wise Activation Suppressing (CAS, ICLR 2021) onto pretrained PyTorch classifiers."""
 __version__ = "0.1.0"
 
+import importlib as _importlib
+
 from . import attacks, losses, models  # models registers the paper's CIFAR models with timm (cifar_resnet18, cifar_wrn34_10, cifar_vgg16)
 from .cas import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
 from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
 from .model import CASModel
-from .normalize import InputNormalize
+from .normalize import InputNormalize, InputRangeWarning
 from .routing import route
 from .surgery import Layer, LayerError, list_layers, unwrap, wrap
 from .tracing import TraceError
 
+# Imported on first access (PEP 562), so `import casify` stays fast: the training loop, the evaluation suite, the
+# analysis and the datasets pull in accelerate, matplotlib, scikit-learn and friends.
+_LAZY_SUBMODULES = ("analysis", "data", "evaluate", "train")
+
 __all__ = [
-    "attacks", "losses", "models",
-    "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "Layer", "LayerError", "LoadError", "TraceError",
-    "aux_logits", "find_cas_modules", "from_pretrained", "list_layers", "push_to_hub", "route", "save_pretrained", "unwrap",
-    "wrap", "write_hub_folder",
+    "analysis", "attacks", "data", "evaluate", "losses", "models", "train",
+    "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "InputRangeWarning", "Layer", "LayerError",
+    "LoadError", "TraceError", "aux_logits", "find_cas_modules", "from_pretrained", "list_layers", "push_to_hub", "route",
+    "save_pretrained", "unwrap", "wrap", "write_hub_folder",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        module = _importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

@@ -63,6 +63,15 @@ class CASModule(nn.Module):
         self._route: Optional[tuple] = None
         self.last_aux_logits: Optional[torch.Tensor] = None
 
+    def __getstate__(self):
+        """Copies (``copy.deepcopy``, timm's ``ModelEmaV3``) leave out the last forward's auxiliary logits, a non-leaf
+        tensor of that forward's autograd graph that deepcopy refuses, and the routing of an active ``casify.route``
+        context, which belongs to the original and would otherwise stay in the copy forever."""
+        state = super().__getstate__()
+        state["last_aux_logits"] = None
+        state["_route"] = None
+        return state
+
     def reset_parameters(self, init: Optional[str] = None) -> None:
         init = init or self.init
         if init == "identity":

@@ -3,7 +3,9 @@
 A loss is called as ``loss(model, x_nat, x_adv, y)`` and returns ``(loss, metrics)``. It runs the forwards itself, in
 whatever mode the caller put the model in (``model.train()`` for the update) and, when the model has CAS modules, under
 ``casify.route(model, labels=y)``: the weight update routes by the true label. TRADES and MART use two separate
-forwards (clean and adversarial), as their authors' code does. Logits are cast to float32 before every loss.
+forwards (clean and adversarial), as their authors' code does. Logits are cast to float32 before every loss. A model
+whose training forward returns a tuple or namedtuple (GoogLeNet, Inception v3 with ``aux_logits=True``) is scored on its
+final logits: every output goes through :func:`main_logits`.
 
 The adversarial examples come from :mod:`casify.attacks`; ``loss.attack_objective`` names the objective the method's
 training attack maximises and ``loss.training_attack()`` gives the authors' full attack setting.
@@ -17,7 +19,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Tuple, Type
+from collections.abc import Mapping
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +37,33 @@ DEFAULTS: Dict[str, Dict[str, Dict[str, float]]] = {
 Metrics = Dict[str, torch.Tensor]
 
 
+def main_logits(output: Any) -> torch.Tensor:
+    """The classifier's logits from whatever a forward returned.
+
+    Some models return more than logits in training mode: torchvision's GoogLeNet and Inception v3 with
+    ``aux_logits=True`` return a namedtuple (``GoogLeNetOutputs`` / ``InceptionOutputs``) whose ``logits`` field is the
+    final head, Hugging Face models a ``ModelOutput`` with ``.logits``. The losses train that final head (the model's
+    own auxiliary heads are not part of AT / TRADES / MART); a plain tuple gives its first element.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}; casify's losses "
+                        "take a tensor, a tuple whose first element is the logits, or an object with .logits")
+    return logits
+
+
 def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Final and auxiliary logits (float32) of one forward, routed by ``y`` when the model has CAS modules."""
     if not find_cas_modules(model):
-        return model(x).float(), []
+        return main_logits(model(x)).float(), []
     with route(model, labels=y):
-        logits = model(x).float()
+        logits = main_logits(model(x)).float()
         return logits, [a.float() for a in aux_logits(model)]
 
 
@@ -255,5 +279,5 @@ def get_loss(name: str, cas: bool = False, **kwargs) -> AdversarialLoss:
     return LOSSES[key](cas=cas, **kwargs)
 
 
-__all__ = ["ATLoss", "AdversarialLoss", "StandardLoss", "DEFAULTS", "LOSSES", "MARTLoss", "TRADESLoss", "get_loss", "mart_bce",
-           "mart_kl", "trades_kl"]
+__all__ = ["ATLoss", "AdversarialLoss", "StandardLoss", "DEFAULTS", "LOSSES", "MARTLoss", "TRADESLoss", "get_loss", "main_logits",
+           "mart_bce", "mart_kl", "trades_kl"]

@@ -3,15 +3,20 @@ forward compiled from the rewritten fx graph of the current mode (train or eval)
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import fx, nn
 
 from .cas import CASModule
+from .normalize import InputRangeCheck
 
 CAS_ATTR = "cas_modules"
 NORMALIZE_ATTR = "input_normalize"
+DATA_CFG_ATTRS = ("pretrained_cfg", "default_cfg")
+"""The attributes timm's data helpers (``resolve_data_config``, ``resolve_model_data_config``) read from a model."""
 
 
 def compile_graph(graph: fx.Graph) -> Callable:
@@ -54,11 +59,23 @@ class CASModel(nn.Module):
         object.__setattr__(self, "_graphs", graphs)
         object.__setattr__(self, "_forwards", {mode: compile_graph(g) for mode, g in graphs.items()})
         object.__setattr__(self, "casify_config", config)
+        object.__setattr__(self, "_range_check", self._new_range_check())
         self.train(base.training)
 
     # -- running ------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self._range_check is not None:
+            self._range_check(args[0] if args else next(iter(kwargs.values()), None), self.training)
         return self._forwards[self.training](self, *args, **kwargs)
+
+    def _new_range_check(self) -> Optional[InputRangeCheck]:
+        """A check for models whose input is pixels in [0, 1]: normalisation inside, or an original that says so."""
+        if NORMALIZE_ATTR in self._modules:
+            return InputRangeCheck("its input normalisation lives inside the model")
+        cfg = getattr(self._base, "pretrained_cfg", None)
+        if isinstance(cfg, Mapping) and _is_unit(cfg.get("mean"), 0.0) and _is_unit(cfg.get("std"), 1.0):
+            return InputRangeCheck("its pretrained config says mean 0, std 1")
+        return None
 
     @property
     def graph(self) -> fx.Graph:
@@ -100,17 +117,38 @@ class CASModel(nn.Module):
                 # Metadata (timm's pretrained_cfg, num_features, ...) passes through; methods of the original would
                 # run without CAS, so they do not.
                 if value is not _MISSING and not callable(value):
+                    if name in DATA_CFG_ATTRS:
+                        return self._pixel_data_cfg(value)
                     return value
             raise
+
+    def _pixel_data_cfg(self, cfg):
+        """The original's data config, describing this model's real input.
+
+        With normalisation inside, the model takes pixels in [0, 1]: mean 0 and std 1, so that
+        ``timm.data.create_transform(**timm.data.resolve_data_config(model=wrapped))`` does not normalise a second
+        time. Input size, interpolation and crop are the original's. A fresh copy: the original's config is untouched.
+        """
+        norm = self._modules.get(NORMALIZE_ATTR)
+        if norm is None or cfg is None:
+            return cfg
+        channels = int(norm.mean.shape[1])
+        pixels = {"mean": (0.0,) * channels, "std": (1.0,) * channels}
+        if isinstance(cfg, Mapping):
+            return {**cfg, **pixels}
+        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+            return dataclasses.replace(cfg, **pixels)
+        return cfg
 
     def __deepcopy__(self, memo):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key == "_forwards":
+            if key in ("_forwards", "_range_check"):
                 continue
             object.__setattr__(new, key, copy.deepcopy(value, memo))
         object.__setattr__(new, "_forwards", {mode: compile_graph(g) for mode, g in new._graphs.items()})
+        object.__setattr__(new, "_range_check", new._new_range_check())  # a new model warns on its own
         return new
 
     def __reduce_ex__(self, protocol):
@@ -130,3 +168,10 @@ class CASModel(nn.Module):
 
 
 _MISSING = object()
+
+
+def _is_unit(values, target: float) -> bool:
+    try:
+        return len(values) > 0 and all(float(v) == target for v in values)
+    except TypeError:
+        return False

@@ -1,6 +1,7 @@
 """Input normalisation that lives inside the wrapped model, so every input (and every eps) is in pixel space [0, 1]."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,6 +11,79 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 NormalizeSpec = Union[None, str, Tuple[Sequence[float], Sequence[float]], dict]
+
+PIXEL_RANGE_TOLERANCE = 1e-3
+"""Inputs in [-tol, 1 + tol] count as pixels: float rounding in a data pipeline or an attack overshoots slightly."""
+
+SYNC_FREE_DEVICES = ("cpu",)
+"""Device types where reading an input's min/max back costs nothing; elsewhere it waits for the device, so it is rare."""
+
+CHECKED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+"""Device types where the range check runs at all (on XLA-like devices a read-back would force the lazy graph)."""
+
+
+class InputRangeWarning(UserWarning):
+    """A model that expects pixels in [0, 1] got inputs clearly outside that range.
+
+    The usual causes are 0..255 pixels or a data pipeline that normalises with the ImageNet mean/std although the
+    normalisation already lives inside the wrapped model; both make the model silently wrong and every eps meaningless.
+    """
+
+
+class InputRangeCheck:
+    """Warn once (per model) when inputs are clearly not pixels in [0, 1].
+
+    Cheap: one min/max of the input. On CPU every forward is checked until it warns. On an accelerator reading the two
+    numbers back waits for the device, so only the first forward after each ``train()``/``eval()`` switch is checked
+    (a data pipeline changes with the mode; an attack's loop never waits). Skipped under torch.compile, fx / jit
+    tracing and CUDA-graph capture, where a read-back is impossible or would break the capture.
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        self.warned = False
+        self.checked_mode: Optional[bool] = None
+
+    def __call__(self, x, training: bool, stacklevel: int = 2) -> None:
+        if self.warned or not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return
+        device = x.device.type
+        if device not in CHECKED_DEVICES or _capturing_or_compiling(device):
+            return
+        if device not in SYNC_FREE_DEVICES:
+            if self.checked_mode == training:
+                return
+            self.checked_mode = training
+        try:
+            low, high = (float(v) for v in x.detach().aminmax())
+        except RuntimeError:  # functorch transforms, fake tensors, dtypes without min/max: the check is advisory
+            return
+        if low < -PIXEL_RANGE_TOLERANCE or high > 1 + PIXEL_RANGE_TOLERANCE:
+            self.warned = True
+            warnings.warn(range_message(low, high, self.reason), InputRangeWarning, stacklevel=stacklevel)
+
+
+def _capturing_or_compiling(device: str) -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    return device == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def range_message(low: float, high: float, reason: str) -> str:
+    """What was seen, what is expected and the likely fix."""
+    if high > 2.0 and low >= -PIXEL_RANGE_TOLERANCE:
+        hint = "these look like 0..255 pixels: divide by 255 (torchvision's ToTensor() does)"
+    elif low < -PIXEL_RANGE_TOLERANCE:
+        hint = ("these look already normalised (mean/std applied in the data pipeline): drop the Normalize transform, "
+                "or build timm's transform from the wrapped model, timm.data.resolve_data_config(model=wrapped), "
+                "whose mean is 0 and std 1")
+    else:
+        hint = "scale the inputs to [0, 1]"
+    return (f"the casify model got inputs in [{low:.4g}, {high:.4g}] but expects pixels in [0, 1] ({reason}); {hint}. "
+            "Warned once per model.")
 
 
 class InputNormalize(nn.Module):

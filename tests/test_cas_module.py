@@ -100,3 +100,20 @@ def test_without_suppression_the_activation_passes_unmasked_but_aux_logits_are_c
         out = module(f)
     assert out is f
     torch.testing.assert_close(module.last_aux_logits, module.classifier(f.mean(dim=(2, 3))))
+
+
+def test_copies_drop_the_live_aux_logits_and_the_routing():
+    """deepcopy refuses non-leaf tensors; the aux logits of a forward are one, and a route context is the original's."""
+    import copy
+    torch.manual_seed(0)
+    module = CASModule(4, 3, init="paper")
+    f = torch.randn(2, 4, 3, 3)
+    with casify.route(module, labels=torch.tensor([0, 2])):
+        module(f).sum().backward()
+        twin = copy.deepcopy(module)
+        assert module._route is not None and module.last_aux_logits is not None
+    assert twin._route is None and twin.last_aux_logits is None
+    assert twin.classifier.weight is not module.classifier.weight
+    torch.testing.assert_close(twin.classifier.weight, module.classifier.weight)
+    twin.eval()
+    torch.testing.assert_close(twin(f), module.eval()(f))

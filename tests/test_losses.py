@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import casify
 from conftest import SmallConvNet, separable_data
-from casify.losses import ATLoss, MARTLoss, TRADESLoss, get_loss
+from casify.losses import ATLoss, MARTLoss, TRADESLoss, get_loss, main_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,3 +211,20 @@ def test_loss_is_float32_under_bf16_autocast(cas_model, batch):
         for name in ("at", "trades", "mart"):
             loss, _ = get_loss(name, cas=True)(cas_model, x, x_adv, y)
             assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_main_logits_finds_the_final_head():
+    import collections
+    logits, aux = torch.randn(2, 3), torch.randn(2, 3)
+    Outputs = collections.namedtuple("Outputs", ["logits", "aux_logits"])
+    First = collections.namedtuple("First", ["scores", "aux"])
+    assert main_logits(logits) is logits
+    assert main_logits(Outputs(logits, aux)) is logits
+    assert main_logits(Outputs(aux_logits=aux, logits=logits)) is logits
+    assert main_logits(First(logits, aux)) is logits
+    assert main_logits((logits, aux)) is logits and main_logits([logits]) is logits
+    assert main_logits({"logits": logits, "aux": aux}) is logits
+    with pytest.raises(TypeError, match="cannot find the logits"):
+        main_logits({"scores": logits})
+    with pytest.raises(TypeError, match="cannot find the logits"):
+        main_logits(())
