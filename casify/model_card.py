@@ -9,15 +9,34 @@ from typing import List, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+DISTRIBUTION = "casify-robust"  # the name on PyPI (``casify`` there is an unrelated package); import name: casify
+PROJECT_URL = f"https://pypi.org/project/{DISTRIBUTION}/"
+
+
+def base_hub_id(config: dict) -> Optional[str]:
+    """The Hub repo of the base model's pretrained config, when one was recorded (timm's ``hf_hub_id``), else None.
+
+    ``timm/resnet18`` and ``torchvision/resnet34`` are not repos, so no id is made up from a name.
+    """
+    hub_id = (config.get("base_model") or {}).get("hf_hub_id")
+    return hub_id if isinstance(hub_id, str) and hub_id.count("/") == 1 else None
+
 
 def _base_name(config: dict) -> str:
     base = config.get("base_model") or {}
     source, name = base.get("source"), base.get("name")
-    if source == "timm":
-        return f"timm/{name}"
-    if source == "torchvision":
-        return f"torchvision/{name}"
-    return name or "custom"
+    if source in ("timm", "torchvision"):
+        return f"{name} ({source})"
+    return f"{name} (custom architecture)" if name else "a custom architecture"
+
+
+def _base_line(config: dict) -> str:
+    hub_id = base_hub_id(config)
+    kwargs = json.dumps((config.get("base_model") or {}).get("kwargs", {}))
+    line = f"`{_base_name(config)}`, built with {kwargs}"
+    if hub_id:
+        line += f"; pretrained config on the Hub: [{hub_id}](https://huggingface.co/{hub_id})"
+    return line
 
 
 def eval_results(evaluation: Optional[dict], dataset_name: str, dataset_type: str, split: str) -> List[EvalResult]:
@@ -39,13 +58,28 @@ def eval_results(evaluation: Optional[dict], dataset_name: str, dataset_type: st
 def make_model_card(config: dict, model_name: str, evaluation: Optional[dict] = None,
                     dataset_name: str = "unknown", dataset_type: str = "unknown", split: str = "test",
                     license: str = "apache-2.0") -> ModelCard:
+    """The card for a saved config. Claims only what the config records: a model without a training record is
+    described as not fine-tuned by casify, and ``base_model`` metadata is set only for a real Hub repo id."""
     training = config.get("training") or {}
-    train_cfg = training.get("config", {})
+    train_cfg = training.get("config") or {}
     cas = config.get("cas", {})
-    method = (train_cfg.get("method") or "none").upper() + ("+CAS" if train_cfg.get("cas") else "")
     data = ModelCardData(model_name=model_name, library_name="casify", license=license, pipeline_tag="image-classification",
                          tags=["adversarial-robustness", "channel-wise-activation-suppressing", "casify", "image-classification"],
+                         base_model=base_hub_id(config),
                          eval_results=eval_results(evaluation, dataset_name, dataset_type, split) or None)
+    casify_link = f"[casify]({PROJECT_URL})"
+    cas_name = "Channel-wise Activation Suppressing (CAS, Bai et al., ICLR 2021)"
+    if training:
+        method = (train_cfg.get("method") or "unknown").upper() + ("+CAS" if train_cfg.get("cas") else "")
+        kind = "A naturally" if train_cfg.get("method") == "standard" else "An adversarially"
+        intro = (f"{kind} fine-tuned image classifier: {cas_name} retrofitted by {casify_link} onto "
+                 f"`{_base_name(config)}` and fine-tuned with {method}.")
+        method_line = f"- **Fine-tuning:** {method} with casify (configuration below)"
+    else:
+        intro = (f"An image classifier with {cas_name} modules inserted by {casify_link} into `{_base_name(config)}`. "
+                 "It was **not fine-tuned by casify** (no training record is stored with it): its weights are those "
+                 f"of the wrapped model, and the CAS modules are as initialised (init `{cas.get('init')}`).")
+        method_line = "- **Fine-tuning:** none recorded by casify"
     eps = train_cfg.get("eps")
     rows = ""
     if evaluation:
@@ -54,19 +88,20 @@ def make_model_card(config: dict, model_name: str, evaluation: Optional[dict] = 
                f"eps = {evaluation.get('eps_str') or evaluation.get('eps')} in pixel space ({evaluation.get('norm', 'linf')}). " \
                "CAS models are attacked adaptively (the joint CE + beta * mean auxiliary CE objective, eval mode, each module " \
                "routing by its own prediction)."
+    training_block = (f"```json\n{json.dumps(training, indent=1, default=str)}\n```" if training
+                      else "None recorded: casify did not fine-tune this model.")
     content = f"""---
 {data.to_yaml()}
 ---
 
 # {model_name}
 
-An adversarially fine-tuned image classifier made with [casify](https://pypi.org/project/casify/): Channel-wise
-Activation Suppressing (CAS, Bai et al., ICLR 2021) retrofitted onto `{_base_name(config)}`.
+{intro}
 
-- **Base model:** `{_base_name(config)}` ({json.dumps((config.get("base_model") or {}).get("kwargs", {}))})
-- **Method:** {method}
+- **Base model:** {_base_line(config)}
+{method_line}
 - **CAS layers:** {", ".join(cas.get("layers", [])) or "none"} (init `{cas.get("init")}`, {cas.get("num_classes")} classes)
-- **Threat model:** L-inf, eps = {eps if eps is None else f"{eps:.6f} (= {eps * 255:.3g}/255)"} in pixel space [0, 1]
+- **Training threat model:** {"n/a" if eps is None else f"L-inf, eps = {eps:.6f} (= {eps * 255:.3g}/255) in pixel space [0, 1]"}
 - **Input normalisation:** {"inside the model: " + json.dumps(config.get("normalize")) if config.get("normalize") else "none"}; feed pixels in [0, 1]
 - **Checkpoint selection:** {training.get("selected_on", "n/a")}
 
@@ -77,14 +112,13 @@ Activation Suppressing (CAS, Bai et al., ICLR 2021) retrofitted onto `{_base_nam
 ## Use
 
 ```python
+# pip install {DISTRIBUTION}
 import casify
 model = casify.from_pretrained("{model_name}").eval()   # forward(x) returns logits; x in [0, 1]
 ```
 
 ## Training configuration
 
-```json
-{json.dumps(training, indent=1, default=str)}
-```
+{training_block}
 """
     return ModelCard(content)

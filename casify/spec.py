@@ -36,7 +36,12 @@ def _timm_spec(model: nn.Module) -> Optional[dict]:
         kwargs["in_chans"] = int(in_chans)
     # Architecture kwargs a model records about itself (casify's CIFAR models: width, depth, widen_factor).
     kwargs.update(getattr(model, "arch_kwargs", None) or {})
-    return {"source": "timm", "name": name, "kwargs": kwargs}
+    spec = {"source": "timm", "name": name, "kwargs": kwargs}
+    # The Hub repo of the pretrained config, for the model card only (never used to load anything).
+    hub_id = cfg.get("hf_hub_id")
+    if isinstance(hub_id, str) and hub_id.count("/") == 1:
+        spec["hf_hub_id"] = hub_id
+    return spec
 
 
 def _torchvision_spec(model: nn.Module) -> Optional[dict]:
@@ -69,13 +74,20 @@ def infer_base_spec(model: nn.Module) -> dict:
 
 
 def build_base(spec: dict) -> nn.Module:
-    """A freshly initialised original model from a spec written by :func:`infer_base_spec` (no weights downloaded)."""
-    source = spec.get("source")
+    """A freshly initialised original model from a spec written by :func:`infer_base_spec` (no weights downloaded).
+
+    The spec is checked first (:func:`casify.config_validation.validate_base_spec`): a registered name and only
+    architectural kwargs, so a config can neither fetch nor read anything.
+    """
+    from .config_validation import validate_base_spec
+
+    spec = validate_base_spec(spec, "base_model")
+    source = spec["source"]
     if source == "timm":
         import timm
-        return timm.create_model(spec["name"], pretrained=False, **spec.get("kwargs", {}))
+        return timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
     if source == "torchvision":
         import torchvision.models as tvm
-        return tvm.get_model(spec["name"], weights=None, **spec.get("kwargs", {}))
+        return tvm.get_model(spec["name"], weights=None, **spec["kwargs"])
     raise ValueError(f"the saved model's base is a custom architecture ({spec.get('name')}); build it yourself and "
                      "pass it: casify.from_pretrained(path, model=MyModel(...))")

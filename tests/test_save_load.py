@@ -1,5 +1,7 @@
 """save_pretrained / from_pretrained: identical outputs after a round trip, strict keys, clear errors, no pickles."""
+import hashlib
 import json
+import time
 
 import pytest
 import timm
@@ -25,8 +27,10 @@ def test_round_trip_timm_gives_identical_outputs(tmp_path):
                                         init="paper", class_names=[str(i) for i in range(10)]))
     wrapped.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["base_model"] == {"source": "timm", "name": "resnet18",
-                                    "kwargs": {"num_classes": 10, "in_chans": 3}}
+    # hf_hub_id is timm's pretrained-config repo, recorded for the model card only
+    assert config["base_model"] == {"source": "timm", "name": "resnet18", "kwargs": {"num_classes": 10, "in_chans": 3},
+                                    "hf_hub_id": timm.create_model("resnet18").pretrained_cfg["hf_hub_id"]}
+    assert config["weights_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert config["cas"]["layers"] == ["layer4.0", "layer4.1"] and config["cas"]["init"] == "paper"
     assert config["normalize"]["std"] == [0.229, 0.224, 0.225]
     assert config["class_names"][3] == "3" and "torch" in config["versions"]
@@ -72,6 +76,9 @@ def test_weights_are_safetensors_not_pickles(tmp_path, tiny_net):
 def test_missing_or_mismatched_keys_are_refused(tmp_path, tiny_net):
     from conftest import TinyNet
     casify.wrap(tiny_net, layers=["block"], input_size=(3, 8, 8)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["weights_sha256"]  # a folder without a checksum: the key and shape checks still hold
+    (tmp_path / "config.json").write_text(json.dumps(config))
     weights = tmp_path / "model.safetensors"
     state = load_file(str(weights))
     del state["fc.bias"]
@@ -93,3 +100,130 @@ def test_bad_locations_are_explained(tmp_path):
         casify.from_pretrained(tmp_path / "file.txt")
     with pytest.raises(LoadError, match="neither a local folder nor a Hub repo id"):
         casify.from_pretrained(str(tmp_path / "does" / "not" / "exist"))
+
+
+def _no_hub(monkeypatch):
+    """Record calls to hf_hub_download instead of going online."""
+    import huggingface_hub
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("network is off in the tests")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return calls
+
+
+def test_a_mistyped_local_path_fails_at_once_without_the_hub(tmp_path, monkeypatch):
+    calls = _no_hub(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    start = time.perf_counter()
+    for typo in ("runs/bset", "./runs/best", "runs/best/model", "~/no-such-casify-folder-xyz/m"):
+        with pytest.raises(LoadError, match="no folder at"):
+            casify.from_pretrained(typo)
+    with pytest.raises(LoadError, match=r"no folder at 'runs/bset'.*Hub repo 'runs/bset'.*snapshot_download"):
+        casify.from_pretrained("runs/bset")
+    with pytest.raises(LoadError, match="pass it as a string"):
+        casify.from_pretrained(tmp_path.__class__("user/name"))
+    assert calls == [] and time.perf_counter() - start < 5
+
+
+def test_a_repo_id_that_is_not_local_tries_the_hub_and_says_both(tmp_path, monkeypatch):
+    calls = _no_hub(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoadError, match=r"no local folder 'user/name'.*Hub repo 'user/name' could not be read.*"
+                                        r"LocalEntryNotFoundError: network is off"):
+        casify.from_pretrained("user/name")
+    assert [c[:2] for c in calls] == [("user/name", "config.json")]  # the weights are never asked for
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="no local folder 'user/name'.*HF_HUB_OFFLINE is set"):
+        casify.from_pretrained("user/name")
+    assert calls[-1][2]["local_files_only"] is True  # offline: only the local Hub cache, no retries
+
+
+def _saved_tiny(tmp_path, tiny_net):
+    wrapped = _trained_like(casify.wrap(tiny_net, layers=["block"], input_size=(3, 8, 8), normalize=None))
+    wrapped.save_pretrained(tmp_path)
+    return wrapped
+
+
+def test_a_flipped_byte_in_the_weights_is_detected(tmp_path, tiny_net):
+    from conftest import TinyNet
+    _saved_tiny(tmp_path, tiny_net)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's data: still a valid safetensors file, just different numbers
+    weights.write_bytes(bytes(data))
+    load_file(str(weights))  # loads without complaint on its own
+    with pytest.raises(LoadError, match=r"model.safetensors was modified or corrupted.*SHA-256"):
+        casify.from_pretrained(tmp_path, model=TinyNet())
+
+
+def test_a_folder_saved_before_checksums_still_loads(tmp_path, tiny_net):
+    """Today's format minus weights_sha256 (what casify 0.1.0 wrote) loads and gives the same outputs."""
+    from conftest import TinyNet
+    wrapped = _saved_tiny(tmp_path, tiny_net)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["weights_sha256"]
+    (tmp_path / "config.json").write_text(json.dumps(config, indent=2))
+    loaded = casify.from_pretrained(tmp_path, model=TinyNet())
+    wrapped.eval(), loaded.eval()
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), wrapped(x), rtol=0, atol=0)
+
+
+OLD_CONFIG = {  # written by casify 0.1.0 for timm.create_model("cifar_resnet18", num_classes=10, width=0.0625)
+    "base_model": {"source": "timm", "name": "cifar_resnet18",
+                   "kwargs": {"num_classes": 10, "in_chans": 3, "width": 0.0625}},
+    "cas": {"layers": ["layer4.0"], "init": "identity", "suppress": True, "num_classes": 10,
+            "channel_dims": {"layer4.0": 1}, "channels": {"layer4.0": 32}, "input_size": [3, 32, 32]},
+    "normalize": None, "class_names": None,
+    "versions": {"casify": "0.1.0", "torch": "2.14.1", "torchvision": "0.29.1", "timm": "1.0.31", "python": "3.11.7"},
+    "format": "casify",
+}
+
+
+def test_an_old_format_timm_folder_loads(tmp_path):
+    base = _trained_like(timm.create_model("cifar_resnet18", num_classes=10, width=0.0625))
+    wrapped = casify.wrap(base, layers=["layer4.0"])
+    save_file({k: v.contiguous() for k, v in wrapped.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(OLD_CONFIG, indent=2))
+    loaded = casify.from_pretrained(tmp_path)
+    wrapped.eval(), loaded.eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), wrapped(x), rtol=0, atol=0)
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused_before_building(tmp_path, monkeypatch):
+    """Sizes inflated in config.json are refused from the safetensors header, before a model is allocated."""
+    base = timm.create_model("cifar_resnet18", num_classes=10, width=0.0625)
+    casify.wrap(base, layers=["layer4.0"]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    built = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(torch.empty(0).device) or real(*a, **k))
+
+    config["base_model"]["kwargs"]["num_classes"] = 90_000
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"does not match the architecture.*linear.weight: saved \(10, 32\) vs model "
+                                        r"\(90000, 32\)"):
+        casify.from_pretrained(tmp_path)
+    assert built and all(d.type == "meta" for d in built)  # only ever built on the meta device: no memory
+
+    config["cas"]["num_classes"] = 90_000
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    built.clear()
+    with pytest.raises(LoadError, match=r"classifier.weight: saved \(10, 32\) vs cas.num_classes = 90000"):
+        casify.from_pretrained(tmp_path)
+    assert built == []
+
+    # more CAS layers than the weights hold (each would allocate channels x classes): refused after a meta wrap
+    config["base_model"]["kwargs"]["num_classes"] = config["cas"]["num_classes"] = 10
+    config["cas"]["layers"] = ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    built.clear()
+    with pytest.raises(LoadError, match=r"missing keys \['cas_modules.layer1_0.classifier.bias'"):
+        casify.from_pretrained(tmp_path)
+    assert built and all(d.type == "meta" for d in built)
