@@ -22,6 +22,7 @@ from torch import nn
 from .cas import find_cas_modules
 from .data import build_dataset
 from .hub import from_pretrained
+from .spec import infer_base_spec
 from .surgery import wrap
 from .train import TrainConfig, Trainer
 
@@ -169,10 +170,13 @@ def build_model(spec: dict) -> nn.Module:
     if Path(name).is_dir() and (Path(name) / "config.json").exists():
         return from_pretrained(name)
     base = build_base_model(spec)
+    base_spec = infer_base_spec(base)
+    if not spec.get("pretrained") or spec.get("checkpoint"):
+        base_spec.pop("hf_hub_id", None)  # the weights do not come from that Hub repo: the card must not say they do
     layers = spec.get("cas_layers")
     return wrap(base, layers if layers is not None else [], init=spec.get("init", "identity"),
-                suppress=spec.get("suppress", True),
-                normalize=spec.get("normalize", "auto"), input_size=spec.get("input_size"))
+                suppress=spec.get("suppress", True), normalize=spec.get("normalize", "auto"),
+                input_size=spec.get("input_size"), base_spec=base_spec)
 
 
 def build_datasets(spec: dict):

@@ -27,10 +27,11 @@ from .model import CASModel
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
-_OPTIONAL = ("attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
+_OPTIONAL = ("ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
 # TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
 NOT_IDENTITY = ("output_dir", "progress", "log_with", "checkpoint_every_steps", "keep_checkpoints", "num_workers")
 RUN_RECORD = "run_config.json"
+EMA_WEIGHTS = "ema.safetensors"
 
 
 class RunMismatchError(RuntimeError):
@@ -69,6 +70,7 @@ class TrainConfig:
     val_every_steps: Optional[int] = None
     val_attack_steps: int = 10
     val_max_examples: Optional[int] = 1000
+    ema_decay: Optional[float] = None  # e.g. 0.999: keep an EMA of the weights (timm's ModelEmaV3); validate and save it
     checkpoint_every_steps: Optional[int] = None
     keep_checkpoints: int = 2
     output_dir: str = "outputs/run"
@@ -87,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.grad_accum < 1 or self.batch_size < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999, or null for no EMA; got {self.ema_decay!r}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
 
@@ -274,6 +278,10 @@ class Trainer:
         prepared = self.accelerator.prepare(model, optimizer, train_loader,
                                             *([self.val_loader] if self.val_loader is not None else []))
         self.model, self.optimizer, self.train_loader = prepared[:3]
+        self.ema = None
+        if config.ema_decay is not None:  # after prepare: the average lives on the training device
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.accelerator.unwrap_model(self.model), decay=config.ema_decay)
         if self.val_loader is not None:
             self.val_loader = prepared[3]
         self.steps_per_epoch = len(self.train_loader) // config.grad_accum
@@ -301,6 +309,10 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         if acc.is_main_process:
+            if self.ema is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()},
+                          str(tmp / EMA_WEIGHTS))
             (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
             _atomic_replace_dir(tmp, final)
             latest_tmp = self.checkpoint_root / ".latest.tmp"
@@ -321,12 +333,22 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
+        if self.ema is not None:
+            from safetensors.torch import load_file
+            if not (path / EMA_WEIGHTS).exists():
+                raise RunMismatchError(f"{path} has no {EMA_WEIGHTS}: the run was saved without EMA")
+            self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=str(self.accelerator.device)))
         self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
 
     # -- evaluation -----------------------------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is validated, selected and saved: the EMA of the weights when ``ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+
     def validate(self) -> Dict[str, float]:
-        """Natural and PGD accuracy on the held-out split, gathered over processes."""
-        model = self.accelerator.unwrap_model(self.model)
+        """Natural and PGD accuracy on the held-out split, gathered over processes (of the EMA weights when kept)."""
+        model = self.eval_model
         was_training = model.training
         model.eval()
         correct_nat = correct_adv = count = 0
@@ -446,6 +468,8 @@ class Trainer:
                 micro += 1
                 if micro % cfg.grad_accum:
                     continue
+                if self.ema is not None:
+                    self.ema.update(unwrapped, step=self.state.global_step)
                 self.state.global_step += 1
                 self.state.step_in_epoch += 1
                 logged = {k: float(acc.gather_for_metrics(v.detach().reshape(1)).mean()) if torch.is_tensor(v) else v
@@ -495,13 +519,14 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
+            model = self.eval_model
             folder = self.output_dir / name
             training = {"config": self.config.to_dict(), "loss": self.loss.config(),
                         "attack": self.attack.to_dict() if self.attack else None,
                         "selected_on": (f"held-out validation split ({'robust' if self.attack else 'natural'} accuracy)"
                                         if name == "best" else "last step"),
-                        "step": self.state.global_step}
+                        "step": self.state.global_step,
+                        "weights": f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained"}
             if isinstance(model, CASModel):
                 model.save_pretrained(folder, metrics=metrics, extra={"training": training})
             else:

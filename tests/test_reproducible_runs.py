@@ -130,3 +130,26 @@ def test_max_steps_zero_trains_nothing(tmp_path, one_thread):
     trainer = Trainer(model, _augmented_data(), None, _config(tmp_path, max_steps=0))
     assert trainer.train().global_step == 0
     _assert_same(before, _weights(trainer))
+
+
+def test_ema_is_validated_saved_and_resumed_exactly(tmp_path, one_thread):
+    config = dict(ema_decay=0.9, epochs=2)
+    reference = Trainer(_model(), _augmented_data(), _augmented_data(16, 1), _config(tmp_path / "a", **config))
+    reference.train()
+
+    def crash_after_step_4(trainer):
+        if trainer.state.global_step == 4:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        Trainer(_model(), _augmented_data(), _augmented_data(16, 1), _config(tmp_path / "b", **config),
+                callbacks=[crash_after_step_4]).train()
+    resumed = Trainer(_model(), _augmented_data(), _augmented_data(16, 1), _config(tmp_path / "b", **config))
+    resumed.train()
+    _assert_same(reference.ema.state_dict(), resumed.ema.state_dict())
+    from conftest import TinyNet
+    final = casify.from_pretrained(tmp_path / "a" / "final", model=TinyNet())
+    _assert_same(final.state_dict(), {k: v for k, v in reference.ema.module.state_dict().items()})
+    raw = _weights(reference)
+    assert not torch.equal(raw["stem.weight"], final.state_dict()["stem.weight"])  # the average, not the last step
+    assert json.loads((tmp_path / "a" / "final" / "config.json").read_text())["training"]["weights"] == "EMA (decay 0.9)"
