@@ -24,10 +24,11 @@ from . import attacks, losses
 from .data import EpochSeededDataset
 from .eps import parse_eps
 from .model import CASModel
+from .routing import route
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
-_OPTIONAL = ("ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
+_OPTIONAL = ("compile_mode", "ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
 # TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
 NOT_IDENTITY = ("output_dir", "progress", "log_with", "checkpoint_every_steps", "keep_checkpoints", "num_workers")
 RUN_RECORD = "run_config.json"
@@ -70,6 +71,10 @@ class TrainConfig:
     val_every_steps: Optional[int] = None
     val_attack_steps: int = 10
     val_max_examples: Optional[int] = 1000
+    compile: bool = False  # torch.compile the model once for the update and once for the attacks
+    compile_mode: Optional[str] = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune"
+    compile_backend: str = "inductor"
+    channels_last: bool = False  # NHWC memory format for weights and batches (faster convolutions on GPUs and CPUs)
     ema_decay: Optional[float] = None  # e.g. 0.999: keep an EMA of the weights (timm's ModelEmaV3); validate and save it
     checkpoint_every_steps: Optional[int] = None
     keep_checkpoints: int = 2
@@ -91,6 +96,9 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999, or null for no EMA; got {self.ema_decay!r}")
+        if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_mode must be null, 'default', 'reduce-overhead' or 'max-autotune', got "
+                             f"{self.compile_mode!r}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
 
@@ -275,9 +283,16 @@ class Trainer:
         optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
                                      {"params": no_decay, "weight_decay": 0.0}],
                                     lr=config.lr, momentum=config.momentum)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         prepared = self.accelerator.prepare(model, optimizer, train_loader,
                                             *([self.val_loader] if self.val_loader is not None else []))
         self.model, self.optimizer, self.train_loader = prepared[:3]
+        # What each phase runs: compiled once here when asked (the attack's eval-mode graph and the update's
+        # train-mode graph are separate compiled callables, so neither evicts the other), plain modules otherwise.
+        self.update_model: nn.Module = self._compiled(self.model)
+        self.attack_model: nn.Module = self._compiled(self.accelerator.unwrap_model(self.model))
+        self._compiled_eval: Dict[int, nn.Module] = {}
         self.ema = None
         if config.ema_decay is not None:  # after prepare: the average lives on the training device
             from timm.utils import ModelEmaV3
@@ -346,23 +361,36 @@ class Trainer:
         """The model that is validated, selected and saved: the EMA of the weights when ``ema_decay`` is set."""
         return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        if not self.config.compile:
+            return module
+        return torch.compile(module, backend=self.config.compile_backend, mode=self.config.compile_mode)
+
+    def _to_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last and x.dim() == 4 else x
+
     def validate(self) -> Dict[str, float]:
         """Natural and PGD accuracy on the held-out split, gathered over processes (of the EMA weights when kept)."""
-        model = self.eval_model
-        was_training = model.training
+        base = self.eval_model
+        if self.ema is None:
+            model = self.attack_model
+        else:  # the EMA copy is compiled once too
+            model = self._compiled_eval.setdefault(id(base), self._compiled(base))
+        was_training = base.training
         model.eval()
         correct_nat = correct_adv = count = 0
         for x, y in self.val_loader:
+            x = self._to_format(x)
             with self.accelerator.autocast():
                 x_adv = self.val_attack(model, x, y)
-                with torch.no_grad():
+                with torch.no_grad(), route(model, labels=None):  # the routing the attack ran with: one graph
                     nat = model(x).argmax(1) == y
                     adv = model(x_adv).argmax(1) == y
             nat, adv = self.accelerator.gather_for_metrics((nat, adv))
             correct_nat += int(nat.sum())
             correct_adv += int(adv.sum())
             count += nat.numel()
-        model.train(was_training)
+        base.train(was_training)
         return {"val_natural": correct_nat / max(1, count), "val_pgd": correct_adv / max(1, count), "val_count": count}
 
     # -- training -------------------------------------------------------------------------------------------------
@@ -454,14 +482,15 @@ class Trainer:
             micro = 0
             for x, y in loader:
                 lr = self._set_lr()
+                x = self._to_format(x)
                 x_adv = x
                 if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
                     with acc.autocast():
-                        x_adv = self.attack(unwrapped, x, y)
+                        x_adv = self.attack(self.attack_model, x, y)
                 self.model.train()
                 with acc.accumulate(self.model):
                     with acc.autocast():
-                        loss, metrics = self.loss(self.model, x, x_adv, y)
+                        loss, metrics = self.loss(self.update_model, x, x_adv, y)
                     acc.backward(loss)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)

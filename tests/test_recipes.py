@@ -76,7 +76,7 @@ def test_imagenet_recipe_runs_two_steps_on_a_tiny_image_folder(tmp_path):
           # a small model instead of ResNet-152, nothing downloaded; everything else is the ImageNet recipe
           "--set", "model.name=resnet10t", "--set", "model.pretrained=false", "--set", "model.kwargs={num_classes: 3}",
           "--set", f"data.name=imagefolder:{data}", "--set", "data.image_size=32", "--set", "data.val_size=3",
-          "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.val_max_examples=3",
+          "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.compile=false", "--set", "train.val_max_examples=3",
           "--set", "eval.max_examples=6", "--set", "eval.batch_size=6"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["test"]["n"] == 6
@@ -157,7 +157,8 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config):
     """Each config as shipped (model, CAS layers, init, method, loss, attack), one step on generated data: nothing
     downloaded (pretrained weights off), nothing large (batch 4, a few evaluation images, float32: bf16 on a CPU is
-    slow, and the ImageNet test above runs it)."""
+    slow, and the ImageNet test above runs it; eager: inductor's CPU compile of a ResNet-152 takes minutes, and
+    tests/test_compile_switches.py covers train.compile)."""
     method = yaml.safe_load(config.read_text())["method"]
     data = ["--set", f"data.name={_generated_npz(tmp_path / 'data.npz')}", "--set", "data.val_size=8"]
     if config.stem.startswith("imagenet"):
@@ -171,6 +172,6 @@ def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config):
           "--max_steps", "1", "--set", "model.pretrained=false", *data, "--set", "train.batch_size=4",
           "--set", "train.num_workers=0", "--set", "train.val_max_examples=4", "--set", "eval.max_examples=4",
           "--set", "eval.batch_size=4", "--set", "eval.suite=quick", "--set", "train.progress=false",
-          "--set", "train.mixed_precision=no"], tmp_path)
+          "--set", "train.mixed_precision=no", "--set", "train.compile=false"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 4
