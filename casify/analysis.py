@@ -5,19 +5,26 @@ Layer names are casify's (see :func:`casify.list_layers`): a module name means t
 (``layer4.1.relu_1``) one call site. Names are resolved with casify's own tracer, so they mean exactly what they mean
 to :func:`casify.wrap`; a model that torch.fx cannot trace still works for module names, through a forward hook.
 
-On a :class:`casify.CASModel` a layer that carries a CAS module is captured, by default, *after* the channel mask
-(``cas_side="after"``): that is the activation the next layer receives and the one the paper's Figure 2(c) shows for
-the CAS-trained model. ``cas_side="before"`` gives the original layer's output, before the mask. Every capture runs in
-eval mode with each CAS module routed by its own prediction (the test-time protocol), like the attacks.
+The capture point. On a :class:`casify.CASModel` a layer that carries a CAS module is captured, by default, *before*
+the channel mask (``cas_side="before"``): the input of the CAS module, which is the layer's own output. A model
+without CAS is captured at the same layer's output, so a baseline and its CAS version are compared at the same point
+of the network. After the mask (``cas_side="after"``) the activation is scaled
+by a signed weight row: a channel whose weight is negative is never "active" there, whatever the layer computed, so
+frequencies after the mask measure the mask as much as the features. Every report states its capture point
+(``ChannelReport.capture_point``, in the JSON, the markdown and the figures). Every capture runs in eval mode with each
+CAS module routed by its own prediction (the test-time protocol), like the attacks.
 
-The statistics are pure functions of (N, C) tensors. ``analyze`` crafts PGD adversarial examples, captures natural and
-adversarial activations, computes the statistics and writes the figures and a JSON report.
+The statistics are pure functions of (N, C) tensors. :func:`analyze` crafts PGD adversarial examples, captures natural
+and adversarial activations, computes the statistics and, given ``out_dir``, writes the figures and a JSON and markdown
+report; :func:`run_analysis` adds the t-SNE figure (what ``casify analyze`` runs). Argument parsing lives in
+:mod:`casify.cli`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +37,14 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .attacks import attack_context, pgd, resolve_alpha
 from .cas import CASModule, find_cas_modules
+from .eps import format_eps
 from .model import CAS_ATTR, CASModel
 from .surgery import LayerError, _layout, _resolve_node
 from .tracing import TraceError, closest_names, trace
 
-CAS_SIDES = ("after", "before")
+CAS_SIDES = ("before", "after")
+NO_CAS = "layer output (no CAS module)"
+NO_CAS_HERE = "layer output (no CAS module at this layer)"
 Data = Union[Dataset, DataLoader, Tuple[torch.Tensor, torch.Tensor]]
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -98,21 +108,29 @@ class ActivationProbe:
         model: any classifier, wrapped by casify or not (inputs as the model takes them: pixels in [0, 1] for casify
             models, which normalise inside).
         layer: a module or graph-node name (:func:`casify.list_layers`).
-        cas_side: at a layer carrying a CAS module, ``"after"`` (the masked activation, default) or ``"before"``.
+        cas_side: at a layer carrying a CAS module, ``"before"`` the channel mask (the CAS module's input, default) or
+            ``"after"`` it (the masked activation the next layer receives).
         channel_dim: the channel axis, for layouts the shape does not tell.
+
+    Attributes:
+        capture_point: where the activation is taken, in words: ``"before CAS mask (input of cas_modules.<key>)"``,
+            ``"after CAS mask (output of cas_modules.<key>)"`` or ``"layer output (no CAS module)"``.
+        captured: how it is taken (module output, graph node, forward hook, CAS module input or output).
     """
 
-    def __init__(self, model: nn.Module, layer: str, *, cas_side: str = "after", channel_dim: Optional[int] = None):
+    def __init__(self, model: nn.Module, layer: str, *, cas_side: str = "before", channel_dim: Optional[int] = None):
         if cas_side not in CAS_SIDES:
             raise ValueError(f"cas_side must be one of {CAS_SIDES}, got {cas_side!r}")
         self.model, self.layer, self.cas_side, self.channel_dim = model, layer, cas_side, channel_dim
-        self.captured = ""  # what is captured, in words (also in the report)
+        self.captured = ""  # how it is captured, in words (also in the report)
+        has_cas = bool(find_cas_modules(model))
+        self.capture_point = NO_CAS_HERE if has_cas else NO_CAS  # where, in words; set below at a CAS layer
         self._handles: list = []
         self._store: List[torch.Tensor] = []
         self._graph_module: Optional[fx.GraphModule] = None
         cas = self._cas_module(layer)
         if cas is not None:
-            self._hook_cas(cas)
+            self._hook_cas(*cas)
         elif isinstance(model, CASModel):
             self._graph_module = self._cas_model_graph(layer)
         else:
@@ -124,14 +142,25 @@ class ActivationProbe:
                 self._hook_module(layer)
 
     # - resolution -
-    def _cas_module(self, layer: str) -> Optional[CASModule]:
+    def _cas_module(self, layer: str) -> Optional[Tuple[str, CASModule]]:
         if isinstance(self.model, CASModel) and layer in self.model.cas_layers:
-            return list(self.model.cas_modules.values())[self.model.cas_layers.index(layer)]
+            return list(self.model.cas_modules.items())[self.model.cas_layers.index(layer)]
         return None
 
-    def _hook_cas(self, cas: CASModule) -> None:
+    def _at_cas(self, key: str, cas: CASModule) -> None:
+        """Name the capture point at the CAS module ``cas_modules.<key>``."""
+        qualified = f"{CAS_ATTR}.{key}"
+        if self.cas_side == "after":
+            self.capture_point = f"after CAS mask (output of {qualified})"
+        else:
+            self.capture_point = f"before CAS mask (input of {qualified})"
+        if not cas.suppress:
+            self.capture_point += "; suppress=False, so no mask is applied"
         if self.channel_dim is None:
             self.channel_dim = cas.channel_dim
+
+    def _hook_cas(self, key: str, cas: CASModule) -> None:
+        self._at_cas(key, cas)
         if self.cas_side == "after":
             self.captured = "CAS module output (after the channel mask)"
             self._handles.append(cas.register_forward_hook(lambda m, args, out: self._store.append(out)))
@@ -170,7 +199,8 @@ class ActivationProbe:
         """The wrapped model's eval graph (CAS masks included) with the layer's value as a second output.
 
         The name is resolved on a fresh trace of the original model, whose fx node names are those the wrapped graph
-        was built from; at a node feeding a CAS module, ``cas_side="after"`` takes the module's output. If the
+        was built from; at a node feeding a CAS module, ``cas_side="before"`` takes that node (the module's input)
+        and ``cas_side="after"`` the module's output. If the
         original no longer traces on its own (it was wrapped with extra leaf modules), a leaf module's name is looked
         up among the wrapped graph's module calls instead.
         """
@@ -198,15 +228,13 @@ class ActivationProbe:
         self.captured = "module output" if is_module else "graph node output"
         cas_users = [u for u in node.users if u.op == "call_module" and str(u.target).startswith(CAS_ATTR + ".")]
         if cas_users:
+            target = str(cas_users[0].target)
             if self.cas_side == "after":
                 node = cas_users[0]
                 self.captured = "CAS module output (after the channel mask)"
-                cas = model.get_submodule(str(node.target))
             else:
                 self.captured = "CAS module input (the layer's output before the channel mask)"
-                cas = model.get_submodule(str(cas_users[0].target))
-            if self.channel_dim is None:
-                self.channel_dim = cas.channel_dim
+            self._at_cas(target[len(CAS_ATTR) + 1:], model.get_submodule(target))
         graph.output((logits, val_map[node]))
         return fx.GraphModule(model, graph)
 
@@ -259,7 +287,7 @@ class ActivationProbe:
         self.close()
 
 
-def channel_activations(model: nn.Module, x: torch.Tensor, layer: str, *, cas_side: str = "after",
+def channel_activations(model: nn.Module, x: torch.Tensor, layer: str, *, cas_side: str = "before",
                         channel_dim: Optional[int] = None, batch_size: int = 256) -> torch.Tensor:
     """The (N, C) channel-wise activations of ``x`` at ``layer`` (float32, on the model's device)."""
     with ActivationProbe(model, layer, cas_side=cas_side, channel_dim=channel_dim) as probe:
@@ -441,13 +469,37 @@ def _json_safe(value):
     return value
 
 
+def _write_atomic(path: Path, write) -> Path:
+    """``write(tmp_path)``, then rename onto ``path``: a reader never sees a half-written file under its name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(3)}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    return _write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+REPORT_JSON, REPORT_MD = "channel_report.json", "channel_report.md"
+
+
 @dataclass
 class ChannelReport:
     """Everything :func:`analyze` measured. Per-channel vectors are in channel order (figures sort them).
 
+    ``capture_point``: where the activation was taken, in words (``"before CAS mask (input of cas_modules.<key>)"``,
+    ``"after CAS mask (output of cas_modules.<key>)"`` or ``"layer output (no CAS module)"``); ``captured`` says how.
     ``magnitude``: per-channel mean |activation| of natural and adversarial examples with :func:`magnitude_gap`.
     ``frequency``: the one class of Figure 2 (``class_index``): per-channel frequencies and :func:`frequency_summary`.
     ``frequency_class_mean``: the same summary computed per class and averaged over the classes present.
+    ``figures``: the files written, by kind (paths; in the saved JSON, relative to its folder).
     The raw (N, C) activations and labels are kept as attributes, but not written to JSON.
     """
     layer: str
@@ -462,20 +514,88 @@ class ChannelReport:
     frequency: dict
     frequency_class_mean: dict
     figures: dict = field(default_factory=dict)
+    capture_point: str = ""
     natural_activations: Optional[torch.Tensor] = field(default=None, repr=False)
     adversarial_activations: Optional[torch.Tensor] = field(default=None, repr=False)
     labels: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    def to_dict(self) -> dict:
-        keys = ("layer", "captured", "cas_side", "channels", "num_examples", "threshold", "attack", "accuracy",
-                "magnitude", "frequency", "frequency_class_mean", "figures")
-        return _json_safe({k: getattr(self, k) for k in keys})
+    def to_dict(self, relative_to: Optional[Union[str, Path]] = None) -> dict:
+        """The report as JSON-safe data; figure paths inside ``relative_to`` are given relative to it."""
+        keys = ("layer", "capture_point", "captured", "cas_side", "channels", "num_examples", "threshold", "attack",
+                "accuracy", "magnitude", "frequency", "frequency_class_mean", "figures")
+        d = {k: getattr(self, k) for k in keys}
+        if relative_to is not None:
+            d["figures"] = {k: _relative(v, Path(relative_to)) for k, v in self.figures.items()}
+        return _json_safe(d)
 
     def save(self, path: Union[str, Path]) -> Path:
+        """Write the JSON report to ``path`` (atomically; figure paths relative to its folder)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return _write_text_atomic(path, json.dumps(self.to_dict(relative_to=path.parent), indent=1) + "\n")
+
+    def write(self, out_dir: Union[str, Path]) -> Path:
+        """Write ``channel_report.json`` and ``channel_report.md`` into ``out_dir`` (and list them in ``figures``)."""
+        out = Path(out_dir)
+        self.figures["report"] = str(out / REPORT_JSON)
+        self.figures["markdown"] = str(out / REPORT_MD)
+        _write_text_atomic(out / REPORT_MD, self.to_markdown(relative_to=out))
+        return self.save(out / REPORT_JSON)
+
+    def summary(self) -> dict:
+        """The scalars of the report (no per-channel vectors): what ``casify analyze`` prints."""
+        full = self.to_dict()
+        out = {key: full[key] for key in ("layer", "capture_point", "captured", "num_examples", "accuracy", "figures")}
+        for key in ("magnitude", "frequency", "frequency_class_mean"):
+            out[key] = {k: v for k, v in full[key].items() if not isinstance(v, list)}
+        return out
+
+    def to_markdown(self, relative_to: Optional[Union[str, Path]] = None) -> str:
+        d = self.to_dict(relative_to)
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+        num = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+        attack = d["attack"]
+        lines = ["# Channel-wise activation analysis", "",
+                 f"- layer: `{d['layer']}`",
+                 f"- capture point: **{d['capture_point']}**; captured as: {d['captured']}",
+                 f"- examples: {d['num_examples']}; channels: {d['channels']}; a channel is active above "
+                 f"{100 * d['threshold']:g} % of the example's largest channel",
+                 f"- attack: PGD-{attack['steps']}, L-inf eps = {format_eps(attack['eps'])}, objective "
+                 f"`{attack['objective']}`, seed {attack['seed']} (eval mode, predicted CAS routing)",
+                 f"- accuracy: natural {pct(d['accuracy']['natural'])}, adversarial "
+                 f"{pct(d['accuracy']['adversarial'])}",
+                 "", "## Magnitude (Figure 1)", "",
+                 "| | natural | adversarial |", "|---|---|---|",
+                 f"| mean channel magnitude | {num(d['magnitude']['mean_natural'])} | "
+                 f"{num(d['magnitude']['mean_adversarial'])} |", "",
+                 f"adversarial / natural: {num(d['magnitude']['ratio'])}; mean difference "
+                 f"{num(d['magnitude']['mean_difference'])}."]
+
+        def table(f: dict) -> List[str]:
+            return ["| statistic | natural | adversarial |", "|---|---|---|",
+                    f"| normalised entropy | {num(f['entropy_natural'])} | {num(f['entropy_adversarial'])} |",
+                    f"| Gini coefficient | {num(f['gini_natural'])} | {num(f['gini_adversarial'])} |",
+                    f"| frequency of the {f['rare_channels']:g} rarely used channels | "
+                    f"{num(f['rare_frequency_natural'])} | {num(f['rare_frequency_adversarial'])} |",
+                    f"| frequency of the other channels | {num(f['frequent_frequency_natural'])} | "
+                    f"{num(f['frequent_frequency_adversarial'])} |", "",
+                    f"mean |adversarial - natural| frequency: {num(f['mean_abs_difference'])}."]
+
+        freq = d["frequency"]
+        lines += ["", f"## Frequency, class {freq['class_index']} (Figure 2)", ""]
+        lines += table(freq) if freq.get("class_examples") else ["No example of this class was analysed."]
+        mean = d["frequency_class_mean"]
+        lines += ["", f"## Frequency, averaged over {mean['classes']} classes", ""] + table(mean)
+        files = {k: v for k, v in d["figures"].items() if k not in ("report", "markdown")}
+        if files:
+            lines += ["", "## Figures", ""] + [f"- {k}: {v}" for k, v in files.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _relative(path: str, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
 
 
 # -- figures ---------------------------------------------------------------------------------------------------------
@@ -494,20 +614,28 @@ def _sorted_bars(ax, natural: np.ndarray, adversarial: np.ndarray) -> None:
     ax.legend(loc="upper right", frameon=False)
 
 
-def plot_magnitude(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], title: str = "") -> Path:
-    """Figure 1: per-channel magnitude, channels sorted by descending natural magnitude."""
+def _where(capture_point: str) -> str:
+    """The short form of a capture point for an axis label: ``"before CAS mask"``, ``"layer output"``."""
+    return capture_point.split(" (")[0].split(";")[0]
+
+
+def plot_magnitude(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], title: str = "", *,
+                   capture_point: str = "") -> Path:
+    """Figure 1: per-channel magnitude, channels sorted by descending natural magnitude. ``capture_point`` (see
+    :class:`ChannelReport`) is shown under the title and in the axis label."""
     return _plot_sorted(natural, adversarial, path, "channel (sorted by natural magnitude)", "mean |activation|",
-                        title or "channel-wise activation magnitude")
+                        title or "channel-wise activation magnitude", capture_point=capture_point)
 
 
-def plot_frequency(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], title: str = "") -> Path:
+def plot_frequency(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], title: str = "", *,
+                   capture_point: str = "") -> Path:
     """Figure 2: per-channel activation frequency, channels sorted by descending natural frequency."""
     return _plot_sorted(natural, adversarial, path, "channel (sorted by natural frequency)", "activation frequency",
-                        title or "channel-wise activation frequency", ylim=(0, 1.05))
+                        title or "channel-wise activation frequency", ylim=(0, 1.05), capture_point=capture_point)
 
 
 def _plot_sorted(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Path], xlabel: str, ylabel: str,
-                 title: str, ylim=None) -> Path:
+                 title: str, ylim=None, capture_point: str = "") -> Path:
     """Natural vs adversarial bars per channel, sorted by the natural values (both figures of Section 3)."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -515,17 +643,16 @@ def _plot_sorted(natural: ArrayLike, adversarial: ArrayLike, path: Union[str, Pa
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_ylabel(f"{ylabel}\n({_where(capture_point)})" if capture_point else ylabel)
+    ax.set_title(f"{title}\ncaptured {capture_point}" if capture_point else title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png"))
 
 
 # -- analysis --------------------------------------------------------------------------------------------------------
 def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: float = 8 / 255, steps: int = 20,
             alpha: Optional[float] = None, attack_objective: str = "auto", class_index: int = 0,
-            threshold: float = 0.01, rare_fraction: float = 0.5, cas_side: str = "after",
+            threshold: float = 0.01, rare_fraction: float = 0.5, cas_side: str = "before",
             channel_dim: Optional[int] = None, max_examples: Optional[int] = 1000, batch_size: int = 128,
             out_dir: Optional[Union[str, Path]] = None, seed: int = 0, device=None) -> ChannelReport:
     """Section 3 of the paper on ``model`` at ``layer``: magnitudes and activation frequencies of natural examples and
@@ -540,8 +667,10 @@ def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: f
         class_index: the class whose frequencies Figure 2 shows; statistics averaged over classes are also reported.
         threshold: a channel is active above this fraction of the example's largest channel value (paper: 1 %).
         rare_fraction: the share of channels, least activated by natural examples, counted as rare.
-        cas_side: at a CAS layer, ``"after"`` the mask (default) or ``"before"``.
-        out_dir: where to write ``channel_magnitude.png``, ``channel_frequency.png`` and ``channel_report.json``.
+        cas_side: at a CAS layer, ``"before"`` the mask (the CAS module's input, default: the same point as the
+            layer's output in a model without CAS) or ``"after"`` it. The report's ``capture_point`` says which.
+        out_dir: where to write ``channel_magnitude.png``, ``channel_frequency.png``, ``channel_report.json`` and
+            ``channel_report.md`` (each file atomically; other files in the folder are left alone).
     """
     device = _device(model, device)
     objective = _objective(model, attack_objective)
@@ -564,7 +693,7 @@ def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: f
             labels.append(y.cpu())
             nat_pred.append(logits.argmax(1).cpu())
             adv_pred.append(adv_logits.argmax(1).cpu())
-        captured = probe.captured
+        captured, capture_point = probe.captured, probe.capture_point
     nat, adv, labels = torch.cat(nat_acts), torch.cat(adv_acts), torch.cat(labels)
     nat_pred, adv_pred = torch.cat(nat_pred), torch.cat(adv_pred)
 
@@ -581,8 +710,8 @@ def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: f
                       "statistics and Figure 2 are left out (pass class_index= or more examples)")
         frequency = {"class_index": class_index, "class_examples": 0}
     report = ChannelReport(
-        layer=layer, captured=captured, cas_side=cas_side, channels=int(nat.shape[1]), num_examples=int(len(labels)),
-        threshold=float(threshold),
+        layer=layer, captured=captured, capture_point=capture_point, cas_side=cas_side, channels=int(nat.shape[1]),
+        num_examples=int(len(labels)), threshold=float(threshold),
         attack={"name": "pgd", "norm": "linf", "eps": float(eps), "steps": int(steps),
                 "alpha": resolve_alpha(eps, steps, alpha),
                 "objective": objective, "seed": seed},
@@ -598,13 +727,34 @@ def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: f
         name = type(model._base if isinstance(model, CASModel) else model).__name__
         report.figures["magnitude"] = str(plot_magnitude(
             nat_mag.numpy(), adv_mag.numpy(), out / "channel_magnitude.png",
-            f"{name} @ {layer}: magnitude ({len(labels)} examples, PGD-{steps})"))
+            f"{name} @ {layer}: magnitude ({len(labels)} examples, PGD-{steps})", capture_point=capture_point))
         if "natural" in frequency:
             report.figures["frequency"] = str(plot_frequency(
                 frequency["natural"].numpy(), frequency["adversarial"].numpy(), out / "channel_frequency.png",
-                f"{name} @ {layer}: frequency, class {class_index} ({frequency['class_examples']} examples)"))
-        report.figures["report"] = str(out / "channel_report.json")
-        report.save(out / "channel_report.json")
+                f"{name} @ {layer}: frequency, class {class_index} ({frequency['class_examples']} examples)",
+                capture_point=capture_point))
+        report.write(out)
+    return report
+
+
+def run_analysis(model: nn.Module, data: Data, layer: Optional[str], out: Union[str, Path], *, tsne: bool = False,
+                 tsne_examples: int = 500, eps: float = 8 / 255, steps: int = 20, attack_objective: str = "auto",
+                 class_index: int = 0, threshold: float = 0.01, cas_side: str = "before",
+                 max_examples: Optional[int] = 1000, batch_size: int = 128, seed: int = 0,
+                 device=None) -> ChannelReport:
+    """What ``casify analyze`` runs once the model and data are loaded: :func:`analyze` writing its figures and
+    reports into ``out``, and with ``tsne`` the t-SNE figure of penultimate features (``tsne.png``, Figure 9) on
+    ``tsne_examples`` examples, listed in the report. ``out`` should be a new folder (the command line writes into a
+    staging folder that replaces ``--out`` at the end; see :mod:`casify.output_dir`)."""
+    out = Path(out)
+    report = analyze(model, data, layer, eps=eps, steps=steps, attack_objective=attack_objective,
+                     class_index=class_index, threshold=threshold, cas_side=cas_side, max_examples=max_examples,
+                     batch_size=batch_size, out_dir=out, seed=seed, device=device)
+    if tsne:
+        result = tsne_plot(model, data, out / "tsne.png", eps=eps, steps=steps, attack_objective=attack_objective,
+                           max_examples=tsne_examples, batch_size=batch_size, seed=seed, device=device)
+        report.figures["tsne"] = str(result.path)
+        report.write(out)
     return report
 
 
@@ -654,6 +804,7 @@ class TSNEResult:
     labels: np.ndarray
     natural: np.ndarray
     adversarial: Optional[np.ndarray] = None
+    capture_point: str = ""
 
 
 def _class_names(model: nn.Module, data, num_classes: int) -> List[str]:
@@ -681,7 +832,7 @@ def _embed(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
 def tsne_plot(model: nn.Module, data: Data, out_path: Union[str, Path], layer: Optional[str] = None, *,
               adversarial: bool = True, eps: float = 8 / 255, steps: int = 20, alpha: Optional[float] = None,
               attack_objective: str = "auto", max_examples: int = 500, perplexity: float = 30.0,
-              batch_size: int = 128, cas_side: str = "after", seed: int = 0, device=None) -> TSNEResult:
+              batch_size: int = 128, cas_side: str = "before", seed: int = 0, device=None) -> TSNEResult:
     """t-SNE of deep features coloured by true class, natural examples and (``adversarial=True``) their PGD
     adversarial examples side by side, as in the paper's Figure 9. Each panel is its own t-SNE run.
 
@@ -692,6 +843,8 @@ def tsne_plot(model: nn.Module, data: Data, out_path: Union[str, Path], layer: O
     objective = _objective(model, attack_objective)
     generator = torch.Generator(device=device).manual_seed(seed)
     probe = (ActivationProbe(model, layer, cas_side=cas_side) if layer is not None else _ClassifierInputProbe(model))
+    capture_point = (f"{layer}: {probe.capture_point}" if layer is not None
+                     else "penultimate features (input of the final nn.Linear)")
     nat_feats, adv_feats, labels = [], [], []
     try:
         extract = (lambda x: probe(x)[1]) if layer is not None else probe
@@ -723,84 +876,8 @@ def tsne_plot(model: nn.Module, data: Data, out_path: Union[str, Path], layer: O
         ax.set_xticks([]), ax.set_yticks([])
     if num_classes <= 20:
         fig.axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, markerscale=2)
+    fig.suptitle(f"t-SNE of {capture_point}", fontsize=10)
     fig.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    return TSNEResult(out_path, labels_np, panels[0][1], panels[1][1] if adversarial else None)
-
-
-# -- command line ----------------------------------------------------------------------------------------------------
-def _number(text: str) -> float:
-    """A float, or a fraction such as ``8/255``."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
-
-
-def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``casify analyze MODEL --data ... [--layer ...] --out DIR`` on an argparse sub-parser collection."""
-    p = subparsers.add_parser(
-        "analyze", help="channel-wise activation magnitude / frequency (paper Sec. 3) of natural vs PGD examples",
-        description="Capture the channel-wise activation of natural and PGD adversarial examples at one layer, write "
-                    "the paper's Figure 1 (magnitude) and Figure 2 (frequency) plots and a JSON report.")
-    p.add_argument("model", help="a folder written by save_pretrained, or a Hub repo id")
-    p.add_argument("--data", required=True,
-                   help="dataset: digits, cifar10, cifar100, svhn, imagefolder:<root>, or an .npz file")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--data-root", "--data_root", dest="data_root", help="where torchvision datasets live")
-    p.add_argument("--layer", help="module or graph-node name (casify.list_layers); default: the last CAS layer, "
-                                   "else the last feature stage")
-    p.add_argument("--cas-side", "--cas_side", dest="cas_side", choices=CAS_SIDES, default="after",
-                   help="at a CAS layer, the activation after the channel mask (default) or before it")
-    p.add_argument("--class-index", "--class_index", dest="class_index", type=int, default=0,
-                   help="the class of the frequency plot (default 0)")
-    p.add_argument("--threshold", type=float, default=0.01,
-                   help="active = above this fraction of the example's largest channel (default 0.01)")
-    p.add_argument("--eps", type=_number, default=8 / 255, help="L-inf radius in pixels, e.g. 8/255 (default)")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
-    p.add_argument("--objective", default="auto", help="attack objective; auto: cas on CAS models, else ce")
-    p.add_argument("--max-examples", "--max_examples", dest="max_examples", type=int, default=1000)
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
-    p.add_argument("--tsne", action="store_true", help="also write tsne.png (penultimate features, Figure 9)")
-    p.add_argument("--tsne-examples", "--tsne_examples", dest="tsne_examples", type=int, default=500)
-    p.add_argument("--out", required=True, help="output folder for the PNGs and channel_report.json")
-    p.add_argument("--device", help="e.g. cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=analyze_main)
-    return p
-
-
-def analyze_main(args: argparse.Namespace) -> ChannelReport:
-    """Run ``casify analyze``: load the model and data, analyse, write the outputs and print a summary."""
-    from .data import build_dataset
-    from .hub import from_pretrained
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = from_pretrained(args.model).to(device)
-    input_size = model.casify_config.get("cas", {}).get("input_size")
-    kwargs = {}
-    if input_size and args.data == "digits":
-        kwargs = {"size": int(input_size[-1]), "channels": int(input_size[0])}
-    dataset = build_dataset(args.data, args.split, root=args.data_root,
-                            image_size=int(input_size[-1]) if input_size else None, **kwargs)
-    report = analyze(model, dataset, args.layer, eps=args.eps, steps=args.steps, attack_objective=args.objective,
-                     class_index=args.class_index, threshold=args.threshold, cas_side=args.cas_side,
-                     max_examples=args.max_examples, batch_size=args.batch_size, out_dir=args.out, seed=args.seed,
-                     device=device)
-    if args.tsne:
-        result = tsne_plot(model, dataset, Path(args.out) / "tsne.png", eps=args.eps, steps=args.steps,
-                           attack_objective=args.objective, max_examples=args.tsne_examples,
-                           batch_size=args.batch_size, seed=args.seed, device=device)
-        report.figures["tsne"] = str(result.path)
-        report.save(Path(args.out) / "channel_report.json")
-    full = report.to_dict()
-    summary = {key: full[key] for key in ("layer", "captured", "num_examples", "accuracy", "figures")}
-    for key in ("magnitude", "frequency", "frequency_class_mean"):  # the scalars, without per-channel vectors
-        summary[key] = {k: v for k, v in full[key].items() if not isinstance(v, list)}
-    print(json.dumps(summary, indent=1))
-    return report
+    _write_atomic(out_path, lambda tmp: fig.savefig(tmp, format=out_path.suffix[1:] or "png"))
+    return TSNEResult(out_path, labels_np, panels[0][1], panels[1][1] if adversarial else None, capture_point)

@@ -1,15 +1,24 @@
 """The ``casify`` command line. One function per subcommand: ``add_<name>_parser`` declares it, ``cmd_<name>`` runs it;
-register a new subcommand by adding its ``add_*_parser`` to :data:`SUBCOMMANDS`.
+register a new subcommand by adding its ``add_*_parser`` to :data:`SUBCOMMANDS`. All argument parsing lives here; the
+subcommands call the library's plain functions (:func:`casify.evaluate.evaluate`, :func:`casify.analysis.run_analysis`).
 
     casify eval MODEL --data digits --split test --suite standard --eps 8/255 --max-examples 1000 --out runs/eval
+    casify analyze MODEL --data digits --layer layer4.1 --out runs/analysis --tsne
+
+``--out`` folders are handled by :mod:`casify.output_dir`: a non-empty folder is refused; ``--overwrite`` replaces a
+folder casify wrote (never one it did not); a run's files appear all at once, when it has finished.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .evaluate import SUITES, parse_eps
+from .eps import parse_eps
+from .evaluate import SUITES
+from .output_dir import OutputDirError, output_dir, prepare_output_dir
 
 
 def _eps_arg(text: str) -> float:
@@ -35,14 +44,16 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
-    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (pip install casify[autoattack])")
+    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (pip install casify-robust[autoattack])")
     p.add_argument("--transfer-from", default=None, help="surrogate model folder / Hub id for a transfer attack")
     p.add_argument("--square-queries", type=int, default=0, help="query budget of a Square attack (0: none)")
     p.add_argument("--eps-sweep", type=_eps_arg, nargs="+", default=None, metavar="EPS",
                    help="radii for a PGD-20 sweep, e.g. 1/255 2/255 4/255 8/255 16/255 32/255")
     p.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, help="folder for eval_report.json and eval_report.md")
+    p.add_argument("--out", default=None, help="folder for eval_report.json and eval_report.md (new or empty; see "
+                                               "--overwrite)")
+    _add_overwrite(p)
     p.add_argument("--fail-on-masking", action="store_true", help="exit with status 2 when a check fails")
     p.set_defaults(func=cmd_eval)
     return p
@@ -53,6 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .hub import from_pretrained
 
+    if args.out:
+        prepare_output_dir(args.out, args.overwrite)  # refuse before the evaluation, not after it
     model = from_pretrained(args.model)
     dataset = build_dataset(args.data, args.split, root=args.data_root)
     report = evaluate(model, dataset, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
@@ -63,26 +76,91 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.dataset = f"{args.data} ({args.split})"
     print(report.to_markdown())
     if args.out:
-        out = report.save(args.out)
-        print(f"wrote {out / 'eval_report.json'} and {out / 'eval_report.md'}")
+        with output_dir(args.out, args.overwrite, command="eval", argv=getattr(args, "argv", None)) as staging:
+            report.save(staging)
+        print(f"wrote {Path(args.out) / 'eval_report.json'} and {Path(args.out) / 'eval_report.md'}")
     return 2 if args.fail_on_masking and report.gradient_masking_suspected else 0
 
 
-# -- entry point -----------------------------------------------------------------------------------------------------
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier casify output (all its files are deleted); a folder "
+                        "casify did not write is never touched")
+
+
+# -- analyze ---------------------------------------------------------------------------------------------------------
 def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
-    from .analysis import add_analyze_parser as add
-    parser = add(subparsers)
-    parser.set_defaults(func=cmd_analyze)
-    return parser
+    """``casify analyze MODEL --data ... [--layer ...] --out DIR``."""
+    from .analysis import CAS_SIDES
+
+    p = subparsers.add_parser(
+        "analyze", help="channel-wise activation magnitude / frequency (paper Sec. 3) of natural vs PGD examples",
+        description="Capture the channel-wise activation of natural and PGD adversarial examples at one layer, write "
+                    "the paper's Figure 1 (magnitude) and Figure 2 (frequency) plots and a JSON + markdown report. "
+                    "At a CAS layer the activation is taken before the channel mask (the CAS module's input; the same "
+                    "point as the layer's output in a model without CAS); the report states the capture point.")
+    p.add_argument("model", help="a folder written by save_pretrained, or a Hub repo id")
+    p.add_argument("--data", required=True,
+                   help="dataset: digits, cifar10, cifar100, svhn, imagefolder:<root>, or an .npz file")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="where torchvision datasets live")
+    p.add_argument("--layer", help="module or graph-node name (casify.list_layers); default: the last CAS layer, "
+                                   "else the last feature stage")
+    p.add_argument("--cas-side", "--cas_side", dest="cas_side", choices=CAS_SIDES, default="before",
+                   help="at a CAS layer, the activation before the channel mask (default: the CAS module's input) "
+                        "or after it")
+    p.add_argument("--class-index", "--class_index", dest="class_index", type=int, default=0,
+                   help="the class of the frequency plot (default 0)")
+    p.add_argument("--threshold", type=float, default=0.01,
+                   help="active = above this fraction of the example's largest channel (default 0.01)")
+    p.add_argument("--eps", type=_eps_arg, default=8 / 255, help="L-inf radius in pixels, e.g. 8/255 (default)")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
+    p.add_argument("--objective", default="auto", help="attack objective; auto: cas on CAS models, else ce")
+    p.add_argument("--max-examples", "--max_examples", dest="max_examples", type=int, default=1000)
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
+    p.add_argument("--tsne", action="store_true", help="also write tsne.png (penultimate features, Figure 9)")
+    p.add_argument("--tsne-examples", "--tsne_examples", dest="tsne_examples", type=int, default=500)
+    p.add_argument("--out", required=True, help="output folder for the PNGs, channel_report.json and "
+                                                "channel_report.md (new or empty; see --overwrite)")
+    _add_overwrite(p)
+    p.add_argument("--device", help="e.g. cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_analyze)
+    return p
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """``casify analyze``: channel-activation statistics and the paper's Figures 1, 2 (and 9 with --tsne)."""
-    from .analysis import analyze_main
-    analyze_main(args)
+    """``casify analyze``: load the model and data, run :func:`casify.analysis.run_analysis` into a staging folder
+    that replaces ``--out`` at the end, and print the report's scalars as JSON."""
+    import torch
+
+    from .analysis import run_analysis
+    from .data import build_dataset
+    from .hub import from_pretrained
+
+    prepare_output_dir(args.out, args.overwrite)  # refuse before loading anything
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = from_pretrained(args.model).to(device)
+    input_size = model.casify_config.get("cas", {}).get("input_size")
+    kwargs = {}
+    if input_size and args.data == "digits":
+        kwargs = {"size": int(input_size[-1]), "channels": int(input_size[0])}
+    dataset = build_dataset(args.data, args.split, root=args.data_root,
+                            image_size=int(input_size[-1]) if input_size else None, **kwargs)
+    with output_dir(args.out, args.overwrite, command="analyze", argv=getattr(args, "argv", None)) as staging:
+        report = run_analysis(model, dataset, args.layer, staging, tsne=args.tsne, tsne_examples=args.tsne_examples,
+                              eps=args.eps, steps=args.steps, attack_objective=args.objective,
+                              class_index=args.class_index, threshold=args.threshold, cas_side=args.cas_side,
+                              max_examples=args.max_examples, batch_size=args.batch_size, seed=args.seed,
+                              device=device)
+    out = Path(args.out)
+    report.figures = {k: str(out / Path(v).name) for k, v in report.figures.items()}  # where they are now
+    print(json.dumps(report.summary(), indent=1))
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
+# -- entry point -----------------------------------------------------------------------------------------------------
 SUBCOMMANDS: List[Callable] = [add_eval_parser, add_analyze_parser]
 
 
@@ -97,8 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    return int(args.func(args) or 0)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the marker of the output folder
+    try:
+        return int(args.func(args) or 0)
+    except OutputDirError as e:
+        print(f"casify {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -175,25 +175,88 @@ def test_capture_on_a_cas_model_before_and_after_the_mask(tiny_net):
     wrapped.train()  # the capture runs in eval mode with predicted routing and restores the mode, without warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        after = channel_activations(wrapped, x, "block")
+        after = channel_activations(wrapped, x, "block", cas_side="after")
+        default = channel_activations(wrapped, x, "block")
     assert wrapped.training and all(m.training for m in wrapped.modules())
     torch.testing.assert_close(after, pooled * mask)
     torch.testing.assert_close(channel_activations(wrapped, x, "block", cas_side="before"), pooled)
+    torch.testing.assert_close(default, pooled)  # the default is before the mask (the CAS module's input)
     # Downstream layers see the masked activation; upstream ones are the original's.
     torch.testing.assert_close(channel_activations(wrapped, x, "relu_1"), torch.relu(masked).mean((2, 3)))
     # "block.2" names the same tensor as "block", so it is the CAS layer too.
-    torch.testing.assert_close(channel_activations(wrapped, x, "block.2"), pooled * mask)
+    torch.testing.assert_close(channel_activations(wrapped, x, "block.2", cas_side="after"), pooled * mask)
     torch.testing.assert_close(channel_activations(wrapped, x, "block.2", cas_side="before"), pooled)
+    torch.testing.assert_close(channel_activations(wrapped, x, "block.2"), pooled)
     stem = []
     handle = tiny_net.stem.register_forward_hook(lambda m, a, out: stem.append(out.detach()))
     wrapped.eval()
     wrapped(x)
     handle.remove()
     torch.testing.assert_close(channel_activations(wrapped, x, "stem"), stem[0].mean((2, 3)))
-    with ActivationProbe(wrapped, "block") as probe:
+    with ActivationProbe(wrapped, "block", cas_side="after") as probe:
         assert "after" in probe.captured
+        assert probe.capture_point == "after CAS mask (output of cas_modules.block)"
         logits, _ = probe(x)
     torch.testing.assert_close(logits, wrapped(x))
+    with ActivationProbe(wrapped, "block") as probe:
+        assert "before" in probe.captured
+        assert probe.capture_point == "before CAS mask (input of cas_modules.block)"
+    with ActivationProbe(wrapped, "block.2") as probe:  # resolved through the graph: the same point, the same words
+        assert probe.capture_point == "before CAS mask (input of cas_modules.block)"
+    with ActivationProbe(wrapped, "relu_1") as probe:
+        assert probe.capture_point == "layer output (no CAS module at this layer)"
+    with ActivationProbe(tiny_net, "block") as probe:
+        assert probe.capture_point == "layer output (no CAS module)"
+
+
+def test_capture_is_before_the_cas_mask_so_negatively_weighted_channels_still_count(tiny_net, tmp_path, monkeypatch):
+    """At a CAS layer the analysis reads the CAS module's input, the layer's own output: a channel whose mask weight
+    is negative is never "active" after the mask, but before it the layer's activity is what is counted. A model
+    without CAS is read at the same point (the layer's output), so the two compare like for like."""
+    with torch.no_grad():  # the block's last conv outputs ~1 everywhere, so relu_1 keeps every channel positive
+        tiny_net.block[2].weight.mul_(0.01)
+        tiny_net.block[2].bias.fill_(1.0)
+    wrapped = casify.wrap(tiny_net, layers=["relu_1"], input_size=(3, 8, 8), normalize=None)
+    cas = casify.find_cas_modules(wrapped)[0]
+    negative = [0, 1, 2]
+    with torch.no_grad():  # a hand-set mask: every class's row is +1, except channels 0-2 at -1
+        cas.classifier.weight.fill_(1.0)
+        cas.classifier.weight[:, negative] = -1.0
+        cas.classifier.bias.zero_()
+    x, y = images(10)
+    titles = []
+    real_figure = A._figure
+
+    def figure(*a, **k):
+        fig = real_figure(*a, **k)
+        titles.append(fig)
+        return fig
+
+    monkeypatch.setattr(A, "_figure", figure)
+    report = analyze(wrapped, (x, y), "relu_1", steps=1, class_index=0, out_dir=tmp_path)
+    point = "before CAS mask (input of cas_modules.relu_1)"
+    assert report.capture_point == point and report.cas_side == "before"
+    freq = report.frequency["natural"]
+    assert freq[negative].tolist() == [1.0, 1.0, 1.0] and bool((freq == 1.0).all())
+    assert bool((report.natural_activations[:, negative] > 0).all())
+    # ... and the report says where it looked: JSON, markdown, figure titles and axis labels.
+    assert json.loads((tmp_path / "channel_report.json").read_text())["capture_point"] == point
+    assert point in (tmp_path / "channel_report.md").read_text()
+    assert len(titles) == 2
+    for fig in titles:
+        ax = fig.axes[0]
+        assert point in ax.get_title() and "before CAS mask" in ax.get_ylabel()
+
+    # After the mask the same channels are negative, never active: the mask, not the layer, would be measured.
+    after = analyze(wrapped, (x, y), "relu_1", steps=1, class_index=0, cas_side="after")
+    assert after.capture_point == "after CAS mask (output of cas_modules.relu_1)"
+    assert after.frequency["natural"][negative].tolist() == [0.0, 0.0, 0.0]
+    assert bool((after.natural_activations[:, negative] < 0).all())
+
+    # The baseline without CAS, read at its layer's output, is the same point of the network.
+    base = analyze(tiny_net, (x, y), "relu_1", steps=1, class_index=0)
+    assert base.capture_point == "layer output (no CAS module)"
+    torch.testing.assert_close(base.natural_activations, report.natural_activations)
 
 
 # -- analyze, t-SNE, CLI ----------------------------------------------------------------------------------------------
@@ -202,10 +265,11 @@ def test_analyze_end_to_end_writes_figures_and_report(tiny_net, tmp_path):
     x, y = images(20)
     report = analyze(wrapped, (x, y), "block", steps=2, class_index=1, max_examples=15, batch_size=8,
                      out_dir=tmp_path)
-    for name in ("channel_magnitude.png", "channel_frequency.png", "channel_report.json"):
+    for name in ("channel_magnitude.png", "channel_frequency.png", "channel_report.json", "channel_report.md"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "channel_report.json").read_text())
-    assert data["layer"] == "block" and data["cas_side"] == "after" and "after" in data["captured"]
+    assert data["layer"] == "block" and data["cas_side"] == "before" and "before" in data["captured"]
+    assert data["capture_point"] == "before CAS mask (input of cas_modules.block)"
     assert data["channels"] == 16 and data["num_examples"] == 15 and data["threshold"] == 0.01
     assert data["attack"]["objective"] == "cas" and data["attack"]["steps"] == 2
     assert set(data["accuracy"]) == {"natural", "adversarial"}
@@ -219,7 +283,9 @@ def test_analyze_end_to_end_writes_figures_and_report(tiny_net, tmp_path):
                 "rare_frequency_natural", "rare_frequency_adversarial"):
         assert key in freq and key in data["frequency_class_mean"]
     assert data["frequency_class_mean"]["classes"] == 5
-    assert set(data["figures"]) == {"magnitude", "frequency", "report"}
+    assert set(data["figures"]) == {"magnitude", "frequency", "report", "markdown"}
+    assert data["figures"]["magnitude"] == "channel_magnitude.png"  # relative to the report's folder
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # atomic writes leave no temporary file
     # The statistics are those of the captured activations (tensors (x, y) are read in order).
     nat = channel_activations(wrapped, x[:15], "block")
     torch.testing.assert_close(report.natural_activations, nat)
@@ -258,18 +324,28 @@ def test_tsne_plot_of_penultimate_features(tiny_net, tmp_path):
 
 def test_cli_analyze_on_a_saved_model(tmp_path, capsys):
     import timm
+
+    from casify import cli
     torch.manual_seed(0)
     base = timm.create_model("cifar_resnet18", num_classes=10, width=0.125)
     casify.wrap(base, layers=["layer4.1"], input_size=(3, 16, 16), init="paper").save_pretrained(tmp_path / "model")
     parser = argparse.ArgumentParser(prog="casify")
-    A.add_analyze_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["analyze", str(tmp_path / "model"), "--data", "digits", "--out", str(tmp_path / "out"),
-                              "--eps", "4/255", "--steps", "1", "--max-examples", "12", "--device", "cpu"])
-    assert args.func is A.analyze_main and args.eps == pytest.approx(4 / 255)
-    report = args.func(args)
-    assert report.layer == "layer4.1" and report.channels == 64 and report.num_examples == 12
-    assert json.loads(capsys.readouterr().out)["layer"] == "layer4.1"
+    cli.add_analyze_parser(parser.add_subparsers(dest="command"))
+    argv = ["analyze", str(tmp_path / "model"), "--data", "digits", "--out", str(tmp_path / "out"),
+            "--eps", "4/255", "--steps", "1", "--max-examples", "12", "--device", "cpu"]
+    args = parser.parse_args(argv)
+    assert args.func is cli.cmd_analyze and args.eps == pytest.approx(4 / 255)
+    assert args.cas_side == "before" and not args.overwrite
+    assert not hasattr(A, "add_analyze_parser") and not hasattr(A, "analyze_main")  # the CLI owns the parsing
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "channel_report.json").read_text())
+    assert report["layer"] == "layer4.1" and report["channels"] == 64 and report["num_examples"] == 12
+    assert report["capture_point"] == "before CAS mask (input of cas_modules.layer4_1)"
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["layer"] == "layer4.1" and printed["capture_point"] == report["capture_point"]
+    assert printed["figures"]["magnitude"] == str(tmp_path / "out" / "channel_magnitude.png")  # the final folder
     assert (tmp_path / "out" / "channel_report.json").exists() and (tmp_path / "out" / "channel_magnitude.png").exists()
+    assert "before CAS mask" in (tmp_path / "out" / "channel_report.md").read_text()
 
 
 class Outer(nn.Module):
