@@ -7,6 +7,7 @@ that). Checkpoints are written atomically and hold everything an exact resume ne
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import attacks, losses
+from .cas import find_cas_modules
 from .data import EpochSeededDataset
 from .eps import parse_eps
 from .model import CASModel
@@ -383,7 +385,9 @@ class Trainer:
             x = self._to_format(x)
             with self.accelerator.autocast():
                 x_adv = self.val_attack(model, x, y)
-                with torch.no_grad(), route(model, labels=None):  # the routing the attack ran with: one graph
+                # the routing the attack ran with (predicted, explicitly), so the scoring reuses one compiled graph
+                routed = route(model, labels=None) if find_cas_modules(model) else contextlib.nullcontext()
+                with torch.no_grad(), routed:
                     nat = model(x).argmax(1) == y
                     adv = model(x_adv).argmax(1) == y
             nat, adv = self.accelerator.gather_for_metrics((nat, adv))

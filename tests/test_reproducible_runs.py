@@ -153,3 +153,12 @@ def test_ema_is_validated_saved_and_resumed_exactly(tmp_path, one_thread):
     raw = _weights(reference)
     assert not torch.equal(raw["stem.weight"], final.state_dict()["stem.weight"])  # the average, not the last step
     assert json.loads((tmp_path / "a" / "final" / "config.json").read_text())["training"]["weights"] == "EMA (decay 0.9)"
+
+
+def test_plain_adversarial_training_without_cas_validates(tmp_path, one_thread):
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    plain = casify.wrap(net, [], input_size=(3, 8, 8), normalize=None)
+    state = Trainer(plain, _augmented_data(), _augmented_data(16, 1), _config(tmp_path, cas=False, epochs=1)).train()
+    assert state.history and 0 <= state.history[-1]["val_pgd"] <= 1
