@@ -2,24 +2,37 @@
 
 Every accuracy is measured on the model as it would be used: eval mode, every CAS module routed by its own prediction,
 no labels anywhere near the forward, ``model(x_adv).argmax(1) == y`` (``shared/docs/cas-reference.md``: evaluating in
-training mode with ``y`` leaks the label through the mask). How an attack *crafts* its examples may differ (a fixed
-routing, an auxiliary head, a surrogate model); how it is *scored* never does.
+training mode with ``y`` leaks the label through the mask). How an attack *crafts* its examples may differ (a fixed or
+straight-through routing, an auxiliary head, a surrogate model); how it is *scored* never does. Every iterative
+attack keeps, per example, the best iterate (one that fools the deployed model if any step found one), and restarts
+keep the worst over restarts (:mod:`casify.attacks`); the last-iterate accuracy is kept as evidence for a check.
+
+Rows are named by objective on a model with CAS modules, so that a number is never reported under a plain attack
+name unless the attack saw the auxiliary heads: ``pgd20[cas]`` (CE + beta * mean auxiliary CE), ``cw20[cas]`` (CW
+margin of the final logits + beta * mean margin of the heads), ``pgd20[aux:0]`` / ``cw20[aux:0]`` (one head alone),
+``pgd20[cas,straight-through]`` (argmax routing forward, softmax-mixture backward: BPDA through the class choice),
+``pgd20[cas,clean-routing]`` / ``pgd20[cas,soft-routing]`` (routing fixed to the clean prediction / to the softmax
+mixture of rows), and ``...[final-logits]`` for an attack that sees only the final logits (e.g.
+``autoattack[final-logits]``). A plain model's rows keep the plain names (``fgsm``, ``pgd20``, ``cw20``, ``pgd100``).
 
 Suites (all L-inf, eps in [0, 1] pixel units, alpha = 2.5 * eps / steps unless said otherwise):
 
-- ``"quick"``: natural; FGSM as the authors ran it (uniform random start, then one eps step on the ``"cas"``
-  objective); PGD-20 (``"cas"`` objective, random start); CW-inf (20 steps, per-example margin, kappa 50).
-- ``"standard"``: quick + PGD-100, and for CAS models the adaptive attacks: PGD-20 on each auxiliary head alone
-  (``"aux:<i>"``, flipping one module's argmax changes its mask) and PGD-20 with a fixed routing that bypasses the
-  argmax: every module routed by the model's clean prediction, and by a soft mixture of weight rows weighted by the
-  softmax of the clean auxiliary logits (averaged over modules, detached).
+- ``"quick"``: natural; FGSM as the authors ran it (uniform random start, then one eps step); PGD-20 (random start);
+  CW-inf (20 steps, per-example margin, kappa 50); for a CAS model every one on the joint objective (``[cas]``), plus
+  PGD-20 with the straight-through routing.
+- ``"standard"``: quick + PGD-100, and for CAS models PGD-20 and CW-20 on each auxiliary head alone (flipping one
+  module's argmax changes its mask) and PGD-20 with a fixed routing that bypasses the argmax: every module routed by
+  the model's clean prediction, and by a soft mixture of weight rows (the softmax of the clean auxiliary logits,
+  averaged over modules, detached).
 
-Plain (non-CAS) models get the same attacks on the ``"ce"`` objective. The *worst case* is per example: an example
-counts as robust only if it is classified correctly under every attack run at ``eps`` (natural, white-box, adaptive,
-AutoAttack, transfer, Square and same-size uniform noise). The eps sweep and the large-eps check are reported apart.
+Plain (non-CAS) models get the same attacks on the ``"ce"`` / ``"cw"`` objectives. The *worst case* is per example: an
+example counts as robust only if it is classified correctly under every attack run at ``eps`` (natural, white-box,
+adaptive, AutoAttack, transfer, Square and same-size uniform noise). :meth:`EvalReport.summary` gives, per attack
+family (``fgsm``, ``pgd20``, ...), the per-example worst over that family's rows that see the auxiliary heads. The eps
+sweep and the check-only attacks are reported apart.
 
 Gradient-masking checks (each returns pass / fail / skipped with its evidence; any failure sets
-``gradient_masking_suspected``):
+``gradient_masking_suspected``; with ``checks=False`` it is ``None``, "not checked"):
 
 - ``eps_monotone``: accuracy must not rise with eps (beyond noise) and PGD-20 at eps = 128/255 must leave fewer than
   10 % of examples correct (at that radius the constant grey image lies in every ball).
@@ -29,6 +42,17 @@ Gradient-masking checks (each returns pass / fail / skipped with its evidence; a
   one-sided McNemar test at 2 sigma), unless noise already leaves nothing to fool.
 - ``nonzero_gradients``: at most 10 % of clean examples may have an all-zero (or non-finite) input gradient of the
   CW margin (the margin's gradient does not saturate the way a confident cross-entropy does).
+- ``iterative_beats_single_step``: PGD-20 and PGD-100 accuracy <= FGSM accuracy + tolerance (same objective).
+- ``final_logits_vs_adaptive`` (CAS models): the reported worst case must not lie above a check-only PGD-20 on the
+  final logits alone (CE) or an adaptive PGD-20 (the ``pgd20[cas]`` row, or a check-only one when the report has
+  none) by more than tolerance; it fails for an evaluation with final-logit attacks only. The gap between the two
+  references is the evidence of how far final-logit-only numbers (a naive PGD, AutoAttack) overstate the model.
+- ``best_vs_last_iterate``: for every iterative gradient row, last-iterate accuracy <= best-iterate accuracy + twice
+  the tolerance (a larger gap says the answer depends on when the attack stops: the erratic loss surface that routing
+  by argmax produces), and a row that keeps the last iterate (``Attack(keep="last")``) must not report more than the
+  best iterate it passed through + tolerance.
+- ``worst_case_near_single_attacks``: the worst case is no more than twice the tolerance below the strongest single
+  attack: attacks that each miss many examples another one finds are unreliable one by one.
 
 Tolerance: two binomial standard errors of the reference accuracy, ``2 * sqrt(max(p (1 - p), 1 / n) / n)``, and at
 least one percentage point.
@@ -49,8 +73,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .attacks import PRESETS, Attack, attack_context, cw_margin
+from .attacks import PRESETS, Attack, _draw, attack_context, clean_routing, cw_margin, objective_tag
 from .cas import CASModule, aux_logits, find_cas_modules
+from .eps import format_eps, parse_eps  # noqa: F401  (re-exported: casify.evaluate.parse_eps)
 
 SUITES = ("quick", "standard")
 LARGE_EPS = 128 / 255
@@ -58,36 +83,14 @@ LARGE_EPS_MAX_ACCURACY = 0.10
 ZERO_GRAD_MAX_FRACTION = 0.10
 MIN_TOLERANCE = 0.01
 SQUARE_P_INIT = 0.8
-AUTOATTACK_INSTALL = "pip install casify[autoattack]"
+AUTOATTACK_INSTALL = "pip install casify-robust[autoattack]"
+CHECK_FINAL_LOGITS = "check:pgd20[final-logits]"
+CHECK_ADAPTIVE = "check:pgd20[cas]"
 
 AttackSpec = Union[str, Attack]
 
 
 # -- eps as text -----------------------------------------------------------------------------------------------------
-def parse_eps(text: Union[str, float, int]) -> float:
-    """``"8/255"`` -> 0.0314, ``"0.031"`` -> 0.031. eps is in [0, 1] pixel units, so ``"8"`` is an error."""
-    s = str(text).strip()
-    try:
-        if "/" in s:
-            num, den = s.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(s)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"cannot read eps {text!r}; write it like 8/255 or 0.031") from None
-    if not 0.0 <= value <= 1.0 or not math.isfinite(value):
-        raise ValueError(f"eps {text!r} is {value:g}, outside [0, 1]: eps is in pixel units, write 8/255, not 8")
-    return value
-
-
-def format_eps(eps: float) -> str:
-    """0.0314 -> ``"8/255"``; a radius that is no whole number of grey levels keeps three digits (``"7.91/255"``)."""
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6:
-        return f"{int(round(k))}/255"
-    return f"{k:.3g}/255"
-
-
 def tolerance(p: float, n: int) -> float:
     """Two binomial standard errors of an accuracy ``p`` on ``n`` examples, at least one point (see module doc)."""
     if n <= 0:
@@ -99,7 +102,10 @@ def tolerance(p: float, n: int) -> float:
 @dataclass
 class AttackResult:
     """Accuracy of the deployed model under one attack. ``kind``: natural, white-box, adaptive, autoattack,
-    black-box, noise, sweep or check. Only results with ``in_worst_case`` enter the per-example worst case."""
+    black-box, noise, sweep or check. Only results with ``in_worst_case`` enter the per-example worst case.
+    ``family``: the attack without its objective tag (``pgd20`` for ``pgd20[cas]``), or the full name for a row
+    that sees only the final logits of a CAS model; ``objective``: the objective it maximised;
+    ``last_iterate_accuracy``: for iterative gradient attacks, the accuracy the last iterate would have given."""
     name: str
     kind: str
     accuracy: float
@@ -110,6 +116,9 @@ class AttackResult:
     settings: dict = field(default_factory=dict)
     notes: str = ""
     in_worst_case: bool = True
+    family: str = ""
+    objective: str = ""
+    last_iterate_accuracy: Optional[float] = None
 
 
 @dataclass
@@ -124,7 +133,9 @@ class Check:
 @dataclass
 class EvalReport:
     """Everything an evaluation measured and how. ``per_example`` (name -> correct flags, in dataset order) stays
-    out of the JSON unless asked for: it is for callers that combine attacks themselves."""
+    out of the JSON unless asked for: it is for callers that combine attacks themselves.
+    ``gradient_masking_suspected`` is True / False, or None when the checks did not run ("not checked").
+    ``families``: per attack family, the per-example worst over its rows (see :meth:`summary`)."""
     model: dict
     dataset: str
     n_examples: int
@@ -142,10 +153,11 @@ class EvalReport:
     worst_case: dict
     eps_sweep: List[AttackResult]
     checks: List[Check]
-    gradient_masking_suspected: bool
+    gradient_masking_suspected: Optional[bool]
     protocol: dict
     versions: dict
     elapsed_seconds: float
+    families: Dict[str, dict] = field(default_factory=dict)
     per_example: Dict[str, List[bool]] = field(default_factory=dict, repr=False)
 
     def accuracy(self, name: str) -> float:
@@ -158,13 +170,26 @@ class EvalReport:
         raise KeyError(f"no attack {name!r} in this report; it has {[r.name for r in self.attacks + self.eps_sweep]}")
 
     def summary(self) -> dict:
-        """The headline numbers in the shape the model card and recipe summaries use: threat model, number of
-        examples, accuracy under natural, every attack that enters the worst case, and the worst case itself."""
-        accuracy = {r.name: r.accuracy for r in self.attacks if r.in_worst_case and r.kind != "noise"}
+        """The headline numbers in the shape the model card and recipe summaries use.
+
+        ``accuracy``: natural, then per attack family (``fgsm``, ``pgd20``, ``cw20``, ``pgd100``, ``transfer-pgd20``,
+        ``square<q>``, ...) the per-example worst over every row of that family that enters the worst case (for a
+        CAS model: every objective and routing that sees the auxiliary heads; a row that sees only the final logits
+        keeps its own name, e.g. ``autoattack[final-logits]``), and ``worst_case``. For a plain model the families
+        are the rows. ``rows``: every row that enters the worst case by its own name (``pgd20[cas]``, ...);
+        ``families``: which rows each family combines. ``gradient_masking_suspected``: True / False / None (the checks
+        did not run); ``failed_checks``: the names of the failed checks (None when not checked).
+        """
+        accuracy = {name: f["accuracy"] for name, f in self.families.items()}
+        if not accuracy:  # a report built by hand: the rows themselves
+            accuracy = {r.name: r.accuracy for r in self.attacks if r.in_worst_case and r.kind != "noise"}
         accuracy["worst_case"] = self.worst_case["accuracy"]
+        rows = {r.name: r.accuracy for r in self.attacks if r.in_worst_case and r.kind != "noise"}
+        failed = None if self.gradient_masking_suspected is None else [c.name for c in self.checks if c.passed is False]
         return {"eps": self.eps, "eps_str": self.eps_str, "norm": self.norm, "n": self.n_examples,
-                "suite": self.suite, "accuracy": accuracy,
-                "gradient_masking_suspected": self.gradient_masking_suspected}
+                "suite": self.suite, "accuracy": accuracy, "rows": rows,
+                "families": {name: list(f["rows"]) for name, f in self.families.items()},
+                "gradient_masking_suspected": self.gradient_masking_suspected, "failed_checks": failed}
 
     def check(self, name: str) -> Check:
         for c in self.checks:
@@ -194,29 +219,39 @@ class EvalReport:
             f"- data: {self.dataset}, {self.n_examples} examples",
             f"- threat model: L-{self.norm[1:]}, eps = {self.eps_str} ({self.eps:.5f}) in [0, 1] pixel units",
             f"- scored on the deployed model: {self.protocol['scoring']}",
+            f"- iterates: {self.protocol.get('iterates', 'last iterate')}",
             f"- suite: {self.suite}; seed {self.seed}; {self.elapsed_seconds:.1f} s on {self.device}"
             + (f" x {self.world_size} processes" if self.world_size > 1 else ""),
             "", "| attack | accuracy % | notes |", "|---|---|---|",
         ]
         for r in self.attacks:
-            note = r.notes + ("" if r.in_worst_case else " (not in the worst case)")
+            note = r.notes
+            if r.last_iterate_accuracy is not None:
+                note += f"; last iterate {100 * r.last_iterate_accuracy:.2f} %"
+            note += "" if r.in_worst_case else " (not in the worst case)"
             lines.append(f"| {r.name} | {100 * r.accuracy:.2f} | {note} |")
         wc = self.worst_case
         lines.append(f"| **worst case** | **{100 * wc['accuracy']:.2f}** | correct under every one of the "
                      f"{len(wc['attacks'])} rows above that enter it |")
+        if any(len(f["rows"]) > 1 for f in self.families.values()):
+            lines += ["", "## By attack family (per-example worst over the family's rows)", "",
+                      "| family | accuracy % | rows |", "|---|---|---|"]
+            lines += [f"| {name} | {100 * f['accuracy']:.2f} | {', '.join(f['rows'])} |"
+                      for name, f in self.families.items()]
         if self.eps_sweep:
             lines += ["", "## eps sweep (PGD-20)", "", "| eps | accuracy % |", "|---|---|"]
             lines += [f"| {format_eps(r.eps)} | {100 * r.accuracy:.2f} |" for r in self.eps_sweep]
         lines += ["", "## Gradient-masking checks", ""]
-        if not self.checks:
-            lines.append("Not run (checks=False).")
+        if self.gradient_masking_suspected is None:
+            lines.append("Gradient masking suspected: **not checked** (checks=False).")
         else:
-            lines += [f"Gradient masking suspected: **{'YES' if self.gradient_masking_suspected else 'no'}**", "",
+            verdict = "YES" if self.gradient_masking_suspected else "no"
+            lines += [f"Gradient masking suspected: **{verdict}**", "",
                       "| check | result | evidence |", "|---|---|---|"]
-        for c in self.checks:
-            result = {True: "pass", False: "**FAIL**", None: "skipped"}[c.passed]
-            evidence = "; ".join(f"{k}: {_short(v)}" for k, v in c.evidence.items())
-            lines.append(f"| {c.name} | {result} | {evidence} |")
+            for c in self.checks:
+                result = {True: "pass", False: "**FAIL**", None: "skipped"}[c.passed]
+                evidence = "; ".join(f"{k}: {_short(v)}" for k, v in c.evidence.items())
+                lines.append(f"| {c.name} | {result} | {evidence} |")
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
         return "\n".join(lines)
 
@@ -284,18 +319,15 @@ def deployed_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
         return model(x).argmax(dim=1) == y
 
 
-@torch.no_grad()
 def clean_routings(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Routings for the fixed-routing attacks, from one clean deployed forward (detached):
 
     ``"predicted"``: the model's own predicted class (N,); ``"soft"``: the mean over CAS modules of the softmax of
     each module's auxiliary logits (N, num_classes), a mixture of weight rows. ``casify.route`` takes one routing
-    for all modules, hence the mean.
+    for all modules, hence the mean. (The attacks compute these themselves for ``routing="clean-predicted"`` /
+    ``"clean-soft"``: :func:`casify.attacks.clean_routing`.)
     """
-    with attack_context(model):
-        logits = model(x)
-        soft = torch.stack([F.softmax(a.float(), dim=1) for a in aux_logits(model)]).mean(dim=0)
-    return {"predicted": logits.argmax(dim=1), "soft": soft}
+    return {"predicted": clean_routing(model, x, "clean-predicted"), "soft": clean_routing(model, x, "clean-soft")}
 
 
 def zero_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -402,7 +434,9 @@ def _autoattack_version(flavour: str) -> str:
 # -- planning the attacks --------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
-    """One row of the evaluation: how to craft ``x_adv`` for a batch, and where its accuracy goes."""
+    """One row of the evaluation: how to craft ``x_adv`` for a batch (``craft`` returns ``x_adv`` or
+    ``(x_adv, AttackInfo)``), and where its accuracy goes. ``role``: fgsm / pgd20 / pgd100 / cw20 for the suite's
+    main rows (the checks compare them), else None."""
     name: str
     kind: str
     eps: float
@@ -412,90 +446,161 @@ class _Job:
     in_worst_case: bool = True
     seed: int = 0
     seconds: float = 0.0
+    family: str = ""
+    objective: str = ""
+    role: Optional[str] = None
+    iterative: bool = False
+    per_example_seed: bool = False
 
 
 def _objective(cas: bool) -> str:
     return "cas" if cas else "ce"
 
 
-def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True) -> Dict[str, Attack]:
-    """The gradient attacks of a suite at radius ``eps``, by name (routing-specific ones included for CAS models).
+ROUTING_TAGS = {"straight-through": "straight-through", "clean-predicted": "clean-routing",
+                "clean-soft": "soft-routing"}
 
-    The fixed-routing rows reuse PGD-20's settings; :func:`evaluate` gives them their routings.
-    """
+
+def row_name(base: str, attack: Attack, cas: bool) -> str:
+    """How a row is named: ``base`` on a plain model (or when ``base`` already carries a tag), else
+    ``base[<objective tag>(,<routing>)]``, e.g. ``pgd20[cas]``, ``pgd20[aux:0]``, ``pgd20[cas,straight-through]``,
+    ``pgd20[final-logits]`` (see :func:`casify.attacks.objective_tag`)."""
+    if not cas or "[" in base:
+        return base
+    tag = objective_tag(attack.objective)
+    routing = ROUTING_TAGS.get(attack.routing)
+    return f"{base}[{tag}{',' + routing if routing else ''}]"
+
+
+def _family(base: str, name: str, attack: Optional[Attack], cas: bool) -> str:
+    """The family a row is aggregated under in the summary: its base name, unless it is a gradient attack on a CAS
+    model that sees only the final logits (then its own, tagged, name)."""
+    if not cas or attack is None or attack.sees_aux:
+        return base.split("[")[0]
+    return name
+
+
+def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True, num_modules: int = 1) -> Dict[str, Attack]:
+    """The gradient attacks of a suite at radius ``eps``, by row name (the CAS-specific ones included for CAS models:
+    ``num_modules`` auxiliary heads). Each :class:`Attack` carries its objective and crafting routing."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES} or a list of attacks, got {suite!r}")
     obj = _objective(cas)
-    attacks = {
-        "fgsm": Attack(name="fgsm", kind="fgsm", eps=eps, alpha=eps, objective=obj, random_start=True),
-        "pgd20": Attack(name="pgd20", eps=eps, steps=20, objective=obj),
-        "cw20": Attack(name="cw20", kind="cw", eps=eps, steps=20, kappa=50.0),
-    }
+    rows = [("fgsm", Attack(name="fgsm", kind="fgsm", eps=eps, alpha=eps, objective=obj, random_start=True)),
+            ("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=obj))]
+    if cas:
+        rows.append(("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=obj, routing="straight-through")))
+    rows.append(("cw20", Attack(name="cw20", kind="cw", eps=eps, steps=20, kappa=50.0, objective=obj)))
     if suite == "standard":
-        attacks["pgd100"] = Attack(name="pgd100", eps=eps, steps=100, objective=obj)
-    return attacks
+        rows.append(("pgd100", Attack(name="pgd100", eps=eps, steps=100, objective=obj)))
+        if cas:
+            rows += [(base, a) for base, a in _adaptive_rows(num_modules, eps)]
+    out = {}
+    for base, attack in rows:
+        name = row_name(base, attack, cas)
+        out[name] = dataclasses.replace(attack, name=name)
+    return out
 
 
-def _adaptive_attacks(num_modules: int, eps: float) -> Dict[str, Tuple[Attack, Optional[str]]]:
-    rows = {f"aux{i}-pgd20": (Attack(name=f"aux{i}-pgd20", eps=eps, steps=20, objective=f"aux:{i}"), None)
-            for i in range(num_modules)}
-    rows["pgd20-route-predicted"] = (Attack(name="pgd20-route-predicted", eps=eps, steps=20, objective="cas"),
-                                     "predicted")
-    rows["pgd20-route-soft"] = (Attack(name="pgd20-route-soft", eps=eps, steps=20, objective="cas"), "soft")
+def _adaptive_rows(num_modules: int, eps: float) -> List[Tuple[str, Attack]]:
+    """The CAS-specific rows of the standard suite (also what ``"adaptive"`` adds to a custom list): each head alone
+    (PGD on its CE, CW on its margin) and PGD-20 with the routing fixed to the clean prediction / soft mixture."""
+    rows = [("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=f"aux:{i}")) for i in range(num_modules)]
+    rows += [("cw20", Attack(name="cw20", kind="cw", eps=eps, steps=20, kappa=50.0, objective=f"cw_aux:{i}"))
+             for i in range(num_modules)]
+    rows += [("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective="cas", routing=r))
+             for r in ("clean-predicted", "clean-soft")]
     return rows
 
 
-def _describe_attack(a: Attack, routing: Optional[str] = None) -> str:
+def _is_main_row(attack: Attack, cas: bool) -> bool:
+    return attack.routing is None and attack.objective in (("cas", "cw_cas") if cas else ("ce", "cw"))
+
+
+def _describe_attack(a: Attack) -> str:
     if a.kind == "fgsm":
         text = f"1 step of {format_eps(a.alpha)}" + (" after a random start" if a.random_start != "none" else "")
     else:
         text = f"{a.steps} steps of {format_eps(a.alpha)}" + (f", {a.restarts} restarts" if a.restarts > 1 else "")
         text += f", {a.random_start} start" if a.random_start != "none" else ", no random start"
-    text += ", CW margin (kappa %g)" % a.kappa if a.objective == "cw" else f", objective {a.objective}"
-    if routing == "predicted":
+    if a.objective.startswith("cw"):
+        text += f", CW margin (kappa {a.kappa:g})" + {"cw": " of the final logits",
+                                                      "cw_cas": f" + {a.beta:g} * mean auxiliary margin"}.get(
+            a.objective, f" of auxiliary head {a.objective.split(':')[-1]}")
+    else:
+        text += f", objective {a.objective}"
+    if a.routing == "clean-predicted":
         text += "; crafted with every module routed by the clean predicted class"
-    elif routing == "soft":
+    elif a.routing == "clean-soft":
         text += "; crafted with a soft routing: softmax of the clean aux logits (mean over modules)"
+    elif a.routing == "straight-through":
+        text += "; straight-through routing (argmax forward, softmax-mixture backward)"
+    text += "; best iterate" if a.keep == "best" else "; last iterate"
     return text
 
 
-def _resolve_attack(spec: AttackSpec, eps: float, cas: bool) -> Attack:
-    """A list entry as an Attack at the evaluation's eps: an Attack (its eps must not exceed it), a suite name,
-    or an :data:`casify.attacks.PRESETS` name (eps set to ``eps``, alpha scaled with it)."""
+def _resolve_attack(spec: AttackSpec, eps: float, cas: bool, num_modules: int = 1) -> Tuple[str, Attack]:
+    """A list entry as ``(base name, Attack)`` at the evaluation's eps: an Attack (its eps must not exceed it), a
+    suite name, or an :data:`casify.attacks.PRESETS` name (eps set to ``eps``, alpha scaled with it)."""
     if isinstance(spec, Attack):
         if spec.eps > eps + 1e-9:
             raise ValueError(f"attack {spec.name!r} has eps {spec.eps:.5f} > the evaluation's eps {eps:.5f}: the worst "
                              "case would mix threat models; evaluate it with eps= its own radius")
-        return spec
-    standard = suite_attacks("standard", eps, cas)
+        return spec.name, spec
+    standard = {name.split("[")[0]: a for name, a in suite_attacks("standard", eps, cas, num_modules).items()
+                if _is_main_row(a, cas)}
     if spec in standard:
-        return standard[spec]
+        return spec, standard[spec]
     if spec in PRESETS:
         preset = PRESETS[spec]
-        return dataclasses.replace(preset, eps=eps, alpha=preset.alpha * eps / preset.eps)
+        return spec, dataclasses.replace(preset, eps=eps, alpha=preset.alpha * eps / preset.eps)
     raise ValueError(f"unknown attack {spec!r}; choose an Attack, one of {sorted(standard)}, 'adaptive', "
                      f"or a preset from {sorted(PRESETS)}")
 
 
-def _gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, routing: Optional[str] = None,
-                  in_worst_case: bool = True, notes: Optional[str] = None) -> _Job:
+def _gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, in_worst_case: bool = True,
+                  notes: Optional[str] = None, family: str = "", role: Optional[str] = None) -> _Job:
+    attack = dataclasses.replace(attack, name=name)
+
     def craft(x, y, batch, generator):
-        route = None if routing is None else batch["routings"][routing]
-        return attack(target, x, y, routing=route, generator=generator)
+        return attack(target, x, y, generator=generator, return_info=True)
 
     settings = attack.to_dict()
-    settings["routing"] = routing or "predicted (by each module, as deployed)"
+    settings["routing"] = attack.routing or "predicted (by each module, as deployed)"
     settings["eps_str"] = format_eps(attack.eps)
-    return _Job(name, kind, attack.eps, settings, notes or _describe_attack(attack, routing), craft, in_worst_case)
+    return _Job(name, kind, attack.eps, settings, notes or _describe_attack(attack), craft, in_worst_case,
+                family=family or name, objective=attack.objective, role=role, iterative=attack.steps > 1,
+                per_example_seed=True)
 
 
 def _noise_job(eps: float) -> _Job:
     def craft(x, y, batch, generator):
-        noise = (torch.rand(x.shape, generator=generator, device=generator.device) * 2 - 1).to(x.device)
+        noise = _draw("rand", x.shape, generator, x.device) * 2 - 1
         return (x + eps * noise).clamp(0.0, 1.0)
 
     return _Job("noise", "noise", eps, {"distribution": "uniform in the L-inf ball", "eps_str": format_eps(eps)},
-                "uniform random noise of the same size (baseline for the checks)", craft)
+                "uniform random noise of the same size (baseline for the checks)", craft, family="noise",
+                per_example_seed=True)
+
+
+def _example_seed(job_seed: int, index: int) -> int:
+    """The seed of one example's random draws in one row: a function of the row's seed and the example's position in
+    the dataset only, so results do not depend on the batch size, the batch's other examples or the process count."""
+    return (job_seed * 1_000_003 + index) % (2 ** 63)
+
+
+class _Indexed(Dataset):
+    """``(image, label, index)``: the evaluation seeds each example's random starts by its index."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x, y, i
 
 
 # -- running ---------------------------------------------------------------------------------------------------------
@@ -536,12 +641,21 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         dataset: a Dataset of ``(image, label)``, a pair of tensors ``(x, y)``, or a name for
             :func:`casify.data.build_dataset` (its test split). The first ``max_examples`` items are used.
         attacks: ``"quick"``, ``"standard"`` or a list of :class:`casify.attacks.Attack`, suite names (``"fgsm"``,
-            ``"pgd20"``, ``"cw20"``, ``"pgd100"``), preset names, and ``"adaptive"`` (the CAS-specific attacks).
-        autoattack: also run AutoAttack (standard version) on the deployed logits; needs ``casify[autoattack]``.
+            ``"pgd20"``, ``"cw20"``, ``"pgd100"``: on a CAS model their adaptive ``[cas]`` versions), preset names,
+            and ``"adaptive"`` (the CAS-specific attacks: each head alone, fixed routings). On a CAS model a row is
+            named by its objective (:func:`row_name`): an ``Attack(name="pgd", objective="ce")`` becomes the row
+            ``pgd[final-logits]``.
+        autoattack: also run AutoAttack (standard version) on the deployed logits; needs ``casify-robust[autoattack]``.
         transfer_from: a surrogate model (or its folder): PGD-20 is crafted on it and scored on ``model``.
         square_queries: query budget of a Square attack (0: none).
         eps_sweep: radii for a PGD-20 sweep, reported apart from the worst case.
-        checks: run the gradient-masking checks (adds uniform noise, PGD-20 at 128/255 and a gradient probe).
+        checks: run the gradient-masking checks (adds uniform noise, PGD-20 at 128/255, a gradient probe and, for a
+            CAS model, a check-only final-logit PGD-20, plus an adaptive one when the rows have none); with
+            ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked").
+
+    Every gradient attack keeps the best iterate per example (see :mod:`casify.attacks`) and draws each example's
+    random starts from a seed of its own (the row's seed and the example's dataset index), so the per-example results
+    do not depend on ``batch_size`` or on the number of processes (Square and AutoAttack draw per batch).
         accelerator: an ``accelerate.Accelerator``; one is made when launched with several processes. The data are
             sharded over processes and per-example results gathered with ``gather_for_metrics``.
     """
@@ -574,12 +688,20 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     target = _InputTied(model)
 
     # -- plan --
-    jobs: List[_Job] = [_Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x)]
+    jobs: List[_Job] = [_Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural")]
+    n_modules = len(cas_modules)
+
+    def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
+        name = row_name(base, attack, has_cas)
+        main = _is_main_row(attack, has_cas)
+        role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
+        kind = kind or ("white-box" if main or not has_cas else "adaptive")
+        jobs.append(_gradient_job(name, kind, attack, target, family=_family(base, name, attack, has_cas), role=role))
+
     if isinstance(attacks, str):
         suite = attacks
-        for name, attack in suite_attacks(attacks, eps, has_cas).items():
-            jobs.append(_gradient_job(name, "white-box", attack, target))
-        adaptive = attacks == "standard"
+        for name, attack in suite_attacks(attacks, eps, has_cas, n_modules).items():
+            add_gradient_row(name.split("[")[0], attack)
     else:
         suite = "custom"
         adaptive = False
@@ -587,29 +709,31 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
             if isinstance(spec, str) and spec == "adaptive":
                 adaptive = True
                 continue
-            attack = _resolve_attack(spec, eps, has_cas)
-            jobs.append(_gradient_job(attack.name, "white-box", attack, target))
-    if adaptive and has_cas:
-        for name, (attack, routing) in _adaptive_attacks(len(cas_modules), eps).items():
-            jobs.append(_gradient_job(name, "adaptive", attack, target, routing))
+            base, attack = _resolve_attack(spec, eps, has_cas, n_modules)
+            add_gradient_row(base, attack, kind="white-box" if isinstance(spec, Attack) else None)
+        if adaptive and has_cas:
+            for base, attack in _adaptive_rows(n_modules, eps):
+                add_gradient_row(base, attack)
     extra_versions = {}
     if autoattack:
         aa_class, aa_flavour = _load_autoattack()
         extra_versions[aa_flavour] = _autoattack_version(aa_flavour)
-        jobs.append(_autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device))
+        jobs.append(_autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas))
     if transfer_from is not None:
         surrogate_obj = _objective(bool(find_cas_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj)
         jobs.append(_gradient_job("transfer-pgd20", "black-box", attack, _InputTied(transfer_from),
                                   notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
-                                        f"(objective {surrogate_obj}), scored on the model"))
+                                        f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
+                                        "model"))
+        jobs[-1].iterative = False  # its iterates are scored on the surrogate: no last-iterate evidence
     if square_queries > 0:
         jobs.append(_Job(f"square{square_queries}", "black-box", eps,
                          {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin",
                           "eps_str": format_eps(eps)},
                          f"Square attack, {square_queries} queries, margin loss, p_init {SQUARE_P_INIT}",
                          lambda x, y, b, g: square_attack(model, x, y, eps=eps, n_queries=square_queries,
-                                                          generator=g)))
+                                                          generator=g), family=f"square{square_queries}"))
     if checks:
         jobs.append(_noise_job(eps))
     sweep_jobs = []
@@ -621,6 +745,15 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         attack = Attack(name=f"pgd20@{format_eps(LARGE_EPS)}", eps=LARGE_EPS, steps=20, objective=_objective(has_cas))
         check_jobs.append(_gradient_job(attack.name, "check", attack, target, in_worst_case=False,
                                         notes="large-eps PGD-20 for the eps_monotone check"))
+        if has_cas:
+            # Check-only references for final_logits_vs_adaptive: never rows of the report.
+            check_jobs.append(_gradient_job(
+                CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce"), target, in_worst_case=False,
+                notes="check only: PGD-20 on the final logits alone (CE), predicted routing"))
+            if not any(j.role == "pgd20" for j in jobs):
+                check_jobs.append(_gradient_job(
+                    CHECK_ADAPTIVE, "check", Attack(eps=eps, steps=20, objective="cas"), target, in_worst_case=False,
+                    notes="check only: adaptive PGD-20 (CE + beta * mean auxiliary CE), as the report has none"))
     all_jobs = jobs + sweep_jobs + check_jobs
     names = [job.name for job in all_jobs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -632,33 +765,46 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     generators = [torch.Generator().manual_seed(job.seed + 7919 * rank) for job in all_jobs]
 
     # -- run --
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(_Indexed(data), batch_size=batch_size, shuffle=False)
     main_process = True
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
         main_process = accelerator.is_main_process
     modes = [(m, m.training) for m in model.modules()]
     rows: List[torch.Tensor] = []
+    last_rows: List[torch.Tensor] = []
+    best_rows: List[torch.Tensor] = []
     zero_grads: List[torch.Tensor] = []
     worst_cols = [i for i, job in enumerate(jobs) if job.in_worst_case]
     seen = robust = 0
     try:
         from tqdm.auto import tqdm
         bar = tqdm(loader, desc=f"eval {format_eps(eps)}", disable=not (progress and main_process), leave=False)
-        for x, y in bar:
+        for x, y, index in bar:
             x = x.to(device).float()
             y = torch.as_tensor(y).to(device).long()
-            batch = {"routings": clean_routings(model, x) if has_cas else {}}
-            flags = []
+            index = torch.as_tensor(index).tolist()
+            batch = {"index": index}
+            flags, last_flags, best_flags = [], [], []
             for job, generator in zip(all_jobs, generators):
                 t0 = time.perf_counter()
-                x_adv = job.craft(x, y, batch, generator)
+                if job.per_example_seed:  # each example's random draws from its own seed: batch-size independent
+                    generator = [torch.Generator().manual_seed(_example_seed(job.seed, i)) for i in index]
+                out = job.craft(x, y, batch, generator)
+                x_adv, info = out if isinstance(out, tuple) else (out, None)
                 _check_threat_model(job, x, x_adv)
-                flags.append(deployed_correct(model, x_adv, y))
+                correct_now = deployed_correct(model, x_adv, y)
+                flags.append(correct_now)
+                # last- and best-iterate correctness, where the attack scored its iterates on this model
+                scored = info is not None and job.iterative
+                last_flags.append(~info.fooled_last if scored else correct_now)
+                best_flags.append(~info.fooled_any if scored else correct_now)
                 job.seconds += time.perf_counter() - t0
             if checks:
                 zero_grads.append(_gather(accelerator, zero_input_gradient(target, x, y)).cpu())
             rows.append(_gather(accelerator, torch.stack(flags, dim=1)).cpu())
+            last_rows.append(_gather(accelerator, torch.stack(last_flags, dim=1)).cpu())
+            best_rows.append(_gather(accelerator, torch.stack(best_flags, dim=1)).cpu())
             seen += rows[-1].shape[0]
             robust += int(rows[-1][:, worst_cols].all(dim=1).sum())
             if progress and main_process:
@@ -667,27 +813,49 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         for module, training in modes:
             module.training = training
     correct = torch.cat(rows) if rows else torch.zeros(0, len(all_jobs), dtype=torch.bool)
+    correct_last = torch.cat(last_rows) if last_rows else torch.zeros(0, len(all_jobs), dtype=torch.bool)
+    correct_best = torch.cat(best_rows) if best_rows else torch.zeros(0, len(all_jobs), dtype=torch.bool)
     n = correct.shape[0]
 
     # -- report --
     results = []
     for i, job in enumerate(all_jobs):
         c = int(correct[:, i].sum())
+        last = int(correct_last[:, i].sum()) / n if (job.iterative and n) else None
         results.append(AttackResult(job.name, job.kind, c / n if n else 0.0, c, n, round(job.seconds, 4), job.eps,
-                                    job.settings, job.notes, job.in_worst_case))
+                                    job.settings, job.notes, job.in_worst_case, family=job.family or job.name,
+                                    objective=job.objective, last_iterate_accuracy=last))
     attack_results = results[:len(jobs)]
     worst_idx = [i for i, job in enumerate(jobs) if job.in_worst_case]
     worst_flags = correct[:, worst_idx].all(dim=1) if n else torch.zeros(0, dtype=torch.bool)
-    worst = {"accuracy": float(worst_flags.float().mean()) if n else 0.0, "n_correct": int(worst_flags.sum()),
+    worst = {"accuracy": int(worst_flags.sum()) / n if n else 0.0, "n_correct": int(worst_flags.sum()),
              "n": n, "attacks": [jobs[i].name for i in worst_idx]}
+    families: Dict[str, dict] = {}
+    for i in worst_idx:
+        if jobs[i].kind == "noise":
+            continue
+        families.setdefault(jobs[i].family or jobs[i].name, {"rows": [], "cols": []})
+        families[jobs[i].family or jobs[i].name]["rows"].append(jobs[i].name)
+        families[jobs[i].family or jobs[i].name]["cols"].append(i)
+    for f in families.values():
+        flags = correct[:, f.pop("cols")].all(dim=1) if n else torch.zeros(0, dtype=torch.bool)
+        f["accuracy"] = int(flags.sum()) / n if n else 0.0
+        f["n_correct"] = int(flags.sum())
     per_example = {job.name: correct[:, i].tolist() for i, job in enumerate(all_jobs)}
     per_example["worst_case"] = worst_flags.tolist()
-    check_list = _run_checks(results, jobs, correct, zero_grads, n, eps) if checks else []
+    check_list = (_run_checks(results, all_jobs, len(jobs), correct, correct_last, correct_best, zero_grads, n, eps,
+                              has_cas) if checks else [])
     world = accelerator.num_processes if accelerator is not None else 1
     protocol = {
         "scoring": "eval mode, every CAS module routed by its own prediction, model(x_adv).argmax(1) == y",
         "crafting": "eval mode; predicted routing unless a row says otherwise",
+        "iterates": "best iterate per example (one that fools the deployed model if any step did; restarts: the "
+                    "worst over restarts); the last-iterate accuracy is kept as evidence",
+        "row_names": "on a CAS model, attack[objective(,routing)]; [final-logits] marks an attack that sees only "
+                     "the final logits" if has_cas else "plain attack names (no CAS modules)",
         "alpha_rule": "2.5 * eps / steps unless a row says otherwise",
+        "random_starts": "per example and row: seed (row seed * 1000003 + dataset index) mod 2**63, so results do "
+                         "not depend on the batch size or the process count (Square and AutoAttack: per batch)",
         "tolerance": f"max({MIN_TOLERANCE}, 2 * sqrt(max(p(1-p), 1/n) / n))",
         "large_eps": LARGE_EPS, "large_eps_max_accuracy": LARGE_EPS_MAX_ACCURACY,
         "zero_grad_max_fraction": ZERO_GRAD_MAX_FRACTION, "max_examples": max_examples,
@@ -698,9 +866,9 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         norm="linf", suite=suite, seed=seed, seeds={job.name: job.seed for job in all_jobs}, batch_size=batch_size,
         device=str(device), world_size=world, natural_accuracy=attack_results[0].accuracy, attacks=attack_results,
         worst_case=worst, eps_sweep=results[len(jobs):len(jobs) + len(sweep_jobs)], checks=check_list,
-        gradient_masking_suspected=any(c.passed is False for c in check_list), protocol=protocol,
-        versions=_versions(extra_versions), elapsed_seconds=round(time.perf_counter() - start_time, 3),
-        per_example=per_example)
+        gradient_masking_suspected=any(c.passed is False for c in check_list) if checks else None,
+        protocol=protocol, versions=_versions(extra_versions),
+        elapsed_seconds=round(time.perf_counter() - start_time, 3), families=families, per_example=per_example)
 
 
 def _gather(accelerator, t: torch.Tensor) -> torch.Tensor:
@@ -720,9 +888,10 @@ def _check_threat_model(job: _Job, x: torch.Tensor, x_adv: torch.Tensor) -> None
 
 
 def _autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, eps: float, seed: int,
-                    device) -> _Job:
+                    device, cas: bool = False) -> _Job:
     """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
-    i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active."""
+    i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active.
+    Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``."""
     def craft(x, y, batch, generator):
         x = x.contiguous()  # pyautoattack .view()s the input gradient, which fails on a permuted (NHWC) batch
         with attack_context(model):
@@ -736,22 +905,32 @@ def _autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module,
         x_adv = out[0] if isinstance(out, tuple) else out
         return x_adv.detach().to(x.device, x.dtype)
 
-    return _Job("autoattack", "autoattack", eps,
+    name = "autoattack[final-logits]" if cas else "autoattack"
+    return _Job(name, "autoattack", eps,
                 {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps)},
-                "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft)
+                "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
+                objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)")
 
 
 # -- gradient-masking checks -----------------------------------------------------------------------------------------
-def _run_checks(results: List[AttackResult], jobs: List[_Job], correct: torch.Tensor, zero_grads: List[torch.Tensor],
-                n: int, eps: float) -> List[Check]:
+def _run_checks(results: List[AttackResult], jobs: List[_Job], n_rows: int, correct: torch.Tensor,
+                correct_last: torch.Tensor, correct_best: torch.Tensor, zero_grads: List[torch.Tensor], n: int,
+                eps: float, cas: bool) -> List[Check]:
+    """The checks over every job's per-example flags. ``jobs[:n_rows]`` are the report's rows (the rest are the eps
+    sweep and the check-only attacks); ``correct_last`` / ``correct_best`` hold, for the iterative gradient rows, the
+    flags of the last iterate and of the best one (as the attack scored them)."""
     by_name = {r.name: (i, r) for i, r in enumerate(results)}
+    by_role = {j.role: (i, results[i]) for i, j in enumerate(jobs[:n_rows]) if j.role}
+    rows = range(n_rows)
+    worst_cols = [i for i in rows if jobs[i].in_worst_case]
+    worst = int(correct[:, worst_cols].all(dim=1).sum()) / n if n else 0.0
     out = []
 
     # (a) accuracy falls with eps and reaches ~0 at a large eps
     points = [(0.0, by_name["natural"][1].accuracy)]
-    if "pgd20" in by_name:
-        points.append((eps, by_name["pgd20"][1].accuracy))
-    points += [(r.eps, r.accuracy) for r in results if r.kind in ("sweep", "check")]
+    if "pgd20" in by_role:
+        points.append((eps, by_role["pgd20"][1].accuracy))
+    points += [(r.eps, r.accuracy) for r in results if r.kind == "sweep" or r.name == f"pgd20@{format_eps(LARGE_EPS)}"]
     points.sort(key=lambda p: p[0])
     rises = [(format_eps(a[0]), format_eps(b[0])) for a, b in zip(points, points[1:])
              if b[0] > a[0] and b[1] > a[1] + tolerance(a[1], n)]
@@ -763,18 +942,19 @@ def _run_checks(results: List[AttackResult], jobs: List[_Job], correct: torch.Te
                       "accuracy_at_large_eps": large}))
 
     # (b) more steps must not help the model
-    if "pgd20" in by_name and "pgd100" in by_name:
-        a20, a100 = by_name["pgd20"][1].accuracy, by_name["pgd100"][1].accuracy
+    if "pgd20" in by_role and "pgd100" in by_role:
+        a20, a100 = by_role["pgd20"][1].accuracy, by_role["pgd100"][1].accuracy
         tol = tolerance(a20, n)
         out.append(Check("more_steps_do_not_help", a100 <= a20 + tol, "PGD-100 accuracy <= PGD-20 accuracy + tol",
-                         {"pgd20": a20, "pgd100": a100, "tolerance": tol}))
+                         {"pgd20": a20, "pgd100": a100, "rows": [by_role["pgd20"][1].name, by_role["pgd100"][1].name],
+                          "tolerance": tol}))
     else:
         out.append(Check("more_steps_do_not_help", None, "needs pgd20 and pgd100 (the standard suite)",
                          {"skipped": "pgd20 or pgd100 not run"}))
 
     # (c) black-box attacks must not beat white-box ones
-    white = [i for i, j in enumerate(jobs) if j.kind in ("natural", "white-box", "adaptive", "autoattack")]
-    black = [i for i, j in enumerate(jobs) if j.kind == "black-box"]
+    white = [i for i in rows if jobs[i].kind in ("natural", "white-box", "adaptive", "autoattack")]
+    black = [i for i in rows if jobs[i].kind == "black-box"]
     if black and len(white) > 1:
         white_flags = correct[:, white].all(dim=1)
         wb = float(white_flags.float().mean()) if n else 0.0
@@ -794,8 +974,8 @@ def _run_checks(results: List[AttackResult], jobs: List[_Job], correct: torch.Te
                          {"skipped": "no black-box attack run"}))
 
     # (d) PGD must beat uniform noise of the same size
-    if "pgd20" in by_name:
-        i_pgd, i_noise = by_name["pgd20"][0], by_name["noise"][0]
+    if "pgd20" in by_role:
+        i_pgd, i_noise = by_role["pgd20"][0], by_name["noise"][0]
         acc_pgd, acc_noise = results[i_pgd].accuracy, results[i_noise].accuracy
         pgd_only = int((correct[:, i_noise] & ~correct[:, i_pgd]).sum())
         noise_only = int((correct[:, i_pgd] & ~correct[:, i_noise]).sum())
@@ -803,8 +983,8 @@ def _run_checks(results: List[AttackResult], jobs: List[_Job], correct: torch.Te
         significant = pgd_only - noise_only > 2.0 * math.sqrt(pgd_only + noise_only) and acc_pgd < acc_noise
         out.append(Check("pgd_beats_noise", bool(nothing_left or significant),
                          "PGD-20 fools significantly more examples than uniform noise (paired, 2 sigma)",
-                         {"pgd20": acc_pgd, "noise": acc_noise, "fooled_by_pgd_only": pgd_only,
-                          "fooled_by_noise_only": noise_only}))
+                         {"pgd20": acc_pgd, "row": results[i_pgd].name, "noise": acc_noise,
+                          "fooled_by_pgd_only": pgd_only, "fooled_by_noise_only": noise_only}))
     else:
         out.append(Check("pgd_beats_noise", None, "needs pgd20", {"skipped": "pgd20 not run"}))
 
@@ -814,9 +994,88 @@ def _run_checks(results: List[AttackResult], jobs: List[_Job], correct: torch.Te
     out.append(Check("nonzero_gradients", frac <= ZERO_GRAD_MAX_FRACTION,
                      f"at most {100 * ZERO_GRAD_MAX_FRACTION:g} % of clean examples with a zero or non-finite input "
                      "gradient of the CW margin", {"zero_gradient_fraction": frac, "n": int(zero.numel())}))
+
+    # (f) an iterative attack must not be weaker than a single step on the same objective
+    if "fgsm" in by_role and ("pgd20" in by_role or "pgd100" in by_role):
+        a_fgsm = by_role["fgsm"][1].accuracy
+        tol = tolerance(a_fgsm, n)
+        evidence = {by_role["fgsm"][1].name: a_fgsm, "tolerance": tol}
+        ok = True
+        for role in ("pgd20", "pgd100"):
+            if role in by_role:
+                evidence[by_role[role][1].name] = by_role[role][1].accuracy
+                ok &= by_role[role][1].accuracy <= a_fgsm + tol
+        out.append(Check("iterative_beats_single_step", ok, "PGD-20 / PGD-100 accuracy <= FGSM accuracy + tol "
+                         "(same objective)", evidence))
+    else:
+        out.append(Check("iterative_beats_single_step", None, "needs fgsm and pgd20 or pgd100",
+                         {"skipped": "fgsm or pgd20/pgd100 not run"}))
+
+    # (g) final-logit vs adaptive objectives (CAS models)
+    if cas and CHECK_FINAL_LOGITS in by_name:
+        final = by_name[CHECK_FINAL_LOGITS][1].accuracy
+        ref = by_role["pgd20"][1] if "pgd20" in by_role else by_name[CHECK_ADAPTIVE][1]
+        adaptive = ref.accuracy
+        tol = tolerance(min(final, adaptive), n)
+        gap = final - adaptive
+        passed = worst <= min(final, adaptive) + tol
+        if not passed:
+            verdict = ("the reported attacks miss what the adaptive objective finds: final-logit attacks overstate "
+                       "this model" if adaptive <= final else "the reported attacks miss what a final-logit PGD finds")
+        elif gap > tol:
+            verdict = (f"final-logit gradients are masked (final-logit PGD-20 {100 * gap:.1f} points weaker than the "
+                       "adaptive one): a final-logit-only number would overstate this model; the reported worst case "
+                       "covers it")
+        else:
+            verdict = "consistent"
+        out.append(Check(
+            "final_logits_vs_adaptive", bool(passed),
+            "the reported worst case is no higher than a final-logit PGD-20 or an adaptive PGD-20 (check-only "
+            "references where not rows) + tol; their gap says how much final-logit-only attacks overstate the model",
+            {"final_logits_pgd20": final, "adaptive_pgd20": adaptive, "adaptive_row": ref.name,
+             "final_minus_adaptive": gap, "worst_case": worst, "tolerance": tol, "verdict": verdict}))
+    else:
+        out.append(Check("final_logits_vs_adaptive", None, "needs a model with CAS modules",
+                         {"skipped": "no CAS modules: the adaptive objectives are the final-logit ones"}))
+
+    # (h) the last iterate must not be far weaker than the best one, and no row may report a last iterate that is
+    iterative = [i for i in rows if jobs[i].iterative and results[i].last_iterate_accuracy is not None]
+    if iterative and n:
+        evidence, ok, gaps = {}, True, []
+        for i in iterative:
+            last = int(correct_last[:, i].sum()) / n
+            best = int(correct_best[:, i].sum()) / n
+            tol = tolerance(best, n)
+            keeps_last = jobs[i].settings.get("keep") == "last"
+            evidence[jobs[i].name] = {"best": round(best, 4), "last": round(last, 4),
+                                      "keep": jobs[i].settings.get("keep")}
+            gaps.append(last - best)
+            ok &= last - best <= 2.0 * tol and not (keeps_last and results[i].accuracy - best > tol)
+        evidence["largest_gap"] = max(gaps)
+        out.append(Check("best_vs_last_iterate", ok, "per iterative gradient row: last-iterate accuracy <= "
+                         "best-iterate accuracy + 2 tol (a larger gap: the answer depends on when the attack stops), "
+                         "and a row that keeps the last iterate reports <= best-iterate accuracy + tol", evidence))
+    else:
+        out.append(Check("best_vs_last_iterate", None, "needs an iterative gradient attack",
+                         {"skipped": "no iterative gradient attack run"}))
+
+    # (i) the worst case must not lie far below every single attack
+    singles = [i for i in rows if jobs[i].in_worst_case and jobs[i].kind not in ("natural", "noise")]
+    if len(singles) > 1 and n:
+        strongest = min(singles, key=lambda i: results[i].accuracy)
+        best_single = results[strongest].accuracy
+        margin = 2.0 * tolerance(best_single, n)
+        out.append(Check("worst_case_near_single_attacks", worst >= best_single - margin,
+                         "worst case >= strongest single attack - 2 tol (attacks that each miss many examples "
+                         "another finds are unreliable one by one)",
+                         {"worst_case": worst, "strongest_single": jobs[strongest].name,
+                          "strongest_single_accuracy": best_single, "allowed_gap": margin}))
+    else:
+        out.append(Check("worst_case_near_single_attacks", None, "needs two attacks or more",
+                         {"skipped": "fewer than two attacks"}))
     return out
 
 
 __all__ = ["AttackResult", "Check", "EvalReport", "LARGE_EPS", "SUITES", "clean_routings", "deployed_correct",
-           "describe_model", "evaluate", "format_eps", "parse_eps", "square_attack", "suite_attacks", "tolerance",
-           "zero_input_gradient"]
+           "describe_model", "evaluate", "format_eps", "parse_eps", "row_name", "square_attack", "suite_attacks",
+           "tolerance", "zero_input_gradient"]

@@ -84,7 +84,7 @@ def test_pgd_beats_uniform_noise(model_name, request):
     x, y = make_data(128, 2)
     eps = 0.05
     noise = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * eps).clamp(0, 1)
-    x_adv = pgd(model, x, y, eps=eps, steps=10, objective="cas")
+    x_adv = pgd(model, x, y, eps=eps, steps=10, objective="cas", generator=torch.Generator().manual_seed(4))
     acc_noise = (predict(model, noise) == y).float().mean()
     acc_pgd = (predict(model, x_adv) == y).float().mean()
     assert (predict(model, x) == y).float().mean() > 0.95
@@ -135,17 +135,23 @@ def test_attack_runs_in_eval_mode_with_predicted_routing(batch):
     x, y = batch
     model.train()
     seen = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod.training, mod._route)))
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod.training, mod._route,
+                                                                          torch.is_grad_enabled())))
              for m in casify.find_cas_modules(model)]
     pgd(model, x, y, steps=2)
-    assert seen and all(training is False and r == ("predicted", None) for training, r in seen)
+    assert seen and all(training is False and r == ("predicted", None) for training, r, _ in seen)
     seen.clear()
     pgd(model, x, y, steps=2, routing="labels")
-    assert seen and all(r[0] == "labels" and torch.equal(r[1], y) for _, r in seen)
+    # crafting forwards (with gradient) use the given routing; scoring forwards (no gradient) the deployed one
+    crafting = [r for _, r, grad in seen if grad]
+    assert crafting and all(r[0] == "labels" and torch.equal(r[1], y) for r in crafting)
+    assert all(r == ("predicted", None) for _, r, grad in seen if not grad)
+    assert len(crafting) == 2 * 2 and len(seen) == 2 * (2 + 3)  # 2 modules x (2 gradient + 3 scoring forwards)
     seen.clear()
     soft = F.one_hot(y, NUM_CLASSES).float()
     pgd(model, x, y, steps=1, routing=soft)
-    assert seen and all(torch.equal(r[1], soft) for _, r in seen)
+    crafting = [r for _, r, grad in seen if grad]
+    assert crafting and all(torch.equal(r[1], soft) for r in crafting)
     for h in hooks:
         h.remove()
     with pytest.raises(ValueError, match="no CAS modules"):
