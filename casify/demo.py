@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     pretrained = casify.wrap(_base(args.width), [], input_size=(3, 16, 16))
     Trainer(pretrained, train_set, val_set, TrainConfig(method="standard", cas=False, epochs=args.pretrain_epochs,
                                                         lr=0.05, output_dir=str(out / "runs" / "standard"), **common)
-            ).train(resume=False)
+            ).train(resume=False, overwrite=True)  # the demo replaces its own earlier output
     state = casify.unwrap(pretrained).state_dict()
 
     results, models = {}, {}
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
                              attack_alpha=eps / 2.5, output_dir=str(out / "runs" / name.lower().replace("+", "_")),
                              **common)
         trainer = Trainer(model, train_set, val_set, config)
-        trainer.train(resume=False)
+        trainer.train(resume=False, overwrite=True)
         models[name] = casify.from_pretrained(Path(config.output_dir) / "best")  # selected on the validation split
     print("3) evaluating on the test split (CAS under the adaptive attack) ...")
     models = {"standard (pretrained)": pretrained, **models}
