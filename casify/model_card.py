@@ -83,11 +83,21 @@ def make_model_card(config: dict, model_name: str, evaluation: Optional[dict] = 
     eps = train_cfg.get("eps")
     rows = ""
     if evaluation:
-        rows = "\n".join(f"| {a} | {100 * float(v):.2f} |" for a, v in evaluation.get("accuracy", {}).items())
+        accuracy = dict(evaluation.get("accuracy", {}))
+        # Lead with the worst case: the number a reader should quote.
+        ordered = ([("worst_case", accuracy.pop("worst_case"))] if "worst_case" in accuracy else []) + list(accuracy.items())
+        rows = "\n".join(f"| {'**' + a + '**' if a == 'worst_case' else a} | {100 * float(v):.2f} |" for a, v in ordered)
+        attack_rows = evaluation.get("rows") or {}
+        detail = ("\n\nEach attack, named by its objective:\n\n| attack | accuracy (%) |\n|---|---|\n"
+                  + "\n".join(f"| {a} | {100 * float(v):.2f} |" for a, v in attack_rows.items())) if attack_rows else ""
+        suspected = evaluation.get("gradient_masking_suspected", None)
+        checks = {True: "**gradient masking suspected** (failed: " + ", ".join(evaluation.get("failed_checks") or []) + ")",
+                  False: "the gradient-masking checks passed", None: "the gradient-masking checks were **not run**"}[suspected]
         rows = f"| attack | accuracy (%) |\n|---|---|\n{rows}\n\nOn {evaluation.get('n')} examples of {dataset_name} ({split}), " \
-               f"eps = {evaluation.get('eps_str') or evaluation.get('eps')} in pixel space ({evaluation.get('norm', 'linf')}). " \
-               "CAS models are attacked adaptively (the joint CE + beta * mean auxiliary CE objective, eval mode, each module " \
-               "routing by its own prediction)."
+               f"eps = {evaluation.get('eps_str') or evaluation.get('eps')} in pixel space ({evaluation.get('norm', 'linf')}); " \
+               f"{checks}. `worst_case` is the per-example worst over every attack; each family row is the per-example " \
+               "worst over that family's attacks. CAS models are attacked adaptively (objectives that see the auxiliary " \
+               "heads and the routing, best iterate kept, eval mode, each module routing by its own prediction)." + detail
     training_block = (f"```json\n{json.dumps(training, indent=1, default=str)}\n```" if training
                       else "None recorded: casify did not fine-tune this model.")
     content = f"""---
