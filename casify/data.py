@@ -127,14 +127,15 @@ class TensorImageDataset(Dataset):
 
 
 class EpochSeededDataset(Dataset):
-    """Draws each item's augmentation randomness from a seed of (seed, epoch, index), never from the global RNG.
+    """Draws each item's augmentation randomness from a seed of (seed, epoch, index), never from a shared RNG stream.
 
     Why: a data loader prefetches batches (and worker processes draw from their own RNGs), so augmentation that reads
     the global RNG makes a run depend on when batches were fetched; a checkpoint then cannot capture where the data
     stream is and a resumed run diverges. Seeding per item makes item ``i`` of epoch ``e`` the same image whatever the
-    number of workers, the prefetching, or a crash in between. torch, ``random`` and NumPy's global RNG are seeded
-    for the item and restored afterwards, so the caller's RNG streams are untouched. Call :meth:`set_epoch` before
-    iterating an epoch (the Trainer does).
+    number of workers, the prefetching, or a crash in between. torch's CPU generator is seeded for the item and
+    restored afterwards (dropout and attack starts keep their own stream); Python's ``random`` and NumPy's global RNG
+    are reseeded per item, as a DataLoader worker reseeds them, and not restored (restoring NumPy's state costs more
+    than a small image's augmentation). Call :meth:`set_epoch` before iterating an epoch (the Trainer does).
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0):
@@ -148,20 +149,30 @@ class EpochSeededDataset(Dataset):
         return len(self.dataset)
 
     def item_seed(self, index: int) -> int:
-        return int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1, np.uint64)[0] >> 1)
+        """A 63-bit seed, well mixed from (seed, epoch, index): splitmix64 steps (written out: a few integer operations
+        are ~10x cheaper per item than numpy's SeedSequence)."""
+        z = 0
+        for part in (self.seed, self.epoch, int(index)):
+            z = (z ^ (part & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+            z ^= z >> 31
+        return z >> 1
 
     def __getitem__(self, index: int):
         seed = self.item_seed(index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stream is left alone
-            random.seed(seed)
-            np.random.seed(seed % 2 ** 32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        generator = torch.default_generator  # the CPU generator only: CUDA's stream is left alone
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+_MASK64 = (1 << 64) - 1
 
 
 class NpzDataset(TensorImageDataset):
