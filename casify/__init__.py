@@ -1,15 +1,17 @@
 """casify: retrofit Channel-wise Activation Suppressing (CAS, ICLR 2021) onto pretrained PyTorch classifiers."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 import importlib as _importlib
 
 from . import attacks, losses, models  # models registers the paper's CIFAR models with timm (cifar_resnet18, cifar_wrn34_10, cifar_vgg16)
 from .cas import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
+from .config import CASConfig
+from .discovery import Layer, LayerError, Layout, list_layers
 from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
 from .model import CASModel
 from .normalize import InputNormalize, InputRangeWarning
 from .routing import route
-from .surgery import Layer, LayerError, list_layers, unwrap, wrap
+from .surgery import unwrap, wrap
 from .tracing import TraceError
 
 # Imported on first access (PEP 562), so `import casify` stays fast: the training loop, the evaluation suite, the
@@ -18,7 +20,8 @@ _LAZY_SUBMODULES = ("analysis", "data", "evaluate", "train")
 
 __all__ = [
     "analysis", "attacks", "data", "evaluate", "losses", "models", "train",
-    "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "InputRangeWarning", "Layer", "LayerError",
+    "CASConfig", "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "InputRangeWarning", "Layer",
+    "LayerError", "Layout",
     "LoadError", "TraceError", "aux_logits", "find_cas_modules", "from_pretrained", "list_layers", "push_to_hub", "route",
     "save_pretrained", "unwrap", "wrap", "write_hub_folder",
 ]

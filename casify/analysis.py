@@ -39,7 +39,7 @@ from .attacks import attack_context, pgd, resolve_alpha
 from .cas import CASModule, find_cas_modules
 from .eps import format_eps
 from .model import CAS_ATTR, CASModel
-from .surgery import LayerError, _layout, _resolve_node
+from .discovery import LayerError, Layout, all_names, auto_layer_of, infer_layout, resolve_node
 from .tracing import TraceError, closest_names, trace
 
 CAS_SIDES = ("before", "after")
@@ -63,7 +63,7 @@ def pool_channels(activation: torch.Tensor, channel_dim: Optional[int] = None) -
         raise LayerError(f"expected a 2-D, 3-D or 4-D activation, got shape {tuple(act.shape)}")
     dim = channel_dim
     if dim is None:
-        dim, layout = _layout(tuple(act.shape))
+        dim, layout = infer_layout(tuple(act.shape))
         if dim is None:
             raise LayerError(f"cannot tell which axis of an activation of shape {tuple(act.shape)} holds the channels "
                              f"({layout}); pass channel_dim=1 (channels-first) or -1 (channels-last)")
@@ -175,14 +175,14 @@ class ActivationProbe:
             lambda m, args, out: self._store.append(_output_tensor(out, f"the output of {layer!r}"))))
 
     def _unknown(self, traced, layer: str) -> LayerError:
-        names = list(traced.module_outputs) + [n for n in traced.nodes_by_name if n not in traced.module_outputs]
-        return LayerError(f"no module or graph node named {layer!r}; closest names: {closest_names(layer, names)} "
+        close = closest_names(layer, all_names(traced))
+        return LayerError(f"no module or graph node named {layer!r}; closest names: {close} "
                           "(casify.list_layers(model) lists every candidate)")
 
     def _plain_graph(self, layer: str) -> fx.GraphModule:
         """The model's eval graph with the layer's value as a second output."""
         traced = trace(self.model, training=False)
-        node = _resolve_node(traced, layer)
+        node = resolve_node(traced, layer)
         if node is None or node.op in ("placeholder", "output"):
             raise self._unknown(traced, layer)
         out = next(n for n in traced.graph.nodes if n.op == "output")
@@ -206,19 +206,19 @@ class ActivationProbe:
         """
         model = self.model
         try:
-            traced = trace(model._base, training=False)
+            traced = trace(model.base_model, training=False)
         except TraceError:
-            calls = [n for n in model._graphs[False].nodes if n.op == "call_module" and n.target == layer]
+            calls = [n for n in model.eval_graph.nodes if n.op == "call_module" and n.target == layer]
             if not calls:
                 raise
             base_node, is_module = calls[0], True
         else:
-            base_node, is_module = _resolve_node(traced, layer), layer in traced.module_outputs
+            base_node, is_module = resolve_node(traced, layer), layer in traced.module_outputs
             if base_node is None or base_node.op in ("placeholder", "output"):
                 raise self._unknown(traced, layer)
         graph = fx.Graph()
         val_map: Dict[fx.Node, fx.Node] = {}
-        logits = graph.graph_copy(model._graphs[False], val_map)
+        logits = graph.graph_copy(model.eval_graph, val_map)
         match = [n for n in val_map
                  if n.name == base_node.name and n.op == base_node.op and n.target == base_node.target]
         if len(match) != 1:
@@ -257,8 +257,8 @@ class ActivationProbe:
     def _find_channel_dim(self, act: torch.Tensor, x: torch.Tensor) -> Optional[int]:
         """The channel axis from the shape; for a square map with C == H == W, from a second run on the input
         upsampled 2x: the axis whose length does not change holds the channels (as casify.wrap probes it)."""
-        dim, layout = _layout(tuple(act.shape))
-        if dim is not None or layout != "ambiguous" or x.dim() != 4:
+        dim, layout = infer_layout(tuple(act.shape))
+        if dim is not None or layout != Layout.AMBIGUOUS or x.dim() != 4:
             return dim
         try:
             bigger = self._run(torch.nn.functional.interpolate(x[:1].float(), scale_factor=2).to(x.dtype))[1]
@@ -448,11 +448,8 @@ def default_layer(model: nn.Module, input_size: Sequence[int]) -> str:
     if isinstance(model, CASModel):
         if model.cas_layers:
             return model.cas_layers[-1]
-        model = model._base
-    from .surgery import _auto_layer, _output_classes, _propagate_shapes
-    traced = trace(model, training=False)
-    _propagate_shapes(model, traced, tuple(input_size))
-    return _auto_layer(traced, _output_classes(traced))
+        model = model.base_model
+    return auto_layer_of(model, tuple(input_size))
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
@@ -724,7 +721,7 @@ def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: f
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        name = type(model._base if isinstance(model, CASModel) else model).__name__
+        name = type(model.base_model if isinstance(model, CASModel) else model).__name__
         report.figures["magnitude"] = str(plot_magnitude(
             nat_mag.numpy(), adv_mag.numpy(), out / "channel_magnitude.png",
             f"{name} @ {layer}: magnitude ({len(labels)} examples, PGD-{steps})", capture_point=capture_point))

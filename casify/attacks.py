@@ -223,10 +223,8 @@ class _StraightThrough:
         self.active = True
 
     def _router(self, module):
-        original = type(module)._routing_for
-
         def routing_for(aux: torch.Tensor) -> torch.Tensor:
-            hard = original(module, aux)
+            hard = module.routing_for(aux)
             if not self.active or hard.dim() != 1:
                 return hard
             soft = F.softmax(aux.float() / self.temperature, dim=1)
@@ -234,13 +232,12 @@ class _StraightThrough:
         return routing_for
 
     def __enter__(self):
-        for m in self.modules:
-            m._routing_for = self._router(m)  # an instance attribute shadows the class's method
+        self._previous = [m.set_router(self._router(m)) for m in self.modules]
         return self
 
     def __exit__(self, *exc):
-        for m in self.modules:
-            m.__dict__.pop("_routing_for", None)
+        for m, previous in zip(self.modules, self._previous):
+            m.set_router(previous)
         return False
 
 
@@ -600,13 +597,14 @@ def _deployed_routing(model: nn.Module, has_cas: bool) -> Iterator[None]:
     if not has_cas:
         yield
         return
-    overrides = [(m, m.__dict__.pop("_routing_for")) for m in find_cas_modules(model) if "_routing_for" in m.__dict__]
+    modules = list(find_cas_modules(model))
+    overrides = [m.set_router(None) for m in modules]
     try:
         with route(model, labels=None):
             yield
     finally:
-        for m, fn in overrides:
-            m._routing_for = fn
+        for m, fn in zip(modules, overrides):
+            m.set_router(fn)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, alpha: Optional[float] = None,

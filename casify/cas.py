@@ -7,7 +7,7 @@ nothing is detached, as in the authors' code (see ``shared/docs/cas-reference.md
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,7 @@ class CASModule(nn.Module):
             self.reset_parameters(init)
         # Routing state, set by casify.route(): None = no context; ("labels", tensor) or ("predicted", None).
         self._route: Optional[tuple] = None
+        self._router: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # set_router(); None: routing_for
         self.last_aux_logits: Optional[torch.Tensor] = None
 
     def __getstate__(self):
@@ -70,7 +71,40 @@ class CASModule(nn.Module):
         state = super().__getstate__()
         state["last_aux_logits"] = None
         state["_route"] = None
+        state["_router"] = None
         return state
+
+    # -- routing (driven by casify.route; the state is a plain tuple so torch.compile can guard on it) -------------
+    @property
+    def route_state(self) -> Optional[tuple]:
+        """How the next forward routes: None (no ``casify.route`` context: own prediction, with a
+        :class:`CASRoutingWarning` in training mode), ``("predicted", None)`` (own prediction on purpose) or
+        ``("labels", tensor)`` ((N,) classes or (N, num_classes) weights already on this module's device)."""
+        return self._route
+
+    def set_route(self, state: Optional[tuple]) -> Optional[tuple]:
+        """Set :attr:`route_state` and return the previous state (for restoring it). ``("labels", y)`` moves ``y``
+        to the classifier's device; use :func:`casify.route` rather than calling this directly."""
+        if state is not None:
+            kind, labels = state
+            if kind not in ("labels", "predicted") or (kind == "labels") != (labels is not None):
+                raise ValueError(f"a route state is None, ('predicted', None) or ('labels', tensor), got {state!r}")
+            if labels is not None:
+                state = ("labels", labels.to(self.classifier.weight.device))
+        previous, self._route = self._route, state
+        return previous
+
+    @property
+    def router(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The function that replaces :meth:`routing_for` on this module's forwards, or None (see :meth:`set_router`)."""
+        return self._router
+
+    def set_router(self, fn: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> Optional[Callable]:
+        """Make ``fn(aux_logits)`` give this module's routing ((N,) classes or (N, num_classes) weights) instead of
+        :meth:`routing_for`, and return the previous router (None: the default). Attacks use it for routings the
+        deployed model does not have (straight-through); copies of the module leave it out."""
+        previous, self._router = self._router, fn
+        return previous
 
     def reset_parameters(self, init: Optional[str] = None) -> None:
         init = init or self.init
@@ -104,13 +138,18 @@ class CASModule(nn.Module):
         self.last_aux_logits = aux_logits
         if not self.suppress:
             return f
-        routing = self._routing_for(aux_logits)
+        routing = self._routing_for(aux_logits) if self._router is None else self._router(aux_logits)
         mask = self.channel_importance(routing)
         shape = [f.shape[0]] + [1] * (self.ndim - 1)
         shape[self.channel_dim] = self.num_channels
         return f * mask.view(shape).to(f.dtype)
 
+    def routing_for(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        """The default routing: the labels of an active ``casify.route`` context, else the module's own prediction."""
+        return type(self)._routing_for(self, aux_logits)
+
     def _routing_for(self, aux_logits: torch.Tensor) -> torch.Tensor:
+        # The implementation of routing_for (attacks override routing with set_router, never by patching this).
         route = self._route
         if route is not None and route[0] == "labels":
             labels = route[1]

@@ -18,6 +18,9 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from .cas import INITS
 
 FORMAT = "casify"
+CONFIG_VERSION = 1
+"""The layout of ``config.json`` that this casify writes (``config_version``). Folders written before the field
+existed have the same layout and count as version 1; a larger number was written by a newer casify."""
 
 # Bounds: generous for real classifiers (ImageNet-21k has 21,843 classes; timm's largest inputs are under 1,000
 # pixels a side), small enough that a hostile config cannot ask for terabytes or minutes.
@@ -224,6 +227,10 @@ def validate_config(config: Any, source: str = "config.json") -> dict:
     check.require(isinstance(config, dict), "the config", config, "a JSON object written by casify's save_pretrained")
     check.require(config.get("format") == FORMAT, "format", config.get("format"),
                   f"{FORMAT!r} (is this a folder written by casify's save_pretrained?)")
+    version = config.get("config_version", 1)
+    check.require(_is_int(version) and 1 <= version <= CONFIG_VERSION, "config_version", version,
+                  f"an integer from 1 to {CONFIG_VERSION} (a larger one was written by a newer casify: upgrade "
+                  "casify-robust to load it)")
     out = dict(config)
     if "base_model" not in config:
         raise LoadError(f"{source}: the field base_model is missing; a folder written by casify's save_pretrained "

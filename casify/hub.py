@@ -1,99 +1,36 @@
-"""Saving, loading and publishing wrapped models: a folder with ``config.json`` and ``model.safetensors``.
+"""Loading wrapped models from a folder or a Hub repo (``config.json`` + ``model.safetensors``), and the one import
+for saving and publishing too.
 
 Nothing is ever unpickled: weights are safetensors, the config is JSON, and the architecture is rebuilt from its name
-(timm or torchvision) or from a model the caller passes.
+(timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.config.CASConfig`
+through the same ``casify.wrap`` a fresh model goes through. Writing lives below the model class
+(:mod:`casify.serialization`, :mod:`casify.publish`) and is re-exported here (``save_pretrained``, ``push_to_hub``,
+``write_hub_folder``, ``upload_patterns``, ``model_config``, ``sha256_file``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .config_validation import FORMAT, LoadError, read_config, validate_config
+from .config import CASConfig
+from .config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
 from .model import CASModel
-from .spec import build_base, infer_base_spec
+from .publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
+from .serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
+                            sha256_file)
+from .spec import build_base, infer_base_spec  # noqa: F401  (re-exported)
+from .surgery import wrap
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# What push_to_hub uploads from a folder: the model, its card and evaluation reports, never checkpoints or logs.
-UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval_report.json", "eval_report.md")
-UPLOAD_SUFFIXES = (".png",)
+__all__ = ["from_pretrained", "load_config", "verify_weights", "save_pretrained", "push_to_hub", "write_hub_folder",
+           "upload_patterns", "model_config", "sha256_file", "LoadError", "CONFIG_NAME", "WEIGHTS_NAME"]
+
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def model_config(model: CASModel) -> dict:
-    """The JSON-able description of ``model``: base model spec, CAS layers and settings, normalisation, classes."""
-    config = json.loads(json.dumps(model.casify_config))
-    if config.get("base_model") is None:
-        config["base_model"] = infer_base_spec(model.base_model)
-        model.casify_config["base_model"] = config["base_model"]
-    config["format"] = FORMAT
-    return config
-
-
-def sha256_file(path: Union[str, os.PathLike]) -> str:
-    """Hex SHA-256 of a file, read in chunks (weights files can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_pretrained(model: CASModel, save_directory: Union[str, os.PathLike], metrics: Optional[dict] = None,
-                    extra: Optional[dict] = None) -> Path:
-    """Write ``model.safetensors`` (every state-dict tensor, contiguous, on CPU), then ``config.json`` with the
-    weights' SHA-256, each atomically.
-
-    The config is checked as :func:`from_pretrained` will check it before anything is written, so a folder that
-    saves is a folder that loads.
-    """
-    if not isinstance(model, CASModel):
-        raise TypeError(f"save_pretrained expects a model from casify.wrap, got {type(model).__name__}")
-    out = Path(save_directory)
-    config = model_config(model)
-    if metrics is not None:
-        config["metrics"] = metrics
-    if extra:
-        config.update(extra)
-    config.pop("weights_sha256", None)
-    try:
-        validate_config(json.loads(json.dumps(config)), "the config being saved")
-    except LoadError as e:
-        raise ValueError(f"{e}. from_pretrained would refuse this folder, so nothing was written") from None
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # Tied weights share storage; safetensors refuses shared tensors, so store independent copies.
-    seen = {}
-    for k, v in state.items():
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
-        if ptr is not None and ptr in seen:
-            state[k] = v.clone()
-        seen[ptr] = k
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    # Written after the weights, so the checksum describes the file that is there.
-    config["weights_sha256"] = sha256_file(out / WEIGHTS_NAME)
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return out
 
 
 def _hub_offline() -> bool:
@@ -198,15 +135,13 @@ def _mismatch_error(weights: Path, detail: List[str]) -> LoadError:
                      "Was the folder written by another model, or is model= not the saved architecture?")
 
 
-def _check_sizes_on_meta(spec: dict, config: dict, weights: Path, wrap_kwargs: dict) -> None:
+def _check_sizes_on_meta(spec: dict, config: dict, weights: Path, cas_config: CASConfig, trace_kwargs: dict) -> None:
     """Refuse a config whose sizes disagree with the weights file before anything is allocated.
 
     The base is built and wrapped on the meta device (shapes, no memory) and compared with the tensor shapes in the
     safetensors header, so the file on disk bounds what is then built for real. An architecture that cannot be built
     or traced on meta skips the comparison; its kwargs are still bounded and the strict check after loading holds.
     """
-    from .surgery import wrap
-
     saved = _saved_shapes(weights)
     num_classes = config["cas"]["num_classes"]
     for key, shape in saved.items():
@@ -223,7 +158,7 @@ def _check_sizes_on_meta(spec: dict, config: dict, weights: Path, wrap_kwargs: d
     if detail:
         raise _mismatch_error(weights, detail)
     try:
-        meta = wrap(meta, **wrap_kwargs)  # parameters on meta: CAS modules and the dummy input go there too
+        meta = wrap(meta, cas_config, **trace_kwargs)  # parameters on meta: CAS modules and the dummy input go there too
     except Exception:
         return  # the real wrap below reports its own error
     detail = _mismatch({k: tuple(v.shape) for k, v in meta.state_dict().items()}, saved)
@@ -252,8 +187,6 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
     The config is checked before anything is downloaded or built (see :mod:`casify.config_validation`), the weights
     against the SHA-256 recorded at save time, and the architecture's shapes against the weights before it is built.
     """
-    from .surgery import wrap
-
     folder, repo_id = _resolve_folder(path_or_repo, revision, token)
     config = load_config(folder)
     if repo_id is not None:
@@ -265,20 +198,15 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
     verify_weights(weights, config)
     if isinstance(model, CASModel):
         raise TypeError("pass the original (un-wrapped) architecture as model=, not a wrapped one")
-    cas = config["cas"]
-    wrap_kwargs = dict(layers=cas["layers"], num_classes=cas["num_classes"], init=cas["init"],
-                       suppress=cas["suppress"], normalize=config["normalize"], input_size=cas["input_size"],
-                       channel_dims=cas["channel_dims"], leaf_modules=leaf_modules,
-                       autowrap_functions=autowrap_functions, base_spec=config["base_model"],
-                       class_names=config.get("class_names"))
+    # The same path as a fresh wrap: the saved CASConfig, resolved names only. Fields that describe the file
+    # (format, weights_sha256) stay behind; metrics, training and other saved fields come along as inert data.
+    cas_config = CASConfig.from_dict(config, source=str(folder / CONFIG_NAME))
+    trace_kwargs = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     if model is None:
-        if config["base_model"]["source"] != "custom":
-            _check_sizes_on_meta(config["base_model"], config, weights, wrap_kwargs)
-        model = _build_base(config["base_model"])
-    wrapped = wrap(model, **wrap_kwargs)
-    for key in ("metrics", "training"):
-        if config.get(key) is not None:
-            wrapped.casify_config[key] = config[key]
+        if cas_config.base_model["source"] != "custom":
+            _check_sizes_on_meta(cas_config.base_model, config, weights, cas_config, trace_kwargs)
+        model = _build_base(cas_config.base_model)
+    wrapped = wrap(model, cas_config, **trace_kwargs)
     state = load_file(str(weights), device=str(map_location))
     detail = _mismatch({k: tuple(v.shape) for k, v in wrapped.state_dict().items()},
                        {k: tuple(v.shape) for k, v in state.items()})
@@ -286,47 +214,3 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
         raise _mismatch_error(weights, detail)
     wrapped.load_state_dict(state, strict=True)
     return wrapped
-
-
-def upload_patterns(folder: Union[str, os.PathLike]) -> List[str]:
-    """The files :func:`push_to_hub` uploads from ``folder``: the model, its card, evaluation reports and figures at
-    the top level, by exact name (so a stray ``checkpoints/`` or log next to them stays local)."""
-    folder = Path(folder)
-    names = [p.name for p in sorted(folder.iterdir()) if p.is_file()
-             and (p.name in UPLOAD_FILES or p.name.endswith(UPLOAD_SUFFIXES)) and not re.search(r"[*?\[\]]", p.name)]
-    return names
-
-
-def push_to_hub(model: CASModel, repo_id: str, *, evaluation: Optional[dict] = None, dataset_name: str = "unknown",
-                dataset_type: str = "unknown", split: str = "test", private: bool = False, token=None,
-                commit_message: str = "Upload robust model trained with casify", folder: Optional[os.PathLike] = None):
-    """Save the model with a model card (evaluation results in the ``model-index`` metadata) and upload it.
-
-    ``folder``: where to stage the files (kept); by default a temporary directory. Only the model files, the card and
-    evaluation reports are uploaded from it (:func:`upload_patterns`), never whatever else is there. Returns the
-    commit info.
-    """
-    from huggingface_hub import HfApi
-
-    with tempfile.TemporaryDirectory() as tmp:
-        staging = Path(folder) if folder is not None else Path(tmp)
-        write_hub_folder(model, staging, repo_id, evaluation=evaluation, dataset_name=dataset_name,
-                         dataset_type=dataset_type, split=split)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(staging), commit_message=commit_message,
-                                 allow_patterns=upload_patterns(staging))
-
-
-def write_hub_folder(model: CASModel, folder: Union[str, os.PathLike], model_name: str, *,
-                     evaluation: Optional[dict] = None, dataset_name: str = "unknown", dataset_type: str = "unknown",
-                     split: str = "test") -> Path:
-    """``save_pretrained`` plus ``README.md`` (the model card): exactly the files :func:`push_to_hub` uploads."""
-    from .model_card import make_model_card
-
-    folder = Path(folder)
-    save_pretrained(model, folder, metrics=evaluation)
-    config = load_config(folder)
-    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split)
-    _atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
-    return folder

@@ -49,11 +49,9 @@ def route(model: nn.Module, labels: Optional[torch.Tensor]) -> Iterator[None]:
     else:
         checked = _check_labels(labels, modules[0].num_classes)
         state = ("labels", checked)
-    previous = [m._route for m in modules]
-    for m in modules:
-        m._route = state if state[1] is None else ("labels", state[1].to(m.classifier.weight.device))
+    previous = [m.set_route(state) for m in modules]
     try:
         yield
     finally:
         for m, prev in zip(modules, previous):
-            m._route = prev
+            m.set_route(prev)

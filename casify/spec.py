@@ -13,7 +13,7 @@ def versions() -> dict:
     import timm
     import torchvision
 
-    from . import __version__
+    from .version import __version__
     return {"casify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "python": platform.python_version()}
 

@@ -28,24 +28,33 @@ def _timm_notrace():
     return list(get_notrace_modules()), list(get_notrace_functions())
 
 
-class NamingTracer(fx.Tracer):
-    """An fx tracer that names nodes by module path and remembers each module's output node."""
+class LeafModuleTracer(fx.Tracer):
+    """An fx tracer that does not trace into timm's no-trace modules and functions or the caller's extra ones (the
+    job of torchvision's ``LeafModuleAwareTracer``)."""
 
     def __init__(self, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = ()):
         timm_leaves, timm_functions = _timm_notrace()
         functions = tuple(f for f in list(timm_functions) + list(autowrap_functions) if callable(f))
         super().__init__(autowrap_functions=functions)
         self.leaf_types = tuple(set(timm_leaves) | set(leaf_modules))
-        self.casify_scope = ""
-        self.error_scope = None
-        self.qualnames: Dict[fx.Node, str] = {}
-        self.module_outputs: Dict[str, List[fx.Node]] = defaultdict(list)
-        self._counts: Counter = Counter()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+class NamingTracer(LeafModuleTracer):
+    """Names nodes by module path, remembers each module's output node, and which module a failure happened in
+    (the job of torchvision's ``NodePathTracer``)."""
+
+    def __init__(self, leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = ()):
+        super().__init__(leaf_modules, autowrap_functions)
+        self.casify_scope = ""
+        self.error_scope = None
+        self.qualnames: Dict[fx.Node, str] = {}
+        self.module_outputs: Dict[str, List[fx.Node]] = defaultdict(list)
+        self._counts: Counter = Counter()
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)

@@ -1,0 +1,64 @@
+"""Publishing a wrapped model: ``save_pretrained`` plus a model card, and the upload of exactly those files.
+
+Below the model class (like :mod:`casify.serialization`), so ``CASModel.push_to_hub`` needs nothing above it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Union
+
+from torch import nn
+
+from .config_validation import read_config
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_pretrained
+
+# What push_to_hub uploads from a folder: the model, its card and evaluation reports, never checkpoints or logs.
+UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", "eval_report.json", "eval_report.md")
+UPLOAD_SUFFIXES = (".png",)
+
+
+def upload_patterns(folder: Union[str, os.PathLike]) -> List[str]:
+    """The files :func:`push_to_hub` uploads from ``folder``: the model, its card, evaluation reports and figures at
+    the top level, by exact name (so a stray ``checkpoints/`` or log next to them stays local)."""
+    folder = Path(folder)
+    names = [p.name for p in sorted(folder.iterdir()) if p.is_file()
+             and (p.name in UPLOAD_FILES or p.name.endswith(UPLOAD_SUFFIXES)) and not re.search(r"[*?\[\]]", p.name)]
+    return names
+
+
+def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_name: str, *,
+                     evaluation: Optional[dict] = None, dataset_name: str = "unknown", dataset_type: str = "unknown",
+                     split: str = "test") -> Path:
+    """``save_pretrained`` plus ``README.md`` (the model card): exactly the files :func:`push_to_hub` uploads."""
+    from .model_card import make_model_card
+
+    folder = Path(folder)
+    save_pretrained(model, folder, metrics=evaluation)
+    config = read_config(folder / CONFIG_NAME)  # the card describes what was written, as from_pretrained reads it
+    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split)
+    atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
+    return folder
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Optional[dict] = None, dataset_name: str = "unknown",
+                dataset_type: str = "unknown", split: str = "test", private: bool = False, token=None,
+                commit_message: str = "Upload robust model trained with casify", folder: Optional[os.PathLike] = None):
+    """Save the model with a model card (evaluation results in the ``model-index`` metadata) and upload it.
+
+    ``folder``: where to stage the files (kept); by default a temporary directory. Only the model files, the card and
+    evaluation reports are uploaded from it (:func:`upload_patterns`), never whatever else is there. Returns the
+    commit info.
+    """
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(folder) if folder is not None else Path(tmp)
+        write_hub_folder(model, staging, repo_id, evaluation=evaluation, dataset_name=dataset_name,
+                         dataset_type=dataset_type, split=split)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(staging), commit_message=commit_message,
+                                 allow_patterns=upload_patterns(staging))

@@ -1,0 +1,182 @@
+"""The package's import graph is one-way: no cycles, and no layer imports a layer above it.
+
+Every ``casify`` module is parsed with ``ast`` (no import runs); every ``from .x import ...``, ``from casify.x import
+...``, ``from . import x`` and ``import casify.x`` counts, at module level and inside functions alike. Lazy submodule
+access through ``casify.__getattr__`` (PEP 562) is not an import statement and is not an edge.
+
+The layers, lowest first. A module may import its own layer and the ones below it, never one above. A new module
+must be placed in a layer here (the test fails until it is), so the next engineer decides where it belongs.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import casify
+
+ROOT = Path(casify.__file__).parent
+
+LAYERS = [
+    # the CAS module and everything that needs nothing else from casify
+    ("foundation", {"casify.version", "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
+                    "casify.data", "casify.model_card", "casify.models", "casify.models._timm",
+                    "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
+                    "casify.models.wide_resnet"}),
+    # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs
+    ("config", {"casify.config_validation", "casify.spec", "casify.config"}),
+    # tracing and layer discovery (layouts, shapes, candidates, "auto")
+    ("discovery", {"casify.tracing", "casify.discovery"}),
+    # the fx rewrite: returns graphs, CAS modules and the resolved CASConfig; knows no model class
+    ("rewrite", {"casify.rewrite"}),
+    # writing a folder (state dict + checksum + config.json) and the model card around it
+    ("serialization", {"casify.serialization", "casify.publish"}),
+    # the wrapped model, which owns save_pretrained / push_to_hub
+    ("model", {"casify.model"}),
+    # wrap / unwrap: rewrite + model
+    ("surgery", {"casify.surgery"}),
+    # loading (folders and the Hub), which rebuilds through wrap
+    ("hub", {"casify.hub"}),
+    # what is built on wrapped models
+    ("applications", {"casify.attacks", "casify.losses", "casify.evaluate", "casify.analysis", "casify.train",
+                      "casify.recipe", "casify.cli", "casify.output_dir"}),
+    # the package facade (casify/__init__.py) and scripts that use it
+    ("package", {"casify"}),
+    ("scripts", {"casify.demo"}),
+]
+
+# Upward edges that exist today in files this refactor could not edit, with what would remove them. Keep it short.
+KNOWN_UPWARD: dict = {}
+
+# Private names (one leading underscore) imported from another casify module, by files this refactor could not edit.
+KNOWN_PRIVATE_IMPORTS = {
+    ("casify.evaluate", "casify.attacks", "_draw"): "make attacks._draw public (e.g. attacks.draw_noise)",
+}
+
+# Private attributes of casify's classes that only their owning module may touch.
+PRIVATE_ATTRIBUTES = {"_base": "casify.model", "_graphs": "casify.model", "_forwards": "casify.model",
+                      "_range_check": "casify.model", "_route": "casify.cas", "_router": "casify.cas",
+                      "_routing_for": "casify.cas"}
+KNOWN_PRIVATE_ATTRIBUTES: dict = {}
+
+
+def _modules():
+    mods = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts = parts[:-1]
+        mods[".".join(parts)] = (path, is_package)
+    return mods
+
+
+def _imports(name, path, is_package, mods):
+    """(imported module, imported names) for every import statement in the file, nested ones included."""
+    package = name if is_package else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target != "casify" and not target.startswith("casify."):
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield (sub, ()) if sub in mods else (target, (alias.name,))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "casify" or alias.name.startswith("casify."):
+                    yield alias.name, ()
+
+
+def _graph():
+    mods = _modules()
+    graph = {}
+    for name, (path, is_package) in mods.items():
+        graph[name] = {target for target, _ in _imports(name, path, is_package, mods) if target != name}
+    return graph
+
+
+def _layer_of():
+    return {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+
+
+def test_every_module_has_a_layer():
+    layer_of = _layer_of()
+    missing = sorted(set(_graph()) - set(layer_of))
+    assert not missing, f"place these modules in a layer in tests/test_architecture.py: {missing}"
+    stale = sorted(set(layer_of) - set(_graph()))
+    assert not stale, f"LAYERS names modules that no longer exist: {stale}"
+
+
+def test_import_graph_is_acyclic():
+    graph = _graph()
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_layer_imports_a_higher_layer():
+    layer_of = _layer_of()
+    upward = []
+    for source, targets in _graph().items():
+        for target in targets:
+            if target in layer_of and source in layer_of and layer_of[target] > layer_of[source]:
+                if (source, target) not in KNOWN_UPWARD:
+                    upward.append(f"{source} ({LAYERS[layer_of[source]][0]}) imports {target} "
+                                  f"({LAYERS[layer_of[target]][0]})")
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_known_exceptions_still_exist():
+    """An exception that was fixed is removed from the lists, so the lists only shrink."""
+    graph = _graph()
+    for source, target in KNOWN_UPWARD:
+        assert target in graph[source], f"{source} no longer imports {target}: remove it from KNOWN_UPWARD"
+
+
+def test_no_module_imports_another_modules_private_names():
+    mods = _modules()
+    found = set()
+    for name, (path, is_package) in mods.items():
+        for target, names in _imports(name, path, is_package, mods):
+            for imported in names:
+                if imported.startswith("_") and not imported.startswith("__") and target != name:
+                    found.add((name, target, imported))
+    unexpected = sorted(found - set(KNOWN_PRIVATE_IMPORTS))
+    assert not unexpected, f"private names imported across modules: {unexpected}"
+    assert set(KNOWN_PRIVATE_IMPORTS) <= found, "a known private import was fixed: remove it from the list"
+
+
+def test_private_attributes_are_touched_only_by_their_owner():
+    mods = _modules()
+    found = set()
+    for name, (path, _) in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES:
+                owner = PRIVATE_ATTRIBUTES[node.attr]
+                is_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                if name != owner and not is_self:
+                    found.add((name, node.attr))
+            if isinstance(node, ast.Constant) and node.value in PRIVATE_ATTRIBUTES:  # setattr / __dict__ by name
+                if name != PRIVATE_ATTRIBUTES[node.value]:
+                    found.add((name, node.value))
+    unexpected = sorted(found - set(KNOWN_PRIVATE_ATTRIBUTES))
+    assert not unexpected, f"private attributes reached from outside their module: {unexpected}"
