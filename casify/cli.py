@@ -49,6 +49,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--square-queries", type=int, default=0, help="query budget of a Square attack (0: none)")
     p.add_argument("--eps-sweep", type=_eps_arg, nargs="+", default=None, metavar="EPS",
                    help="radii for a PGD-20 sweep, e.g. 1/255 2/255 4/255 8/255 16/255 32/255")
+    p.add_argument("--per-attack", action="store_true",
+                   help="run every attack on every example (the full table, each attack's own accuracy); default: a "
+                        "cascade, strongest attacks first, each only on the examples still robust (same worst case)")
     p.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="folder for eval_report.json and eval_report.md (new or empty; see "
@@ -71,7 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(model, dataset, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
                       max_examples=args.max_examples, seed=args.seed, device=args.device,
                       progress=not args.no_progress, autoattack=args.autoattack, transfer_from=args.transfer_from,
-                      square_queries=args.square_queries, eps_sweep=args.eps_sweep, checks=not args.no_checks)
+                      square_queries=args.square_queries, eps_sweep=args.eps_sweep, checks=not args.no_checks,
+                      per_attack=args.per_attack)
     report.model["source"] = args.model
     report.dataset = f"{args.data} ({args.split})"
     print(report.to_markdown())

@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     print("3) evaluating on the test split (CAS under the adaptive attack) ...")
     models = {"standard (pretrained)": pretrained, **models}
     for name, model in models.items():
-        report = evaluate(model, test_set, attacks="quick", eps=eps, seed=args.seed, progress=False)
+        # per_attack: the table compares every attack family across models, so each must be whole (not a cascade)
+        report = evaluate(model, test_set, attacks="quick", eps=eps, seed=args.seed, progress=False, per_attack=True)
         results[name] = report
     robust = models["AT+CAS"]
     folder = write_hub_folder(robust, out / "at_cas_robust_model", "casify-demo-digits-resnet18-at-cas",

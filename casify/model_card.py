@@ -86,7 +86,9 @@ def make_model_card(config: dict, model_name: str, evaluation: Optional[dict] = 
         accuracy = dict(evaluation.get("accuracy", {}))
         # Lead with the worst case: the number a reader should quote.
         ordered = ([("worst_case", accuracy.pop("worst_case"))] if "worst_case" in accuracy else []) + list(accuracy.items())
-        rows = "\n".join(f"| {'**' + a + '**' if a == 'worst_case' else a} | {100 * float(v):.2f} |" for a, v in ordered)
+        bounds = set(evaluation.get("upper_bounds") or [])  # cascade: a family of which only some rows ran on all
+        rows = "\n".join(f"| {'**' + a + '**' if a == 'worst_case' else a}{' (upper bound)' if a in bounds else ''} | "
+                         f"{100 * float(v):.2f} |" for a, v in ordered)
         attack_rows = evaluation.get("rows") or {}
         detail = ("\n\nEach attack, named by its objective:\n\n| attack | accuracy (%) |\n|---|---|\n"
                   + "\n".join(f"| {a} | {100 * float(v):.2f} |" for a, v in attack_rows.items())) if attack_rows else ""

@@ -40,7 +40,8 @@ def test_every_suite_is_adaptive_on_a_cas_model():
 def test_final_logit_only_evaluation_of_a_cas_model_is_flagged():
     model = routing_flip()
     x, y = flip_inputs(32)
-    report = evaluate(model, (x, y), attacks=[Attack(name="pgd20", steps=20, objective="ce")], progress=False)
+    report = evaluate(model, (x, y), attacks=[Attack(name="pgd20", steps=20, objective="ce")], progress=False,
+                      per_attack=True)
     # the final-logit row says so, and the adaptive reference that catches it is not a row
     assert [r.name for r in report.attacks] == ["natural", "pgd20[final-logits]", "noise"]
     assert report.accuracy("pgd20[final-logits]") == 1.0 and report.worst_case["accuracy"] == 1.0
@@ -59,7 +60,7 @@ def test_final_logit_only_evaluation_of_a_cas_model_is_flagged():
 def test_adaptive_suite_breaks_what_final_logits_cannot():
     model = routing_flip()
     x, y = flip_inputs(32)
-    report = evaluate(model, (x, y), attacks="quick", progress=False)
+    report = evaluate(model, (x, y), attacks="quick", progress=False, per_attack=True)
     assert report.natural_accuracy == 1.0 and report.accuracy("noise") == 1.0
     assert report.accuracy("pgd20[cas]") == 0.0 and report.accuracy("pgd20[cas,straight-through]") == 0.0
     assert report.summary()["accuracy"]["pgd20"] == 0.0 and report.worst_case["accuracy"] == 0.0
@@ -74,12 +75,12 @@ def test_adaptive_suite_breaks_what_final_logits_cannot():
 def test_last_iterate_evaluation_is_flagged_and_best_iterate_scores_the_window():
     x, y = torch.full((8, 3, 4, 4), 0.5), torch.zeros(8, dtype=torch.long)
     spec = dict(name="probe8", eps=0.1, alpha=0.01, steps=8, objective="test:probe", random_start=False)
-    last = evaluate(Window(), (x, y), attacks=[Attack(keep="last", **spec)], eps=0.1, progress=False)
+    last = evaluate(Window(), (x, y), attacks=[Attack(keep="last", **spec)], eps=0.1, progress=False, per_attack=True)
     assert last.accuracy("probe8") == 1.0  # the last iterate is past the window
     check = last.check("best_vs_last_iterate")
     assert check.passed is False and check.evidence["probe8"] == {"best": 0.0, "last": 1.0, "keep": "last"}
     assert last.gradient_masking_suspected is True
-    best = evaluate(Window(), (x, y), attacks=[Attack(**spec)], eps=0.1, progress=False)
+    best = evaluate(Window(), (x, y), attacks=[Attack(**spec)], eps=0.1, progress=False, per_attack=True)
     row = best.attacks[1]
     assert row.name == "probe8" and row.accuracy == 0.0 and row.last_iterate_accuracy == 1.0
     assert best.check("best_vs_last_iterate").passed is False  # the gap alone is far beyond two tolerances
@@ -109,7 +110,7 @@ def test_rows_are_named_by_objective_on_cas_models_only():
     report = evaluate(model, (x, y), attacks=["pgd20", Attack(name="mine", steps=3, objective="aux:0"),
                                               Attack(name="st", steps=3, objective="ce", routing="straight-through"),
                                               Attack(name="tagged[already]", steps=2, objective="ce")],
-                      checks=False, progress=False)
+                      checks=False, progress=False, per_attack=True)
     assert [r.name for r in report.attacks] == ["natural", "pgd20[cas]", "mine[aux:0]",
                                                 "st[final-logits,straight-through]", "tagged[already]"]
     families = report.summary()["families"]
@@ -174,13 +175,17 @@ def test_new_checks_on_fabricated_outcomes():
     assert checks["final_logits_vs_adaptive"].passed is None  # no CAS modules
 
 
-def test_results_do_not_depend_on_the_batch_size():
+@pytest.mark.parametrize("per_attack", [False, True], ids=["cascade", "per-attack"])
+def test_results_do_not_depend_on_the_batch_size(per_attack):
     from test_attack_iterates import cas_net, make_data, train
     model = train(cas_net())
     x, y = make_data(40, 21)
-    kwargs = dict(attacks="quick", eps=0.06, progress=False, eps_sweep=[0.03])
+    kwargs = dict(attacks="quick", eps=0.06, progress=False, eps_sweep=[0.03], per_attack=per_attack)
     small = evaluate(model, (x, y), batch_size=7, **kwargs)
     large = evaluate(model, (x, y), batch_size=40, **kwargs)
     assert small.per_example == large.per_example
     assert [r.last_iterate_accuracy for r in small.attacks] == [r.last_iterate_accuracy for r in large.attacks]
     assert small.seeds == large.seeds and small.worst_case == large.worst_case
+    assert small.cascade == large.cascade and small.summary() == large.summary()
+    if not per_attack:  # the cascade really skipped examples: rows after PGD-20 ran on the survivors only
+        assert small.accuracy("cw20[cas]") is None and None in small.per_example["cw20[cas]"]

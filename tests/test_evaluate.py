@@ -120,7 +120,7 @@ def cas(digits):
 @pytest.fixture(scope="module")
 def report(cas, plain, digits):
     return evaluate(cas, digits[1], attacks="standard", progress=False, transfer_from=plain, square_queries=100,
-                    eps_sweep=[2 / 255, 8 / 255, 32 / 255])
+                    eps_sweep=[2 / 255, 8 / 255, 32 / 255], per_attack=True)
 
 
 def test_models_learn(report, plain, digits):
@@ -153,7 +153,7 @@ def test_every_attack_beats_same_size_noise(report):
 
 
 def test_transfer_attack_beats_noise(cas, plain, digits):
-    report = evaluate(cas, digits[1], attacks=[], eps=24 / 255, transfer_from=plain, progress=False)
+    report = evaluate(cas, digits[1], attacks=[], eps=24 / 255, transfer_from=plain, progress=False, per_attack=True)
     assert [r.name for r in report.attacks] == ["natural", "transfer-pgd20", "noise"]
     assert report.accuracy("transfer-pgd20") < report.accuracy("noise") - 0.1
     assert report.check("black_box_not_stronger").passed is None  # no white-box attack to compare with
@@ -334,7 +334,8 @@ def test_autoattack_runs_on_the_deployed_model(cas, digits):
     pytest.importorskip("pyautoattack")
     x, y = digits[1][0][:8], digits[1][1][:8]
     # At 24/255 APGD-CE already fools most examples, so AutoAttack's later attacks (and 5000 Square queries) are short.
-    report = evaluate(cas, (x, y), attacks="quick", eps=24 / 255, autoattack=True, progress=False, checks=False)
+    report = evaluate(cas, (x, y), attacks="quick", eps=24 / 255, autoattack=True, progress=False, checks=False,
+                      per_attack=True)
     aa = report.attacks[-1]
     # AutoAttack's gradient attacks see only the final logits: on a CAS model the row says so, in the summary too
     assert aa.name == "autoattack[final-logits]" and aa.settings["version"] == "standard"
@@ -375,10 +376,11 @@ def test_report_has_every_promised_field(report, tmp_path):
 def test_accelerator_gives_the_same_per_example_results(plain, digits):
     from accelerate import Accelerator
     x, y = digits[1][0][:40], digits[1][1][:40]
-    kwargs = dict(attacks=["fgsm", "pgd20"], batch_size=16, progress=False, checks=False)
-    alone = evaluate(plain, (x, y), **kwargs)
+    kwargs = dict(attacks=["fgsm", "pgd20", "cw20"], batch_size=16, progress=False, checks=False)
+    alone = evaluate(plain, (x, y), **kwargs)  # a cascade: cw20 runs only on the examples still robust
     sharded = evaluate(plain, (x, y), accelerator=Accelerator(cpu=True), **kwargs)
     assert sharded.per_example == alone.per_example and sharded.n_examples == 40
+    assert sharded.cascade == alone.cascade and alone.cascade[-1]["row"] == "cw20"
 
 
 def test_eps_text():
@@ -402,7 +404,7 @@ def test_cli_eval_writes_the_report(tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", str(tmp_path / "model"), "--data", "digits", "--split", "test", "--suite", "quick",
                  "--eps", "8/255", "--max-examples", "8", "--eps-sweep", "4/255", "16/255", "--out", str(out),
-                 "--no-progress"])
+                 "--no-progress", "--per-attack"])
     assert code == 0
     d = json.loads((out / "eval_report.json").read_text())
     assert d["eps_str"] == "8/255" and d["n_examples"] == 8 and d["dataset"] == "digits (test)"
@@ -413,5 +415,14 @@ def test_cli_eval_writes_the_report(tmp_path, capsys):
     assert "| pgd20 |" in printed  # the family row: per-example worst over pgd20[cas] and pgd20[cas,straight-through]
     assert [r["name"] for r in d["attacks"]][:5] == ["natural", "fgsm[cas]", "pgd20[cas]",
                                                      "pgd20[cas,straight-through]", "cw20[cas]"]
+    assert d["per_attack"] is True and all(r["accuracy"] is not None for r in d["attacks"])
+    # the default is the cascade: the same worst case, the later rows on the survivors only
+    cascade_out = tmp_path / "eval-cascade"
+    assert main(["eval", str(tmp_path / "model"), "--data", "digits", "--split", "test", "--suite", "quick",
+                 "--eps", "8/255", "--max-examples", "8", "--out", str(cascade_out), "--no-progress"]) == 0
+    c = json.loads((cascade_out / "eval_report.json").read_text())
+    assert c["per_attack"] is False and c["worst_case"] == d["worst_case"]
+    assert [row["robust_after"] for row in c["cascade"]] == [row["robust_after"] for row in d["cascade"]]
+    assert "mode: cascade" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "model"), "--data", "digits", "--eps", "8"])

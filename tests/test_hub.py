@@ -144,8 +144,10 @@ def test_card_of_a_trained_model_names_the_method(tmp_path):
 def test_card_leads_with_the_worst_case_and_says_whether_checks_ran():
     from casify.model_card import make_model_card
     evaluation = {"eps": 8 / 255, "eps_str": "8/255", "n": 10, "accuracy": {"natural": 0.9, "pgd20": 0.5, "worst_case": 0.4},
-                  "rows": {"pgd20[cas]": 0.5, "pgd20[cas,straight-through]": 0.45}, "gradient_masking_suspected": None}
+                  "rows": {"pgd20[cas]": 0.5, "pgd20[cas,straight-through]": 0.45}, "gradient_masking_suspected": None,
+                  "upper_bounds": ["pgd20"]}
     card = str(make_model_card({"cas": {"layers": ["layer4"]}}, "user/model", evaluation))
     body = card.split("## Evaluation", 1)[1]
     assert body.index("**worst_case**") < body.index("| natural")
     assert "pgd20[cas,straight-through]" in body and "checks were **not run**" in body
+    assert "| pgd20 (upper bound) | 50.00 |" in body
