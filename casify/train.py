@@ -278,13 +278,10 @@ class Trainer:
             if config.val_max_examples and len(val_set) > config.val_max_examples:
                 val_set = torch.utils.data.Subset(val_set, range(config.val_max_examples))
             self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False)
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=config.lr, momentum=config.momentum)
+        from timm.optim import param_groups_weight_decay
+        # timm's grouping: no weight decay on biases and norm parameters (every parameter with ndim <= 1)
+        optimizer = torch.optim.SGD(param_groups_weight_decay(model, config.weight_decay), lr=config.lr,
+                                    momentum=config.momentum)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         prepared = self.accelerator.prepare(model, optimizer, train_loader,
