@@ -272,7 +272,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(config.seed)
         self.train_data = EpochSeededDataset(train_set, config.seed)
         train_loader = DataLoader(self.train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                  num_workers=config.num_workers, generator=generator)
+                                  num_workers=config.num_workers, generator=generator,
+                                  pin_memory=torch.cuda.is_available())  # not persistent: set_epoch must reach workers
         self.val_loader = None
         if val_set is not None and len(val_set) > 0:
             if config.val_max_examples and len(val_set) > config.val_max_examples:
