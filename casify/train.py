@@ -527,7 +527,12 @@ class Trainer:
                 if last or self.stop or end_of_epoch:
                     break
         bar.close()
-        self._save_model("final")
+        if self.state.global_step >= self.total_steps:
+            self._save_model("final")
+        else:  # stopped early (a callback set trainer.stop): a checkpoint to resume from, never a "final" model
+            if self.state.global_step and (self.latest_checkpoint() is None or
+                                           _checkpoint_step(self.latest_checkpoint()) != self.state.global_step):
+                self.save_checkpoint()
         if cfg.log_with:
             acc.end_training()
         return self.state

@@ -162,3 +162,21 @@ def test_plain_adversarial_training_without_cas_validates(tmp_path, one_thread):
     plain = casify.wrap(net, [], input_size=(3, 8, 8), normalize=None)
     state = Trainer(plain, _augmented_data(), _augmented_data(16, 1), _config(tmp_path, cas=False, epochs=1)).train()
     assert state.history and 0 <= state.history[-1]["val_pgd"] <= 1
+
+
+def test_a_stopped_run_leaves_a_checkpoint_not_a_final_model_and_resumes_exactly(tmp_path, one_thread):
+    reference = Trainer(_model(), _augmented_data(), None, _config(tmp_path / "a", checkpoint_every_steps=None))
+    reference.train()
+
+    def stop_after_step_5(trainer):  # what a time budget does: stop cleanly between steps
+        if trainer.state.global_step == 5:
+            trainer.stop = True
+
+    stopped = Trainer(_model(), _augmented_data(), None, _config(tmp_path / "b", checkpoint_every_steps=None),
+                      callbacks=[stop_after_step_5])
+    assert stopped.train().global_step == 5
+    assert not (tmp_path / "b" / "final").exists()
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-00000005"
+    resumed = Trainer(_model(), _augmented_data(), None, _config(tmp_path / "b", checkpoint_every_steps=None))
+    assert resumed.train().global_step == 12
+    _assert_same(_weights(reference), _weights(resumed))
