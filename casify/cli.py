@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
+import torch
+
 from .eps import parse_eps
 from .evaluate import SUITES
 from .output_dir import OutputDirError, output_dir, prepare_output_dir
@@ -49,6 +51,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--square-queries", type=int, default=0, help="query budget of a Square attack (0: none)")
     p.add_argument("--eps-sweep", type=_eps_arg, nargs="+", default=None, metavar="EPS",
                    help="radii for a PGD-20 sweep, e.g. 1/255 2/255 4/255 8/255 16/255 32/255")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model once for the whole evaluation")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights (faster convolutions on GPUs/CPUs)")
     p.add_argument("--per-attack", action="store_true",
                    help="run every attack on every example (the full table, each attack's own accuracy); default: a "
                         "cascade, strongest attacks first, each only on the examples still robust (same worst case)")
@@ -70,6 +75,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         prepare_output_dir(args.out, args.overwrite)  # refuse before the evaluation, not after it
     model = from_pretrained(args.model)
+    source = model
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:  # attacks, routing and scoring all run through the one compiled module
+        model = torch.compile(model, backend=args.compile_backend)
     dataset = build_dataset(args.data, args.split, root=args.data_root)
     report = evaluate(model, dataset, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
                       max_examples=args.max_examples, seed=args.seed, device=args.device,
@@ -77,6 +87,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       square_queries=args.square_queries, eps_sweep=args.eps_sweep, checks=not args.no_checks,
                       per_attack=args.per_attack)
     report.model["source"] = args.model
+    report.model["class"] = type(source).__name__
+    report.model.update(compiled=bool(args.compile), channels_last=bool(args.channels_last))
     report.dataset = f"{args.data} ({args.split})"
     print(report.to_markdown())
     if args.out:

@@ -177,3 +177,14 @@ def test_prepare_output_dir_rules(tmp_path, monkeypatch):
     monkeypatch.chdir(ours)  # never replace the folder the process runs in
     with pytest.raises(OutputDirError, match="current directory"):
         prepare_output_dir(ours, overwrite=True)
+
+
+def test_eval_compiled_channels_last_gives_the_same_report(saved, tmp_path):
+    """``--compile --channels-last`` (compiled with the eager backend here: inductor's CPU compile takes minutes)."""
+    assert cli.main(eval_argv(saved, tmp_path / "plain")) == 0
+    assert cli.main(eval_argv(saved, tmp_path / "fast", "--compile", "--compile-backend", "eager", "--channels-last")) == 0
+    plain = json.loads((tmp_path / "plain" / "eval_report.json").read_text())
+    fast = json.loads((tmp_path / "fast" / "eval_report.json").read_text())
+    assert fast["model"]["compiled"] and fast["model"]["channels_last"] and fast["model"]["class"] == "CASModel"
+    assert fast["natural_accuracy"] == plain["natural_accuracy"] and fast["worst_case"] == plain["worst_case"]
+    assert fast["cascade"] == plain["cascade"]  # every row attacked and fooled the same examples
