@@ -80,12 +80,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .attacks import PRESETS, Attack, _draw, attack_context, clean_routing, cw_margin, objective_tag
-from .cas import CASModule, aux_logits, find_cas_modules
+from .cas import CASModule, find_cas_modules
 from .eps import format_eps, parse_eps  # noqa: F401  (re-exported: casify.evaluate.parse_eps)
 
 SUITES = ("quick", "standard")

@@ -77,3 +77,17 @@ def natural_loss(model, x, y):
         with casify.route(model, labels=y):
             return F.cross_entropy(model(x), y) + sum(F.cross_entropy(a, y) for a in casify.aux_logits(model))
     return F.cross_entropy(model(x), y)
+
+
+class RoutingTrap(nn.Module):
+    """Features whose effect on the logits passes only through the CAS mask when wrapped at ``relu`` (conv 1x1, ReLU,
+    mean pool, linear): the tests set its weights so the argmax routing hides the gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))

@@ -177,18 +177,10 @@ def routing_flip(margin: float = 0.04):
     module's argmax to class 1, whose row passes the features to a head that then predicts class 1. Uniform noise of
     8/255 moves the mean pixel by ~1e-3 of that and never flips it. Inputs: :func:`flip_inputs`, label 0."""
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            self.relu = nn.ReLU()
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+    from conftest import RoutingTrap
 
     torch.manual_seed(0)
-    model = casify.wrap(Net(), layers=["relu"], input_size=(3, 8, 8), normalize=None)
+    model = casify.wrap(RoutingTrap(), layers=["relu"], input_size=(3, 8, 8), normalize=None)
     (module,) = casify.find_cas_modules(model)
     with torch.no_grad():
         model.conv.weight.fill_(0.25)  # every channel: 0.25 * (r + g + b) = 0.375 at mid grey; pooled sum 1.5

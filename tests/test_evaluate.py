@@ -256,23 +256,12 @@ def test_summary_families_are_per_example_worst_cases(report):
     assert not any("final-logits" in k for k in summary["accuracy"])
 
 
-class RoutingTrap(nn.Module):
-    """Features whose effect on the logits passes only through the CAS mask (wrapped at ``relu`` below)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
-
 
 def routing_trap():
     """A CAS model whose predicted class's weight row is all zeros: with argmax routing the logits are the constant
     bias and the input gradient of the loss is exactly zero, though other rows would pass the features through."""
     torch.manual_seed(0)
+    from conftest import RoutingTrap
     model = casify.wrap(RoutingTrap(), layers=["relu"], input_size=(3, 8, 8), normalize=None)
     (module,) = casify.find_cas_modules(model)
     with torch.no_grad():
