@@ -252,6 +252,11 @@ class Trainer:
             cpu=cpu_only, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             log_with=config.log_with, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
+        if self._sharded and not self.accelerator.is_fsdp2:
+            # FSDP1 flattens the parameters of the module it wraps, so the unwrapped model the attacks and validation
+            # run would see flat shards; FSDP2 (fully_shard) shards in place and runs any forward of the module.
+            raise ValueError("casify trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                             "(accelerate launch --use_fsdp --fsdp_version 2)")
         set_seed(config.seed)
         self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
                                     **config.loss_kwargs)
@@ -294,6 +299,10 @@ class Trainer:
         self.attack_model: nn.Module = self._compiled(self.accelerator.unwrap_model(self.model))
         self._compiled_eval: Dict[int, nn.Module] = {}
         self.ema = None
+        if config.ema_decay is not None and self._sharded:
+            raise ValueError("train.ema_decay is not supported under FSDP: the average is a full copy of the model "
+                             "(timm's ModelEmaV3 deep-copies it, and FSDP modules refuse deepcopy); train without "
+                             "EMA, or use DDP (accelerate launch --multi_gpu) for EMA runs")
         if config.ema_decay is not None:  # after prepare: the average lives on the training device
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.accelerator.unwrap_model(self.model), decay=config.ema_decay)
@@ -323,6 +332,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()  # every process has written its part (RNG states, FSDP shards) before the rename
         if acc.is_main_process:
             if self.ema is not None:
                 from safetensors.torch import save_file
@@ -418,9 +428,22 @@ class Trainer:
         return any((self.output_dir / name).exists() for name in (RUN_RECORD, "checkpoints", "best", "final"))
 
     def _check_output_dir(self, resume: bool, overwrite: bool) -> None:
-        """Never reuse or mix another run: resume only the same run, start afresh only over a folder given up for it."""
+        """Never reuse or mix another run: resume only the same run, start afresh only over a folder given up for it.
+
+        Every process reads the folder before any process changes it (the barrier), so all decide alike."""
+        clear = self._decide_output_dir(resume, overwrite)
+        self.accelerator.wait_for_everyone()
+        if clear and self.accelerator.is_main_process:
+            for name in ("checkpoints", "best", "final", "hub", "logs"):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+            for name in (RUN_RECORD, "summary.json"):
+                (self.output_dir / name).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _decide_output_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Whether the old run in ``output_dir`` must be deleted first; raises when the folder holds another run."""
         if not self._holds_a_run():
-            return
+            return False
         afresh = ("choose another output_dir (the recipes name it after the run by default), or start afresh here "
                   "with resume=False, overwrite=True (recipes: --no_resume --overwrite), which deletes the old run")
         record_path = self.output_dir / RUN_RECORD
@@ -439,16 +462,11 @@ class Trainer:
                 shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
                 raise RunMismatchError(f"{self.output_dir} holds another run; resuming it would train or publish that "
                                        f"run's weights as this one. What differs: {shown}. To run this one: {afresh}")
-            return
+            return False
         if not overwrite:
             raise RunMismatchError(f"{self.output_dir} already holds a run and resume=False would mix its checkpoints "
                                    f"and models with this one's: {afresh}")
-        if self.accelerator.is_main_process:
-            for name in ("checkpoints", "best", "final", "hub", "logs"):
-                shutil.rmtree(self.output_dir / name, ignore_errors=True)
-            for name in (RUN_RECORD, "summary.json"):
-                (self.output_dir / name).unlink(missing_ok=True)
-        self.accelerator.wait_for_everyone()
+        return True
 
     def train(self, resume: bool = True, overwrite: bool = False) -> TrainState:
         """Run to ``total_steps``.
@@ -551,11 +569,17 @@ class Trainer:
             self._save_model("best", metrics)
 
     def _save_model(self, name: str, metrics: Optional[dict] = None) -> None:
-        """Save the model (``save_pretrained`` for CAS models, a safetensors state dict otherwise) on the main process."""
+        """Save the model (``save_pretrained`` for CAS models, a safetensors state dict otherwise) on the main process.
+
+        Under FSDP the parameters are sharded over the processes: every process takes part in gathering the full
+        state dict (``accelerator.get_state_dict``), and the main process writes it."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        model = self.eval_model
+        state = None
+        if self._sharded:  # a collective: every process gathers, the main process gets the full tensors
+            state = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            model = self.eval_model
             folder = self.output_dir / name
             training = {"config": self.config.to_dict(), "loss": self.loss.config(),
                         "attack": self.attack.to_dict() if self.attack else None,
@@ -564,15 +588,44 @@ class Trainer:
                         "step": self.state.global_step,
                         "weights": f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained"}
             if isinstance(model, CASModel):
-                model.save_pretrained(folder, metrics=metrics, extra={"training": training})
+                (model if state is None else _FullWeights(model, state)).save_pretrained(
+                    folder, metrics=metrics, extra={"training": training})
             else:
                 from safetensors.torch import save_file
                 folder.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
                 save_file(state, str(folder / "model.safetensors"))
                 (folder / "training.json").write_text(json.dumps({"training": training, "metrics": metrics},
                                                                  indent=1, default=str))
         acc.wait_for_everyone()
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether the parameters are sharded over the processes (FSDP), so ``state_dict()`` holds shards only."""
+        from accelerate.utils import DistributedType
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+
+class _FullWeights(nn.Module):
+    """What ``save_pretrained`` reads from a sharded wrapped model: its config and original, and the gathered full
+    state dict in place of ``state_dict()`` (whose tensors are shards under FSDP)."""
+
+    def __init__(self, model: CASModel, state: Dict[str, torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "casify_config", model.casify_config)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_state", state)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self._model.base_model
+
+    def state_dict(self, *args, **kwargs):
+        return dict(self._state)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        from .serialization import save_pretrained
+        return save_pretrained(self, save_directory, **kwargs)
 
 
 def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig, **kwargs) -> Trainer:
