@@ -379,7 +379,7 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
-def _draw(kind: str, shape, generator: Generators, device) -> torch.Tensor:
+def draw_noise(kind: str, shape, generator: Generators, device) -> torch.Tensor:
     """``torch.rand`` / ``torch.randn`` of ``shape`` (batch first) from one generator, or from one generator per
     example (each draws its own row, so an example's noise does not depend on the rest of the batch)."""
     fn = torch.rand if kind == "rand" else torch.randn
@@ -396,16 +396,16 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, start: str, start_std:
     if start == "none":
         return x.clone()
     if start == "normal":
-        noise = _draw("randn", x.shape, generator, x.device) * start_std
+        noise = draw_noise("randn", x.shape, generator, x.device) * start_std
     elif norm == "linf":
-        noise = (_draw("rand", x.shape, generator, x.device) * 2 - 1) * eps
+        noise = (draw_noise("rand", x.shape, generator, x.device) * 2 - 1) * eps
     else:
         # Uniform in the L2 ball: a uniform direction and a radius eps * u^(1/d).
         if generator is None or isinstance(generator, torch.Generator):
-            direction = _draw("randn", x.shape, generator, x.device)
-            u = _draw("rand", (x.shape[0],), generator, x.device)
+            direction = draw_noise("randn", x.shape, generator, x.device)
+            u = draw_noise("rand", (x.shape[0],), generator, x.device)
         else:  # per example: its direction, then its radius, from its own generator
-            pairs = [(_draw("randn", (1,) + tuple(x.shape[1:]), [g], x.device), _draw("rand", (1,), [g], x.device))
+            pairs = [(draw_noise("randn", (1,) + tuple(x.shape[1:]), [g], x.device), draw_noise("rand", (1,), [g], x.device))
                      for g in generator]
             direction, u = torch.cat([d for d, _ in pairs]), torch.cat([r for _, r in pairs])
         direction = direction / (_rows_norm(direction) + 1e-12)

@@ -83,7 +83,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .attacks import PRESETS, Attack, _draw, attack_context, clean_routing, cw_margin, objective_tag
+from .attacks import PRESETS, Attack, draw_noise, attack_context, clean_routing, cw_margin, objective_tag
 from .cas import CASModule, find_cas_modules
 from .eps import format_eps, parse_eps  # noqa: F401  (re-exported: casify.evaluate.parse_eps)
 
@@ -661,7 +661,7 @@ def _gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, in_wo
 
 def _noise_job(eps: float) -> _Job:
     def craft(x, y, batch, generator):
-        noise = _draw("rand", x.shape, generator, x.device) * 2 - 1
+        noise = draw_noise("rand", x.shape, generator, x.device) * 2 - 1
         return (x + eps * noise).clamp(0.0, 1.0)
 
     return _Job("noise", "noise", eps, {"distribution": "uniform in the L-inf ball", "eps_str": format_eps(eps)},

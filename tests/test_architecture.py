@@ -48,9 +48,7 @@ LAYERS = [
 KNOWN_UPWARD: dict = {}
 
 # Private names (one leading underscore) imported from another casify module, by files this refactor could not edit.
-KNOWN_PRIVATE_IMPORTS = {
-    ("casify.evaluate", "casify.attacks", "_draw"): "make attacks._draw public (e.g. attacks.draw_noise)",
-}
+KNOWN_PRIVATE_IMPORTS: dict = {}
 
 # Private attributes of casify's classes that only their owning module may touch.
 PRIVATE_ATTRIBUTES = {"_base": "casify.model", "_graphs": "casify.model", "_forwards": "casify.model",
