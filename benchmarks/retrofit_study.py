@@ -202,9 +202,12 @@ def _autoattack_model(args, model, label: str, out_file: Path) -> None:
                       max_examples=args.aa_examples, seed=0)
     seconds = time.time() - start
     aa = [r for r in report.attacks if r.kind == "autoattack"][0]
-    record = {"label": label, "n": report.n_examples, "row": aa.name, "accuracy": aa.accuracy,
+    # evaluate's cascade runs AutoAttack only on the naturally correct examples (as AutoAttack itself does), so the
+    # row has no accuracy of its own: robust to AutoAttack = correct clean AND correct under AutoAttack
+    flags = [bool(a and c) for a, c in zip(report.per_example[aa.name], report.per_example["natural"])]
+    record = {"label": label, "n": report.n_examples, "row": aa.name, "accuracy": sum(flags) / len(flags),
               "natural_on_subset": report.natural_accuracy,
-              "per_example": [bool(v) for v in report.per_example[aa.name]], "seconds": round(seconds, 1),
+              "per_example": flags, "seconds": round(seconds, 1),
               "versions": report.versions}
     out_file.write_text(json.dumps(record, indent=1, default=str))
     print(f"[score] {label}: AutoAttack on {record['n']}: {aa.accuracy:.4f}, {seconds:.0f}s", flush=True)
