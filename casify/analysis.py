@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from .attacks import attack_context, pgd, resolve_alpha
 from .cas import CASModule, find_cas_modules
 from .eps import format_eps
 from .model import CAS_ATTR, CASModel
+from .serialization import atomic_write
 from .discovery import LayerError, Layout, all_names, auto_layer_of, infer_layout, resolve_node
 from .tracing import TraceError, closest_names, trace
 
@@ -470,13 +469,7 @@ def _write_atomic(path: Path, write) -> Path:
     """``write(tmp_path)``, then rename onto ``path``: a reader never sees a half-written file under its name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(3)}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: write(Path(tmp)))
     return path
 
 

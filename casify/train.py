@@ -27,6 +27,7 @@ from .data import EpochSeededDataset
 from .eps import parse_eps
 from .model import CASModel
 from .routing import route
+from .serialization import atomic_write
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
@@ -340,9 +341,7 @@ class Trainer:
                           str(tmp / EMA_WEIGHTS))
             (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
             _atomic_replace_dir(tmp, final)
-            latest_tmp = self.checkpoint_root / ".latest.tmp"
-            latest_tmp.write_text(final.name)
-            os.replace(latest_tmp, self.checkpoint_root / "latest")
+            atomic_write(self.checkpoint_root / "latest", lambda tmp: Path(tmp).write_text(final.name))
             kept = sorted((p for p in self.checkpoint_root.glob("step-*") if p.is_dir()), key=_checkpoint_step)
             for old in kept[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -420,9 +419,8 @@ class Trainer:
                       "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
                       "global_batch_size": self.global_batch_size,
                       "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-            tmp = self.output_dir / f".{RUN_RECORD}.tmp"
-            tmp.write_text(json.dumps(record, indent=1, default=str))
-            os.replace(tmp, self.output_dir / RUN_RECORD)
+            text = json.dumps(record, indent=1, default=str)
+            atomic_write(self.output_dir / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
 
     def _holds_a_run(self) -> bool:
         return any((self.output_dir / name).exists() for name in (RUN_RECORD, "checkpoints", "best", "final"))
