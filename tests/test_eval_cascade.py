@@ -150,7 +150,7 @@ def test_cascade_with_nothing_left_skips_the_later_rows(models):
 def test_autoattack_joins_the_cascade_on_the_survivors(models, monkeypatch):
     """AutoAttack, when asked for, runs after the white-box rows on the examples they left robust, and enters the
     worst case (a stand-in records what it was given: the real package takes minutes on a CPU)."""
-    from casify import evaluate as ev
+    from casify.evaluate import blackbox
     seen = []
 
     class FakeAutoAttack:
@@ -161,7 +161,7 @@ def test_autoattack_joins_the_cascade_on_the_survivors(models, monkeypatch):
             seen.append(x.shape[0])
             return x.clone()  # fools nothing: the worst case is then the white-box rows' 
 
-    monkeypatch.setattr(ev, "_load_autoattack", lambda: (FakeAutoAttack, "autoattack"))
+    monkeypatch.setattr(blackbox, "load_autoattack", lambda: (FakeAutoAttack, "autoattack"))
     model, _ = models
     x, y = make_data(48, 5)
     report = evaluate(model, (x, y), attacks="quick", eps=EPS, progress=False, autoattack=True, batch_size=48)

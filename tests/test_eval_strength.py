@@ -123,7 +123,7 @@ def test_rows_are_named_by_objective_on_cas_models_only():
 
 
 def _fabricated(flags: dict, last: dict = None):
-    """Jobs, results and flag matrices for ``_run_checks`` from per-example correct flags by row name."""
+    """Jobs, results and flag matrices for ``run_checks`` from per-example correct flags by row name."""
     jobs, results = [], []
     n = len(next(iter(flags.values())))
     flags = dict(sorted(flags.items(), key=lambda kv: kv[0].startswith("pgd20@")))  # check-only jobs come last
@@ -132,8 +132,8 @@ def _fabricated(flags: dict, last: dict = None):
         if name.startswith("pgd20@"):
             kind = "check"
         role = name if name in ("fgsm", "pgd20", "pgd100") else None
-        jobs.append(ev._Job(name, kind, 8 / 255, {"keep": "best"}, "", None, kind not in ("check",), role=role,
-                            iterative=name.startswith("pgd") and kind != "check"))
+        jobs.append(ev.Job(name, kind, 8 / 255, {"keep": "best"}, "", None, kind not in ("check",), role=role,
+                           iterative=name.startswith("pgd") and kind != "check"))
         acc = sum(f) / n
         results.append(ev.AttackResult(name, kind, acc, sum(f), n, 0.0, 8 / 255, {}, "", kind != "check",
                                        last_iterate_accuracy=(sum((last or {}).get(name, f)) / n)
@@ -141,8 +141,8 @@ def _fabricated(flags: dict, last: dict = None):
     correct = torch.tensor([flags[j.name] for j in jobs]).T
     correct_last = torch.tensor([(last or {}).get(j.name, flags[j.name]) for j in jobs]).T
     n_rows = sum(1 for j in jobs if j.kind != "check")
-    return ev._run_checks(results, jobs, n_rows, correct, correct_last, correct.clone(), [torch.zeros(n, dtype=bool)],
-                          n, 8 / 255, cas=False)
+    return ev.run_checks(ev.CheckInputs(results, jobs, n_rows, correct, correct_last, correct.clone(),
+                                        [torch.zeros(n, dtype=bool)], n, 8 / 255, cas=False))
 
 
 def test_new_checks_on_fabricated_outcomes():

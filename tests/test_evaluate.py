@@ -303,8 +303,10 @@ def test_square_attack_is_black_box_and_in_the_ball(plain, digits):
     eps = 16 / 255  # the plain net keeps about 70 % under PGD-20 at 8/255: a larger ball keeps the test short
     x_adv = square_attack(plain, x, y, eps=eps, n_queries=300, generator=gen())
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    rng = torch.get_rng_state()
     twice = [square_attack(plain, x[:16], y[:16], eps=eps, n_queries=50, generator=gen()) for _ in range(2)]
     assert torch.equal(*twice)  # seeded: the same queries, the same result
+    assert torch.equal(rng, torch.get_rng_state())  # AutoAttack's Square seeds the global generator: casify forks it
     with torch.no_grad():
         noise = (x + (torch.rand(x.shape, generator=gen()) * 2 - 1) * eps).clamp(0, 1)
         acc_noise = (plain(noise).argmax(1) == y).float().mean()
@@ -317,6 +319,15 @@ def test_autoattack_needs_its_package(plain, digits, monkeypatch):
     monkeypatch.setitem(sys.modules, "autoattack", None)
     with pytest.raises(ImportError, match=r"pip install casify-robust\[autoattack\]"):
         evaluate(plain, digits[1], attacks="quick", autoattack=True, progress=False)
+
+
+def test_square_needs_autoattacks_package(plain, digits, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    monkeypatch.setitem(sys.modules, "pyautoattack.square", None)
+    monkeypatch.setitem(sys.modules, "autoattack", None)
+    monkeypatch.setitem(sys.modules, "autoattack.square", None)
+    with pytest.raises(ImportError, match=r"Square.*pip install casify-robust\[autoattack\]"):
+        evaluate(plain, digits[1], attacks=["fgsm"], square_queries=10, progress=False, max_examples=4)
 
 
 def test_autoattack_runs_on_the_deployed_model(cas, digits):

@@ -1,0 +1,157 @@
+"""``evaluate``: one call from a model and data to an :class:`~casify.evaluate.report.EvalReport`: load the model,
+plan the rows (:mod:`.plan`), run them (:mod:`.runner`), count (:mod:`.tally`), check (:mod:`.checks`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from ..cas import find_cas_modules
+from ..eps import format_eps
+from .checks import LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks
+from .deployed import InputTied, describe_model, unwrap_parallel
+from .plan import CASCADE_RULE, LARGE_EPS, AttackSpec, objective_for, plan_rows
+from .report import EvalReport
+from .runner import run_plan
+from .tally import tally
+
+
+def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
+             attacks: Union[str, Sequence[AttackSpec]] = "standard",
+             eps: float = 8 / 255, batch_size: int = 128, max_examples: Optional[int] = None, seed: int = 0,
+             device=None, progress: bool = True, accelerator=None, autoattack: bool = False,
+             transfer_from: Union[None, nn.Module, str, os.PathLike] = None, square_queries: int = 0,
+             eps_sweep: Optional[Sequence[float]] = None, checks: bool = True, per_attack: bool = False) -> EvalReport:
+    """Evaluate ``model``'s robustness in the L-inf ball of radius ``eps`` (pixels in [0, 1]).
+
+    Args:
+        model: an ``nn.Module`` (moved to ``device``), or a folder / Hub id for :func:`casify.from_pretrained`.
+        dataset: a Dataset of ``(image, label)``, a pair of tensors ``(x, y)``, or a name for
+            :func:`casify.data.build_dataset` (its test split). The first ``max_examples`` items are used.
+        attacks: ``"quick"``, ``"standard"`` or a list of :class:`casify.attacks.Attack`, suite names (``"fgsm"``,
+            ``"pgd20"``, ``"cw20"``, ``"pgd100"``: on a CAS model their adaptive ``[cas]`` versions), preset names,
+            and ``"adaptive"`` (the CAS-specific attacks: each head alone, fixed routings). On a CAS model a row is
+            named by its objective (:func:`row_name`): an ``Attack(name="pgd", objective="ce")`` becomes the row
+            ``pgd[final-logits]``.
+        autoattack: also run AutoAttack (standard version) on the deployed logits; needs ``casify-robust[autoattack]``.
+        transfer_from: a surrogate model (or its folder): PGD-20 is crafted on it and scored on ``model``.
+        square_queries: query budget of a Square attack (0: none).
+        eps_sweep: radii for a PGD-20 sweep, reported apart from the worst case.
+        checks: run the gradient-masking checks (adds uniform noise, PGD-20 at 128/255, a gradient probe and, for a
+            CAS model, a check-only final-logit PGD-20, plus an adaptive one when the rows have none); with
+            ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked").
+        per_attack: run every row on every example (the full table: each row's own accuracy and family). The
+            default, False, is a cascade, as AutoAttack does: natural, the main FGSM and PGD-20 and the noise baseline
+            run on every example, then the other rows strongest first (:data:`CASCADE_RULE`), each only on the
+            examples still robust. Random draws are per example, so the per-example worst case equals the full run's
+            (for rows seeded per example: not Square or AutoAttack, which draw per batch); a row that ran only on
+            survivors has no accuracy of its own (None), its family is left out of the summary or, when some of its
+            rows ran on every example, marked as an upper bound, and the checks that need it whole adapt (see
+            :func:`_run_checks`).
+
+    Every gradient attack keeps the best iterate per example (see :mod:`casify.attacks`) and draws each example's
+    random starts from a seed of its own (the row's seed and the example's dataset index), so the per-example results
+    do not depend on ``batch_size`` or on the number of processes (Square and AutoAttack draw per batch).
+        accelerator: an ``accelerate.Accelerator``; one is made when launched with several processes. The data are
+            sharded over processes and per-example results gathered with ``gather_for_metrics``.
+    """
+    start_time = time.perf_counter()
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        from ..hub import from_pretrained
+        source = os.fspath(model)
+        model = from_pretrained(model)
+    if isinstance(transfer_from, (str, os.PathLike)):
+        from ..hub import from_pretrained
+        transfer_from = from_pretrained(transfer_from)
+    if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+        accelerator = Accelerator()
+    if accelerator is not None:
+        device = accelerator.device
+    model = unwrap_parallel(model)
+    device = _default_device(model, device)
+    model.to(device)
+    if transfer_from is not None:
+        transfer_from = unwrap_parallel(transfer_from).to(device)
+
+    data, data_name = _as_dataset(dataset)
+    if max_examples is not None:
+        data = Subset(data, range(min(int(max_examples), len(data))))
+    eps = float(eps)
+    has_cas = bool(find_cas_modules(model))
+    target = InputTied(model)
+
+    plan = plan_rows(model, target, attacks, eps=eps, seed=seed, device=device, autoattack=autoattack,
+                     transfer_from=transfer_from, square_queries=square_queries, eps_sweep=eps_sweep, checks=checks)
+    flags = run_plan(model, target, plan, data, batch_size=batch_size, device=device, per_attack=per_attack,
+                     probe=checks, accelerator=accelerator, progress=progress, eps=eps)
+    counts = tally(plan, flags)
+    n = len(data)
+    check_list = (run_checks(CheckInputs(counts.results, plan.all, len(plan.rows), flags.correct, flags.correct_last,
+                                         flags.correct_best, [flags.zero_grad], n, eps, has_cas, ran=flags.ran))
+                  if checks else [])
+    rows = counts.results[:len(plan.rows)]
+    return EvalReport(
+        model=describe_model(model, source), dataset=data_name, n_examples=n, eps=eps, eps_str=format_eps(eps),
+        norm="linf", suite=plan.suite, seed=seed, seeds={job.name: job.seed for job in plan.all},
+        batch_size=batch_size, device=str(device),
+        world_size=accelerator.num_processes if accelerator is not None else 1,
+        natural_accuracy=rows[0].accuracy, attacks=rows, worst_case=counts.worst_case,
+        eps_sweep=counts.results[len(plan.rows):len(plan.rows) + len(plan.sweep)], checks=check_list,
+        gradient_masking_suspected=any(c.passed is False for c in check_list) if checks else None,
+        protocol=protocol(has_cas, per_attack, max_examples), versions=_versions(plan.versions),
+        elapsed_seconds=round(time.perf_counter() - start_time, 3), families=counts.families,
+        per_attack=bool(per_attack), cascade=counts.cascade, per_example=counts.per_example)
+
+
+def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> dict:
+    """How the numbers were made, in words and constants, for the report."""
+    return {
+        "scoring": "eval mode, every CAS module routed by its own prediction, model(x_adv).argmax(1) == y",
+        "crafting": "eval mode; predicted routing unless a row says otherwise",
+        "iterates": "best iterate per example (one that fools the deployed model if any step did; restarts: the "
+                    "worst over restarts); the last-iterate accuracy is kept as evidence",
+        "row_names": "on a CAS model, attack[objective(,routing)]; [final-logits] marks an attack that sees only "
+                     "the final logits" if has_cas else "plain attack names (no CAS modules)",
+        "alpha_rule": "2.5 * eps / steps unless a row says otherwise",
+        "random_starts": "per example and row: seed (row seed * 1000003 + dataset index) mod 2**63, so results do "
+                         "not depend on the batch size or the process count (Square and AutoAttack: per batch)",
+        "tolerance": f"max({MIN_TOLERANCE}, 2 * sqrt(max(p(1-p), 1/n) / n))",
+        "large_eps": LARGE_EPS, "large_eps_max_accuracy": LARGE_EPS_MAX_ACCURACY,
+        "zero_grad_max_fraction": ZERO_GRAD_MAX_FRACTION, "max_examples": max_examples,
+        "objective": objective_for(has_cas), "beta": 2.0,
+        "mode": "per-attack: every row on every example" if per_attack else "cascade: " + CASCADE_RULE,
+    }
+
+
+def _as_dataset(dataset) -> Tuple[Dataset, str]:
+    if isinstance(dataset, (str, os.PathLike)):
+        from ..data import build_dataset
+        return build_dataset(dataset, "test"), f"{os.fspath(dataset)} (test)"
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(torch.is_tensor(t) for t in dataset):
+        return TensorDataset(dataset[0], dataset[1]), "tensors"
+    return dataset, type(dataset).__name__
+
+
+def _default_device(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _versions(extra: Optional[dict] = None) -> dict:
+    from ..spec import versions
+    v = versions()
+    if extra:
+        v.update(extra)
+    return v
+
+
+__all__ = ["evaluate", "protocol"]

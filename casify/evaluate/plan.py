@@ -1,0 +1,336 @@
+"""Planning an evaluation: which rows it has, how each is named and crafted, and in which order the cascade runs them.
+
+A row (:class:`Job`) knows how to craft ``x_adv`` for a batch and where its result goes; :func:`plan_rows` turns the
+caller's request (a suite, a list of attacks, AutoAttack, transfer, Square, the sweep, the checks' own attacks) into
+the rows, each with its seed. Nothing here runs a batch: :mod:`casify.evaluate.runner` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..attacks import PRESETS, Attack, attack_context, draw_noise, objective_tag
+from ..cas import find_cas_modules
+from ..eps import format_eps
+from . import blackbox
+from .blackbox import SQUARE_P_INIT, square_attack
+from .deployed import InputTied
+
+SUITES = ("quick", "standard")
+LARGE_EPS = 128 / 255
+CHECK_FINAL_LOGITS = "check:pgd20[final-logits]"
+CHECK_ADAPTIVE = "check:pgd20[cas]"
+
+AttackSpec = Union[str, Attack]
+
+
+@dataclass
+class Job:
+    """One row of the evaluation: how to craft ``x_adv`` for a batch (``craft`` returns ``x_adv`` or
+    ``(x_adv, AttackInfo)``), and where its accuracy goes. ``role``: fgsm / pgd20 / pgd100 / cw20 for the suite's
+    main rows (the checks compare them), else None."""
+    name: str
+    kind: str
+    eps: float
+    settings: dict
+    notes: str
+    craft: Callable[[torch.Tensor, torch.Tensor, dict, torch.Generator], torch.Tensor]
+    in_worst_case: bool = True
+    seed: int = 0
+    seconds: float = 0.0
+    family: str = ""
+    objective: str = ""
+    role: Optional[str] = None
+    iterative: bool = False
+    per_example_seed: bool = False
+    rank: int = 3
+
+
+# The cascade's order (per_attack=False): rows with a lower rank run first (ties: in the plan's order). Rank 0 runs on
+# every example: natural, the main FGSM and PGD-20 and the noise baseline (the gradient-masking checks and the
+# summary need them whole; FGSM costs one step). Then, each on the examples still robust: straight-through PGD on the
+# adaptive objective, CW on it, other rows with the deployed routing (PGD-100, custom attacks), each auxiliary head
+# alone, the fixed routings, AutoAttack, and the black-box attacks (transfer, Square).
+CASCADE_RANKS = {"every example": 0, "straight-through": 1, "cw20": 2, "deployed routing": 3, "one head": 4,
+                 "fixed routing": 5, "autoattack": 6, "black-box": 7}
+CASCADE_RULE = ("rows run in this order, each after the first group only on the examples that every earlier row left "
+                "correct: (0) on every example: natural, the main FGSM and PGD-20, uniform noise; then (1) straight-"
+                "through PGD, (2) CW-20 on the joint objective, (3) other rows with the deployed routing (PGD-100, "
+                "custom attacks), (4) each auxiliary head alone, (5) fixed routings, (6) AutoAttack, (7) black-box "
+                "attacks; ties in the suite's order")
+
+
+def cascade_rank(attack: Attack, role: Optional[str]) -> int:
+    if role in ("fgsm", "pgd20"):
+        return CASCADE_RANKS["every example"]
+    if isinstance(attack.routing, str) and attack.routing == "straight-through":
+        return CASCADE_RANKS["straight-through"]
+    if role == "cw20":
+        return CASCADE_RANKS["cw20"]
+    if attack.routing is not None and not (isinstance(attack.routing, str) and attack.routing == "predicted"):
+        return CASCADE_RANKS["fixed routing"]
+    if isinstance(attack.objective, str) and attack.objective.startswith(("aux:", "cw_aux:")):
+        return CASCADE_RANKS["one head"]
+    return CASCADE_RANKS["deployed routing"]
+
+
+def objective_for(cas: bool) -> str:
+    return "cas" if cas else "ce"
+
+
+ROUTING_TAGS = {"straight-through": "straight-through", "clean-predicted": "clean-routing",
+                "clean-soft": "soft-routing"}
+
+
+def row_name(base: str, attack: Attack, cas: bool) -> str:
+    """How a row is named: ``base`` on a plain model (or when ``base`` already carries a tag), else
+    ``base[<objective tag>(,<routing>)]``, e.g. ``pgd20[cas]``, ``pgd20[aux:0]``, ``pgd20[cas,straight-through]``,
+    ``pgd20[final-logits]`` (see :func:`casify.attacks.objective_tag`)."""
+    if not cas or "[" in base:
+        return base
+    tag = objective_tag(attack.objective)
+    routing = ROUTING_TAGS.get(attack.routing)
+    return f"{base}[{tag}{',' + routing if routing else ''}]"
+
+
+def family_of(base: str, name: str, attack: Optional[Attack], cas: bool) -> str:
+    """The family a row is aggregated under in the summary: its base name, unless it is a gradient attack on a CAS
+    model that sees only the final logits (then its own, tagged, name)."""
+    if not cas or attack is None or attack.sees_aux:
+        return base.split("[")[0]
+    return name
+
+
+def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True, num_modules: int = 1) -> Dict[str, Attack]:
+    """The gradient attacks of a suite at radius ``eps``, by row name (the CAS-specific ones included for CAS models:
+    ``num_modules`` auxiliary heads). Each :class:`Attack` carries its objective and crafting routing."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES} or a list of attacks, got {suite!r}")
+    obj = objective_for(cas)
+    rows = [("fgsm", Attack(name="fgsm", kind="fgsm", eps=eps, alpha=eps, objective=obj, random_start=True)),
+            ("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=obj))]
+    if cas:
+        rows.append(("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=obj, routing="straight-through")))
+    rows.append(("cw20", Attack(name="cw20", kind="cw", eps=eps, steps=20, kappa=50.0, objective=obj)))
+    if suite == "standard":
+        rows.append(("pgd100", Attack(name="pgd100", eps=eps, steps=100, objective=obj)))
+        if cas:
+            rows += [(base, a) for base, a in adaptive_rows(num_modules, eps)]
+    out = {}
+    for base, attack in rows:
+        name = row_name(base, attack, cas)
+        out[name] = dataclasses.replace(attack, name=name)
+    return out
+
+
+def adaptive_rows(num_modules: int, eps: float) -> List[Tuple[str, Attack]]:
+    """The CAS-specific rows of the standard suite (also what ``"adaptive"`` adds to a custom list): each head alone
+    (PGD on its CE, CW on its margin) and PGD-20 with the routing fixed to the clean prediction / soft mixture."""
+    rows = [("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=f"aux:{i}")) for i in range(num_modules)]
+    rows += [("cw20", Attack(name="cw20", kind="cw", eps=eps, steps=20, kappa=50.0, objective=f"cw_aux:{i}"))
+             for i in range(num_modules)]
+    rows += [("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective="cas", routing=r))
+             for r in ("clean-predicted", "clean-soft")]
+    return rows
+
+
+def is_main_row(attack: Attack, cas: bool) -> bool:
+    return attack.routing is None and attack.objective in (("cas", "cw_cas") if cas else ("ce", "cw"))
+
+
+def describe_attack(a: Attack) -> str:
+    if a.kind == "fgsm":
+        text = f"1 step of {format_eps(a.alpha)}" + (" after a random start" if a.random_start != "none" else "")
+    else:
+        text = f"{a.steps} steps of {format_eps(a.alpha)}" + (f", {a.restarts} restarts" if a.restarts > 1 else "")
+        text += f", {a.random_start} start" if a.random_start != "none" else ", no random start"
+    if a.objective.startswith("cw"):
+        text += f", CW margin (kappa {a.kappa:g})" + {"cw": " of the final logits",
+                                                      "cw_cas": f" + {a.beta:g} * mean auxiliary margin"}.get(
+            a.objective, f" of auxiliary head {a.objective.split(':')[-1]}")
+    else:
+        text += f", objective {a.objective}"
+    if a.routing == "clean-predicted":
+        text += "; crafted with every module routed by the clean predicted class"
+    elif a.routing == "clean-soft":
+        text += "; crafted with a soft routing: softmax of the clean aux logits (mean over modules)"
+    elif a.routing == "straight-through":
+        text += "; straight-through routing (argmax forward, softmax-mixture backward)"
+    text += "; best iterate" if a.keep == "best" else "; last iterate"
+    return text
+
+
+def resolve_attack(spec: AttackSpec, eps: float, cas: bool, num_modules: int = 1) -> Tuple[str, Attack]:
+    """A list entry as ``(base name, Attack)`` at the evaluation's eps: an Attack (its eps must not exceed it), a
+    suite name, or an :data:`casify.attacks.PRESETS` name (eps set to ``eps``, alpha scaled with it)."""
+    if isinstance(spec, Attack):
+        if spec.eps > eps + 1e-9:
+            raise ValueError(f"attack {spec.name!r} has eps {spec.eps:.5f} > the evaluation's eps {eps:.5f}: the worst "
+                             "case would mix threat models; evaluate it with eps= its own radius")
+        return spec.name, spec
+    standard = {name.split("[")[0]: a for name, a in suite_attacks("standard", eps, cas, num_modules).items()
+                if is_main_row(a, cas)}
+    if spec in standard:
+        return spec, standard[spec]
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        return spec, dataclasses.replace(preset, eps=eps, alpha=preset.alpha * eps / preset.eps)
+    raise ValueError(f"unknown attack {spec!r}; choose an Attack, one of {sorted(standard)}, 'adaptive', "
+                     f"or a preset from {sorted(PRESETS)}")
+
+
+def gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, in_worst_case: bool = True,
+                  notes: Optional[str] = None, family: str = "", role: Optional[str] = None) -> Job:
+    attack = dataclasses.replace(attack, name=name)
+
+    def craft(x, y, batch, generator):
+        return attack(target, x, y, generator=generator, return_info=True)
+
+    settings = attack.to_dict()
+    settings["routing"] = attack.routing or "predicted (by each module, as deployed)"
+    settings["eps_str"] = format_eps(attack.eps)
+    return Job(name, kind, attack.eps, settings, notes or describe_attack(attack), craft, in_worst_case,
+                family=family or name, objective=attack.objective, role=role, iterative=attack.steps > 1,
+                per_example_seed=True, rank=cascade_rank(attack, role))
+
+
+def noise_job(eps: float) -> Job:
+    def craft(x, y, batch, generator):
+        noise = draw_noise("rand", x.shape, generator, x.device) * 2 - 1
+        return (x + eps * noise).clamp(0.0, 1.0)
+
+    return Job("noise", "noise", eps, {"distribution": "uniform in the L-inf ball", "eps_str": format_eps(eps)},
+                "uniform random noise of the same size (baseline for the checks)", craft, family="noise",
+                per_example_seed=True, rank=CASCADE_RANKS["every example"])
+
+
+def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, eps: float, seed: int,
+                    device, cas: bool = False) -> Job:
+    """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
+    i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active.
+    Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``."""
+    def craft(x, y, batch, generator):
+        x = x.contiguous()  # pyautoattack .view()s the input gradient, which fails on a permuted (NHWC) batch
+        with attack_context(model):
+            if flavour == "pyautoattack":
+                aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+                out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+            else:
+                aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed,
+                              verbose=False)
+                out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
+        x_adv = out[0] if isinstance(out, tuple) else out
+        return x_adv.detach().to(x.device, x.dtype)
+
+    name = "autoattack[final-logits]" if cas else "autoattack"
+    return Job(name, "autoattack", eps,
+                {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps)},
+                "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
+                objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)")
+
+
+@dataclass
+class Plan:
+    """The rows of one evaluation: ``rows`` enter the report (those with ``in_worst_case`` the worst case), ``sweep``
+    the eps sweep, ``checks`` the check-only attacks; ``suite`` names the request; ``versions`` the optional
+    packages a row uses."""
+    rows: List[Job]
+    sweep: List[Job]
+    checks: List[Job]
+    suite: str
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all(self) -> List[Job]:
+        return self.rows + self.sweep + self.checks
+
+
+def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[AttackSpec]], *, eps: float,
+              seed: int, device, autoattack: bool = False, transfer_from: Optional[nn.Module] = None,
+              square_queries: int = 0, eps_sweep: Optional[Sequence[float]] = None, checks: bool = True) -> Plan:
+    """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
+    tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique."""
+    cas_modules = find_cas_modules(model)
+    has_cas = bool(cas_modules)
+    jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
+                             rank=CASCADE_RANKS["every example"])]
+    n_modules = len(cas_modules)
+
+    def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
+        name = row_name(base, attack, has_cas)
+        main = is_main_row(attack, has_cas)
+        role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
+        kind = kind or ("white-box" if main or not has_cas else "adaptive")
+        jobs.append(gradient_job(name, kind, attack, target, family=family_of(base, name, attack, has_cas), role=role))
+
+    if isinstance(attacks, str):
+        suite = attacks
+        for name, attack in suite_attacks(attacks, eps, has_cas, n_modules).items():
+            add_gradient_row(name.split("[")[0], attack)
+    else:
+        suite = "custom"
+        adaptive = False
+        for spec in attacks:
+            if isinstance(spec, str) and spec == "adaptive":
+                adaptive = True
+                continue
+            base, attack = resolve_attack(spec, eps, has_cas, n_modules)
+            add_gradient_row(base, attack, kind="white-box" if isinstance(spec, Attack) else None)
+        if adaptive and has_cas:
+            for base, attack in adaptive_rows(n_modules, eps):
+                add_gradient_row(base, attack)
+    extra_versions: Dict[str, str] = {}
+    if autoattack:
+        aa_class, aa_flavour = blackbox.load_autoattack()
+        extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
+        jobs.append(autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas))
+        jobs[-1].rank = CASCADE_RANKS["autoattack"]
+    if transfer_from is not None:
+        surrogate_obj = objective_for(bool(find_cas_modules(transfer_from)))
+        attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj)
+        jobs.append(gradient_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
+                                  notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
+                                        f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
+                                        "model"))
+        jobs[-1].iterative = False  # its iterates are scored on the surrogate: no last-iterate evidence
+        jobs[-1].rank = CASCADE_RANKS["black-box"]
+    if square_queries > 0:
+        jobs.append(Job(f"square{square_queries}", "black-box", eps,
+                         {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin",
+                          "eps_str": format_eps(eps)},
+                         f"Square attack, {square_queries} queries, margin loss, p_init {SQUARE_P_INIT}",
+                         lambda x, y, b, g: square_attack(model, x, y, eps=eps, n_queries=square_queries,
+                                                          generator=g), family=f"square{square_queries}",
+                         rank=CASCADE_RANKS["black-box"]))
+    if checks:
+        jobs.append(noise_job(eps))
+    sweep_jobs = []
+    for e in sorted(float(v) for v in (eps_sweep or [])):
+        attack = Attack(name=f"pgd20@{format_eps(e)}", eps=e, steps=20, objective=objective_for(has_cas))
+        sweep_jobs.append(gradient_job(attack.name, "sweep", attack, target, in_worst_case=False))
+    check_jobs = []
+    if checks:
+        attack = Attack(name=f"pgd20@{format_eps(LARGE_EPS)}", eps=LARGE_EPS, steps=20, objective=objective_for(has_cas))
+        check_jobs.append(gradient_job(attack.name, "check", attack, target, in_worst_case=False,
+                                        notes="large-eps PGD-20 for the eps_monotone check"))
+        if has_cas:
+            # Check-only references for final_logits_vs_adaptive: never rows of the report.
+            check_jobs.append(gradient_job(
+                CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce"), target, in_worst_case=False,
+                notes="check only: PGD-20 on the final logits alone (CE), predicted routing"))
+            if not any(j.role == "pgd20" for j in jobs):
+                check_jobs.append(gradient_job(
+                    CHECK_ADAPTIVE, "check", Attack(eps=eps, steps=20, objective="cas"), target, in_worst_case=False,
+                    notes="check only: adaptive PGD-20 (CE + beta * mean auxiliary CE), as the report has none"))
+    plan = Plan(jobs, sweep_jobs, check_jobs, suite, extra_versions)
+    names = [job.name for job in plan.all]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"attack names must be unique in one evaluation; repeated: {duplicates}")
+    for i, job in enumerate(plan.all):
+        job.seed = seed + 1009 * i
+    return plan

@@ -1,0 +1,235 @@
+"""What an evaluation measured and how: one row per attack (:class:`AttackResult`), one entry per gradient-masking
+check (:class:`Check`), and the report that holds them, with its summary, JSON and markdown (:class:`EvalReport`).
+
+Pure data: nothing here runs a model, so the model card, the CLI and the benchmarks read reports without importing
+the attacks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from ..eps import format_eps
+
+@dataclass
+class AttackResult:
+    """Accuracy of the deployed model under one attack. ``kind``: natural, white-box, adaptive, autoattack,
+    black-box, noise, sweep or check. Only results with ``in_worst_case`` enter the per-example worst case.
+    ``family``: the attack without its objective tag (``pgd20`` for ``pgd20[cas]``), or the full name for a row
+    that sees only the final logits of a CAS model; ``objective``: the objective it maximised;
+    ``last_iterate_accuracy``: for iterative gradient attacks, the accuracy the last iterate would have given.
+
+    The cascade accounting (rows that enter the worst case, in the order they ran; see :func:`evaluate`):
+    ``attacked``, the examples the row was run on (``n`` when it ran on every example); ``newly_fooled``, the
+    examples it fooled that every earlier row had left correct; ``robust_after``, the examples correct under it and
+    every earlier row. A row that ran only on the cascade's survivors (``per_attack=False``) has no accuracy of its
+    own: ``accuracy``, ``n_correct`` and ``last_iterate_accuracy`` are None."""
+    name: str
+    kind: str
+    accuracy: Optional[float]
+    n_correct: Optional[int]
+    n: int
+    seconds: float
+    eps: float
+    settings: dict = field(default_factory=dict)
+    notes: str = ""
+    in_worst_case: bool = True
+    family: str = ""
+    objective: str = ""
+    last_iterate_accuracy: Optional[float] = None
+    attacked: Optional[int] = None
+    newly_fooled: Optional[int] = None
+    robust_after: Optional[int] = None
+
+
+@dataclass
+class Check:
+    """One gradient-masking check: ``passed`` is True, False (masking suspected) or None (skipped, and why)."""
+    name: str
+    passed: Optional[bool]
+    description: str
+    evidence: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """Everything an evaluation measured and how. ``per_example`` (name -> correct flags, in dataset order) stays
+    out of the JSON unless asked for: it is for callers that combine attacks themselves.
+    ``gradient_masking_suspected`` is True / False, or None when the checks did not run ("not checked").
+    ``families``: per attack family, the per-example worst over its rows (see :meth:`summary`).
+    ``per_attack``: False for a cascade (rows after the first ran only on the examples still robust); ``cascade``:
+    the worst-case rows in the order they ran, each with ``attacked`` / ``newly_fooled`` / ``robust_after``."""
+    model: dict
+    dataset: str
+    n_examples: int
+    eps: float
+    eps_str: str
+    norm: str
+    suite: str
+    seed: int
+    seeds: Dict[str, int]
+    batch_size: int
+    device: str
+    world_size: int
+    natural_accuracy: float
+    attacks: List[AttackResult]
+    worst_case: dict
+    eps_sweep: List[AttackResult]
+    checks: List[Check]
+    gradient_masking_suspected: Optional[bool]
+    protocol: dict
+    versions: dict
+    elapsed_seconds: float
+    families: Dict[str, dict] = field(default_factory=dict)
+    per_attack: bool = True
+    cascade: List[dict] = field(default_factory=list)
+    per_example: Dict[str, List[Optional[bool]]] = field(default_factory=dict, repr=False)
+
+    def accuracy(self, name: str) -> Optional[float]:
+        """Accuracy under the attack (or sweep point) called ``name``; ``"worst_case"`` for the worst case. None for a
+        row that ran only on the cascade's survivors (``per_attack=False``): it has no accuracy of its own."""
+        if name == "worst_case":
+            return self.worst_case["accuracy"]
+        for result in self.attacks + self.eps_sweep:
+            if result.name == name:
+                return result.accuracy
+        raise KeyError(f"no attack {name!r} in this report; it has {[r.name for r in self.attacks + self.eps_sweep]}")
+
+    def summary(self) -> dict:
+        """The headline numbers in the shape the model card and recipe summaries use.
+
+        ``accuracy``: natural, then per attack family (``fgsm``, ``pgd20``, ``cw20``, ``pgd100``, ``transfer-pgd20``,
+        ``square<q>``, ...) the per-example worst over every row of that family that enters the worst case (for a
+        CAS model: every objective and routing that sees the auxiliary heads; a row that sees only the final logits
+        keeps its own name, e.g. ``autoattack[final-logits]``), and ``worst_case``. For a plain model the families
+        are the rows. ``rows``: every row that enters the worst case by its own name (``pgd20[cas]``, ...);
+        ``families``: which rows each family combines. ``gradient_masking_suspected``: True / False / None (the checks
+        did not run); ``failed_checks``: the names of the failed checks (None when not checked).
+
+        ``mode``: ``"per-attack"`` or ``"cascade"``. In a cascade only the rows that ran on every example have an
+        accuracy (natural, the main FGSM and PGD-20, noise): ``rows`` holds those, a family combines only those (a
+        family with none is left out) and ``upper_bounds`` names the families that have further rows, which ran only
+        on the cascade's survivors, so that their value is an upper bound on the full family's (``pgd20`` on a CAS
+        model: ``pgd20[cas]`` alone). ``worst_case`` is exact in both modes. ``cascade``: per worst-case row, in the
+        order they ran, ``attacked`` / ``newly_fooled`` / ``robust_after`` (counts of examples).
+        """
+        accuracy = {name: f["accuracy"] for name, f in self.families.items()}
+        if not accuracy:  # a report built by hand: the rows themselves
+            accuracy = {r.name: r.accuracy for r in self.attacks
+                        if r.in_worst_case and r.kind != "noise" and r.accuracy is not None}
+        accuracy["worst_case"] = self.worst_case["accuracy"]
+        rows = {r.name: r.accuracy for r in self.attacks
+                if r.in_worst_case and r.kind != "noise" and r.accuracy is not None}
+        failed = None if self.gradient_masking_suspected is None else [c.name for c in self.checks if c.passed is False]
+        return {"eps": self.eps, "eps_str": self.eps_str, "norm": self.norm, "n": self.n_examples,
+                "suite": self.suite, "mode": "per-attack" if self.per_attack else "cascade",
+                "accuracy": accuracy, "rows": rows,
+                "families": {name: list(f["rows"]) for name, f in self.families.items()},
+                "upper_bounds": [name for name, f in self.families.items() if f.get("upper_bound")],
+                "cascade": [dict(c) for c in self.cascade],
+                "gradient_masking_suspected": self.gradient_masking_suspected, "failed_checks": failed}
+
+    def check(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check {name!r}; the report has {[c.name for c in self.checks]}")
+
+    def to_dict(self, per_example: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not per_example:
+            d.pop("per_example")
+        return d
+
+    def to_json(self, path: Optional[Union[str, os.PathLike]] = None, per_example: bool = False) -> str:
+        text = json.dumps(self.to_dict(per_example), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_markdown(self) -> str:
+        model = self.model.get("class", "model")
+        if self.model.get("cas_layers"):
+            model += f" with CAS at {', '.join(self.model['cas_layers'])}"
+        lines = [
+            "# Robustness evaluation", "",
+            f"- model: {model}" + (f" ({self.model['source']})" if self.model.get("source") else ""),
+            f"- data: {self.dataset}, {self.n_examples} examples",
+            f"- threat model: L-{self.norm[1:]}, eps = {self.eps_str} ({self.eps:.5f}) in [0, 1] pixel units",
+            f"- scored on the deployed model: {self.protocol['scoring']}",
+            f"- iterates: {self.protocol.get('iterates', 'last iterate')}",
+            f"- suite: {self.suite}; seed {self.seed}; {self.elapsed_seconds:.1f} s on {self.device}"
+            + (f" x {self.world_size} processes" if self.world_size > 1 else ""),
+        ]
+        wc = self.worst_case
+        if self.per_attack:
+            lines += ["", "| attack | accuracy % | notes |", "|---|---|---|"]
+            for r in self.attacks:
+                note = r.notes
+                if r.last_iterate_accuracy is not None:
+                    note += f"; last iterate {100 * r.last_iterate_accuracy:.2f} %"
+                note += "" if r.in_worst_case else " (not in the worst case)"
+                lines.append(f"| {r.name} | {100 * r.accuracy:.2f} | {note} |")
+            lines.append(f"| **worst case** | **{100 * wc['accuracy']:.2f}** | correct under every one of the "
+                         f"{len(wc['attacks'])} rows above that enter it |")
+        else:
+            lines += ["- mode: cascade: the rows run in this order; a row marked \"survivors\" ran only on the "
+                      "examples every earlier row left correct, so it has no accuracy of its own (per_attack=True / "
+                      "--per-attack for every row on every example)", "",
+                      "| attack | accuracy % | attacked | newly fooled | robust after % | notes |",
+                      "|---|---|---|---|---|---|"]
+            by_name = {r.name: r for r in self.attacks}
+            for c in self.cascade:
+                r = by_name[c["row"]]
+                note = r.notes
+                if r.last_iterate_accuracy is not None:
+                    note += f"; last iterate {100 * r.last_iterate_accuracy:.2f} %"
+                acc = "survivors" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
+                after = 100 * c["robust_after"] / max(self.n_examples, 1)
+                lines.append(f"| {r.name} | {acc} | {c['attacked']} | {c['newly_fooled']} | {after:.2f} | {note} |")
+            lines.append(f"| **worst case** | | | | **{100 * wc['accuracy']:.2f}** | correct under every one of the "
+                         f"{len(wc['attacks'])} rows above |")
+        if any(len(f["rows"]) > 1 or f.get("upper_bound") for f in self.families.values()):
+            lines += ["", "## By attack family (per-example worst over the family's rows)", "",
+                      "| family | accuracy % | rows |", "|---|---|---|"]
+            lines += [f"| {name} | {'<= ' if f.get('upper_bound') else ''}{100 * f['accuracy']:.2f} | "
+                      f"{', '.join(f['rows'])}"
+                      + (f" (upper bound: {', '.join(f['survivors_only'])} ran on survivors only)"
+                         if f.get("upper_bound") else "") + " |"
+                      for name, f in self.families.items()]
+        if self.eps_sweep:
+            lines += ["", "## eps sweep (PGD-20)", "", "| eps | accuracy % |", "|---|---|"]
+            lines += [f"| {format_eps(r.eps)} | {100 * r.accuracy:.2f} |" for r in self.eps_sweep]
+        lines += ["", "## Gradient-masking checks", ""]
+        if self.gradient_masking_suspected is None:
+            lines.append("Gradient masking suspected: **not checked** (checks=False).")
+        else:
+            verdict = "YES" if self.gradient_masking_suspected else "no"
+            lines += [f"Gradient masking suspected: **{verdict}**", "",
+                      "| check | result | evidence |", "|---|---|---|"]
+            for c in self.checks:
+                result = {True: "pass", False: "**FAIL**", None: "skipped"}[c.passed]
+                evidence = "; ".join(f"{k}: {_short(v)}" for k, v in c.evidence.items())
+                lines.append(f"| {c.name} | {result} | {evidence} |")
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
+        return "\n".join(lines)
+
+    def save(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write ``eval_report.json`` and ``eval_report.md`` into ``directory`` (created if needed)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.to_json(out / "eval_report.json")
+        (out / "eval_report.md").write_text(self.to_markdown())
+        return out
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
