@@ -46,7 +46,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
-    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (pip install casify-robust[autoattack])")
+    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard version) on the deployed logits")
     p.add_argument("--transfer-from", default=None, help="surrogate model folder / Hub id for a transfer attack")
     p.add_argument("--square-queries", type=int, default=0, help="query budget of a Square attack (0: none)")
     p.add_argument("--eps-sweep", type=_eps_arg, nargs="+", default=None, metavar="EPS",

@@ -2,8 +2,8 @@
 
 Each step crafts the adversarial batch with the model in eval mode and every CAS module routed by its own prediction
 (the attack does that), then updates in training mode with the CAS modules routed by the true labels (the loss does
-that). Checkpoints are written atomically and hold everything an exact resume needs: model, optimizer, the step
-(the learning rate is a function of it), the RNG states and the position in the epoch.
+that). Checkpoints are written atomically and hold everything an exact resume needs: model, optimizer, learning-rate
+scheduler, the RNG states and the position in the epoch.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from .eps import parse_eps
 from .model import CASModel
 from .routing import route
 from .serialization import atomic_write
+from .surgery import wrap
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
@@ -162,17 +163,51 @@ class TrainState:
     history: List[dict] = field(default_factory=list)
 
 
-def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """The learning rate at optimizer step ``step`` (a pure function of the step, so resuming needs no scheduler)."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    if config.schedule == "cosine":
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
-    epoch = step / max(1, steps_per_epoch)
-    return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
+@dataclass
+class TrainingRecord:
+    """How a saved model was trained: the ``training`` entry of its ``config.json`` (read by the model card)."""
+    config: dict
+    loss: dict
+    attack: Optional[dict]
+    selected_on: str
+    step: int
+    weights: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _first_step_of_epoch(epoch: float, steps_per_epoch: int) -> int:
+    """The first optimizer step ``s`` with ``s / steps_per_epoch >= epoch``: milestones may be fractional epochs."""
+    step = max(0, math.ceil(epoch * steps_per_epoch))
+    while step > 0 and (step - 1) / steps_per_epoch >= epoch:  # float rounding of the product, either way
+        step -= 1
+    while step / steps_per_epoch < epoch:
+        step += 1
+    return step
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,
+                 total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's schedulers for ``config``, stepped once per optimizer step: linear warmup from ``lr / warmup_steps``
+    to ``lr``, then multistep (milestones in epochs), cosine to 0 at ``total_steps``, or constant.
+
+    Cosine is a LambdaLR of the closed form: CosineAnnealingLR updates the rate recursively and drifts from it.
+    """
+    from torch.optim import lr_scheduler as sched
+    warmup, steps_per_epoch = config.warmup_steps, max(1, steps_per_epoch)
+    if config.schedule == "multistep":  # counted from the end of warmup, as SequentialLR restarts the count there
+        main = sched.MultiStepLR(optimizer, [_first_step_of_epoch(m, steps_per_epoch) - warmup
+                                             for m in config.milestones], gamma=config.gamma)
+    elif config.schedule == "cosine":
+        length = max(1, total_steps - warmup)
+        main = sched.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / length))))
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if not warmup:
+        return main
+    ramp = sched.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -264,6 +299,9 @@ class Trainer:
         if config.cas and not isinstance(model, CASModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
+        fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
+        if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
+            model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
         self.attack = self.loss.training_attack(eps=config.eps, steps=config.attack_steps,
                                                 **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
         self.val_attack = attacks.Attack(name="val-pgd", eps=config.eps, steps=config.val_attack_steps,
@@ -271,7 +309,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop = False
-        self.identity = {"train": config.identity(), "model": model_fingerprint(model),
+        self.identity = {"train": config.identity(), "model": fingerprint,
                          "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
                          **json.loads(json.dumps(identity or {}, default=str))}
 
@@ -294,10 +332,11 @@ class Trainer:
         prepared = self.accelerator.prepare(model, optimizer, train_loader,
                                             *([self.val_loader] if self.val_loader is not None else []))
         self.model, self.optimizer, self.train_loader = prepared[:3]
+        self.unwrapped = self.accelerator.unwrap_model(self.model)  # without DDP / FSDP containers
         # What each phase runs: compiled once here when asked (the attack's eval-mode graph and the update's
         # train-mode graph are separate compiled callables, so neither evicts the other), plain modules otherwise.
         self.update_model: nn.Module = self._compiled(self.model)
-        self.attack_model: nn.Module = self._compiled(self.accelerator.unwrap_model(self.model))
+        self.attack_model: nn.Module = self._compiled(self.unwrapped)
         self._compiled_eval: Dict[int, nn.Module] = {}
         self.ema = None
         if config.ema_decay is not None and self._sharded:
@@ -306,7 +345,7 @@ class Trainer:
                              "EMA, or use DDP (accelerate launch --multi_gpu) for EMA runs")
         if config.ema_decay is not None:  # after prepare: the average lives on the training device
             from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(self.accelerator.unwrap_model(self.model), decay=config.ema_decay)
+            self.ema = ModelEmaV3(self.unwrapped, decay=config.ema_decay)
         if self.val_loader is not None:
             self.val_loader = prepared[3]
         self.steps_per_epoch = len(self.train_loader) // config.grad_accum
@@ -317,6 +356,11 @@ class Trainer:
         self.total_steps = min(total, config.max_steps) if config.max_steps is not None else total
         self.identity["train"]["num_processes"] = self.accelerator.num_processes
         self.global_batch_size = config.batch_size * self.accelerator.num_processes * config.grad_accum
+        # Not through accelerator.prepare: its AcceleratedScheduler steps num_processes times per call and holds back
+        # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count. Registered, so
+        # save_state / load_state carry its state_dict.
+        self.scheduler = lr_scheduler(self.optimizer.optimizer, config, self.steps_per_epoch, self.total_steps)
+        self.accelerator.register_for_checkpointing(self.scheduler)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     @property
@@ -332,6 +376,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        # Accelerate's save_state (and its checkpoint naming/rotation) writes in place, not atomically: hence tmp + rename.
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()  # every process has written its part (RNG states, FSDP shards) before the rename
         if acc.is_main_process:
@@ -356,6 +401,9 @@ class Trainer:
         return path if path.is_dir() else None
 
     def load_checkpoint(self, path: Path) -> None:
+        if not (path / "custom_checkpoint_0.pkl").exists():
+            raise RunMismatchError(f"{path} holds no learning-rate scheduler state (written by a casify before "
+                                   "torch schedulers): resume it with that casify version, or start afresh")
         self.accelerator.load_state(str(path))
         if self.ema is not None:
             from safetensors.torch import load_file
@@ -368,7 +416,7 @@ class Trainer:
     @property
     def eval_model(self) -> nn.Module:
         """The model that is validated, selected and saved: the EMA of the weights when ``ema_decay`` is set."""
-        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        return self.ema.module if self.ema is not None else self.unwrapped
 
     def _compiled(self, module: nn.Module) -> nn.Module:
         if not self.config.compile:
@@ -405,12 +453,6 @@ class Trainer:
         return {"val_natural": correct_nat / max(1, count), "val_pgd": correct_adv / max(1, count), "val_count": count}
 
     # -- training -------------------------------------------------------------------------------------------------
-    def _set_lr(self) -> float:
-        lr = learning_rate(self.config, self.state.global_step, self.steps_per_epoch, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     def _write_run_config(self) -> None:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -489,7 +531,6 @@ class Trainer:
             acc.init_trackers("casify", config=cfg.to_dict())
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not (cfg.progress and acc.is_local_main_process),
                    desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", dynamic_ncols=True)
-        unwrapped = acc.unwrap_model(self.model)
         while self.state.global_step < self.total_steps and not self.stop:
             self.train_loader.set_epoch(self.state.epoch)
             self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
@@ -499,7 +540,7 @@ class Trainer:
                 loader = acc.skip_first_batches(self.train_loader, skip)
             micro = 0
             for x, y in loader:
-                lr = self._set_lr()
+                lr = self.scheduler.get_last_lr()[0]
                 x = self._to_format(x)
                 x_adv = x
                 if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
@@ -516,7 +557,8 @@ class Trainer:
                 if micro % cfg.grad_accum:
                     continue
                 if self.ema is not None:
-                    self.ema.update(unwrapped, step=self.state.global_step)
+                    self.ema.update(self.unwrapped, step=self.state.global_step)
+                self.scheduler.step()
                 self.state.global_step += 1
                 self.state.step_in_epoch += 1
                 logged = {k: float(acc.gather_for_metrics(v.detach().reshape(1)).mean()) if torch.is_tensor(v) else v
@@ -567,7 +609,7 @@ class Trainer:
             self._save_model("best", metrics)
 
     def _save_model(self, name: str, metrics: Optional[dict] = None) -> None:
-        """Save the model (``save_pretrained`` for CAS models, a safetensors state dict otherwise) on the main process.
+        """``save_pretrained`` on the main process (every trained model is a casify model, with or without CAS).
 
         Under FSDP the parameters are sharded over the processes: every process takes part in gathering the full
         state dict (``accelerator.get_state_dict``), and the main process writes it."""
@@ -579,22 +621,15 @@ class Trainer:
             state = acc.get_state_dict(self.model)
         if acc.is_main_process:
             folder = self.output_dir / name
-            training = {"config": self.config.to_dict(), "loss": self.loss.config(),
-                        "attack": self.attack.to_dict() if self.attack else None,
-                        "selected_on": (f"held-out validation split ({'robust' if self.attack else 'natural'} accuracy)"
-                                        if name == "best" else "last step"),
-                        "step": self.state.global_step,
-                        "weights": f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained"}
-            if isinstance(model, CASModel):
-                (model if state is None else _FullWeights(model, state)).save_pretrained(
-                    folder, metrics=metrics, extra={"training": training})
-            else:
-                from safetensors.torch import save_file
-                folder.mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
-                save_file(state, str(folder / "model.safetensors"))
-                (folder / "training.json").write_text(json.dumps({"training": training, "metrics": metrics},
-                                                                 indent=1, default=str))
+            training = TrainingRecord(
+                config=self.config.to_dict(), loss=self.loss.config(),
+                attack=self.attack.to_dict() if self.attack else None,
+                selected_on=(f"held-out validation split ({'robust' if self.attack else 'natural'} accuracy)"
+                             if name == "best" else "last step"),
+                step=self.state.global_step,
+                weights=f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained")
+            (model if state is None else _FullWeights(model, state)).save_pretrained(
+                folder, metrics=metrics, extra={"training": training.to_dict()})
         acc.wait_for_everyone()
 
     @property

@@ -225,14 +225,14 @@ def test_capture_is_before_the_cas_mask_so_negatively_weighted_channels_still_co
         cas.classifier.bias.zero_()
     x, y = images(10)
     titles = []
-    real_figure = A._figure
+    real_figure = A.figures.new_figure
 
     def figure(*a, **k):
         fig = real_figure(*a, **k)
         titles.append(fig)
         return fig
 
-    monkeypatch.setattr(A, "_figure", figure)
+    monkeypatch.setattr(A.figures, "new_figure", figure)
     report = analyze(wrapped, (x, y), "relu_1", steps=1, class_index=0, out_dir=tmp_path)
     point = "before CAS mask (input of cas_modules.relu_1)"
     assert report.capture_point == point and report.cas_side == "before"
@@ -317,7 +317,7 @@ def test_tsne_plot_of_penultimate_features(tiny_net, tmp_path):
     wrapped.eval()
     wrapped(x[:4])
     handle.remove()
-    probe = A._ClassifierInputProbe(wrapped)
+    probe = A.capture.ClassifierInputProbe(wrapped)
     torch.testing.assert_close(probe(x[:4]), fc_in[0])
     probe.close()
 

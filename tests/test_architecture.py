@@ -37,7 +37,12 @@ LAYERS = [
     # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
     # what is built on wrapped models
-    ("applications", {"casify.attacks", "casify.losses", "casify.evaluate", "casify.analysis", "casify.train",
+    ("applications", {"casify.attacks", "casify.autopgd", "casify.losses", "casify.evaluate", "casify.evaluate.report",
+                      "casify.evaluate.deployed", "casify.evaluate.blackbox", "casify.evaluate.plan",
+                      "casify.evaluate.runner", "casify.evaluate.tally", "casify.evaluate.checks",
+                      "casify.evaluate.api", "casify.analysis", "casify.analysis.files",
+                      "casify.analysis.statistics", "casify.analysis.capture", "casify.analysis.figures",
+                      "casify.analysis.tsne", "casify.analysis.report", "casify.train",
                       "casify.recipe", "casify.cli", "casify.output_dir"}),
     # the package facade (casify/__init__.py) and scripts that use it
     ("package", {"casify"}),

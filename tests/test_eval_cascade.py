@@ -62,7 +62,8 @@ def test_cascade_runs_strongest_first_and_skips_what_is_fooled(both):
     full, cascade = both
     order = [c["row"] for c in cascade.cascade]
     assert order[:4] == ["natural", "fgsm[cas]", "pgd20[cas]", "noise"]  # on every example
-    assert order[4:7] == ["pgd20[cas,straight-through]", "cw20[cas]", "pgd100[cas]"]
+    assert order[4:9] == ["pgd20[cas,straight-through]", "apgd-dlr[cas]", "apgd-t3[cas,target-routing]", "cw20[cas]",
+                          "pgd100[cas]"]
     assert order[-1] == "transfer-pgd20"  # black-box last
     ranks = {r.name: r for r in cascade.attacks}
     survivors = [c for c in cascade.cascade if not c["every_example"]]
@@ -87,7 +88,8 @@ def test_per_attack_mode_gives_every_row(both):
     assert all(None not in flags for flags in full.per_example.values())
     summary = full.summary()
     assert summary["mode"] == "per-attack" and summary["upper_bounds"] == []
-    assert list(summary["accuracy"]) == ["natural", "fgsm", "pgd20", "cw20", "pgd100", "transfer-pgd20", "worst_case"]
+    assert list(summary["accuracy"]) == ["natural", "fgsm", "pgd20", "cw20", "pgd100", "apgd-dlr", "apgd-t",
+                                         "transfer-pgd20", "worst_case"]
     assert set(summary["rows"]) == {r.name for r in full.attacks if r.kind != "noise"}
     assert "| attack | accuracy % | notes |" in full.to_markdown()
     assert full.check("more_steps_do_not_help").passed is not None

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import casify
-from casify.train import TrainConfig, Trainer, learning_rate
+from casify.train import TrainConfig, Trainer
 
 
 def _data(n=48, seed=0):
@@ -90,17 +90,6 @@ def test_selection_uses_validation_and_saves_hub_ready_folders(tmp_path):
     trained = trainer.accelerator.unwrap_model(trainer.model)
     for k, v in trained.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
-
-
-def test_learning_rate_schedules():
-    cfg = TrainConfig(lr=0.1, schedule="multistep", milestones=(75, 90), gamma=0.1)
-    assert learning_rate(cfg, 74 * 10, 10, 1000) == pytest.approx(0.1)
-    assert learning_rate(cfg, 75 * 10, 10, 1000) == pytest.approx(0.01)
-    assert learning_rate(cfg, 90 * 10, 10, 1000) == pytest.approx(0.001)
-    cos = TrainConfig(lr=0.1, schedule="cosine")
-    assert learning_rate(cos, 0, 10, 100) == pytest.approx(0.1)
-    assert learning_rate(cos, 50, 10, 100) == pytest.approx(0.05)
-    assert learning_rate(cos, 100, 10, 100) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_bad_config_is_explained(tmp_path):

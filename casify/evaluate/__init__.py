@@ -23,7 +23,11 @@ Suites (all L-inf, eps in [0, 1] pixel units, alpha = 2.5 * eps / steps unless s
 - ``"standard"``: quick + PGD-100, and for CAS models PGD-20 and CW-20 on each auxiliary head alone (flipping one
   module's argmax changes its mask) and PGD-20 with a fixed routing that bypasses the argmax: every module routed by
   the model's clean prediction, and by a soft mixture of weight rows (the softmax of the clean auxiliary logits,
-  averaged over modules, detached).
+  averaged over modules, detached); and AutoAttack's APGD and APGD-T run on casify's objectives
+  (:mod:`casify.autopgd`): ``apgd-dlr[cas]`` (100 steps on the DLR of the final logits + beta * mean DLR of the
+  heads) and ``apgd-t3[cas,target-routing]`` (100 steps per target on the targeted DLR of the final and auxiliary
+  logits, for the 3 classes ranked highest after the true one, every module routed to the target while crafting);
+  on a plain model ``apgd-dlr`` and ``apgd-t3`` on the final logits, as AutoAttack runs them.
 
 Plain (non-CAS) models get the same attacks on the ``"ce"`` / ``"cw"`` objectives. The *worst case* is per example: an
 example counts as robust only if it is classified correctly under every attack run at ``eps`` (natural, white-box,

@@ -38,7 +38,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
             and ``"adaptive"`` (the CAS-specific attacks: each head alone, fixed routings). On a CAS model a row is
             named by its objective (:func:`row_name`): an ``Attack(name="pgd", objective="ce")`` becomes the row
             ``pgd[final-logits]``.
-        autoattack: also run AutoAttack (standard version) on the deployed logits; needs ``casify-robust[autoattack]``.
+        autoattack: also run AutoAttack (standard version) on the deployed logits; needs ``pyautoattack`` (a dependency).
         transfer_from: a surrogate model (or its folder): PGD-20 is crafted on it and scored on ``model``.
         square_queries: query budget of a Square attack (0: none).
         eps_sweep: radii for a PGD-20 sweep, reported apart from the worst case.

@@ -12,7 +12,7 @@ from torch import nn
 from ..attacks import attack_context
 
 SQUARE_P_INIT = 0.8
-AUTOATTACK_INSTALL = "pip install casify-robust[autoattack]"
+AUTOATTACK_INSTALL = "pip install pyautoattack (a casify dependency: reinstall casify-robust)"
 
 
 def load_autoattack() -> Tuple[type, str]:

@@ -53,15 +53,18 @@ class Job:
 # The cascade's order (per_attack=False): rows with a lower rank run first (ties: in the plan's order). Rank 0 runs on
 # every example: natural, the main FGSM and PGD-20 and the noise baseline (the gradient-masking checks and the
 # summary need them whole; FGSM costs one step). Then, each on the examples still robust: straight-through PGD on the
-# adaptive objective, CW on it, other rows with the deployed routing (PGD-100, custom attacks), each auxiliary head
+# adaptive objective, APGD (joint DLR) and routing-consistent APGD-T, CW on the joint objective, other rows with the deployed routing (PGD-100, custom attacks), each auxiliary head
 # alone, the fixed routings, AutoAttack, and the black-box attacks (transfer, Square).
-CASCADE_RANKS = {"every example": 0, "straight-through": 1, "cw20": 2, "deployed routing": 3, "one head": 4,
-                 "fixed routing": 5, "autoattack": 6, "black-box": 7}
+CASCADE_RANKS = {"every example": 0, "straight-through": 1, "apgd": 2, "cw20": 3, "deployed routing": 4,
+                 "one head": 5, "fixed routing": 6, "autoattack": 7, "black-box": 8}
 CASCADE_RULE = ("rows run in this order, each after the first group only on the examples that every earlier row left "
                 "correct: (0) on every example: natural, the main FGSM and PGD-20, uniform noise; then (1) straight-"
-                "through PGD, (2) CW-20 on the joint objective, (3) other rows with the deployed routing (PGD-100, "
-                "custom attacks), (4) each auxiliary head alone, (5) fixed routings, (6) AutoAttack, (7) black-box "
-                "attacks; ties in the suite's order")
+                "through PGD, (2) APGD on the joint DLR and routing-consistent APGD-T, (3) CW-20 on the joint "
+                "objective, (4) other rows with the deployed routing (PGD-100, custom attacks), (5) each auxiliary head "
+                "alone, (6) fixed routings, (7) AutoAttack, (8) black-box attacks; ties in the suite's order")
+APGD_STEPS = 100  # AutoAttack's own budget for APGD and APGD-T
+APGD_TARGETS = 3  # top-k targets of the targeted row (AutoAttack's standard version uses 9 with 1 restart each)
+APGD_ROWS = ("apgd-dlr", "apgd-t")
 
 
 def cascade_rank(attack: Attack, role: Optional[str]) -> int:
@@ -208,6 +211,39 @@ def noise_job(eps: float) -> Job:
                 per_example_seed=True, rank=CASCADE_RANKS["every example"])
 
 
+def apgd_job(base: str, target: nn.Module, eps: float, cas: bool) -> Job:
+    """``"apgd-dlr"``: AutoAttack's APGD on the joint DLR (final logits + beta * mean over the heads; the final
+    logits' DLR on a plain model); ``"apgd-t"``: APGD-T on the targeted DLR of the final and auxiliary logits for the
+    top-:data:`APGD_TARGETS` targets, with every CAS module routed to the target while crafting (see
+    :mod:`casify.autopgd`). Named ``apgd-dlr[cas]`` / ``apgd-t3[cas,target-routing]`` on a CAS model."""
+    from ..autopgd import apgd, apgd_targeted
+    if base == "apgd-dlr":
+        name = "apgd-dlr[cas]" if cas else "apgd-dlr"  # on a plain model: APGD on the final logits' DLR
+
+        def craft(x, y, batch, generator):
+            return apgd(target, x, y, eps=eps, steps=APGD_STEPS, loss="dlr_cas", generator=generator)
+        settings = {"attack": "APGD (AutoAttack's)", "steps": APGD_STEPS, "loss": "dlr_cas" if cas else "dlr",
+                    "routing": "predicted (by each module, as deployed)", "restarts": 1}
+        notes = (f"AutoAttack's APGD, {APGD_STEPS} steps, "
+                 + ("DLR of the final logits + 2 * mean DLR of the heads" if cas else "DLR"))
+    elif base == "apgd-t":
+        name = f"apgd-t{APGD_TARGETS}[cas,target-routing]" if cas else f"apgd-t{APGD_TARGETS}"
+
+        def craft(x, y, batch, generator):
+            return apgd_targeted(target, x, y, eps=eps, steps=APGD_STEPS, n_targets=APGD_TARGETS,
+                                 routing="target" if cas else None, generator=generator)
+        settings = {"attack": "APGD-T (AutoAttack's)", "steps": APGD_STEPS, "targets": APGD_TARGETS,
+                    "loss": "targeted DLR" + (" of the final logits + 2 * mean over the heads" if cas else ""),
+                    "routing": "every CAS module routed to the target" if cas else "none (no CAS modules)"}
+        notes = (f"AutoAttack's APGD-T, {APGD_STEPS} steps per target, top-{APGD_TARGETS} targets, targeted DLR"
+                 + (" of the final and auxiliary logits, every module routed to the target" if cas else ""))
+    else:
+        raise ValueError(f"unknown APGD row {base!r}; choose one of {APGD_ROWS}")
+    settings.update(eps=eps, eps_str=format_eps(eps), norm="linf", random_start="uniform, per example")
+    return Job(name, "adaptive" if cas else "white-box", eps, settings, notes, craft, family=base,
+               objective=settings["loss"], per_example_seed=True, rank=CASCADE_RANKS["apgd"])
+
+
 def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, eps: float, seed: int,
                     device, cas: bool = False) -> Job:
     """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
@@ -271,12 +307,17 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         suite = attacks
         for name, attack in suite_attacks(attacks, eps, has_cas, n_modules).items():
             add_gradient_row(name.split("[")[0], attack)
+        if suite == "standard":
+            jobs.extend(apgd_job(base, target, eps, has_cas) for base in APGD_ROWS)
     else:
         suite = "custom"
         adaptive = False
         for spec in attacks:
             if isinstance(spec, str) and spec == "adaptive":
                 adaptive = True
+                continue
+            if isinstance(spec, str) and spec in APGD_ROWS:
+                jobs.append(apgd_job(spec, target, eps, has_cas))
                 continue
             base, attack = resolve_attack(spec, eps, has_cas, n_modules)
             add_gradient_row(base, attack, kind="white-box" if isinstance(spec, Attack) else None)
