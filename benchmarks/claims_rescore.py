@@ -137,12 +137,109 @@ def cmd_train(args) -> None:
         train_one(args, name, seed, train_set, val_set)
 
 
+# -- scoring ---------------------------------------------------------------------------------------------------------
+FULL_TABLE = ("at", "at_cas")  # seed 0: every attack on every example (the audit's table); the rest: the cascade
+AUTOATTACK_ARMS = ("at", "at_cas")  # AutoAttack on every seed of these; on seed 0 of the others
+
+
+def attack_list(cas: bool):
+    """The standard suite plus the audit's extra rows: final-logit PGD-20 / CW-20 (on a CAS model) and PGD-100 with 3
+    restarts; every row enters the per-example worst case (the union of every attack)."""
+    from casify.attacks import Attack
+    obj = "cas" if cas else "ce"
+    rows = ["fgsm", "pgd20", "cw20", "pgd100", "apgd-dlr", "apgd-t",
+            Attack(name="pgd100x3", steps=100, restarts=3, objective=obj)]
+    if cas:
+        rows += ["adaptive", Attack(name="pgd20", steps=20, objective="cas", routing="straight-through"),
+                 Attack(name="pgd20", steps=20, objective="ce"), Attack(name="cw20", kind="cw", steps=20, kappa=50.0,
+                                                                        objective="cw")]
+    return rows
+
+
+def load_model(folder: Path):
+    import casify
+    return casify.from_pretrained(folder).eval()
+
+
+def score_one(args, name: str, seed: int) -> None:
+    from casify.analysis import analyze
+    from casify.data import NpzDataset
+    from casify.evaluate import evaluate
+    out = run_dir(args, name, seed)
+    folder = model_folder(args, name, seed)
+    model = load_model(folder)
+    cas = bool(EXPERIMENTS[name][1])
+    test = NpzDataset(Path(args.data_dir) / "test846.npz")
+    if not (out / "score.json").exists():
+        start = time.time()
+        per_attack = name in FULL_TABLE and seed == 0
+        report = evaluate(model, test, attacks=attack_list(cas), eps=EPS, seed=0, progress=False, checks=True,
+                          per_attack=per_attack)
+        summary = report.summary()
+        record = {"experiment": name, "seed": seed, "n": report.n_examples, "natural": report.natural_accuracy,
+                  "worst_case": report.worst_case["accuracy"], "mode": summary["mode"],
+                  "families": summary["accuracy"], "rows": {r.name: r.accuracy for r in report.attacks},
+                  "last_iterate": {r.name: r.last_iterate_accuracy for r in report.attacks
+                                   if r.last_iterate_accuracy is not None},
+                  "cascade": report.cascade, "gradient_masking_suspected": report.gradient_masking_suspected,
+                  "failed_checks": summary["failed_checks"],
+                  "checks": [{"name": c.name, "passed": c.passed, "evidence": c.evidence} for c in report.checks],
+                  "per_example": {k: v for k, v in report.per_example.items()},
+                  "model_sha256": sha256(folder / "model.safetensors"), "seconds": round(time.time() - start, 1),
+                  "versions": report.versions}
+        (out / "score.json").write_text(json.dumps(record, indent=1, default=str))
+        print(f"[score] {name} s{seed}: natural {record['natural']:.3f} worst {record['worst_case']:.3f} "
+              f"masking {record['gradient_masking_suspected']} {record['failed_checks']} {record['seconds']:.0f}s",
+              flush=True)
+    if not (out / "channels.json").exists():
+        layer = "layer3.1" if name == "at_cas_block3" else "layer4.1"
+        ch = analyze(model, test, layer, eps=EPS, steps=20, max_examples=500, seed=0)
+        (out / "channels.json").write_text(json.dumps({
+            "layer": ch.layer, "capture_point": ch.capture_point, "captured": ch.captured,
+            "magnitude": {k: v for k, v in ch.magnitude.items() if not isinstance(v, (list, torch.Tensor))},
+            "frequency_class_mean": ch.frequency_class_mean}, indent=1, default=str))
+    aa_wanted = args.aa_examples > 0 and (name in AUTOATTACK_ARMS or seed == 0)
+    if aa_wanted and not (out / "autoattack.json").exists():
+        start = time.time()
+        report = evaluate(model, test, attacks=[], eps=EPS, seed=0, progress=False, checks=False, autoattack=True,
+                          max_examples=args.aa_examples)
+        aa = next(r for r in report.attacks if r.kind == "autoattack")
+        flags = [bool(a and c) for a, c in zip(report.per_example[aa.name], report.per_example["natural"])]
+        (out / "autoattack.json").write_text(json.dumps({
+            "row": aa.name, "n": report.n_examples, "accuracy": sum(flags) / len(flags), "per_example": flags,
+            "seconds": round(time.time() - start, 1), "versions": report.versions}, indent=1))
+        print(f"[score] {name} s{seed}: AutoAttack {sum(flags) / len(flags):.3f} on {len(flags)}", flush=True)
+
+
+def cmd_score(args) -> None:
+    """Score each trained run (in the training order); with ``--follow``, wait for runs still training."""
+    while True:
+        pending = []
+        for name, seed in SCHEDULE:
+            if args.only and name not in args.only:
+                continue
+            out = run_dir(args, name, seed)
+            done = all((out / f).exists() for f in ("score.json", "channels.json"))
+            if done:
+                continue
+            if (out / "train_record.json").exists():
+                score_one(args, name, seed)
+            else:
+                pending.append((name, seed))
+        if not (args.follow and pending):
+            return
+        time.sleep(60)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder with train.npz, test846.npz")
     parser.add_argument("--runs-dir", default="outputs/claims_rescore")
     parser.add_argument("--results-dir", default="benchmarks/results")
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--score", action="store_true")
+    parser.add_argument("--follow", action="store_true", help="with --score: wait for runs still training")
+    parser.add_argument("--aa-examples", type=int, default=400, help="AutoAttack on the first N test images (0: none)")
     parser.add_argument("--only", nargs="+", default=None, help="only these experiments")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -150,6 +247,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.train:
         cmd_train(args)
+    if args.score:
+        cmd_score(args)
 
 
 if __name__ == "__main__":

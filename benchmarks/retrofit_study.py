@@ -238,7 +238,6 @@ def cmd_score(args) -> None:
 
 
 # -- report -----------------------------------------------------------------------------------------------------
-Z95 = 1.959964
 
 
 def paired(a_flags, b_flags) -> dict:
@@ -253,11 +252,9 @@ def paired(a_flags, b_flags) -> dict:
 
 
 def _paired_stats(a_only: int, b_only: int, n: int) -> dict:
-    d = (a_only - b_only) / n
-    var = max(((a_only + b_only) / n - d * d) / n, 0.0)
-    half = Z95 * math.sqrt(var)
-    z = (a_only - b_only) / math.sqrt(a_only + b_only) if a_only + b_only else 0.0
-    return {"n": n, "arm_only": a_only, "ref_only": b_only, "diff": d, "ci95": [d - half, d + half], "z": z}
+    from casify.evaluate.compare import paired_counts
+    c = paired_counts(a_only, b_only, n)
+    return {"n": n, "arm_only": a_only, "ref_only": b_only, "diff": c.diff, "ci95": c.ci95, "z": c.z}
 
 
 def verdict(per_seed_diffs, z) -> str:

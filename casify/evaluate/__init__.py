@@ -57,13 +57,15 @@ The package, one job per file (each imports only the ones above it):
 - ``runner.py``: running a plan over the data (every example, or the cascade), per-example seeds, gathering;
 - ``tally.py``: per-example flags -> each row's result, the worst case, the cascade accounting, the families;
 - ``checks.py``: the checks, one function each, and the tolerance;
-- ``api.py``: :func:`evaluate`, which strings them together.
+- ``api.py``: :func:`evaluate`, which strings them together;
+- ``compare.py``: model A vs model B: paired McNemar on the same images, Welch across seeds, the verdict rule.
 """
 from ..eps import format_eps, parse_eps
 from .api import evaluate, protocol
 from .blackbox import AUTOATTACK_INSTALL, SQUARE_P_INIT, load_autoattack, square_attack
 from .checks import (CHECKS, LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks,
                      tolerance)
+from .compare import PairedComparison, WelchComparison, paired, verdict, welch
 from .deployed import InputTied, clean_routings, deployed_correct, describe_model, zero_input_gradient
 from .plan import (CASCADE_RANKS, CASCADE_RULE, CHECK_ADAPTIVE, CHECK_FINAL_LOGITS, LARGE_EPS, SUITES, AttackSpec, Job,
                    Plan, plan_rows, row_name, suite_attacks)
@@ -72,6 +74,6 @@ from .report import AttackResult, Check, EvalReport
 __all__ = ["AUTOATTACK_INSTALL", "AttackResult", "AttackSpec", "CASCADE_RANKS", "CASCADE_RULE", "CHECKS",
            "CHECK_ADAPTIVE", "CHECK_FINAL_LOGITS", "Check", "CheckInputs", "EvalReport", "InputTied", "Job",
            "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "MIN_TOLERANCE", "Plan", "SQUARE_P_INIT", "SUITES",
-           "ZERO_GRAD_MAX_FRACTION", "clean_routings", "deployed_correct", "describe_model", "evaluate", "format_eps",
-           "load_autoattack", "parse_eps", "plan_rows", "protocol", "row_name", "run_checks", "square_attack",
-           "suite_attacks", "tolerance", "zero_input_gradient"]
+           "ZERO_GRAD_MAX_FRACTION", "PairedComparison", "WelchComparison", "clean_routings", "deployed_correct", "describe_model", "evaluate", "format_eps",
+           "load_autoattack", "paired", "parse_eps", "plan_rows", "protocol", "row_name", "run_checks", "square_attack",
+           "suite_attacks", "tolerance", "verdict", "welch", "zero_input_gradient"]

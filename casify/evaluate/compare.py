@@ -1,0 +1,121 @@
+"""Is model A more robust than model B? Paired tests on the same images, Welch's test across seeds, and the verdict
+rule casify's studies use ("reproduced" only when a statistical test says so).
+
+Two evaluations of the same images are paired: what matters is the images one model gets right and the other does
+not (McNemar). Across training seeds the per-seed differences are compared with Welch's t-test (unequal variances).
+scipy does the distributions (an exact binomial McNemar and Welch's t); what is written here is only the bookkeeping.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+Z95 = 1.959964
+
+
+@dataclass
+class PairedComparison:
+    """Model A vs model B on the same ``n`` images: ``a_only`` / ``b_only``, the images only A / only B gets right;
+    ``diff`` = accuracy(A) - accuracy(B) with its paired 95 % interval ``ci95`` (Wald, on the per-image
+    differences); ``z`` = (a_only - b_only) / sqrt(a_only + b_only), McNemar's statistic; ``p`` its exact two-sided
+    p-value (binomial on the discordant pairs)."""
+    n: int
+    a_only: int
+    b_only: int
+    diff: float
+    ci95: List[float]
+    z: float
+    p: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_counts(a_only: int, b_only: int, n: int) -> PairedComparison:
+    from scipy.stats import binomtest
+    d = (a_only - b_only) / n if n else 0.0
+    var = max(((a_only + b_only) / n - d * d) / n, 0.0) if n else 0.0
+    half = Z95 * math.sqrt(var)
+    discordant = a_only + b_only
+    z = (a_only - b_only) / math.sqrt(discordant) if discordant else 0.0
+    p = binomtest(a_only, discordant, 0.5).pvalue if discordant else 1.0
+    return PairedComparison(n, a_only, b_only, d, [d - half, d + half], z, float(p))
+
+
+def paired(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> PairedComparison:
+    """McNemar on per-image correct flags of A and B (the same images in the same order)."""
+    if len(a_correct) != len(b_correct):
+        raise ValueError(f"paired flags must cover the same images: {len(a_correct)} vs {len(b_correct)}")
+    a_only = sum(1 for a, b in zip(a_correct, b_correct) if a and not b)
+    b_only = sum(1 for a, b in zip(a_correct, b_correct) if b and not a)
+    return paired_counts(a_only, b_only, len(a_correct))
+
+
+def pooled(comparisons: Sequence[PairedComparison]) -> PairedComparison:
+    """One McNemar over several seeds' pairs (discordant pairs summed). The same images recur across seeds, so its
+    interval is somewhat narrow; the per-seed comparisons and Welch's test are the check on it."""
+    return paired_counts(sum(c.a_only for c in comparisons), sum(c.b_only for c in comparisons),
+                         sum(c.n for c in comparisons))
+
+
+@dataclass
+class WelchComparison:
+    """Per-seed accuracies of A and B: the difference of means, Welch's t, its two-sided p and 95 % interval (None
+    with fewer than two seeds per side or no spread)."""
+    mean_a: float
+    mean_b: float
+    diff: float
+    t: Optional[float]
+    df: Optional[float]
+    p: Optional[float]
+    ci95: Optional[List[float]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> WelchComparison:
+    from scipy import stats
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return WelchComparison(ma, mb, ma - mb, None, None, None, None)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
+    se2 = va / len(a) + vb / len(b)
+    if se2 == 0:
+        return WelchComparison(ma, mb, ma - mb, None, None, None, None)
+    result = stats.ttest_ind(list(a), list(b), equal_var=False)
+    df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, df) * math.sqrt(se2)
+    return WelchComparison(ma, mb, ma - mb, float(result.statistic), float(df), float(result.pvalue),
+                           [ma - mb - half, ma - mb + half])
+
+
+VERDICT_RULE = (
+    "A vs B (A is the arm the claim favours): 'reproduced' when A's accuracy minus B's is > 0 in every seed AND the "
+    "pooled paired McNemar test gives z > 2; 'opposite' when it is < 0 in every seed AND z < -2 (the effect is "
+    "significant and reversed); otherwise 'not reproduced' when the pooled paired 95 % interval lies entirely below "
+    "the paper's claimed effect (the claimed gain is excluded), else 'inconclusive'. Welch's test across seeds is "
+    "reported next to it. A claim of 'no gain' is reproduced when A does not significantly beat B (z <= 2).")
+
+
+def verdict(per_seed: Sequence[PairedComparison], claimed_effect: Optional[float] = None,
+            claim_is_no_gain: bool = False) -> str:
+    """The rule in :data:`VERDICT_RULE`, on the per-seed paired comparisons (accuracy units, e.g. 0.024)."""
+    if not per_seed:
+        raise ValueError("no comparisons to judge")
+    pool = pooled(per_seed)
+    if claim_is_no_gain:
+        return "not reproduced" if (pool.z > 2 and all(c.diff > 0 for c in per_seed)) else "reproduced"
+    if all(c.diff > 0 for c in per_seed) and pool.z > 2:
+        return "reproduced"
+    if all(c.diff < 0 for c in per_seed) and pool.z < -2:
+        return "opposite"
+    if claimed_effect is not None and pool.ci95[1] < claimed_effect:
+        return "not reproduced"
+    return "inconclusive"
+
+
+__all__ = ["PairedComparison", "VERDICT_RULE", "WelchComparison", "paired", "paired_counts", "pooled", "verdict",
+           "welch"]

@@ -1,0 +1,43 @@
+"""The statistics behind casify's verdicts (casify.evaluate.compare): hand-computable cases."""
+import math
+
+import pytest
+
+from casify.evaluate.compare import paired, pooled, verdict, welch
+
+
+def test_paired_counts_discordant_images_only():
+    a = [True, True, False, False, True, True]
+    b = [True, False, False, True, False, False]
+    c = paired(a, b)
+    assert (c.n, c.a_only, c.b_only) == (6, 3, 1)
+    assert c.diff == pytest.approx(2 / 6)
+    assert c.z == pytest.approx(2 / math.sqrt(4))
+    assert c.p == pytest.approx(0.625)  # exact binomial: P(|X - 2| >= 1), X ~ Bin(4, 1/2)
+    assert c.ci95[0] < c.diff < c.ci95[1]
+
+
+def test_paired_needs_the_same_images():
+    with pytest.raises(ValueError, match="same images"):
+        paired([True], [True, False])
+
+
+def test_verdicts_follow_the_rule():
+    strong = [paired([True] * 30 + [False] * 70, [False] * 30 + [False] * 70)] * 3  # A wins 30 images per seed
+    assert pooled(strong).z > 2 and verdict(strong) == "reproduced"
+    reversed_ = [paired([False] * 100, [True] * 30 + [False] * 70)] * 3
+    assert verdict(reversed_) == "opposite"
+    tie = [paired([True, False] * 50, [False, True] * 50)] * 3  # as many wins as losses: diff 0, interval +-
+    assert verdict(tie, claimed_effect=0.5) == "not reproduced"  # a 50-point gain is excluded by the interval
+    assert verdict(tie, claimed_effect=0.01) == "inconclusive"
+    assert verdict(tie, claim_is_no_gain=True) == "reproduced"
+    assert verdict(strong, claim_is_no_gain=True) == "not reproduced"
+
+
+def test_welch_matches_the_formula():
+    w = welch([0.30, 0.32, 0.31], [0.20, 0.22, 0.21])
+    assert w.diff == pytest.approx(0.10)
+    se = math.sqrt(0.0001 / 3 + 0.0001 / 3)
+    assert w.t == pytest.approx(0.10 / se) and w.df == pytest.approx(4.0)
+    assert w.p < 0.001 and w.ci95[0] < 0.10 < w.ci95[1]
+    assert welch([0.3], [0.2]).p is None  # one seed per side: no test
