@@ -3,9 +3,11 @@ for saving and publishing too.
 
 Nothing is ever unpickled: weights are safetensors, the config is JSON, and the architecture is rebuilt from its name
 (timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.config.CASConfig`
-through the same ``casify.wrap`` a fresh model goes through. Writing lives below the model class
-(:mod:`casify.serialization`, :mod:`casify.publish`) and is re-exported here (``save_pretrained``, ``push_to_hub``,
-``write_hub_folder``, ``upload_patterns``, ``model_config``, ``sha256_file``).
+through the same ``casify.wrap`` a fresh model goes through. From the Hub, ``huggingface_hub.snapshot_download``
+fetches ``config.json`` alone, then, once it was checked, ``model.safetensors`` of the same commit; nothing else in
+the repo. Writing lives below the model class (:mod:`casify.serialization`, :mod:`casify.publish`) and is re-exported
+here (``save_pretrained``, ``push_to_hub``, ``write_hub_folder``, ``upload_patterns``, ``model_config``,
+``sha256_file``).
 """
 from __future__ import annotations
 
@@ -55,15 +57,36 @@ def _not_on_disk(text: str, given_path: bool) -> Optional[str]:
     return None
 
 
-def _hub_download(repo_id: str, filename: str, revision: Optional[str], token) -> Path:
-    from huggingface_hub import hf_hub_download
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _hub_snapshot(repo_id: str, filename: str, revision: Optional[str], token) -> Path:
+    """The local snapshot folder of ``repo_id`` holding ``filename``, fetched with ``huggingface_hub.snapshot_download``
+    restricted to that one file (``allow_patterns``): nothing else in the repo is downloaded. Offline
+    (``HF_HUB_OFFLINE``) only the local Hub cache is read."""
+    from huggingface_hub import snapshot_download
     offline = _hub_offline()
+    note = " (HF_HUB_OFFLINE is set, so only the local Hub cache was searched)" if offline else ""
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token, local_files_only=offline))
-    except Exception as e:  # any hub failure: network, missing repo or file, offline cache miss
-        note = " (HF_HUB_OFFLINE is set, so only the local Hub cache was searched)" if offline else ""
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=[filename],
+                                        local_files_only=offline))
+    except Exception as e:  # any hub failure: network, missing repo or revision, offline cache miss
         raise LoadError(f"no local folder {repo_id!r}, and the Hub repo {repo_id!r} could not be read{note}: "
                         f"{type(e).__name__}: {e}") from e
+    if not (folder / filename).is_file():  # snapshot_download skips a pattern that matches nothing in the repo
+        at = f" at revision {revision!r}" if revision else ""
+        if offline:
+            raise LoadError(f"no local folder {repo_id!r}, and the local Hub cache of {repo_id!r}{at} has no "
+                            f"{filename}{note}")
+        raise LoadError(f"no local folder {repo_id!r}, and the Hub repo {repo_id!r}{at} has no {filename}; is it a "
+                        "repo written by casify's push_to_hub?")
+    return folder
+
+
+def _pinned(folder: Path, revision: Optional[str]) -> Optional[str]:
+    """The commit a Hub cache snapshot folder holds (its name), so the weights come from the commit the config was
+    read from even if the branch moves in between; else ``revision`` as given."""
+    return folder.name if _COMMIT.fullmatch(folder.name) else revision
 
 
 def _resolve_folder(path_or_repo: Union[str, os.PathLike], revision: Optional[str],
@@ -81,7 +104,7 @@ def _resolve_folder(path_or_repo: Union[str, os.PathLike], revision: Optional[st
     error = _not_on_disk(text, given_path=not isinstance(path_or_repo, str))
     if error is not None:
         raise LoadError(error)
-    return _hub_download(text, CONFIG_NAME, revision, token).parent, text
+    return _hub_snapshot(text, CONFIG_NAME, revision, token), text
 
 
 def load_config(path_or_repo, revision: Optional[str] = None, token=None) -> dict:
@@ -189,8 +212,8 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
     """
     folder, repo_id = _resolve_folder(path_or_repo, revision, token)
     config = load_config(folder)
-    if repo_id is not None:
-        weights = _hub_download(repo_id, WEIGHTS_NAME, revision, token)
+    if repo_id is not None:  # the same snapshot (commit) as the config, the weights file only
+        weights = _hub_snapshot(repo_id, WEIGHTS_NAME, _pinned(folder, revision), token) / WEIGHTS_NAME
     else:
         weights = folder / WEIGHTS_NAME
     if not weights.is_file():

@@ -1,16 +1,29 @@
 """The model card a robust model is published with: what it is, how it was trained, and how robust it measured.
 
-Evaluation results go into the Hub's ``model-index`` metadata (one entry per attack), with eps stated in pixel space.
+The card is ``huggingface_hub.ModelCard.from_template`` over the Jinja template shipped with casify
+(``casify/templates/model_card.md``): the metadata is a ``ModelCardData`` whose ``eval_results`` become the Hub's
+``model-index`` (one entry per attack, eps stated in pixel space); the text is the template filled from the config.
+What the card reads is checked first: the evaluation through :meth:`casify.eval_summary.EvalSummary.from_dict`, the
+training record (``casify.train.TrainingRecord``, stored as the config's ``training``) field by field, so a malformed
+one is a ValueError naming the field, not an error deep in the template.
 """
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import List, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .eval_summary import EvalSummary
+
 DISTRIBUTION = "casify-robust"  # the name on PyPI (``casify`` there is an unrelated package); import name: casify
 PROJECT_URL = f"https://pypi.org/project/{DISTRIBUTION}/"
+TEMPLATE = "model_card.md"  # in casify/templates/
+CAS_NAME = "Channel-wise Activation Suppressing (CAS, Bai et al., ICLR 2021)"
+TAGS = ["adversarial-robustness", "channel-wise-activation-suppressing", "casify", "image-classification"]
 
 
 def base_hub_id(config: dict) -> Optional[str]:
@@ -30,107 +43,100 @@ def _base_name(config: dict) -> str:
     return f"{name} (custom architecture)" if name else "a custom architecture"
 
 
-def _base_line(config: dict) -> str:
-    hub_id = base_hub_id(config)
-    kwargs = json.dumps((config.get("base_model") or {}).get("kwargs", {}))
-    line = f"`{_base_name(config)}`, built with {kwargs}"
-    if hub_id:
-        line += f"; pretrained config on the Hub: [{hub_id}](https://huggingface.co/{hub_id})"
-    return line
+@dataclass(frozen=True)
+class TrainingView:
+    """What the card reads from a config's ``training`` (a ``casify.train.TrainingRecord`` as a dict): the method,
+    whether CAS was trained, the training eps and how the checkpoint was selected, plus the whole record as JSON."""
+    method: str
+    natural: bool
+    eps: Optional[float]
+    selected_on: Optional[str]
+    record_json: str
+
+    @classmethod
+    def from_dict(cls, training, source: str = "training") -> Optional["TrainingView"]:
+        """None for no record (None or empty). Unknown keys are ignored (shown in the JSON only); a known key of the
+        wrong type raises ValueError naming it (``training.config.eps``). Every key may be missing: a record written
+        by hand may hold only ``config``."""
+        if training is None or training == {}:
+            return None
+        if not isinstance(training, dict):
+            raise ValueError(f"{source} must be a dict (a casify.train.TrainingRecord), got {type(training).__name__}")
+
+        def fail(name, value, expected):
+            raise ValueError(f"{source}.{name} = {value!r} ({type(value).__name__}) is not valid: expected {expected}")
+
+        for key, types, expected in (("config", (dict,), "a dict"), ("loss", (dict,), "a dict"),
+                                     ("attack", (dict, type(None)), "a dict or null"),
+                                     ("selected_on", (str,), "a string"), ("weights", (str,), "a string"),
+                                     ("step", (int,), "an integer")):
+            if key in training and (not isinstance(training[key], types) or isinstance(training[key], bool)):
+                fail(key, training[key], expected)
+        config = training.get("config") or {}
+        method = config.get("method")
+        if method is not None and not isinstance(method, str):
+            fail("config.method", method, "a string (at, trades, mart, standard, ...)")
+        cas = config.get("cas", False)
+        if not isinstance(cas, bool):
+            fail("config.cas", cas, "true or false")
+        eps = config.get("eps")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                                or not 0 <= eps <= 1):
+            fail("config.eps", eps, "a number in [0, 1] (pixel units) or null")
+        return cls(method=(method or "unknown").upper() + ("+CAS" if cas else ""), natural=method == "standard",
+                   eps=None if eps is None else float(eps), selected_on=training.get("selected_on"),
+                   record_json=json.dumps(training, indent=1, default=str))
 
 
-def eval_results(evaluation: Optional[dict], dataset_name: str, dataset_type: str, split: str) -> List[EvalResult]:
-    """``evaluation`` is ``{"eps": ..., "norm": ..., "accuracy": {attack: fraction}, "n": count}``."""
-    if not evaluation:
+def _summary(evaluation: Union[None, dict, EvalSummary]) -> Optional[EvalSummary]:
+    if isinstance(evaluation, EvalSummary):
+        return evaluation
+    return EvalSummary.from_dict(evaluation, "evaluation") if evaluation else None
+
+
+def eval_results(evaluation: Union[None, dict, EvalSummary], dataset_name: str, dataset_type: str,
+                 split: str) -> List[EvalResult]:
+    """The ``model-index`` entries: one per ``accuracy`` entry of an :class:`EvalSummary` (or its dict, checked)."""
+    summary = _summary(evaluation)
+    if summary is None:
         return []
-    results = []
-    eps = evaluation.get("eps_str") or evaluation.get("eps")
-    for attack, accuracy in evaluation.get("accuracy", {}).items():
-        label = "natural accuracy" if attack == "natural" else f"{attack} accuracy ({evaluation.get('norm', 'linf')}, eps={eps})"
-        results.append(EvalResult(task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name,
-                                  dataset_split=split, metric_type="accuracy", metric_name=label,
-                                  metric_value=round(100 * float(accuracy), 2),
-                                  metric_args={"attack": attack, "eps": evaluation.get("eps"),
-                                               "norm": evaluation.get("norm", "linf"), "examples": evaluation.get("n")}))
-    return results
+    eps = summary.eps_str or summary.eps
+    return [EvalResult(task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name,
+                       dataset_split=split, metric_type="accuracy",
+                       metric_name="natural accuracy" if attack == "natural"
+                       else f"{attack} accuracy ({summary.norm}, eps={eps})",
+                       metric_value=round(100 * float(accuracy), 2),
+                       metric_args={"attack": attack, "eps": summary.eps, "norm": summary.norm, "examples": summary.n})
+            for attack, accuracy in summary.accuracy.items()]
 
 
-def make_model_card(config: dict, model_name: str, evaluation: Optional[dict] = None,
+def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict, EvalSummary] = None,
                     dataset_name: str = "unknown", dataset_type: str = "unknown", split: str = "test",
                     license: str = "apache-2.0") -> ModelCard:
     """The card for a saved config. Claims only what the config records: a model without a training record is
-    described as not fine-tuned by casify, and ``base_model`` metadata is set only for a real Hub repo id."""
-    training = config.get("training") or {}
-    train_cfg = training.get("config") or {}
-    cas = config.get("cas", {})
+    described as not fine-tuned by casify, and ``base_model`` metadata is set only for a real Hub repo id.
+
+    ``evaluation``: an ``EvalReport.summary()`` (or its :class:`EvalSummary`); a malformed one, like a malformed
+    ``training`` in the config, raises ValueError naming the field."""
+    summary = _summary(evaluation)
+    training = TrainingView.from_dict(config.get("training"))
+    cas = config.get("cas") or {}
     data = ModelCardData(model_name=model_name, library_name="casify", license=license, pipeline_tag="image-classification",
-                         tags=["adversarial-robustness", "channel-wise-activation-suppressing", "casify", "image-classification"],
-                         base_model=base_hub_id(config),
-                         eval_results=eval_results(evaluation, dataset_name, dataset_type, split) or None)
-    casify_link = f"[casify]({PROJECT_URL})"
-    cas_name = "Channel-wise Activation Suppressing (CAS, Bai et al., ICLR 2021)"
-    if training:
-        method = (train_cfg.get("method") or "unknown").upper() + ("+CAS" if train_cfg.get("cas") else "")
-        kind = "A naturally" if train_cfg.get("method") == "standard" else "An adversarially"
-        intro = (f"{kind} fine-tuned image classifier: {cas_name} retrofitted by {casify_link} onto "
-                 f"`{_base_name(config)}` and fine-tuned with {method}.")
-        method_line = f"- **Fine-tuning:** {method} with casify (configuration below)"
-    else:
-        intro = (f"An image classifier with {cas_name} modules inserted by {casify_link} into `{_base_name(config)}`. "
-                 "It was **not fine-tuned by casify** (no training record is stored with it): its weights are those "
-                 f"of the wrapped model, and the CAS modules are as initialised (init `{cas.get('init')}`).")
-        method_line = "- **Fine-tuning:** none recorded by casify"
-    eps = train_cfg.get("eps")
-    rows = ""
-    if evaluation:
-        accuracy = dict(evaluation.get("accuracy", {}))
-        # Lead with the worst case: the number a reader should quote.
-        ordered = ([("worst_case", accuracy.pop("worst_case"))] if "worst_case" in accuracy else []) + list(accuracy.items())
-        bounds = set(evaluation.get("upper_bounds") or [])  # cascade: a family of which only some rows ran on all
-        rows = "\n".join(f"| {'**' + a + '**' if a == 'worst_case' else a}{' (upper bound)' if a in bounds else ''} | "
-                         f"{100 * float(v):.2f} |" for a, v in ordered)
-        attack_rows = evaluation.get("rows") or {}
-        detail = ("\n\nEach attack, named by its objective:\n\n| attack | accuracy (%) |\n|---|---|\n"
-                  + "\n".join(f"| {a} | {100 * float(v):.2f} |" for a, v in attack_rows.items())) if attack_rows else ""
-        suspected = evaluation.get("gradient_masking_suspected", None)
-        checks = {True: "**gradient masking suspected** (failed: " + ", ".join(evaluation.get("failed_checks") or []) + ")",
-                  False: "the gradient-masking checks passed", None: "the gradient-masking checks were **not run**"}[suspected]
-        rows = f"| attack | accuracy (%) |\n|---|---|\n{rows}\n\nOn {evaluation.get('n')} examples of {dataset_name} ({split}), " \
-               f"eps = {evaluation.get('eps_str') or evaluation.get('eps')} in pixel space ({evaluation.get('norm', 'linf')}); " \
-               f"{checks}. `worst_case` is the per-example worst over every attack; each family row is the per-example " \
-               "worst over that family's attacks. CAS models are attacked adaptively (objectives that see the auxiliary " \
-               "heads and the routing, best iterate kept, eval mode, each module routing by its own prediction)." + detail
-    training_block = (f"```json\n{json.dumps(training, indent=1, default=str)}\n```" if training
-                      else "None recorded: casify did not fine-tune this model.")
-    content = f"""---
-{data.to_yaml()}
----
-
-# {model_name}
-
-{intro}
-
-- **Base model:** {_base_line(config)}
-{method_line}
-- **CAS layers:** {", ".join(cas.get("layers", [])) or "none"} (init `{cas.get("init")}`, {cas.get("num_classes")} classes)
-- **Training threat model:** {"n/a" if eps is None else f"L-inf, eps = {eps:.6f} (= {eps * 255:.3g}/255) in pixel space [0, 1]"}
-- **Input normalisation:** {"inside the model: " + json.dumps(config.get("normalize")) if config.get("normalize") else "none"}; feed pixels in [0, 1]
-- **Checkpoint selection:** {training.get("selected_on", "n/a")}
-
-## Evaluation
-
-{rows or "No evaluation was recorded."}
-
-## Use
-
-```python
-# pip install {DISTRIBUTION}
-import casify
-model = casify.from_pretrained("{model_name}").eval()   # forward(x) returns logits; x in [0, 1]
-```
-
-## Training configuration
-
-{training_block}
-"""
-    return ModelCard(content)
+                         tags=list(TAGS), base_model=base_hub_id(config),
+                         eval_results=eval_results(summary, dataset_name, dataset_type, split) or None)
+    headline = []
+    if summary is not None:  # lead with the worst case: the number a reader should quote
+        accuracy = dict(summary.accuracy)
+        headline = ([("worst_case", accuracy.pop("worst_case"))] if "worst_case" in accuracy else []) \
+            + list(accuracy.items())
+    template = resources.files("casify").joinpath("templates").joinpath(TEMPLATE)
+    with resources.as_file(template) as path:
+        return ModelCard.from_template(
+            data, template_path=str(path), model_name=model_name, cas_name=CAS_NAME,
+            casify_link=f"[casify]({PROJECT_URL})", distribution=DISTRIBUTION,
+            base={"name": _base_name(config), "hub_id": base_hub_id(config),
+                  "kwargs_json": json.dumps((config.get("base_model") or {}).get("kwargs", {}))},
+            cas={"layers": list(cas.get("layers") or []), "init": cas.get("init"),
+                 "num_classes": cas.get("num_classes")},
+            normalize_json=json.dumps(config["normalize"]) if config.get("normalize") else None,
+            training=training, evaluation=summary, headline=headline, dataset_name=dataset_name, split=split)

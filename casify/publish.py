@@ -13,6 +13,7 @@ from typing import List, Optional, Union
 from torch import nn
 
 from .config_validation import read_config
+from .eval_summary import EvalSummary
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_pretrained
 
 # What push_to_hub uploads from a folder: the model, its card and evaluation reports, never checkpoints or logs.
@@ -30,12 +31,19 @@ def upload_patterns(folder: Union[str, os.PathLike]) -> List[str]:
 
 
 def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_name: str, *,
-                     evaluation: Optional[dict] = None, dataset_name: str = "unknown", dataset_type: str = "unknown",
-                     split: str = "test") -> Path:
-    """``save_pretrained`` plus ``README.md`` (the model card): exactly the files :func:`push_to_hub` uploads."""
+                     evaluation: Union[None, dict, EvalSummary] = None, dataset_name: str = "unknown",
+                     dataset_type: str = "unknown", split: str = "test") -> Path:
+    """``save_pretrained`` plus ``README.md`` (the model card): exactly the files :func:`push_to_hub` uploads.
+
+    ``evaluation``: an ``EvalReport.summary()`` (or its ``summary_record()``), stored as the config's ``metrics``
+    and read by the card; a malformed one is a ValueError naming the field, raised before anything is written."""
     from .model_card import make_model_card
 
     folder = Path(folder)
+    if isinstance(evaluation, EvalSummary):
+        evaluation = evaluation.to_dict()
+    elif evaluation:
+        EvalSummary.from_dict(evaluation, "evaluation")
     save_pretrained(model, folder, metrics=evaluation)
     config = read_config(folder / CONFIG_NAME)  # the card describes what was written, as from_pretrained reads it
     card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split)
@@ -43,9 +51,10 @@ def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_na
     return folder
 
 
-def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Optional[dict] = None, dataset_name: str = "unknown",
-                dataset_type: str = "unknown", split: str = "test", private: bool = False, token=None,
-                commit_message: str = "Upload robust model trained with casify", folder: Optional[os.PathLike] = None):
+def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Union[None, dict, EvalSummary] = None,
+                dataset_name: str = "unknown", dataset_type: str = "unknown", split: str = "test",
+                private: bool = False, token=None, commit_message: str = "Upload robust model trained with casify",
+                folder: Optional[os.PathLike] = None):
     """Save the model with a model card (evaluation results in the ``model-index`` metadata) and upload it.
 
     ``folder``: where to stage the files (kept); by default a temporary directory. Only the model files, the card and

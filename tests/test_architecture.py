@@ -19,7 +19,7 @@ ROOT = Path(casify.__file__).parent
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
     ("foundation", {"casify.version", "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.data", "casify.model_card", "casify.models", "casify.models._timm",
+                    "casify.data", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
     # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs

@@ -2,13 +2,76 @@
 import shutil
 from pathlib import Path
 
+from types import SimpleNamespace
+
+import httpx2
+import huggingface_hub
+import huggingface_hub._snapshot_download
+import pytest
 import timm
 import torch
 import yaml
 from huggingface_hub import HfApi
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
 import casify
+import casify.hub
+from casify import LoadError
+
+
+class FakeHub:
+    """The Hub without a network: huggingface_hub's own ``snapshot_download`` runs (revision to commit, the tree
+    listing filtered by ``allow_patterns``, the cache layout, the offline lookup of ``local_files_only``); only its
+    network calls are replaced. ``HfApi.repo_info`` and ``HfApi.list_repo_tree`` answer from ``remote`` (a folder of
+    the repo's files; None: the network is off, a ConnectError), and each file download copies a file from ``remote``
+    into the cache (``cache``, in place of ~/.cache/huggingface/hub).
+
+    ``snapshots``: the arguments of every ``snapshot_download`` call; ``api_calls``: the Hub API calls made;
+    ``downloaded``: the files fetched from the remote, in order."""
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, monkeypatch, cache, remote=None, repo_id="someone/tiny-cas"):
+        self.remote, self.repo_id = remote, repo_id
+        self.snapshots, self.api_calls, self.downloaded = [], [], []
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        real_snapshot_download = huggingface_hub.snapshot_download
+        hub = self
+
+        def snapshot_download(repo_id, **kwargs):
+            hub.snapshots.append(dict(kwargs, repo_id=repo_id))
+            return real_snapshot_download(repo_id, **kwargs)
+
+        def repo_info(api, repo_id, **kwargs):
+            hub.api_calls.append(("repo_info", repo_id, kwargs.get("revision")))
+            hub._online(repo_id)
+            return SimpleNamespace(sha=hub.COMMIT)
+
+        def list_repo_tree(api, repo_id, **kwargs):
+            hub.api_calls.append(("list_repo_tree", repo_id, kwargs.get("revision")))
+            hub._online(repo_id)
+            return [RepoFile(path=p.name, size=p.stat().st_size, oid="0" * 40) for p in sorted(remote.iterdir())]
+
+        def hf_hub_download(repo_id, filename, *, revision, cache_dir, **kwargs):
+            hub._online(repo_id)
+            assert revision == hub.COMMIT  # snapshot_download pins every file to the commit it resolved
+            target = Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / revision
+            if not (target / filename).is_file():  # as hf_hub_download: a file of a commit in the cache is not fetched
+                hub.downloaded.append(filename)
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(remote / filename, target / filename)
+            return str(target / filename)
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        monkeypatch.setattr(HfApi, "repo_info", repo_info)
+        monkeypatch.setattr(HfApi, "list_repo_tree", list_repo_tree)
+        monkeypatch.setattr(huggingface_hub._snapshot_download, "hf_hub_download", hf_hub_download)
+
+    def _online(self, repo_id):
+        if self.remote is None:
+            raise httpx2.ConnectError("network is off in the tests")
+        assert repo_id == self.repo_id
 
 
 def _model():
@@ -58,19 +121,59 @@ def test_push_uploads_a_loadable_folder_with_a_model_index(tmp_path, monkeypatch
     assert values["natural accuracy"] == 90.0 and values["pgd20 accuracy (linf, eps=8/255)"] == 45.0
     assert "CAS layers:** block" in text
 
-    # from_pretrained("user/repo") goes through hf_hub_download; serve the uploaded files from the fake remote
-    import huggingface_hub
-
-    def fake_download(repo_id, filename, **kwargs):
-        assert repo_id == "someone/tiny-cas"
-        return str(remote / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    # from_pretrained("user/repo") goes through snapshot_download; the fake Hub serves the uploaded files
+    hub = FakeHub(monkeypatch, tmp_path / "cache", remote)
     from conftest import TinyNet
     loaded = casify.from_pretrained("someone/tiny-cas", model=TinyNet())
     model.eval(), loaded.eval()
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # the config first and alone, then the weights of the same commit; the card (README.md) is never downloaded
+    assert [s["allow_patterns"] for s in hub.snapshots] == [["config.json"], ["model.safetensors"]]
+    assert [s["revision"] for s in hub.snapshots] == [None, FakeHub.COMMIT]
+    assert hub.downloaded == ["config.json", "model.safetensors"]
+
+
+def test_a_hub_model_loads_offline_from_the_cache_and_only_from_it(tmp_path, monkeypatch):
+    from conftest import TinyNet
+    model = _model()
+    model.save_pretrained(tmp_path / "remote")
+    (tmp_path / "remote" / "README.md").write_text("the card")
+    (tmp_path / "remote" / "other.bin").write_bytes(b"not casify's")
+    hub = FakeHub(monkeypatch, tmp_path / "cache", tmp_path / "remote")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match=r"no local folder 'someone/tiny-cas'.*HF_HUB_OFFLINE is set.*"
+                                        r"LocalEntryNotFoundError"):
+        casify.from_pretrained("someone/tiny-cas", model=TinyNet())
+    assert hub.api_calls == [] and hub.snapshots[-1]["local_files_only"] is True
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    casify.hub.load_config("someone/tiny-cas")  # online: the config alone reaches the cache
+    assert hub.downloaded == ["config.json"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match=r"'someone/tiny-cas' could not be read \(HF_HUB_OFFLINE is set.*"
+                                        r"IncompleteSnapshotError.*missing \(model.safetensors\)"):
+        casify.from_pretrained("someone/tiny-cas", model=TinyNet())
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    casify.from_pretrained("someone/tiny-cas", model=TinyNet())
+    assert hub.downloaded == ["config.json", "model.safetensors"]  # README.md and other.bin stay on the Hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = len(hub.api_calls)
+    loaded = casify.from_pretrained("someone/tiny-cas", model=TinyNet())  # from the cache, without the network
+    assert len(hub.api_calls) == calls and hub.downloaded == ["config.json", "model.safetensors"]
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_a_hub_repo_without_the_casify_files_is_explained(tmp_path, monkeypatch):
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "pytorch_model.bin").write_bytes(b"a pickle casify never reads")
+    hub = FakeHub(monkeypatch, tmp_path / "cache", tmp_path / "remote")
+    with pytest.raises(LoadError, match=r"the Hub repo 'someone/tiny-cas' has no config.json; is it a repo written "
+                                        r"by casify's push_to_hub"):
+        casify.from_pretrained("someone/tiny-cas")
+    assert hub.downloaded == []
 
 
 def test_write_hub_folder_without_evaluation(tmp_path):

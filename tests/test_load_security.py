@@ -202,18 +202,13 @@ def test_a_good_config_loads_with_the_network_blocked(tmp_path, offline):
 
 
 def test_a_hostile_hub_config_is_refused_before_the_weights_are_downloaded(tmp_path, monkeypatch, no_build):
+    from test_hub import FakeHub  # huggingface_hub's own snapshot_download, serving this folder without a network
     remote = _folder(tmp_path / "remote", dict(GOOD, base_model={"source": "timm", "name": "hf-hub:attacker/evil"}))
-    asked = []
-
-    def fake_download(repo_id, filename, **kwargs):
-        asked.append(filename)
-        return str(remote / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    hub = FakeHub(monkeypatch, tmp_path / "cache", remote, repo_id="someone/model")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LoadError, match="base_model.name = 'hf-hub:attacker/evil'"):
         casify.from_pretrained("someone/model")
-    assert asked == ["config.json"]
+    assert hub.downloaded == ["config.json"] and [s["allow_patterns"] for s in hub.snapshots] == [["config.json"]]
 
 
 def test_a_model_whose_config_would_be_refused_is_not_saved(tmp_path, tiny_net):

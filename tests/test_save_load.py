@@ -102,21 +102,15 @@ def test_bad_locations_are_explained(tmp_path):
         casify.from_pretrained(str(tmp_path / "does" / "not" / "exist"))
 
 
-def _no_hub(monkeypatch):
-    """Record calls to hf_hub_download instead of going online."""
-    import huggingface_hub
-    calls = []
-
-    def fake_download(repo_id, filename, **kwargs):
-        calls.append((repo_id, filename, kwargs))
-        raise huggingface_hub.errors.LocalEntryNotFoundError("network is off in the tests")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    return calls
+def _no_hub(monkeypatch, tmp_path):
+    """huggingface_hub's own snapshot_download with the network off (an empty cache, a ConnectError for every Hub
+    call); its calls are recorded."""
+    from test_hub import FakeHub
+    return FakeHub(monkeypatch, tmp_path / "hf-cache", remote=None).snapshots
 
 
 def test_a_mistyped_local_path_fails_at_once_without_the_hub(tmp_path, monkeypatch):
-    calls = _no_hub(monkeypatch)
+    calls = _no_hub(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     start = time.perf_counter()
@@ -131,16 +125,18 @@ def test_a_mistyped_local_path_fails_at_once_without_the_hub(tmp_path, monkeypat
 
 
 def test_a_repo_id_that_is_not_local_tries_the_hub_and_says_both(tmp_path, monkeypatch):
-    calls = _no_hub(monkeypatch)
+    calls = _no_hub(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LoadError, match=r"no local folder 'user/name'.*Hub repo 'user/name' could not be read.*"
-                                        r"LocalEntryNotFoundError: network is off"):
+                                        r"LocalEntryNotFoundError: .*ConnectError: network is off"):
         casify.from_pretrained("user/name")
-    assert [c[:2] for c in calls] == [("user/name", "config.json")]  # the weights are never asked for
+    # only config.json is asked for: the weights never are
+    assert [(c["repo_id"], c["allow_patterns"], c["local_files_only"]) for c in calls] == [
+        ("user/name", ["config.json"], False)]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LoadError, match="no local folder 'user/name'.*HF_HUB_OFFLINE is set"):
+    with pytest.raises(LoadError, match="no local folder 'user/name'.*HF_HUB_OFFLINE is set.*LocalEntryNotFoundError"):
         casify.from_pretrained("user/name")
-    assert calls[-1][2]["local_files_only"] is True  # offline: only the local Hub cache, no retries
+    assert calls[-1]["local_files_only"] is True  # offline: only the local Hub cache, no retries
 
 
 def _saved_tiny(tmp_path, tiny_net):

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ..eps import format_eps
+from ..eval_summary import EvalSummary
+
+__all__ = ["AttackResult", "Check", "EvalReport", "EvalSummary"]
+
 
 @dataclass
 class AttackResult:
@@ -117,6 +121,11 @@ class EvalReport:
         model: ``pgd20[cas]`` alone). ``worst_case`` is exact in both modes. ``cascade``: per worst-case row, in the
         order they ran, ``attacked`` / ``newly_fooled`` / ``robust_after`` (counts of examples).
         """
+        return self.summary_record().to_dict()
+
+    def summary_record(self) -> EvalSummary:
+        """:meth:`summary` as a typed record (:class:`casify.eval_summary.EvalSummary`); ``summary()`` is its
+        ``to_dict()``."""
         accuracy = {name: f["accuracy"] for name, f in self.families.items()}
         if not accuracy:  # a report built by hand: the rows themselves
             accuracy = {r.name: r.accuracy for r in self.attacks
@@ -125,13 +134,12 @@ class EvalReport:
         rows = {r.name: r.accuracy for r in self.attacks
                 if r.in_worst_case and r.kind != "noise" and r.accuracy is not None}
         failed = None if self.gradient_masking_suspected is None else [c.name for c in self.checks if c.passed is False]
-        return {"eps": self.eps, "eps_str": self.eps_str, "norm": self.norm, "n": self.n_examples,
-                "suite": self.suite, "mode": "per-attack" if self.per_attack else "cascade",
-                "accuracy": accuracy, "rows": rows,
-                "families": {name: list(f["rows"]) for name, f in self.families.items()},
-                "upper_bounds": [name for name, f in self.families.items() if f.get("upper_bound")],
-                "cascade": [dict(c) for c in self.cascade],
-                "gradient_masking_suspected": self.gradient_masking_suspected, "failed_checks": failed}
+        return EvalSummary(eps=self.eps, eps_str=self.eps_str, norm=self.norm, n=self.n_examples, suite=self.suite,
+                           mode="per-attack" if self.per_attack else "cascade", accuracy=accuracy, rows=rows,
+                           families={name: list(f["rows"]) for name, f in self.families.items()},
+                           upper_bounds=[name for name, f in self.families.items() if f.get("upper_bound")],
+                           cascade=[dict(c) for c in self.cascade],
+                           gradient_masking_suspected=self.gradient_masking_suspected, failed_checks=failed)
 
     def check(self, name: str) -> Check:
         for c in self.checks:
