@@ -336,6 +336,9 @@ def _input_grad_direction(outputs: List[torch.Tensor], grads: List[Optional[torc
     saturated CE) would otherwise underflow to an all-zero input gradient in half precision. Examples are independent
     in eval mode, so the scale changes neither the sign nor the L2 direction. Rows still all zero in half precision are
     retried once with a larger scale; rows whose gradient is zero or not finite get a zero step.
+
+    The result is a float32 tensor the caller owns (the input gradient itself where autograd handed back a float32
+    buffer of its own: no zero-filled buffer lives through the backward), so the attack may overwrite it in place.
     """
     pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
     if not pairs:
@@ -343,7 +346,7 @@ def _input_grad_direction(outputs: List[torch.Tensor], grads: List[Optional[torc
     outputs, grads = [o for o, _ in pairs], [g for _, g in pairs]
     peak = torch.stack([g.flatten(1).abs().amax(dim=1) for g in grads]).amax(dim=0)
     scale = torch.where(peak > 0, 1.0 / peak.clamp(min=torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
-    direction = torch.zeros_like(x_adv, dtype=torch.float32)
+    direction = None
     todo = torch.isfinite(peak) & (peak > 0)
     boosts = (1.0, 2.0 ** 12) if low_precision else (1.0,)
     for i, boost in enumerate(boosts):
@@ -351,15 +354,40 @@ def _input_grad_direction(outputs: List[torch.Tensor], grads: List[Optional[torc
                         for o, g in zip(outputs, grads)]
         (grad,) = torch.autograd.grad(outputs, x_adv, grad_outputs=grad_outputs, retain_graph=i < len(boosts) - 1,
                                       allow_unused=True)
+        del grad_outputs
         if grad is None:
             break
-        flat = grad.float().flatten(1)
-        good = todo & torch.isfinite(flat).all(dim=1) & (flat != 0).any(dim=1)
-        direction[good] = grad.float()[good]
+        good = todo & _rows_finite_nonzero(grad)
+        if direction is None:
+            direction = _owned_float32(grad)
+            del grad
+            if not bool(good.all()):
+                direction.masked_fill_(~good.view(-1, *([1] * (direction.dim() - 1))), 0.0)
+        elif bool(good.any()):  # the retry: only the rows that were all zero, copied in
+            rows = good.nonzero().squeeze(1)
+            direction.index_copy_(0, rows, grad.index_select(0, rows).float())
         todo &= ~good
         if not bool(todo.any()):
             break
+    if direction is None:
+        return torch.zeros_like(x_adv, dtype=torch.float32)
     return direction
+
+
+def _rows_finite_nonzero(t: torch.Tensor) -> torch.Tensor:
+    """Per row: every entry finite and some entry non-zero (one reduction pass, no full-size temporary)."""
+    low, high = t.flatten(1).aminmax(dim=1)  # a NaN anywhere in a row makes both NaN
+    return torch.isfinite(low) & torch.isfinite(high) & ((low != 0) | (high != 0))
+
+
+def _owned_float32(grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` itself when it is a dense float32 buffer (autograd's output, which nothing else references; it may be
+    a view of autograd's own temporary, as behind a flatten), else a float32 copy: an expanded gradient (behind a sum
+    or a broadcast) must not be written in place, and a half-precision one is widened."""
+    dense = grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)
+    if grad.dtype == torch.float32 and dense:
+        return grad
+    return grad.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _rows_norm(t: torch.Tensor) -> torch.Tensor:
@@ -374,6 +402,28 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     else:
         delta = delta * (eps / (_rows_norm(delta) + 1e-12)).clamp(max=1.0)
     return (x + delta).clamp(0.0, 1.0)
+
+
+def _project_(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """:func:`_project` in place on ``x_adv`` (a float32 buffer the attack owns; ``x`` may be half precision: it is
+    promoted exactly). The same float32 operations in the same order as out of place, so bit-identical results."""
+    delta = x_adv.sub_(x)
+    if norm == "linf":
+        delta.clamp_(-eps, eps)
+    else:
+        delta.mul_((eps / (_rows_norm(delta) + 1e-12)).clamp(max=1.0))
+    return delta.add_(x).clamp_(0.0, 1.0)
+
+
+def _step_(x_adv: torch.Tensor, direction: torch.Tensor, alpha: float, norm: str) -> None:
+    """``x_adv += alpha * sign(direction)`` (linf) or ``alpha * direction / ||direction||`` (l2), in place; the
+    direction buffer is overwritten with the step."""
+    if norm == "linf":
+        step = direction.sign_().mul_(alpha)
+    else:
+        length = _rows_norm(direction) + 1e-12  # of the direction, before it is scaled
+        step = direction.mul_(alpha).div_(length)
+    x_adv.add_(step)
 
 
 Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
@@ -393,12 +443,13 @@ def draw_noise(kind: str, shape, generator: Generators, device) -> torch.Tensor:
 
 def _random_start(x: torch.Tensor, eps: float, norm: str, start: str, start_std: float,
                   generator: Generators) -> torch.Tensor:
+    """The first iterate, a new float32 buffer (``x`` may be half precision; the noise and the iterate are not)."""
     if start == "none":
-        return x.clone()
+        return x.to(torch.float32, copy=True)
     if start == "normal":
-        noise = draw_noise("randn", x.shape, generator, x.device) * start_std
+        noise = draw_noise("randn", x.shape, generator, x.device).mul_(start_std)
     elif norm == "linf":
-        noise = (draw_noise("rand", x.shape, generator, x.device) * 2 - 1) * eps
+        noise = draw_noise("rand", x.shape, generator, x.device).mul_(2).sub_(1).mul_(eps)
     else:
         # Uniform in the L2 ball: a uniform direction and a radius eps * u^(1/d).
         if generator is None or isinstance(generator, torch.Generator):
@@ -408,10 +459,11 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, start: str, start_std:
             pairs = [(draw_noise("randn", (1,) + tuple(x.shape[1:]), [g], x.device), draw_noise("rand", (1,), [g], x.device))
                      for g in generator]
             direction, u = torch.cat([d for d, _ in pairs]), torch.cat([r for _, r in pairs])
-        direction = direction / (_rows_norm(direction) + 1e-12)
+            del pairs
+        direction.div_(_rows_norm(direction) + 1e-12)
         radius = eps * u.pow(1.0 / x[0].numel())
-        noise = direction * radius.view(-1, *([1] * (x.dim() - 1)))
-    return _project(x + noise, x, eps, norm)
+        noise = direction.mul_(radius.view(-1, *([1] * (x.dim() - 1))))
+    return _project_(noise.add_(x), x, eps, norm)  # noise + x == x + noise: float addition commutes
 
 
 def _start_kind(random_start: Union[bool, str]) -> str:
@@ -449,7 +501,10 @@ class AttackInfo:
 
 class _BestIterate:
     """Per example, the iterate that fools the deployed model with the largest margin, else the one with the
-    largest (least negative) margin; a later iterate wins ties, so a flat margin returns the last iterate."""
+    largest (least negative) margin; a later iterate wins ties, so a flat margin returns the last iterate.
+
+    ``x`` is the one buffer that best-iterate tracking costs over a last-iterate attack; it is updated in place
+    (a masked copy), so an update allocates nothing of the batch's size."""
 
     def __init__(self, x: torch.Tensor):
         n = x.shape[0]
@@ -465,7 +520,10 @@ class _BestIterate:
         if not self.seen:
             take = torch.ones_like(take)
             self.seen = True
-        self.x = torch.where(take.view(-1, *([1] * (x_it.dim() - 1))), x_it, self.x)
+        if bool(take.all()):
+            self.x.copy_(x_it)
+        elif bool(take.any()):
+            torch.where(take.view(-1, *([1] * (x_it.dim() - 1))), x_it, self.x, out=self.x)
         self.margin = torch.where(take, margin, self.margin)
         self.fooled = self.fooled | fooled
         self.first_fooled = torch.where((self.first_fooled < 0) & fooled, torch.full_like(self.first_fooled, index),
@@ -525,7 +583,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
     model = _attack_target(model)
     has_cas = bool(find_cas_modules(model))
     low_precision = _low_precision(model, x)
-    x_nat = x.detach().float()
+    # The centre of the ball. The iterate, the step and the projection are float32 even when x or the model is half
+    # precision (a bf16 iterate could not move by alpha near 1); a half-precision x stays as it is and is promoted
+    # exactly inside each float32 op, so no float32 copy of the clean batch is kept (a float32 x is used as is).
+    x_nat = x.detach() if x.dtype in (torch.float16, torch.bfloat16) else x.detach().float()
     y = y.detach()
     routing = _resolve_routing(model, x.detach(), routing)
     # The gradient forward is the deployed forward (and scores the iterate for free) unless the crafting routing
@@ -537,7 +598,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
     def deployed_margin(x_in: torch.Tensor, logits: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if logits is None:
             with torch.no_grad(), _deployed_routing(model, has_cas):
-                logits = model(x_in).float()
+                logits = model(x_in.to(x.dtype)).float()
         logits = logits.detach()
         return cw_margin(logits, y), logits.argmax(dim=1) != y
 
@@ -553,24 +614,29 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
             x_adv = _random_start(x_nat, eps, norm, start, start_std, generator)
             if track_every and every is None:
                 every = _BestIterate(x_adv)
+            # Memory: besides the model's activations, a step holds the iterate, the best iterate (keep="best") and
+            # the input gradient, which becomes the step and is added in place; the projection runs in place too.
+            # That is what torchattacks' PGD holds (its clone of the clean batch, its iterate, its gradient), so the
+            # peaks match; keep="last" holds one buffer fewer.
             for k in range(steps):
                 x_adv.requires_grad_(True)
                 logits, aux = _forward(model, x_adv.to(x.dtype), has_cas)
                 outputs = [logits] + aux
                 if track_every:
-                    margin, fooled = deployed_margin(x_adv.detach().to(x.dtype), logits if shared_scoring else None)
+                    margin, fooled = deployed_margin(x_adv.detach(), logits if shared_scoring else None)
                     every.update(x_adv.detach(), margin, fooled, r * (steps + 1) + k, last=False)
                 _, grads = _output_grads(objective_fn, outputs, inp_kwargs)
                 direction = _input_grad_direction(outputs, grads, x_adv, low_precision)
-                del logits, aux, outputs, grads
+                del logits, aux, outputs, grads  # the graph is gone before the step
+                x_adv = x_adv.detach()  # a float32 buffer of this attack's own (nothing else references it)
                 with torch.no_grad():
-                    if norm == "linf":
-                        step = alpha * direction.sign()
-                    else:
-                        step = alpha * direction / (_rows_norm(direction) + 1e-12)
-                    x_adv = _project(x_adv.detach() + step, x_nat, eps, norm)
+                    _step_(x_adv, direction, alpha, norm)
+                    del direction
+                    _project_(x_adv, x_nat, eps, norm)
             if track_every or restarts > 1:
-                margin, fooled = deployed_margin(x_adv.to(x.dtype), None)
+                # The final iterate has had no forward yet: scoring it costs one no-grad forward per restart, which
+                # is why keep="best" takes ~3% longer than a last-iterate PGD (10 steps; benchmarks/cost_ratios.py).
+                margin, fooled = deployed_margin(x_adv, None)
                 if track_every:
                     every.update(x_adv, margin, fooled, r * (steps + 1) + steps, last=True)
                 if keep == "last":
