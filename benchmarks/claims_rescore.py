@@ -11,8 +11,9 @@ train.npz (held out, never the test set) by casify's adaptive best-iterate PGD-1
   use seed 0 only (the CPU budget);
 - scoring is ``casify.evaluate(attacks="standard")`` at eps 8/255 on all 846 lossless test images (the cascade:
   adaptive objectives that see the auxiliary heads, straight-through routing, each head alone, best iterate,
-  per-example worst case), plus AutoAttack (standard) on the first ``--aa-examples`` images; per-example flags are
-  stored so that comparisons are paired on the same images;
+  per-example worst case; for AT and AT+CAS of seed 0 every row on every example, the audit's full table), plus
+  AutoAttack (standard) on the first ``--aa-examples`` images of AT and AT+CAS (``--aa-seeds``, default seed 0: the CPU
+  budget); per-example flags are stored so that comparisons are paired on the same images;
 - the channel analysis (claims 1-5) captures CAS layers before the mask, the baseline at the same point.
 
     OMP_NUM_THREADS=1 python benchmarks/claims_rescore.py --train --data-dir ../shared/data/cifar10 \
@@ -140,7 +141,7 @@ def cmd_train(args) -> None:
 
 # -- scoring ---------------------------------------------------------------------------------------------------------
 FULL_TABLE = ("at", "at_cas")  # seed 0: every attack on every example (the audit's table); the rest: the cascade
-AUTOATTACK_ARMS = ("at", "at_cas")  # AutoAttack on every seed of these; on seed 0 of the others
+AUTOATTACK_ARMS = ("at", "at_cas")  # AutoAttack (the CPU budget: --aa-seeds of these two arms only)
 
 
 def attack_list(cas: bool):
@@ -199,7 +200,7 @@ def score_one(args, name: str, seed: int) -> None:
             "layer": ch.layer, "capture_point": ch.capture_point, "captured": ch.captured,
             "magnitude": {k: v for k, v in ch.magnitude.items() if not isinstance(v, (list, torch.Tensor))},
             "frequency_class_mean": ch.frequency_class_mean}, indent=1, default=str))
-    aa_wanted = args.aa_examples > 0 and (name in AUTOATTACK_ARMS or seed == 0)
+    aa_wanted = args.aa_examples > 0 and name in AUTOATTACK_ARMS and seed in args.aa_seeds
     if aa_wanted and not (out / "autoattack.json").exists():
         start = time.time()
         report = evaluate(model, test, attacks=[], eps=EPS, seed=0, progress=False, checks=False, autoattack=True,
@@ -445,6 +446,7 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--follow", action="store_true", help="with --score: wait for runs still training")
     parser.add_argument("--aa-examples", type=int, default=400, help="AutoAttack on the first N test images (0: none)")
+    parser.add_argument("--aa-seeds", type=int, nargs="+", default=[0], help="AutoAttack on these seeds of at/at_cas")
     parser.add_argument("--only", nargs="+", default=None, help="only these experiments")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -149,6 +149,32 @@ def test_cascade_with_nothing_left_skips_the_later_rows(models):
     assert all(f is None for c in later for f in report.per_example[c["row"]])
 
 
+def test_autoattacks_own_flags_are_passed_through(models, monkeypatch):
+    """A flag AutoAttack raises (its warnings) fails the autoattack_flags check with the text as evidence; a run
+    without flags passes it; without AutoAttack the check is skipped."""
+    import warnings
+
+    from casify.evaluate import blackbox
+    message = "Square Attack has decreased the robust accuracy of 2.50%."
+
+    class FlaggingAutoAttack:
+        def __init__(self, model, norm, eps, version, device, seed, verbose=False):
+            pass
+
+        def run_standard_evaluation(self, x, y, bs):
+            warnings.warn(Warning(message))
+            return x.clone()
+
+    model, _ = models
+    x, y = make_data(16, 5)
+    monkeypatch.setattr(blackbox, "load_autoattack", lambda: (FlaggingAutoAttack, "autoattack"))
+    flagged = evaluate(model, (x, y), attacks=["fgsm", "pgd20"], eps=EPS, progress=False, autoattack=True)
+    check = flagged.check("autoattack_flags")
+    assert check.passed is False and flagged.gradient_masking_suspected
+    assert check.evidence["flags"]["autoattack[final-logits]"] == [message]
+    assert evaluate(model, (x, y), attacks=["fgsm"], eps=EPS, progress=False).check("autoattack_flags").passed is None
+
+
 def test_autoattack_joins_the_cascade_on_the_survivors(models, monkeypatch):
     """AutoAttack, when asked for, runs after the white-box rows on the examples they left robust, and enters the
     worst case (a stand-in records what it was given: the real package takes minutes on a CPU)."""

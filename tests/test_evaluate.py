@@ -177,7 +177,8 @@ def test_honest_model_passes_every_check(report):
     assert {c.name: c.passed for c in report.checks} == {
         "eps_monotone": True, "more_steps_do_not_help": True, "black_box_not_stronger": True,
         "pgd_beats_noise": True, "nonzero_gradients": True, "iterative_beats_single_step": True,
-        "final_logits_vs_adaptive": True, "best_vs_last_iterate": True, "worst_case_near_single_attacks": True}
+        "final_logits_vs_adaptive": True, "best_vs_last_iterate": True, "worst_case_near_single_attacks": True,
+        "autoattack_flags": None}  # skipped: AutoAttack not asked for
     assert report.gradient_masking_suspected is False
     assert report.summary()["gradient_masking_suspected"] is False and report.summary()["failed_checks"] == []
     assert report.check("eps_monotone").evidence["accuracy_at_large_eps"] < ev.LARGE_EPS_MAX_ACCURACY

@@ -21,6 +21,7 @@ evidence). Any failure sets the report's ``gradient_masking_suspected``.
   best iterate it passed through + tolerance.
 - ``worst_case_near_single_attacks``: the worst case is no more than twice the tolerance below the strongest single
   attack: attacks that each miss many examples another one finds are unreliable one by one.
+- ``autoattack_flags``: AutoAttack's own reliability flags (its ``warnings``), passed through: any flag fails.
 
 Tolerance: two binomial standard errors of the reference accuracy, ``2 * sqrt(max(p (1 - p), 1 / n) / n)``, and at
 least one percentage point.
@@ -346,10 +347,21 @@ def check_worst_case_near_single_attacks(e: CheckInputs) -> Check:
                      {"skipped": "fewer than two attacks"})
 
 
+def check_autoattack_flags(e: CheckInputs) -> Check:
+    """AutoAttack's own doubts, passed through: any flag it raised (zero gradients, Square lowering the accuracy
+    its gradient attacks left, randomness, ...) fails the check with the flag's text as evidence."""
+    rows = [j for j in e.jobs[:e.n_rows] if j.kind == "autoattack"]
+    if not rows:
+        return Check("autoattack_flags", None, "needs AutoAttack (autoattack=True)", {"skipped": "AutoAttack not run"})
+    flags = {j.name: list(j.flags) for j in rows}
+    return Check("autoattack_flags", not any(flags.values()), "AutoAttack raised none of its own reliability flags",
+                 {"flags": flags})
+
+
 CHECKS: Tuple[Callable[[CheckInputs], Check], ...] = (
     check_eps_monotone, check_more_steps_do_not_help, check_black_box_not_stronger, check_pgd_beats_noise,
     check_nonzero_gradients, check_iterative_beats_single_step, check_final_logits_vs_adaptive,
-    check_best_vs_last_iterate, check_worst_case_near_single_attacks)
+    check_best_vs_last_iterate, check_worst_case_near_single_attacks, check_autoattack_flags)
 
 
 def run_checks(inputs: CheckInputs) -> List[Check]:

@@ -7,6 +7,7 @@ the rows, each with its seed. Nothing here runs a batch: :mod:`casify.evaluate.r
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -48,13 +49,15 @@ class Job:
     iterative: bool = False
     per_example_seed: bool = False
     rank: int = 3
+    flags: List[str] = field(default_factory=list)  # doubts the attack raised itself (AutoAttack's)
 
 
 # The cascade's order (per_attack=False): rows with a lower rank run first (ties: in the plan's order). Rank 0 runs on
 # every example: natural, the main FGSM and PGD-20 and the noise baseline (the gradient-masking checks and the
 # summary need them whole; FGSM costs one step). Then, each on the examples still robust: straight-through PGD on the
-# adaptive objective, APGD (joint DLR) and routing-consistent APGD-T, CW on the joint objective, other rows with the deployed routing (PGD-100, custom attacks), each auxiliary head
-# alone, the fixed routings, AutoAttack, and the black-box attacks (transfer, Square).
+# adaptive objective, APGD (joint DLR) and routing-consistent APGD-T, CW on the joint objective, other rows with the
+# deployed routing (PGD-100, custom attacks), each auxiliary head alone, the fixed routings, AutoAttack, and the
+# black-box attacks (transfer, Square).
 CASCADE_RANKS = {"every example": 0, "straight-through": 1, "apgd": 2, "cw20": 3, "deployed routing": 4,
                  "one head": 5, "fixed routing": 6, "autoattack": 7, "black-box": 8}
 CASCADE_RULE = ("rows run in this order, each after the first group only on the examples that every earlier row left "
@@ -249,9 +252,14 @@ def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, 
     """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
     i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active.
     Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``."""
+    flags: List[str] = []
+
     def craft(x, y, batch, generator):
         x = x.contiguous()  # pyautoattack .view()s the input gradient, which fails on a permuted (NHWC) batch
-        with attack_context(model):
+        # AutoAttack flags its own doubts (zero gradients, Square beating the gradient attacks, randomness, ...) with
+        # warnings.warn: keep them for the autoattack_flags check instead of letting them scroll by
+        with attack_context(model), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             if flavour == "pyautoattack":
                 aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
                 out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
@@ -259,14 +267,16 @@ def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, 
                 aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed,
                               verbose=False)
                 out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
+        flags.extend(str(w.message) for w in caught if str(w.message) not in flags)
         x_adv = out[0] if isinstance(out, tuple) else out
         return x_adv.detach().to(x.device, x.dtype)
 
     name = "autoattack[final-logits]" if cas else "autoattack"
     return Job(name, "autoattack", eps,
-                {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps)},
+                {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps),
+                 "flags": flags},  # filled while it runs: in the row's settings whether or not the checks run
                 "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
-                objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)")
+                objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)", flags=flags)
 
 
 @dataclass
