@@ -3,7 +3,7 @@ that a CAS model cannot fool).
 
 The audit retrained the paper-claims AT and AT+CAS models (CIFAR ResNet-18 width 1/8, seed 0) and attacked them on the
 846 lossless test images at 8/255 harder than casify did. This script reads the same protocol's models, retrained
-reproducibly for 3 seeds by ``benchmarks/claims_rescore.py`` (run its ``--train --score`` first), and reports:
+reproducibly for 3 seeds by ``benchmarks/paper_claims.py`` (run its ``--train --score`` first), and reports:
 
 - the audit's rows, re-measured on seed 0 from the full per-attack table (every row on every example): the old
   ``quick`` suite's worst case, PGD-20 / CW-20 on the final logits, PGD-20 on head 0 alone, last vs best iterate,
@@ -11,7 +11,7 @@ reproducibly for 3 seeds by ``benchmarks/claims_rescore.py`` (run its ``--train 
 - per seed: casify's worst case (the default cascade's, exact), AutoAttack, and the paired AT+CAS - AT difference;
 - the checkpoints' SHA-256, so the numbers can be tied to the models.
 
-    python benchmarks/eval_strength.py --runs-dir outputs/claims_rescore
+    python benchmarks/eval_strength.py --runs-dir outputs/paper_claims
 
 Writes results/eval_strength.{json,md}.
 """
@@ -66,7 +66,7 @@ def audit_rows(cas: dict, at: dict) -> list:
 def main(argv=None):
     from casify.evaluate.compare import paired, pooled, welch
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", default="outputs/claims_rescore")
+    parser.add_argument("--runs-dir", default="outputs/paper_claims")
     parser.add_argument("--results-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     runs = Path(args.runs_dir)
@@ -77,10 +77,10 @@ def main(argv=None):
 
     seeds = [s for s in (0, 1, 2) if load("at", s, "score.json") and load("at_cas", s, "score.json")]
     if 0 not in seeds:
-        raise SystemExit("needs at_s0 and at_cas_s0 scored by benchmarks/claims_rescore.py --score")
+        raise SystemExit("needs at_s0 and at_cas_s0 scored by benchmarks/paper_claims.py --score")
     cas0, at0 = load("at_cas", 0, "score.json"), load("at", 0, "score.json")
     if cas0["mode"] != "per-attack" or at0["mode"] != "per-attack":
-        raise SystemExit("seed 0 must be scored per attack (claims_rescore does so for at / at_cas seed 0)")
+        raise SystemExit("seed 0 must be scored per attack (paper_claims.py does so for at / at_cas seed 0)")
     per_seed, comparisons = [], []
     for s in seeds:
         c, a = load("at_cas", s, "score.json"), load("at", s, "score.json")
@@ -97,7 +97,7 @@ def main(argv=None):
                          "paired_at_cas_minus_at": cmp.to_dict(),
                          "at_cas_sha256": c["model_sha256"], "at_sha256": a["model_sha256"],
                          "at_cas_score_seconds": c["seconds"], "at_score_seconds": a["seconds"]})
-    out = {"protocol": "benchmarks/claims_rescore.py's AT and AT+CAS (paper-claims settings: CIFAR ResNet-18 width "
+    out = {"protocol": "benchmarks/paper_claims.py's AT and AT+CAS (paper-claims settings: CIFAR ResNet-18 width "
                        "1/8, 5,000 training images, 8 epochs, PGD-3 at 8/255), test846, eps 8/255",
            "audit_table_seed0": audit_rows(cas0, at0), "per_seed": per_seed,
            "pooled_at_cas_minus_at": pooled(comparisons).to_dict(),
@@ -115,7 +115,7 @@ def _pct(x) -> str:
 
 def markdown(out: dict) -> str:
     lines = ["# Evaluation strength: the audit's table, re-measured", "",
-             "`python benchmarks/eval_strength.py` (after `benchmarks/claims_rescore.py --train --score`). "
+             "`python benchmarks/eval_strength.py` (after `benchmarks/paper_claims.py --train --score`). "
              + out["protocol"] + ".", "",
              "## Seed 0, every attack on every example (%)", "",
              "| attack | AT+CAS | AT | audit: AT+CAS | audit: AT |", "|---|---|---|---|---|"]
