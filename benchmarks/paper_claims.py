@@ -219,7 +219,7 @@ def cmd_score(args) -> None:
     """Score each trained run (in the training order); with ``--follow``, wait for runs still training."""
     while True:
         pending = []
-        for name, seed in SCHEDULE:
+        for name, seed in (reversed(SCHEDULE) if args.reverse else SCHEDULE):
             if args.only and name not in args.only:
                 continue
             out = run_dir(args, name, seed)
@@ -447,6 +447,8 @@ def main(argv=None):
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--follow", action="store_true", help="with --score: wait for runs still training")
+    parser.add_argument("--reverse", action="store_true",
+                        help="with --score: last runs first (a second scorer on another core meets the first midway)")
     parser.add_argument("--aa-examples", type=int, default=400, help="AutoAttack on the first N test images (0: none)")
     parser.add_argument("--aa-seeds", type=int, nargs="+", default=[0], help="AutoAttack on these seeds of at/at_cas")
     parser.add_argument("--only", nargs="+", default=None, help="only these experiments")

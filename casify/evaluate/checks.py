@@ -103,19 +103,15 @@ class CheckInputs:
 
 def check_eps_monotone(e: CheckInputs) -> Check:
     """Accuracy falls with eps and reaches ~0 at a large eps."""
-    results = e.results
-    n = e.n
-    eps = e.eps
-    by_name = e.by_name
-    by_role = e.by_role
-    points = [(0.0, by_name["natural"][1].accuracy)]
-    if "pgd20" in by_role:
-        points.append((eps, by_role["pgd20"][1].accuracy))
-    points += [(r.eps, r.accuracy) for r in results if r.kind == "sweep" or r.name == f"pgd20@{format_eps(LARGE_EPS)}"]
+    points = [(0.0, e.by_name["natural"][1].accuracy)]
+    if "pgd20" in e.by_role:
+        points.append((e.eps, e.by_role["pgd20"][1].accuracy))
+    points += [(r.eps, r.accuracy) for r in e.results
+               if r.kind == "sweep" or r.name == f"pgd20@{format_eps(LARGE_EPS)}"]
     points.sort(key=lambda p: p[0])
     rises = [(format_eps(a[0]), format_eps(b[0])) for a, b in zip(points, points[1:])
-             if b[0] > a[0] and b[1] > a[1] + tolerance(a[1], n)]
-    large = by_name[f"pgd20@{format_eps(LARGE_EPS)}"][1].accuracy
+             if b[0] > a[0] and b[1] > a[1] + tolerance(a[1], e.n)]
+    large = e.by_name[f"pgd20@{format_eps(LARGE_EPS)}"][1].accuracy
     return Check("eps_monotone", not rises and large < LARGE_EPS_MAX_ACCURACY,
                  f"accuracy must not rise with eps and must fall below {100 * LARGE_EPS_MAX_ACCURACY:g} % at "
                  f"eps {format_eps(LARGE_EPS)}",
@@ -125,17 +121,14 @@ def check_eps_monotone(e: CheckInputs) -> Check:
 
 def check_more_steps_do_not_help(e: CheckInputs) -> Check:
     """More steps must not help the model."""
-    n = e.n
-    partial = e.partial
-    by_role = e.by_role
-    if "pgd100" in by_role and partial(by_role["pgd100"][0]):
+    if "pgd100" in e.by_role and e.partial(e.by_role["pgd100"][0]):
         return Check("more_steps_do_not_help", None, "needs pgd20 and pgd100 on every example (per_attack=True)",
                      {"skipped": "cascade: PGD-100 ran only on the examples every earlier row left correct"})
-    elif "pgd20" in by_role and "pgd100" in by_role:
-        a20, a100 = by_role["pgd20"][1].accuracy, by_role["pgd100"][1].accuracy
-        tol = tolerance(a20, n)
+    elif "pgd20" in e.by_role and "pgd100" in e.by_role:
+        a20, a100 = e.by_role["pgd20"][1].accuracy, e.by_role["pgd100"][1].accuracy
+        tol = tolerance(a20, e.n)
         return Check("more_steps_do_not_help", a100 <= a20 + tol, "PGD-100 accuracy <= PGD-20 accuracy + tol",
-                     {"pgd20": a20, "pgd100": a100, "rows": [by_role["pgd20"][1].name, by_role["pgd100"][1].name],
+                     {"pgd20": a20, "pgd100": a100, "rows": [e.by_role["pgd20"][1].name, e.by_role["pgd100"][1].name],
                       "tolerance": tol})
     else:
         return Check("more_steps_do_not_help", None, "needs pgd20 and pgd100 (the standard suite)",
@@ -144,32 +137,25 @@ def check_more_steps_do_not_help(e: CheckInputs) -> Check:
 
 def check_black_box_not_stronger(e: CheckInputs) -> Check:
     """Black-box attacks must not beat white-box ones."""
-    results = e.results
-    jobs = e.jobs
-    n = e.n
-    correct = e.correct
-    ran = e.ran
-    partial = e.partial
-    rows = e.rows
-    white = [i for i in rows if jobs[i].kind in ("natural", "white-box", "adaptive", "autoattack")]
-    black = [i for i in rows if jobs[i].kind == "black-box"]
+    white = [i for i in e.rows if e.jobs[i].kind in ("natural", "white-box", "adaptive", "autoattack")]
+    black = [i for i in e.rows if e.jobs[i].kind == "black-box"]
     if black and len(white) > 1:
-        white_flags = correct[:, white].all(dim=1)
-        wb = float(white_flags.float().mean()) if n else 0.0
-        tol = tolerance(wb, n)
+        white_flags = e.correct[:, white].all(dim=1)
+        wb = float(white_flags.float().mean()) if e.n else 0.0
+        tol = tolerance(wb, e.n)
         evidence = {"white_box_worst": wb, "tolerance": tol}
         ok = True
         for i in black:
-            if partial(i):  # it attacked only what every earlier row left correct: what it fools there is the gap
-                fooled = int((ran[:, i] & ~correct[:, i]).sum())
-                evidence[f"{jobs[i].name}_attacked"] = int(ran[:, i].sum())
-                evidence[f"{jobs[i].name}_fooled_survivors"] = fooled
-                ok &= fooled / n <= tol
+            if e.partial(i):  # it attacked only what every earlier row left correct: what it fools there is the gap
+                fooled = int((e.ran[:, i] & ~e.correct[:, i]).sum())
+                evidence[f"{e.jobs[i].name}_attacked"] = int(e.ran[:, i].sum())
+                evidence[f"{e.jobs[i].name}_fooled_survivors"] = fooled
+                ok &= fooled / e.n <= tol
                 continue
-            acc = results[i].accuracy
-            only_black = int((white_flags & ~correct[:, i]).sum())
-            evidence[jobs[i].name] = acc
-            evidence[f"{jobs[i].name}_fools_white_box_survivors"] = only_black
+            acc = e.results[i].accuracy
+            only_black = int((white_flags & ~e.correct[:, i]).sum())
+            evidence[e.jobs[i].name] = acc
+            evidence[f"{e.jobs[i].name}_fools_white_box_survivors"] = only_black
             ok &= acc >= wb - tol
         return Check("black_box_not_stronger", ok, "transfer / Square accuracy >= white-box worst case - tol "
                      "(cascade: a black-box row fools at most tol of the examples every earlier row left correct)",
@@ -181,21 +167,16 @@ def check_black_box_not_stronger(e: CheckInputs) -> Check:
 
 def check_pgd_beats_noise(e: CheckInputs) -> Check:
     """PGD must beat uniform noise of the same size."""
-    results = e.results
-    n = e.n
-    correct = e.correct
-    by_name = e.by_name
-    by_role = e.by_role
-    if "pgd20" in by_role:
-        i_pgd, i_noise = by_role["pgd20"][0], by_name["noise"][0]
-        acc_pgd, acc_noise = results[i_pgd].accuracy, results[i_noise].accuracy
-        pgd_only = int((correct[:, i_noise] & ~correct[:, i_pgd]).sum())
-        noise_only = int((correct[:, i_pgd] & ~correct[:, i_noise]).sum())
-        nothing_left = acc_noise <= tolerance(acc_noise, n)
+    if "pgd20" in e.by_role:
+        i_pgd, i_noise = e.by_role["pgd20"][0], e.by_name["noise"][0]
+        acc_pgd, acc_noise = e.results[i_pgd].accuracy, e.results[i_noise].accuracy
+        pgd_only = int((e.correct[:, i_noise] & ~e.correct[:, i_pgd]).sum())
+        noise_only = int((e.correct[:, i_pgd] & ~e.correct[:, i_noise]).sum())
+        nothing_left = acc_noise <= tolerance(acc_noise, e.n)
         significant = pgd_only - noise_only > 2.0 * math.sqrt(pgd_only + noise_only) and acc_pgd < acc_noise
         return Check("pgd_beats_noise", bool(nothing_left or significant),
                      "PGD-20 fools significantly more examples than uniform noise (paired, 2 sigma)",
-                     {"pgd20": acc_pgd, "row": results[i_pgd].name, "noise": acc_noise,
+                     {"pgd20": acc_pgd, "row": e.results[i_pgd].name, "noise": acc_noise,
                       "fooled_by_pgd_only": pgd_only, "fooled_by_noise_only": noise_only})
     else:
         return Check("pgd_beats_noise", None, "needs pgd20", {"skipped": "pgd20 not run"})
@@ -203,8 +184,7 @@ def check_pgd_beats_noise(e: CheckInputs) -> Check:
 
 def check_nonzero_gradients(e: CheckInputs) -> Check:
     """The input gradient exists."""
-    zero_grads = e.zero_grads
-    zero = torch.cat(zero_grads) if zero_grads else torch.zeros(0, dtype=torch.bool)
+    zero = torch.cat(e.zero_grads) if e.zero_grads else torch.zeros(0, dtype=torch.bool)
     frac = float(zero.float().mean()) if zero.numel() else 0.0
     return Check("nonzero_gradients", frac <= ZERO_GRAD_MAX_FRACTION,
                  f"at most {100 * ZERO_GRAD_MAX_FRACTION:g} % of clean examples with a zero or non-finite input "
@@ -213,21 +193,18 @@ def check_nonzero_gradients(e: CheckInputs) -> Check:
 
 def check_iterative_beats_single_step(e: CheckInputs) -> Check:
     """An iterative attack must not be weaker than a single step on the same objective."""
-    n = e.n
-    partial = e.partial
-    by_role = e.by_role
-    whole_iterative = [role for role in ("pgd20", "pgd100") if role in by_role and not partial(by_role[role][0])]
-    if "fgsm" in by_role and whole_iterative:
-        a_fgsm = by_role["fgsm"][1].accuracy
-        tol = tolerance(a_fgsm, n)
-        evidence = {by_role["fgsm"][1].name: a_fgsm, "tolerance": tol}
+    whole_iterative = [role for role in ("pgd20", "pgd100") if role in e.by_role and not e.partial(e.by_role[role][0])]
+    if "fgsm" in e.by_role and whole_iterative:
+        a_fgsm = e.by_role["fgsm"][1].accuracy
+        tol = tolerance(a_fgsm, e.n)
+        evidence = {e.by_role["fgsm"][1].name: a_fgsm, "tolerance": tol}
         ok = True
         for role in ("pgd20", "pgd100"):
-            if role in by_role and partial(by_role[role][0]):
-                evidence[by_role[role][1].name] = "not compared: ran only on the cascade's survivors"
-            elif role in by_role:
-                evidence[by_role[role][1].name] = by_role[role][1].accuracy
-                ok &= by_role[role][1].accuracy <= a_fgsm + tol
+            if role in e.by_role and e.partial(e.by_role[role][0]):
+                evidence[e.by_role[role][1].name] = "not compared: ran only on the cascade's survivors"
+            elif role in e.by_role:
+                evidence[e.by_role[role][1].name] = e.by_role[role][1].accuracy
+                ok &= e.by_role[role][1].accuracy <= a_fgsm + tol
         return Check("iterative_beats_single_step", ok, "PGD-20 / PGD-100 accuracy <= FGSM accuracy + tol "
                      "(same objective)", evidence)
     else:
@@ -237,18 +214,13 @@ def check_iterative_beats_single_step(e: CheckInputs) -> Check:
 
 def check_final_logits_vs_adaptive(e: CheckInputs) -> Check:
     """Final-logit vs adaptive objectives (CAS models)."""
-    n = e.n
-    cas = e.cas
-    by_name = e.by_name
-    by_role = e.by_role
-    worst = e.worst
-    if cas and CHECK_FINAL_LOGITS in by_name:
-        final = by_name[CHECK_FINAL_LOGITS][1].accuracy
-        ref = by_role["pgd20"][1] if "pgd20" in by_role else by_name[CHECK_ADAPTIVE][1]
+    if e.cas and CHECK_FINAL_LOGITS in e.by_name:
+        final = e.by_name[CHECK_FINAL_LOGITS][1].accuracy
+        ref = e.by_role["pgd20"][1] if "pgd20" in e.by_role else e.by_name[CHECK_ADAPTIVE][1]
         adaptive = ref.accuracy
-        tol = tolerance(min(final, adaptive), n)
+        tol = tolerance(min(final, adaptive), e.n)
         gap = final - adaptive
-        passed = worst <= min(final, adaptive) + tol
+        passed = e.worst <= min(final, adaptive) + tol
         if not passed:
             verdict = ("the reported attacks miss what the adaptive objective finds: final-logit attacks overstate "
                        "this model" if adaptive <= final else "the reported attacks miss what a final-logit PGD finds")
@@ -263,7 +235,7 @@ def check_final_logits_vs_adaptive(e: CheckInputs) -> Check:
         "the reported worst case is no higher than a final-logit PGD-20 or an adaptive PGD-20 (check-only "
         "references where not rows) + tol; their gap says how much final-logit-only attacks overstate the model",
         {"final_logits_pgd20": final, "adaptive_pgd20": adaptive, "adaptive_row": ref.name,
-         "final_minus_adaptive": gap, "worst_case": worst, "tolerance": tol, "verdict": verdict})
+         "final_minus_adaptive": gap, "worst_case": e.worst, "tolerance": tol, "verdict": verdict})
     else:
         return Check("final_logits_vs_adaptive", None, "needs a model with CAS modules",
                      {"skipped": "no CAS modules: the adaptive objectives are the final-logit ones"})
@@ -271,31 +243,22 @@ def check_final_logits_vs_adaptive(e: CheckInputs) -> Check:
 
 def check_best_vs_last_iterate(e: CheckInputs) -> Check:
     """The last iterate must not be far weaker than the best one, and no row may report a last iterate that is."""
-    results = e.results
-    jobs = e.jobs
-    n = e.n
-    correct = e.correct
-    ran = e.ran
-    partial = e.partial
-    rows = e.rows
-    correct_last = e.correct_last
-    correct_best = e.correct_best
-    iterative = [i for i in rows if jobs[i].iterative and (results[i].last_iterate_accuracy is not None
-                                                           or (partial(i) and bool(ran[:, i].any())))]
-    if iterative and n:
+    iterative = [i for i in e.rows if e.jobs[i].iterative and (e.results[i].last_iterate_accuracy is not None
+                                                           or (e.partial(i) and bool(e.ran[:, i].any())))]
+    if iterative and e.n:
         evidence, ok, gaps = {}, True, []
         for i in iterative:
-            on = ran[:, i]  # every example, or in a cascade the examples the row attacked
+            on = e.ran[:, i]  # every example, or in a cascade the examples the row attacked
             m = int(on.sum())
-            last = int(correct_last[on, i].sum()) / m
-            best = int(correct_best[on, i].sum()) / m
-            acc = int(correct[on, i].sum()) / m
+            last = int(e.correct_last[on, i].sum()) / m
+            best = int(e.correct_best[on, i].sum()) / m
+            acc = int(e.correct[on, i].sum()) / m
             tol = tolerance(best, m)
-            keeps_last = jobs[i].settings.get("keep") == "last"
-            evidence[jobs[i].name] = {"best": round(best, 4), "last": round(last, 4),
-                                      "keep": jobs[i].settings.get("keep")}
-            if partial(i):
-                evidence[jobs[i].name]["attacked"] = m
+            keeps_last = e.jobs[i].settings.get("keep") == "last"
+            evidence[e.jobs[i].name] = {"best": round(best, 4), "last": round(last, 4),
+                                      "keep": e.jobs[i].settings.get("keep")}
+            if e.partial(i):
+                evidence[e.jobs[i].name]["attacked"] = m
             gaps.append(last - best)
             ok &= last - best <= 2.0 * tol and not (keeps_last and acc - best > tol)
         evidence["largest_gap"] = max(gaps)
@@ -309,37 +272,29 @@ def check_best_vs_last_iterate(e: CheckInputs) -> Check:
 
 def check_worst_case_near_single_attacks(e: CheckInputs) -> Check:
     """The worst case must not lie far below every single attack."""
-    results = e.results
-    jobs = e.jobs
-    n = e.n
-    correct = e.correct
-    ran = e.ran
-    partial = e.partial
-    rows = e.rows
-    worst = e.worst
-    singles = [i for i in rows if jobs[i].in_worst_case and jobs[i].kind not in ("natural", "noise")]
+    singles = [i for i in e.rows if e.jobs[i].in_worst_case and e.jobs[i].kind not in ("natural", "noise")]
     description = ("worst case >= strongest single attack - 2 tol (attacks that each miss many examples another finds "
                    "are unreliable one by one)")
-    if len(singles) > 1 and n and not any(partial(i) for i in singles):
-        strongest = min(singles, key=lambda i: results[i].accuracy)
-        best_single = results[strongest].accuracy
-        margin = 2.0 * tolerance(best_single, n)
-        return Check("worst_case_near_single_attacks", worst >= best_single - margin, description,
-                     {"worst_case": worst, "strongest_single": jobs[strongest].name,
+    if len(singles) > 1 and e.n and not any(e.partial(i) for i in singles):
+        strongest = min(singles, key=lambda i: e.results[i].accuracy)
+        best_single = e.results[strongest].accuracy
+        margin = 2.0 * tolerance(best_single, e.n)
+        return Check("worst_case_near_single_attacks", e.worst >= best_single - margin, description,
+                     {"worst_case": e.worst, "strongest_single": e.jobs[strongest].name,
                       "strongest_single_accuracy": best_single, "allowed_gap": margin})
-    elif len(singles) > 1 and n:
+    elif len(singles) > 1 and e.n:
         # a cascade: a row that ran on survivors only has accuracy in [its survivors, + the examples it skipped]
-        low = {i: int(correct[:, i].sum()) / n for i in singles}
-        high = {i: low[i] + (int((~ran[:, i]).sum()) / n if partial(i) else 0.0) for i in singles}
+        low = {i: int(e.correct[:, i].sum()) / e.n for i in singles}
+        high = {i: low[i] + (int((~e.ran[:, i]).sum()) / e.n if e.partial(i) else 0.0) for i in singles}
         hi_i, lo_i = min(singles, key=lambda i: high[i]), min(singles, key=lambda i: low[i])
         hi, lo = high[hi_i], low[lo_i]
-        sure_pass = worst >= hi - 2.0 * tolerance(hi, n) and worst >= lo - 2.0 * tolerance(lo, n)
-        sure_fail = worst < hi - 2.0 * tolerance(hi, n) and worst < lo - 2.0 * tolerance(lo, n)
+        sure_pass = e.worst >= hi - 2.0 * tolerance(hi, e.n) and e.worst >= lo - 2.0 * tolerance(lo, e.n)
+        sure_fail = e.worst < hi - 2.0 * tolerance(hi, e.n) and e.worst < lo - 2.0 * tolerance(lo, e.n)
         return Check("worst_case_near_single_attacks", True if sure_pass else (False if sure_fail else None),
                      description + " (cascade: decided from bounds on the strongest single attack, else "
                      "undetermined: run per_attack=True)",
-                     {"worst_case": worst, "strongest_single_accuracy_bounds": [lo, hi],
-                      "strongest_single_candidates": sorted({jobs[lo_i].name, jobs[hi_i].name}),
+                     {"worst_case": e.worst, "strongest_single_accuracy_bounds": [lo, hi],
+                      "strongest_single_candidates": sorted({e.jobs[lo_i].name, e.jobs[hi_i].name}),
                       **({} if sure_pass or sure_fail else
                          {"skipped": "undetermined in a cascade: run per_attack=True"})})
     else:
