@@ -53,7 +53,7 @@ class FakeHub:
             hub._online(repo_id)
             return [RepoFile(path=p.name, size=p.stat().st_size, oid="0" * 40) for p in sorted(remote.iterdir())]
 
-        def hf_hub_download(repo_id, filename, *, revision, cache_dir, **kwargs):
+        def hf_hub_download(repo_id, filename, *, revision, cache_dir, **kwargs):  # offline-ok: the stand-in
             hub._online(repo_id)
             assert revision == hub.COMMIT  # snapshot_download pins every file to the commit it resolved
             target = Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / revision
