@@ -200,8 +200,8 @@ def gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, in_wor
     settings["routing"] = attack.routing or "predicted (by each module, as deployed)"
     settings["eps_str"] = format_eps(attack.eps)
     return Job(name, kind, attack.eps, settings, notes or describe_attack(attack), craft, in_worst_case,
-                family=family or name, objective=attack.objective, role=role, iterative=attack.steps > 1,
-                per_example_seed=True, rank=cascade_rank(attack, role))
+               family=family or name, objective=attack.objective, role=role, iterative=attack.steps > 1,
+               per_example_seed=True, rank=cascade_rank(attack, role))
 
 
 def noise_job(eps: float) -> Job:
@@ -210,8 +210,8 @@ def noise_job(eps: float) -> Job:
         return (x + eps * noise).clamp(0.0, 1.0)
 
     return Job("noise", "noise", eps, {"distribution": "uniform in the L-inf ball", "eps_str": format_eps(eps)},
-                "uniform random noise of the same size (baseline for the checks)", craft, family="noise",
-                per_example_seed=True, rank=CASCADE_RANKS["every example"])
+               "uniform random noise of the same size (baseline for the checks)", craft, family="noise",
+               per_example_seed=True, rank=CASCADE_RANKS["every example"])
 
 
 def apgd_job(base: str, target: nn.Module, eps: float, cas: bool) -> Job:
@@ -273,10 +273,10 @@ def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, 
 
     name = "autoattack[final-logits]" if cas else "autoattack"
     return Job(name, "autoattack", eps,
-                {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps),
-                 "flags": flags},  # filled while it runs: in the row's settings whether or not the checks run
-                "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
-                objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)", flags=flags)
+               {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps),
+                "flags": flags},  # filled while it runs: in the row's settings whether or not the checks run
+               "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
+               objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)", flags=flags)
 
 
 @dataclass
@@ -303,7 +303,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     cas_modules = find_cas_modules(model)
     has_cas = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
-                             rank=CASCADE_RANKS["every example"])]
+                            rank=CASCADE_RANKS["every example"])]
     n_modules = len(cas_modules)
 
     def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
@@ -344,19 +344,19 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         surrogate_obj = objective_for(bool(find_cas_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj)
         jobs.append(gradient_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
-                                  notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
-                                        f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
-                                        "model"))
+                                 notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
+                                       f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
+                                       "model"))
         jobs[-1].iterative = False  # its iterates are scored on the surrogate: no last-iterate evidence
         jobs[-1].rank = CASCADE_RANKS["black-box"]
     if square_queries > 0:
         jobs.append(Job(f"square{square_queries}", "black-box", eps,
-                         {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin",
-                          "eps_str": format_eps(eps)},
-                         f"Square attack, {square_queries} queries, margin loss, p_init {SQUARE_P_INIT}",
-                         lambda x, y, b, g: square_attack(model, x, y, eps=eps, n_queries=square_queries,
-                                                          generator=g), family=f"square{square_queries}",
-                         rank=CASCADE_RANKS["black-box"]))
+                        {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin",
+                         "eps_str": format_eps(eps)},
+                        f"Square attack, {square_queries} queries, margin loss, p_init {SQUARE_P_INIT}",
+                        lambda x, y, b, g: square_attack(model, x, y, eps=eps, n_queries=square_queries,
+                                                         generator=g), family=f"square{square_queries}",
+                        rank=CASCADE_RANKS["black-box"]))
     if checks:
         jobs.append(noise_job(eps))
     sweep_jobs = []
@@ -367,7 +367,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     if checks:
         attack = Attack(name=f"pgd20@{format_eps(LARGE_EPS)}", eps=LARGE_EPS, steps=20, objective=objective_for(has_cas))
         check_jobs.append(gradient_job(attack.name, "check", attack, target, in_worst_case=False,
-                                        notes="large-eps PGD-20 for the eps_monotone check"))
+                                       notes="large-eps PGD-20 for the eps_monotone check"))
         if has_cas:
             # Check-only references for final_logits_vs_adaptive: never rows of the report.
             check_jobs.append(gradient_job(
