@@ -165,6 +165,10 @@ def load_model(folder: Path):
     return casify.from_pretrained(folder).eval()
 
 
+def aa_wanted(args, name: str, seed: int) -> bool:
+    return args.aa_examples > 0 and name in AUTOATTACK_ARMS and seed in args.aa_seeds
+
+
 def score_one(args, name: str, seed: int) -> None:
     from casify.analysis import analyze
     from casify.data import NpzDataset
@@ -202,8 +206,7 @@ def score_one(args, name: str, seed: int) -> None:
             "layer": ch.layer, "capture_point": ch.capture_point, "captured": ch.captured,
             "magnitude": {k: v for k, v in ch.magnitude.items() if not isinstance(v, (list, torch.Tensor))},
             "frequency_class_mean": ch.frequency_class_mean}, indent=1, default=str))
-    aa_wanted = args.aa_examples > 0 and name in AUTOATTACK_ARMS and seed in args.aa_seeds
-    if aa_wanted and not (out / "autoattack.json").exists():
+    if aa_wanted(args, name, seed) and not (out / "autoattack.json").exists():
         start = time.time()
         report = evaluate(model, test, attacks=[], eps=EPS, seed=0, progress=False, checks=False, autoattack=True,
                           max_examples=args.aa_examples)
@@ -223,7 +226,8 @@ def cmd_score(args) -> None:
             if args.only and name not in args.only:
                 continue
             out = run_dir(args, name, seed)
-            done = all((out / f).exists() for f in ("score.json", "channels.json"))
+            wanted = ["score.json", "channels.json"] + (["autoattack.json"] if aa_wanted(args, name, seed) else [])
+            done = all((out / f).exists() for f in wanted)
             if done:
                 continue
             if (out / "train_record.json").exists():
