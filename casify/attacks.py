@@ -93,10 +93,16 @@ def register_objective(name: str, needs_clean: bool = False) -> Callable[[Object
     return decorator
 
 
+def class_mask(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, num_classes) bool, True at each example's class. Not ``F.one_hot``: it reads ``y.min()`` and ``y.max()``
+    on the host to check the range, a device sync per call (casify.host_sync); ``scatter_`` checks on the device."""
+    return torch.zeros(y.shape[0], num_classes, dtype=torch.bool, device=y.device).scatter_(1, y[:, None], True)
+
+
 def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example ``max_{j != y} z_j - z_y``: positive exactly when the example is misclassified."""
     true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    others = logits.masked_fill(class_mask(y, logits.shape[1]), float("-inf"))
     return others.amax(dim=1) - true
 
 
@@ -228,7 +234,7 @@ class _StraightThrough:
             if not self.active or hard.dim() != 1:
                 return hard
             soft = F.softmax(aux.float() / self.temperature, dim=1)
-            return F.one_hot(hard, soft.shape[1]).to(soft.dtype) + (soft - soft.detach())
+            return class_mask(hard, soft.shape[1]).to(soft.dtype) + (soft - soft.detach())
         return routing_for
 
     def __enter__(self):
@@ -358,16 +364,17 @@ def _input_grad_direction(outputs: List[torch.Tensor], grads: List[Optional[torc
         if grad is None:
             break
         good = todo & _rows_finite_nonzero(grad)
+        rows = good.view(-1, *([1] * (grad.dim() - 1)))
+        # Masked in place whatever the masks hold: asking first (`if good.all()`) would make the host wait for the
+        # device at every step (casify.host_sync; tests/test_host_syncs.py counts them).
         if direction is None:
             direction = _owned_float32(grad)
             del grad
-            if not bool(good.all()):
-                direction.masked_fill_(~good.view(-1, *([1] * (direction.dim() - 1))), 0.0)
-        elif bool(good.any()):  # the retry: only the rows that were all zero, copied in
-            rows = good.nonzero().squeeze(1)
-            direction.index_copy_(0, rows, grad.index_select(0, rows).float())
+            direction.masked_fill_(~rows, 0.0)
+        else:  # the retry: only the rows that were all zero, copied in
+            torch.where(rows, grad, direction, out=direction)
         todo &= ~good
-        if not bool(todo.any()):
+        if i == len(boosts) - 1 or not bool(todo.any()):  # a retry costs a backward: worth one sync to skip
             break
     if direction is None:
         return torch.zeros_like(x_adv, dtype=torch.float32)
@@ -520,10 +527,8 @@ class _BestIterate:
         if not self.seen:
             take = torch.ones_like(take)
             self.seen = True
-        if bool(take.all()):
-            self.x.copy_(x_it)
-        elif bool(take.any()):
-            torch.where(take.view(-1, *([1] * (x_it.dim() - 1))), x_it, self.x, out=self.x)
+        # A masked copy whatever ``take`` holds: no host sync (see casify.host_sync)
+        torch.where(take.view(-1, *([1] * (x_it.dim() - 1))), x_it, self.x, out=self.x)
         self.margin = torch.where(take, margin, self.margin)
         self.fooled = self.fooled | fooled
         self.first_fooled = torch.where((self.first_fooled < 0) & fooled, torch.full_like(self.first_fooled, index),

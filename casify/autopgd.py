@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import AttackInfo, Generators, attack_context, cw_margin, draw_noise
+from .attacks import AttackInfo, Generators, attack_context, class_mask, cw_margin, draw_noise
 from .cas import aux_logits, find_cas_modules
 
 APGD_INSTALL = "pip install pyautoattack"
@@ -189,7 +189,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     clean = adapter.predict(x)
     _need_classes(clean, 4, "APGD-T")
     n_targets = max(1, min(int(n_targets), clean.shape[1] - 1))
-    ranked = clean.masked_fill(F.one_hot(y, clean.shape[1]).bool(), float("-inf")).argsort(dim=1, descending=True)
+    ranked = clean.masked_fill(class_mask(y, clean.shape[1]), float("-inf")).argsort(dim=1, descending=True)
     best, fooled = x.clone(), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         attack = apgd_t_class(adapter, n_iter=int(steps), norm="Linf", n_restarts=1, eps=float(eps), seed=0,

@@ -18,6 +18,11 @@ PIXEL_RANGE_TOLERANCE = 1e-3
 SYNC_FREE_DEVICES = ("cpu",)
 """Device types where reading an input's min/max back costs nothing; elsewhere it waits for the device, so it is rare."""
 
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on ``device`` back to Python costs nothing (no wait for the device)."""
+    return device.type in SYNC_FREE_DEVICES
+
+
 CHECKED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 """Device types where the range check runs at all (on XLA-like devices a read-back would force the lazy graph)."""
 
@@ -34,15 +39,16 @@ class InputRangeCheck:
     """Warn once (per model) when inputs are clearly not pixels in [0, 1].
 
     Cheap: one min/max of the input. On CPU every forward is checked until it warns. On an accelerator reading the two
-    numbers back waits for the device, so only the first forward after each ``train()``/``eval()`` switch is checked
-    (a data pipeline changes with the mode; an attack's loop never waits). Skipped under torch.compile, fx / jit
+    numbers back waits for the device, so only the first forward in each mode (training, evaluation) is checked: a
+    data pipeline changes with the mode, and neither an attack's loop nor adversarial training, which switches modes
+    every step, waits for it. Skipped under torch.compile, fx / jit
     tracing and CUDA-graph capture, where a read-back is impossible or would break the capture.
     """
 
     def __init__(self, reason: str):
         self.reason = reason
         self.warned = False
-        self.checked_mode: Optional[bool] = None
+        self.checked_modes: set = set()  # on accelerators: the modes (training or not) already checked
 
     def __call__(self, x, training: bool, stacklevel: int = 2) -> None:
         if self.warned or not isinstance(x, torch.Tensor) or x.numel() == 0:
@@ -50,10 +56,10 @@ class InputRangeCheck:
         device = x.device.type
         if device not in CHECKED_DEVICES or _capturing_or_compiling(device):
             return
-        if device not in SYNC_FREE_DEVICES:
-            if self.checked_mode == training:
+        if not host_reads_free(x.device):
+            if training in self.checked_modes:
                 return
-            self.checked_mode = training
+            self.checked_modes.add(training)
         try:
             low, high = (float(v) for v in x.detach().aminmax())
         except RuntimeError:  # functorch transforms, fake tensors, dtypes without min/max: the check is advisory

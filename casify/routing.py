@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .cas import find_cas_modules
+from .normalize import host_reads_free
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -22,9 +23,13 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.dim() == 1:
         if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"class labels must be an integer tensor of shape (N,), got dtype {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes), "
-                             f"got values in [{int(labels.min())}, {int(labels.max())}]")
+        if labels.numel() and host_reads_free(labels.device):
+            if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+                raise ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes), "
+                                 f"got values in [{int(labels.min())}, {int(labels.max())}]")
+        elif labels.numel():  # checked on the device, without making the host wait (every training step routes)
+            torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
+                                f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes)")
         return labels.long()
     if labels.dim() == 2 and labels.is_floating_point():
         if labels.shape[1] != num_classes:

@@ -34,7 +34,8 @@ SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
 _OPTIONAL = ("compile_mode", "ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
 # TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
-NOT_IDENTITY = ("output_dir", "progress", "log_with", "checkpoint_every_steps", "keep_checkpoints", "num_workers")
+NOT_IDENTITY = ("output_dir", "progress", "log_with", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "num_workers")
 RUN_RECORD = "run_config.json"
 EMA_WEIGHTS = "ema.safetensors"
 
@@ -84,6 +85,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     output_dir: str = "outputs/run"
     log_with: Optional[str] = None
+    log_every_steps: int = 10  # metrics are read back (a device sync, a collective) once per this many steps
     progress: bool = True
 
     def __post_init__(self):
@@ -103,6 +105,8 @@ class TrainConfig:
         if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise ValueError(f"compile_mode must be null, 'default', 'reduce-overhead' or 'max-autotune', got "
                              f"{self.compile_mode!r}")
+        if self.log_every_steps < 1:
+            raise ValueError(f"log_every_steps must be at least 1 (1 logs every step), got {self.log_every_steps}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
 
@@ -258,6 +262,37 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+class _MetricWindow:
+    """Means of the step metrics since the last log. The sums stay on the device: reading them back (a host sync,
+    and a collective across processes) happens at a log step only, so the host never waits for the device in
+    between (casify.host_sync; tests/test_host_syncs.py)."""
+
+    def __init__(self):
+        self.names: List[str] = []
+        self.sums: Optional[torch.Tensor] = None
+        self.count = 0
+        self.other: dict = {}
+
+    def add(self, values: dict) -> None:
+        tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+        self.other.update({k: v for k, v in values.items() if not torch.is_tensor(v)})
+        names = sorted(tensors)
+        stacked = torch.stack([tensors[k].detach().float().reshape(()) for k in names])
+        if self.sums is None or names != self.names:
+            self.names, self.sums, self.count = names, torch.zeros_like(stacked), 0
+        self.sums += stacked
+        self.count += 1
+
+    def flush(self, accelerator) -> dict:
+        """The means over the steps since the last flush and over processes; empties the window."""
+        if self.sums is None:
+            return dict(self.other)
+        means = accelerator.gather(self.sums[None] / self.count).mean(dim=0).tolist()
+        out = {**self.other, **dict(zip(self.names, means))}
+        self.sums, self.count, self.other = None, 0, {}
+        return out
+
+
 class Trainer:
     """Adversarial fine-tuning of a (usually CAS-wrapped) model.
 
@@ -286,7 +321,9 @@ class Trainer:
         cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = accelerator or Accelerator(
             cpu=cpu_only, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
-            log_with=config.log_with, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            log_with=config.log_with,
+            # non_blocking: host -> GPU copies of the (pinned) batches overlap the previous step
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
         if self._sharded and not self.accelerator.is_fsdp2:
             # FSDP1 flattens the parameters of the module it wraps, so the unwrapped model the attacks and validation
@@ -435,7 +472,8 @@ class Trainer:
             model = self._compiled_eval.setdefault(id(base), self._compiled(base))
         was_training = base.training
         model.eval()
-        correct_nat = correct_adv = count = 0
+        correct_nat = correct_adv = torch.zeros((), dtype=torch.long)
+        count = 0
         for x, y in self.val_loader:
             x = self._to_format(x)
             with self.accelerator.autocast():
@@ -446,11 +484,12 @@ class Trainer:
                     nat = model(x).argmax(1) == y
                     adv = model(x_adv).argmax(1) == y
             nat, adv = self.accelerator.gather_for_metrics((nat, adv))
-            correct_nat += int(nat.sum())
-            correct_adv += int(adv.sum())
+            correct_nat = correct_nat.to(nat.device) + nat.sum()  # read back once, after the loop
+            correct_adv = correct_adv.to(adv.device) + adv.sum()
             count += nat.numel()
         base.train(was_training)
-        return {"val_natural": correct_nat / max(1, count), "val_pgd": correct_adv / max(1, count), "val_count": count}
+        return {"val_natural": int(correct_nat) / max(1, count), "val_pgd": int(correct_adv) / max(1, count),
+                "val_count": count}
 
     # -- training -------------------------------------------------------------------------------------------------
     def _write_run_config(self) -> None:
@@ -539,6 +578,7 @@ class Trainer:
             if skip:
                 loader = acc.skip_first_batches(self.train_loader, skip)
             micro = 0
+            window = _MetricWindow()
             for x, y in loader:
                 lr = self.scheduler.get_last_lr()[0]
                 x = self._to_format(x)
@@ -553,6 +593,7 @@ class Trainer:
                     acc.backward(loss)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                window.add({**metrics, "loss": loss})
                 micro += 1
                 if micro % cfg.grad_accum:
                     continue
@@ -561,22 +602,22 @@ class Trainer:
                 self.scheduler.step()
                 self.state.global_step += 1
                 self.state.step_in_epoch += 1
-                logged = {k: float(acc.gather_for_metrics(v.detach().reshape(1)).mean()) if torch.is_tensor(v) else v
-                          for k, v in metrics.items()}
-                logged.update(loss=float(acc.gather_for_metrics(loss.detach().reshape(1)).mean()), lr=lr,
-                              step=self.state.global_step, epoch=self.state.epoch)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
-                if cfg.log_with:
-                    acc.log(logged, step=self.state.global_step)
                 end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
                 last = self.state.global_step >= self.total_steps
+                validating = self.val_loader is not None and (
+                    last or (cfg.val_every_steps and self.state.global_step % cfg.val_every_steps == 0)
+                    or (not cfg.val_every_steps and end_of_epoch))
+                if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
+                    # the means since the last log, read back here only: every other step queues and moves on
+                    logged = {**window.flush(acc), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
+                    bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
+                    if cfg.log_with:
+                        acc.log(logged, step=self.state.global_step)
                 if end_of_epoch:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
-                if self.val_loader is not None and (last or (cfg.val_every_steps and
-                                                             self.state.global_step % cfg.val_every_steps == 0)
-                                                    or (not cfg.val_every_steps and end_of_epoch)):
+                if validating:
                     self._validate_and_select(logged)
                 if cfg.checkpoint_every_steps and (self.state.global_step % cfg.checkpoint_every_steps == 0 or last):
                     self.save_checkpoint()
