@@ -12,7 +12,7 @@ the first step holds the compilation) and they run round-robin, so slow drift on
 variant alike. A measurement window is closed with a device synchronisation at both ends (the Trainer itself does
 not wait for the device between log steps), so on a GPU the rate is the device's, not the host's queueing rate.
 
-    # on a GPU (what issue 12 asks for; ~6 min on one H100 with the defaults)
+    # on a GPU (what issue 12 asks for; benchmarks/gpu_speed.sh recipe runs it within a device call's 10 minutes)
     python benchmarks/recipe_cost.py --recipe recipes/configs/imagenet_resnet152_at_cas.yaml --out benchmarks/results
     # a CPU smoke run of the same path on the digits recipe (seconds)
     python benchmarks/recipe_cost.py --recipe recipes/configs/digits_tiny_at_cas.yaml --train-images 1437 \\
@@ -27,10 +27,12 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -125,6 +127,8 @@ class Variant:
         self.window = Window()
         model = build_model({**config["model"], "pretrained": False, "checkpoint": None})
         val = SyntheticImages(2 * batch, shape, num_classes, seed=1)
+        # what the variants built before this one hold stays resident: subtracted from this one's peak
+        self.allocated_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         t = time.perf_counter()
         # one epoch long enough for every step (an epoch boundary would start a new loader inside a window)
         processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -137,6 +141,7 @@ class Variant:
         self.construct_and_warmup_s = time.perf_counter() - t
         self.rates: List[float] = []
         self.peak_bytes: List[int] = []
+        self.syncs_per_step: Optional[float] = None
 
     def measure(self, steps: int) -> float:
         """Run ``steps + 1`` more steps and time the last ``steps``; images/s per device."""
@@ -147,17 +152,44 @@ class Variant:
         seconds = self.window.t1 - self.window.t0
         rate = steps * self.trainer.global_batch_size / seconds / self.trainer.accelerator.num_processes
         self.rates.append(rate)
-        self.peak_bytes.append(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else
-                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        self.peak_bytes.append(torch.cuda.max_memory_allocated() - self.allocated_before if torch.cuda.is_available()
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return rate
+
+    def count_cuda_syncs(self, steps: int) -> None:
+        """Host syncs per training step as CUDA itself reports them (``torch.cuda.set_sync_debug_mode``) over the
+        ``steps`` steps after the first of a ``train()`` call, none of them a log step: what
+        tests/test_host_syncs.py asserts on CPU, checked on the GPU."""
+        if not torch.cuda.is_available() or steps < 1:
+            return
+        start = self.trainer.state.global_step + 1
+
+        def toggle(trainer: Trainer) -> None:
+            if trainer.state.global_step == start:
+                torch.cuda.set_sync_debug_mode("warn")
+            elif trainer.state.global_step == start + steps:
+                torch.cuda.set_sync_debug_mode("default")
+
+        self.trainer.config.log_every_steps = 10 ** 9  # read on every step: no log step inside the window
+        self.trainer.callbacks.append(toggle)
+        self.trainer.total_steps = start + steps + 1  # the last step (it saves the model) stays outside too
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                self.trainer.train(resume=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                self.trainer.callbacks.remove(toggle)
+        self.syncs_per_step = sum("synchroniz" in str(w.message).lower() for w in caught) / steps
 
     def summary(self) -> dict:
         c = self.config
         return {"compile": c.compile, "channels_last": c.channels_last, "mixed_precision": c.mixed_precision,
                 "batch_per_device": c.batch_size, "attack_steps": c.attack_steps, "images_per_s": summarise(self.rates),
-                "images_per_s_by_round": self.rates, "peak_gib": max(self.peak_bytes) / 2 ** 30,
-                "peak_memory_kind": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else
-                                    "process max RSS", "construct_and_warmup_s": self.construct_and_warmup_s}
+                "images_per_s_by_round": self.rates, "peak_gib": self.peak_bytes[0] / 2 ** 30,
+                "peak_memory_kind": "torch.cuda.max_memory_allocated in the first window, less what the variants "
+                                    "built before it hold" if torch.cuda.is_available() else "process max RSS",
+                "construct_and_warmup_s": self.construct_and_warmup_s, "cuda_syncs_per_step": self.syncs_per_step}
 
     def validate_seconds_per_example(self) -> float:
         self.trainer.val_loader = self.val_loader
@@ -168,6 +200,15 @@ class Variant:
         synchronize()
         self.trainer.val_loader = None
         return (time.perf_counter() - t) / metrics["val_count"]
+
+
+def validation_count(total_steps: int, steps_per_epoch: int, val_every_steps: Optional[int], held_out: int) -> int:
+    """How often the Trainer validates: every ``val_every_steps`` (else at every epoch's end) and after the last
+    step, once when both fall together; never without a held-out split."""
+    if held_out <= 0 or total_steps <= 0:
+        return 0
+    every = val_every_steps or steps_per_epoch
+    return total_steps // every + (1 if total_steps % every else 0)
 
 
 def run_estimate(config: TrainConfig, images_per_s: float, val_s_per_example: Optional[float], train_images: int,
@@ -181,12 +222,13 @@ def run_estimate(config: TrainConfig, images_per_s: float, val_s_per_example: Op
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     train_hours = total_steps * global_batch / images_per_s / 3600  # device-hours
-    validations = (total_steps // config.val_every_steps if config.val_every_steps else math.ceil(config.epochs)) + 1
-    val_examples = config.val_max_examples or 0  # the devices share them: device-hours do not depend on the count
+    validations = validation_count(total_steps, steps_per_epoch, config.val_every_steps, held_out)
+    # the Trainer validates on at most val_max_examples of the held-out split, shared by the devices
+    val_examples = min(config.val_max_examples, held_out) if config.val_max_examples else held_out
     val_hours = validations * val_examples * val_s_per_example / 3600 if val_s_per_example is not None else 0.0
     return {"num_devices": num_devices, "train_images": train_images, "held_out": train_images - train_size,
             "global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "train_device_hours": train_hours, "validations": validations,
+            "train_device_hours": train_hours, "validations": validations, "validation_examples": val_examples,
             "validation_device_hours": val_hours, "device_hours": train_hours + val_hours,
             "wall_hours_at_linear_scaling": (train_hours + val_hours) / num_devices}
 
@@ -245,6 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 1:
         parser.error("--steps, --rounds and --warmup must be at least 1")
 
+    # a timeout's SIGTERM runs the clean-up below (the variants' run folders hold saved models)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # every variant compiles its own graphs of the same code objects (update, attack, validation scoring, each
+    # per memory format): dynamo's default limit of 8 per code object would fall back to eager without saying so
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     config = load_config(args.recipe, args.set)
     shape = input_shape(config)
     probe = build_model({**config["model"], "pretrained": False, "checkpoint": None}).eval()
@@ -276,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "speedups": {f"{name} / eager": statistics.median(v.rates) / statistics.median(measured["eager"].rates)
                          for name, v in measured.items() if name != "eager" and "eager" in measured},
             "estimate_variant": chosen, "validate_seconds_per_example": state["val_s"],
+            "dynamo_counters": {group: dict(counts) for group, counts in torch._dynamo.utils.counters.items()
+                                if group in ("stats", "recompiles", "graph_break")},
             "estimate": run_estimate(shipped, statistics.median(measured[chosen].rates), state["val_s"],
                                      args.train_images, held_out, args.devices) if chosen else None,
         }
@@ -295,6 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 print(f"round {r} {name}: {rate:.1f} images/s per device", flush=True)
                 write(complete=False)
         chosen = "shipped" if "shipped" in variants else args.variants[-1]
+        variants[chosen].count_cuda_syncs(args.steps)
         state["val_s"] = variants[chosen].validate_seconds_per_example()
         result = write(complete=True)
     finally:

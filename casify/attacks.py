@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cas import aux_logits, find_cas_modules
+from .normalize import host_reads_free
 from .routing import route
 
 NORMS = ("linf", "l2")
@@ -364,21 +365,38 @@ def _input_grad_direction(outputs: List[torch.Tensor], grads: List[Optional[torc
         if grad is None:
             break
         good = todo & _rows_finite_nonzero(grad)
-        rows = good.view(-1, *([1] * (grad.dim() - 1)))
-        # Masked in place whatever the masks hold: asking first (`if good.all()`) would make the host wait for the
-        # device at every step (casify.host_sync; tests/test_host_syncs.py counts them).
         if direction is None:
             direction = _owned_float32(grad)
             del grad
-            direction.masked_fill_(~rows, 0.0)
+            _select_rows_(direction, ~good, 0.0)
         else:  # the retry: only the rows that were all zero, copied in
-            torch.where(rows, grad, direction, out=direction)
+            _select_rows_(direction, good, grad)
         todo &= ~good
         if i == len(boosts) - 1 or not bool(todo.any()):  # a retry costs a backward: worth one sync to skip
             break
     if direction is None:
         return torch.zeros_like(x_adv, dtype=torch.float32)
     return direction
+
+
+def _select_rows_(dst: torch.Tensor, take: torch.Tensor, src: Union[torch.Tensor, float]) -> None:
+    """``dst[i] = src[i]`` (or ``src`` itself, a number) for every row ``i`` where ``take[i]``, in place.
+
+    On a GPU this is always one masked pass: asking first whether all or no rows are taken would make the host wait
+    for the device at every attack step (casify.host_sync; tests/test_host_syncs.py). Where the answer costs nothing
+    (CPU) the common cases skip the masked pass: every row taken is a plain copy, none is nothing.
+    """
+    if host_reads_free(dst.device):
+        if bool(take.all()):
+            dst.copy_(src) if isinstance(src, torch.Tensor) else dst.fill_(src)
+            return
+        if not bool(take.any()):
+            return
+    rows = take.view(-1, *([1] * (dst.dim() - 1)))
+    if isinstance(src, torch.Tensor):
+        torch.where(rows, src, dst, out=dst)
+    else:
+        dst.masked_fill_(rows, src)
 
 
 def _rows_finite_nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -527,8 +545,7 @@ class _BestIterate:
         if not self.seen:
             take = torch.ones_like(take)
             self.seen = True
-        # A masked copy whatever ``take`` holds: no host sync (see casify.host_sync)
-        torch.where(take.view(-1, *([1] * (x_it.dim() - 1))), x_it, self.x, out=self.x)
+        _select_rows_(self.x, take, x_it)
         self.margin = torch.where(take, margin, self.margin)
         self.fooled = self.fooled | fooled
         self.first_fooled = torch.where((self.first_fooled < 0) & fooled, torch.full_like(self.first_fooled, index),

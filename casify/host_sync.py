@@ -21,9 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Operations whose result the host must read (a Python scalar) or whose output shape depends on tensor values.
 _ALWAYS = frozenset({
     "aten._local_scalar_dense.default",  # .item(), bool(t), float(t), int(t), `if t:`
-    "aten.nonzero.default", "aten.nonzero_static.default", "aten.masked_select.default", "aten.equal.default",
-    "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default",
-    "aten.repeat_interleave.Tensor",
+    "aten.nonzero.default", "aten.masked_select.default", "aten.equal.default", "aten.bincount.default",
+    "aten._unique.default", "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default",
 })
 
 
@@ -35,9 +34,14 @@ def _is_sync(func, args, kwargs) -> bool:
         # t[mask] / t[mask] = v with a boolean mask: the number of selected rows is read on the host
         indices = args[1] if len(args) > 1 else ()
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    if name == "aten.repeat_interleave.Tensor":  # the output size is read on the host unless it is given
+        return (kwargs or {}).get("output_size") is None
     if name == "aten._to_copy.default":  # t.cpu(), t.tolist() of a GPU tensor: a device -> host copy
         target = (kwargs or {}).get("device")
         return args[0].device.type not in ("cpu", "meta") and target is not None and torch.device(target).type == "cpu"
+    if name == "aten.copy_.default":  # cpu_tensor.copy_(gpu_tensor)
+        dst, src = args[0], args[1]
+        return dst.device.type == "cpu" and src.device.type not in ("cpu", "meta")
     return False
 
 

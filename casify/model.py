@@ -97,6 +97,13 @@ class CASModel(nn.Module):
             self._range_check(args[0] if args else next(iter(kwargs.values()), None), self.training)
         return self._forwards[self.training](self, *args, **kwargs)
 
+    def recheck_input_range(self) -> None:
+        """Check the next forward's input range again in either mode (on an accelerator the check otherwise reads
+        only the first batch of each mode): a loop calls this when a new data source starts, e.g. a validation set
+        after training batches. A model that has already warned stays silent."""
+        if self._range_check is not None:
+            self._range_check.rearm()
+
     def _new_range_check(self) -> Optional[InputRangeCheck]:
         """A check for models whose input is pixels in [0, 1]: normalisation inside, or an original that says so."""
         if NORMALIZE_ATTR in self._modules:

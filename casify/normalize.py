@@ -50,6 +50,10 @@ class InputRangeCheck:
         self.warned = False
         self.checked_modes: set = set()  # on accelerators: the modes (training or not) already checked
 
+    def rearm(self) -> None:
+        """Check the next input of each mode again (a new data source)."""
+        self.checked_modes.clear()
+
     def __call__(self, x, training: bool, stacklevel: int = 2) -> None:
         if self.warned or not isinstance(x, torch.Tensor) or x.numel() == 0:
             return

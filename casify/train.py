@@ -85,7 +85,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     output_dir: str = "outputs/run"
     log_with: Optional[str] = None
-    log_every_steps: int = 10  # metrics are read back (a device sync, a collective) once per this many steps
+    log_every_steps: int = 10  # metrics (means over these steps) are read back - a device sync, a collective - once
+    # per this many steps, at the end of an epoch and before each validation
     progress: bool = True
 
     def __post_init__(self):
@@ -277,7 +278,8 @@ class _MetricWindow:
         tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
         self.other.update({k: v for k, v in values.items() if not torch.is_tensor(v)})
         names = sorted(tensors)
-        stacked = torch.stack([tensors[k].detach().float().reshape(()) for k in names])
+        device = tensors["loss"].device if "loss" in tensors else tensors[names[0]].device
+        stacked = torch.stack([tensors[k].detach().float().reshape(()).to(device) for k in names])
         if self.sums is None or names != self.names:
             self.names, self.sums, self.count = names, torch.zeros_like(stacked), 0
         self.sums += stacked
@@ -359,7 +361,8 @@ class Trainer:
         if val_set is not None and len(val_set) > 0:
             if config.val_max_examples and len(val_set) > config.val_max_examples:
                 val_set = torch.utils.data.Subset(val_set, range(config.val_max_examples))
-            self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False)
+            self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
+                                         pin_memory=torch.cuda.is_available())
         from timm.optim import param_groups_weight_decay
         # timm's grouping: no weight decay on biases and norm parameters (every parameter with ndim <= 1)
         optimizer = torch.optim.SGD(param_groups_weight_decay(model, config.weight_decay), lr=config.lr,
@@ -474,12 +477,16 @@ class Trainer:
         model.eval()
         correct_nat = correct_adv = torch.zeros((), dtype=torch.long)
         count = 0
-        for x, y in self.val_loader:
+        for i, (x, y) in enumerate(self.val_loader):
             x = self._to_format(x)
             with self.accelerator.autocast():
                 x_adv = self.val_attack(model, x, y)
                 # the routing the attack ran with (predicted, explicitly), so the scoring reuses one compiled graph
                 routed = route(model, labels=None) if find_cas_modules(model) else contextlib.nullcontext()
+                if i == 0 and isinstance(base, CASModel):
+                    # a new data source: on a GPU its first clean batch is range-checked too (the attack's first
+                    # forward, which the check would otherwise read, sees an iterate clipped to [0, 1])
+                    base.recheck_input_range()
                 with torch.no_grad(), routed:
                     nat = model(x).argmax(1) == y
                     adv = model(x_adv).argmax(1) == y
@@ -610,10 +617,7 @@ class Trainer:
                     or (not cfg.val_every_steps and end_of_epoch))
                 if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
                     # the means since the last log, read back here only: every other step queues and moves on
-                    logged = {**window.flush(acc), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
-                    bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
-                    if cfg.log_with:
-                        acc.log(logged, step=self.state.global_step)
+                    logged = self._log(window, lr, bar)
                 if end_of_epoch:
                     self.state.epoch += 1
                     self.state.step_in_epoch = 0
@@ -624,6 +628,8 @@ class Trainer:
                 for callback in self.callbacks:
                     callback(self)
                 if last or self.stop or end_of_epoch:
+                    if self.stop and window.count:  # stopped between two logs: log the steps since the last
+                        self._log(window, lr, bar)
                     break
         bar.close()
         if self.state.global_step >= self.total_steps:
@@ -636,8 +642,16 @@ class Trainer:
             acc.end_training()
         return self.state
 
+    def _log(self, window: "_MetricWindow", lr: float, bar) -> dict:
+        logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
+        if self.config.log_with:
+            self.accelerator.log(logged, step=self.state.global_step)
+        return logged
+
     def _validate_and_select(self, logged: dict) -> None:
         metrics = self.validate()
+        # "loss": the mean training loss over the steps since the previous log (train.log_every_steps)
         record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logged.get("loss"), **metrics}
         self.state.history.append(record)
         if self.config.log_with:

@@ -40,10 +40,14 @@ def test_the_counter_sees_every_kind_of_sync():
         t.nonzero()
         t[mask]
         torch.equal(t, t)
-        torch.nn.functional.one_hot(torch.tensor([1, 2]), 4)  # range-checks its input on the host
-    assert syncs.count >= 6, dict(syncs.by_op)
+        torch.nn.functional.one_hot(torch.tensor([1, 2]), 4)  # range-checks its input on the host: min and max
+        torch.repeat_interleave(torch.tensor([1, 2]))
+    assert dict(syncs.by_op) == {"aten._local_scalar_dense.default": 4, "aten.nonzero.default": 1,
+                                 "aten.index.Tensor": 1, "aten.equal.default": 1,
+                                 "aten.repeat_interleave.Tensor": 1}, dict(syncs.by_op)
     with HostSyncCounter() as none:
         torch.where(mask, t, torch.zeros_like(t)).masked_fill_(mask, 0.0).sum()
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)
     assert none.count == 0, dict(none.by_op)
 
 
@@ -107,33 +111,66 @@ def test_route_refuses_out_of_range_labels_with_the_values_on_cpu():
 
 
 def test_training_steps_make_no_host_sync_between_log_steps(as_on_a_gpu):
-    x, y = separable_data(96, seed=2, num_classes=4)
     per_step = {}
+    run_counting_per_step(dict(attack_steps=2, log_every_steps=4), per_step)
+    assert len(per_step) == 11
+    # A log step reads the window's means back (on a GPU: one device -> host copy); every other step reads nothing.
+    quiet = {step: ops for step, ops in per_step.items() if step % 4}
+    assert quiet and all(not ops for ops in quiet.values()), quiet
+
+
+def run_counting_per_step(config_kwargs, steps_seen):
+    """Train 12 steps of 8 on separable data; ``steps_seen[step]`` = the syncs from the end of the previous optimizer
+    step (the Trainer's callbacks) to the end of this one."""
+    x, y = separable_data(96, seed=2, num_classes=4)
 
     class CountPerStep:
-        """Counts from the end of one optimizer step (the Trainer's callbacks) to the end of the next."""
         counter = None
 
         def __call__(self, trainer):
             if self.counter is not None:
                 self.counter.__exit__(None, None, None)
-                per_step[trainer.state.global_step] = dict(self.counter.by_op)
+                steps_seen[trainer.state.global_step] = dict(self.counter.by_op)
             self.counter = HostSyncCounter()
             self.counter.__enter__()
 
     callback = CountPerStep()
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(method="at", cas=True, epochs=1, batch_size=8, attack_steps=2, schedule="constant",
-                             log_every_steps=4, progress=False, output_dir=out)
+        config = TrainConfig(method="at", cas=True, epochs=1, batch_size=8, schedule="constant", progress=False,
+                             output_dir=out, **config_kwargs)
         try:
             Trainer(cas_model(), TensorDataset(x, y), None, config, callbacks=[callback]).train()
         finally:
             if callback.counter is not None:
                 callback.counter.__exit__(None, None, None)
-    assert len(per_step) == 11
-    # A log step reads the window's means back (on a GPU: one device -> host copy); every other step reads nothing.
-    quiet = {step: ops for step, ops in per_step.items() if step % 4}
-    assert quiet and all(not ops for ops in quiet.values()), quiet
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one mixed-precision setting per process; its own test utilities reset it like this."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_training_steps_sync_once_per_attack_step(as_on_a_gpu, fresh_accelerate_state):
+    """Under bf16 autocast the training attack reads one flag per step (the underflow retry); nothing else does."""
+    per_step = {}
+    run_counting_per_step(dict(attack_steps=3, mixed_precision="bf16", log_every_steps=4), per_step)
+    quiet = [ops for step, ops in per_step.items() if step % 4]
+    assert quiet and all(ops == {"aten._local_scalar_dense.default": 3} for ops in quiet), quiet
+
+
+def test_validation_rechecks_the_input_range(as_on_a_gpu, recwarn):
+    """On a GPU the check reads the first batch of each mode; a validation set is a new source, checked again."""
+    x, y = separable_data(32, seed=2, num_classes=4)
+    with tempfile.TemporaryDirectory() as out:
+        config = TrainConfig(method="at", cas=True, epochs=1, batch_size=8, attack_steps=1, progress=False,
+                             output_dir=out, val_max_examples=None)
+        trainer = Trainer(cas_model(), TensorDataset(x, y), TensorDataset(255 * x, y), config)
+        trainer.train()
+    assert any(issubclass(w.category, casify.InputRangeWarning) for w in recwarn.list)
 
 
 def test_log_every_steps_must_be_positive():

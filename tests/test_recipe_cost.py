@@ -35,12 +35,33 @@ def test_the_imagenet_estimate_is_the_recipes_schedule_multiplied_out():
     assert estimate["total_steps"] == 10 * steps_per_epoch
     assert estimate["train_device_hours"] == pytest.approx(10 * steps_per_epoch * 512 / 100.0 / 3600)
     assert estimate["validations"] == 10 * steps_per_epoch // 2500 + 1  # every 2,500 steps and at the end
+    assert estimate["validation_examples"] == 2000  # val_max_examples of the 10,000 held out
     assert estimate["validation_device_hours"] == pytest.approx(estimate["validations"] * 2000 * 0.05 / 3600)
     assert estimate["wall_hours_at_linear_scaling"] == pytest.approx(estimate["device_hours"] / 8)
 
 
+@pytest.mark.parametrize("total,per_epoch,every,held_out,expected", [
+    (100, 50, None, 10, 2),    # at each epoch's end; the last step is one of them
+    (120, 50, None, 10, 3),    # two epoch ends and the last step
+    (100, 50, 25, 10, 4),      # every 25 steps; the last step is one of them
+    (101, 50, 25, 10, 5),      # ... and the last step on its own
+    (100, 50, None, 0, 0),     # no held-out split: no validation
+])
+def test_validation_count_follows_the_trainer(total, per_epoch, every, held_out, expected):
+    assert load_script().validation_count(total, per_epoch, every, held_out) == expected
+
+
+def test_validation_examples_default_to_the_whole_held_out_split():
+    train = TrainConfig(method="at", epochs=1, batch_size=10, val_max_examples=None)
+    estimate = load_script().run_estimate(train, images_per_s=10.0, val_s_per_example=1.0, train_images=1000,
+                                          held_out=100, num_devices=1)
+    assert estimate["validation_examples"] == 100 and estimate["validations"] == 1
+    assert estimate["validation_device_hours"] == pytest.approx(100 / 3600)
+
+
 def test_the_script_measures_a_shipped_recipe_through_the_trainer(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # CPU only: on a machine with a GPU the script would measure it (and name its files ..._cuda)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, str(SCRIPT), "--recipe", str(ROOT / "recipes/configs/digits_tiny_at_cas.yaml"),
            "--variants", "eager", "eager_channels_last", "--warmup", "1", "--steps", "2", "--rounds", "1",
            "--train-images", "1000", "--devices", "2", "--out", str(tmp_path)]
