@@ -214,6 +214,7 @@ def score_one(args, name: str, seed: int) -> None:
         flags = [bool(a and c) for a, c in zip(report.per_example[aa.name], report.per_example["natural"])]
         (out / "autoattack.json").write_text(json.dumps({
             "row": aa.name, "n": report.n_examples, "accuracy": sum(flags) / len(flags), "per_example": flags,
+            "autoattack_flags": aa.settings.get("flags", []),  # AutoAttack's own doubts (e.g. Square beat APGD)
             "seconds": round(time.time() - start, 1), "versions": report.versions}, indent=1))
         print(f"[score] {name} s{seed}: AutoAttack {sum(flags) / len(flags):.3f} on {len(flags)}", flush=True)
 
