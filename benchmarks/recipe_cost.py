@@ -137,6 +137,7 @@ class Variant:
         # validation is timed on its own (validate_seconds_per_example), never inside a training window
         self.val_loader, self.trainer.val_loader = self.trainer.val_loader, None
         self.trainer.total_steps = warmup
+        torch.backends.cudnn.benchmark = self.config.cudnn_benchmark
         self.trainer.train(resume=True)  # the warm-up: compilation, allocator, cudnn autotuning
         self.construct_and_warmup_s = time.perf_counter() - t
         self.rates: List[float] = []
@@ -148,6 +149,7 @@ class Variant:
         start = self.trainer.state.global_step + 1
         self.window.arm(start, start + steps)
         self.trainer.total_steps = start + steps
+        torch.backends.cudnn.benchmark = self.config.cudnn_benchmark  # process-wide: each variant's own setting
         self.trainer.train(resume=True)
         seconds = self.window.t1 - self.window.t0
         rate = steps * self.trainer.global_batch_size / seconds / self.trainer.accelerator.num_processes
@@ -184,7 +186,8 @@ class Variant:
 
     def summary(self) -> dict:
         c = self.config
-        return {"compile": c.compile, "channels_last": c.channels_last, "mixed_precision": c.mixed_precision,
+        return {"compile": c.compile, "channels_last": c.channels_last, "cudnn_benchmark": c.cudnn_benchmark,
+                "mixed_precision": c.mixed_precision,
                 "batch_per_device": c.batch_size, "attack_steps": c.attack_steps, "images_per_s": summarise(self.rates),
                 "images_per_s_by_round": self.rates, "peak_gib": self.peak_bytes[0] / 2 ** 30,
                 "peak_memory_kind": "torch.cuda.max_memory_allocated in the first window, less what the variants "
@@ -193,6 +196,7 @@ class Variant:
 
     def validate_seconds_per_example(self) -> float:
         self.trainer.val_loader = self.val_loader
+        torch.backends.cudnn.benchmark = self.config.cudnn_benchmark
         self.trainer.validate()  # warm-up (a compiled scoring graph)
         synchronize()
         t = time.perf_counter()

@@ -35,7 +35,7 @@ METHODS = ("standard", "at", "trades", "mart")
 _OPTIONAL = ("compile_mode", "ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
 # TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
 NOT_IDENTITY = ("output_dir", "progress", "log_with", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "num_workers")
+                "num_workers", "cudnn_benchmark")
 RUN_RECORD = "run_config.json"
 EMA_WEIGHTS = "ema.safetensors"
 
@@ -80,6 +80,10 @@ class TrainConfig:
     compile_mode: Optional[str] = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune"
     compile_backend: str = "inductor"
     channels_last: bool = False  # NHWC memory format for weights and batches (faster convolutions on GPUs and CPUs)
+    # GPUs: let cuDNN time its convolution algorithms for each new shape and keep the fastest (timm's train.py does);
+    # sets torch.backends.cudnn.benchmark for the process. It chooses among algorithms for the same convolution, so it
+    # is not part of the run's identity (GPU runs are not bit-reproducible across processes in either case).
+    cudnn_benchmark: bool = False
     ema_decay: Optional[float] = None  # e.g. 0.999: keep an EMA of the weights (timm's ModelEmaV3); validate and save it
     checkpoint_every_steps: Optional[int] = None
     keep_checkpoints: int = 2
@@ -333,6 +337,8 @@ class Trainer:
             raise ValueError("casify trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
                              "(accelerate launch --use_fsdp --fsdp_version 2)")
         set_seed(config.seed)
+        if config.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
                                     **config.loss_kwargs)
         if config.cas and not isinstance(model, CASModel):

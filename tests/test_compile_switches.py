@@ -39,3 +39,21 @@ def test_channels_last_trains_in_nhwc_like_the_default_layout(tmp_path, one_thre
     assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
     for k, v in _weights(plain).items():
         torch.testing.assert_close(_weights(nhwc)[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_cudnn_benchmark_is_a_process_switch_outside_the_runs_identity(tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    config = dict(epochs=1, checkpoint_every_steps=None, method="standard")
+    Trainer(_model(), _augmented_data(), None, _config(tmp_path / "off", **config))
+    assert torch.backends.cudnn.benchmark is False
+
+    def stop_after_one_step(trainer):
+        trainer.stop = True
+
+    first = Trainer(_model(), _augmented_data(), None, _config(tmp_path / "run", cudnn_benchmark=True, **config),
+                    callbacks=[stop_after_one_step])
+    assert torch.backends.cudnn.benchmark is True
+    assert first.train().global_step == 1
+    # the same run resumes with the switch off: it picks among algorithms for the same convolutions
+    again = Trainer(_model(), _augmented_data(), None, _config(tmp_path / "run", **config))
+    assert again.train(resume=True).global_step == again.total_steps > 1
