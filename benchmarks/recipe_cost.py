@@ -134,6 +134,9 @@ class Variant:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         train_set = SyntheticImages(batch * self.config.grad_accum * processes * (total_steps + 1), shape, num_classes)
         self.trainer = Trainer(model, train_set, val, self.config, callbacks=[self.window])
+        # every train() call here ends its (extended) run and would save the model (~240 MB for ResNet-152, hashed):
+        # outside every window, but seconds of a short GPU lease each time; this benchmark measures steps, not saving
+        self.trainer._save_model = lambda *args, **kwargs: None
         # validation is timed on its own (validate_seconds_per_example), never inside a training window
         self.val_loader, self.trainer.val_loader = self.trainer.val_loader, None
         self.trainer.total_steps = warmup
@@ -352,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         state["val_s"] = variants[chosen].validate_seconds_per_example()
         result = write(complete=True)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)  # the variants' run folders (each train() call saves its model)
+        shutil.rmtree(workdir, ignore_errors=True)  # the variants' run folders
     print(markdown(result))
     return result
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cas import aux_logits, find_cas_modules
-from .normalize import host_reads_free
+from .host_sync import host_reads_free
 from .routing import route
 
 NORMS = ("linf", "l2")

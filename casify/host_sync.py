@@ -18,6 +18,16 @@ from typing import Dict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+SYNC_FREE_DEVICES = ("cpu",)
+"""Device types where reading a tensor's value back costs nothing; elsewhere it waits for the device, so casify's hot
+loops never do it there (tests empty this tuple to run the accelerator paths on CPU)."""
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on ``device`` back to Python costs nothing (no wait for the device)."""
+    return device.type in SYNC_FREE_DEVICES
+
+
 # Operations whose result the host must read (a Python scalar) or whose output shape depends on tensor values.
 _ALWAYS = frozenset({
     "aten._local_scalar_dense.default",  # .item(), bool(t), float(t), int(t), `if t:`

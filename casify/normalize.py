@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .host_sync import host_reads_free
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -14,14 +16,6 @@ NormalizeSpec = Union[None, str, Tuple[Sequence[float], Sequence[float]], dict]
 
 PIXEL_RANGE_TOLERANCE = 1e-3
 """Inputs in [-tol, 1 + tol] count as pixels: float rounding in a data pipeline or an attack overshoots slightly."""
-
-SYNC_FREE_DEVICES = ("cpu",)
-"""Device types where reading an input's min/max back costs nothing; elsewhere it waits for the device, so it is rare."""
-
-def host_reads_free(device: torch.device) -> bool:
-    """Whether reading a value of a tensor on ``device`` back to Python costs nothing (no wait for the device)."""
-    return device.type in SYNC_FREE_DEVICES
-
 
 CHECKED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 """Device types where the range check runs at all (on XLA-like devices a read-back would force the lazy graph)."""
@@ -41,8 +35,8 @@ class InputRangeCheck:
     Cheap: one min/max of the input. On CPU every forward is checked until it warns. On an accelerator reading the two
     numbers back waits for the device, so only the first forward in each mode (training, evaluation) is checked: a
     data pipeline changes with the mode, and neither an attack's loop nor adversarial training, which switches modes
-    every step, waits for it. Skipped under torch.compile, fx / jit
-    tracing and CUDA-graph capture, where a read-back is impossible or would break the capture.
+    every step, waits for it (:meth:`rearm` checks again). Skipped under torch.compile, fx / jit tracing and CUDA-graph
+    capture, where a read-back is impossible or would break the capture.
     """
 
     def __init__(self, reason: str):

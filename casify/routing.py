@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .cas import find_cas_modules
-from .normalize import host_reads_free
+from .host_sync import host_reads_free
 
 
 ASYNC_ASSERT_DEVICES = ("cuda", "cpu")

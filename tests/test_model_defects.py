@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import casify
+import casify.host_sync
 from casify import CASModel, InputRangeWarning
 from conftest import TinyNet
 
@@ -136,9 +137,9 @@ def test_range_check_is_skipped_while_compiling(tiny_imagenet_norm, monkeypatch)
         tiny_imagenet_norm.eval()(torch.rand(1, 3, 8, 8) * 255)
 
 
-def test_on_accelerators_only_the_first_forward_after_a_mode_switch_is_checked(tiny_imagenet_norm, monkeypatch):
+def test_on_accelerators_only_the_first_forward_in_each_mode_is_checked(tiny_imagenet_norm, monkeypatch):
     """Reading min/max back from a GPU waits for it; CPU stands in for one here."""
-    monkeypatch.setattr(casify.normalize, "SYNC_FREE_DEVICES", ())
+    monkeypatch.setattr(casify.host_sync, "SYNC_FREE_DEVICES", ())
     model = tiny_imagenet_norm.eval()
     bad = torch.rand(2, 3, 8, 8) * 255
     with warnings.catch_warnings():
