@@ -28,7 +28,7 @@ from torch import nn
 
 from . import attacks
 from .cas import aux_logits, find_cas_modules
-from .routing import route
+from .routing import TRAIN_ROUTINGS, train_route
 
 DEFAULTS: Dict[str, Dict[str, Dict[str, float]]] = {
     "paper": {"standard": {}, "at": {}, "trades": {"lambda_": 6.0}, "mart": {"lambda_": 6.0}},
@@ -58,11 +58,13 @@ def main_logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Final and auxiliary logits (float32) of one forward, routed by ``y`` when the model has CAS modules."""
+def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             routing: str = "label") -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Final and auxiliary logits (float32) of one forward; CAS modules route as ``routing`` says
+    (:data:`casify.routing.TRAIN_ROUTINGS`: by ``y`` in the paper)."""
     if not find_cas_modules(model):
         return main_logits(model(x)).float(), []
-    with route(model, labels=y):
+    with train_route(model, y, routing):
         logits = main_logits(model(x)).float()
         return logits, [a.float() for a in aux_logits(model)]
 
@@ -110,10 +112,14 @@ class AdversarialLoss(abc.ABC):
         beta: weight of the CAS terms (2 in the paper and the code).
         defaults: ``"paper"`` (each method's own paper) or ``"authors"`` (the CAS authors' code) for settings left
             as ``None``.
+        train_routing: how CAS modules route in the update forward: ``"label"`` (the paper: the true label, which
+            leaks the label into the mask), ``"predicted"`` (each module's own argmax) or ``"soft"`` (each module's
+            softmax mixture of rows); see :data:`casify.routing.TRAIN_ROUTINGS`. Test-time routing is unchanged.
     """
     cas: bool = False
     beta: float = 2.0
     defaults: str = "paper"
+    train_routing: str = "label"
 
     method: ClassVar[str] = ""
     attack_preset: ClassVar[str] = ""
@@ -121,6 +127,8 @@ class AdversarialLoss(abc.ABC):
     def __post_init__(self):
         if self.defaults not in DEFAULTS:
             raise ValueError(f"defaults must be one of {sorted(DEFAULTS)}, got {self.defaults!r}")
+        if self.train_routing not in TRAIN_ROUTINGS:
+            raise ValueError(f"train_routing must be one of {sorted(TRAIN_ROUTINGS)}, got {self.train_routing!r}")
         for key, value in DEFAULTS[self.defaults].get(self.method, {}).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -165,7 +173,7 @@ class ATLoss(AdversarialLoss):
 
     def _cross_entropy(self, model, x, y, tag):
         """CE of the final logits on ``x`` (+ beta * mean auxiliary CE with CAS), with metrics tagged ``tag``."""
-        logits, aux = _forward(model, x, y)
+        logits, aux = _forward(model, x, y, self.train_routing)
         ce = F.cross_entropy(logits, y)
         metrics = {f"ce_{tag}": ce.detach(), f"acc_{tag}": _accuracy(logits, y)}
         loss = ce
@@ -210,8 +218,8 @@ class TRADESLoss(AdversarialLoss):
     def compute(self, model, x_nat, x_adv, y):
         if x_nat is None:
             raise ValueError("TRADES needs the clean inputs x_nat")
-        nat_logits, nat_aux = _forward(model, x_nat, y)
-        adv_logits, adv_aux = _forward(model, x_adv, y)
+        nat_logits, nat_aux = _forward(model, x_nat, y, self.train_routing)
+        adv_logits, adv_aux = _forward(model, x_adv, y, self.train_routing)
         natural = F.cross_entropy(nat_logits, y)
         robust = trades_kl(nat_logits, adv_logits)
         metrics = {"ce_nat": natural.detach(), "kl": robust.detach(), "acc_nat": _accuracy(nat_logits, y),
@@ -249,8 +257,8 @@ class MARTLoss(AdversarialLoss):
     def compute(self, model, x_nat, x_adv, y):
         if x_nat is None:
             raise ValueError("MART needs the clean inputs x_nat")
-        nat_logits, nat_aux = _forward(model, x_nat, y)
-        adv_logits, adv_aux = _forward(model, x_adv, y)
+        nat_logits, nat_aux = _forward(model, x_nat, y, self.train_routing)
+        adv_logits, adv_aux = _forward(model, x_adv, y, self.train_routing)
         main_true = _true_probs(nat_logits, y)
         bce = mart_bce(adv_logits, y)
         kl = mart_kl(nat_logits, adv_logits, main_true)

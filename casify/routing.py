@@ -70,3 +70,37 @@ def route(model: nn.Module, labels: Optional[torch.Tensor]) -> Iterator[None]:
     finally:
         for m, prev in zip(modules, previous):
             m.set_route(prev)
+
+
+TRAIN_ROUTINGS = {
+    "label": "the true label (the paper's training step; the mask carries the label to later layers)",
+    "predicted": "each module's own argmax (no label in the mask: what the deployed model does)",
+    "soft": "each module's softmax over its own auxiliary logits mixes the weight rows (no label, differentiable)",
+}
+"""How CAS modules may route in a training update (``train_routing`` of the losses and ``TrainConfig.loss_kwargs``).
+The two label-free routings test whether the label leak is what makes a trained CAS model echo its first head."""
+
+
+def _soft_own_prediction(aux_logits: torch.Tensor) -> torch.Tensor:
+    return aux_logits.float().softmax(dim=1)
+
+
+@contextlib.contextmanager
+def train_route(model: nn.Module, labels: torch.Tensor, routing: str = "label") -> Iterator[None]:
+    """Route the CAS modules of ``model`` for one training forward as ``routing`` (a key of :data:`TRAIN_ROUTINGS`)
+    says; ``labels`` are used only by ``"label"``."""
+    if routing not in TRAIN_ROUTINGS:
+        raise ValueError(f"train routing must be one of {sorted(TRAIN_ROUTINGS)}, got {routing!r}")
+    if routing == "label":
+        with route(model, labels=labels):
+            yield
+        return
+    modules = find_cas_modules(model)
+    previous = [m.set_router(_soft_own_prediction) for m in modules] if routing == "soft" else None
+    try:
+        with route(model, labels=None):
+            yield
+    finally:
+        if previous is not None:
+            for m, prev in zip(modules, previous):
+                m.set_router(prev)

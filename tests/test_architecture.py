@@ -40,7 +40,7 @@ LAYERS = [
     ("applications", {"casify.attacks", "casify.autopgd", "casify.losses", "casify.evaluate", "casify.evaluate.report",
                       "casify.evaluate.deployed", "casify.evaluate.blackbox", "casify.evaluate.plan",
                       "casify.evaluate.runner", "casify.evaluate.tally", "casify.evaluate.checks",
-                      "casify.evaluate.api", "casify.evaluate.compare", "casify.analysis", "casify.analysis.files",
+                      "casify.evaluate.api", "casify.evaluate.compare", "casify.evaluate.echo", "casify.analysis", "casify.analysis.files",
                       "casify.analysis.statistics", "casify.analysis.capture", "casify.analysis.figures",
                       "casify.analysis.tsne", "casify.analysis.report", "casify.train",
                       "casify.recipe", "casify.cli", "casify.output_dir"}),

@@ -58,7 +58,8 @@ The package, one job per file (each imports only the ones above it):
 - ``tally.py``: per-example flags -> each row's result, the worst case, the cascade accounting, the families;
 - ``checks.py``: the checks, one function each, and the tolerance;
 - ``api.py``: :func:`evaluate`, which strings them together;
-- ``compare.py``: model A vs model B: paired McNemar on the same images, Welch across seeds, the verdict rule.
+- ``compare.py``: model A vs model B: paired McNemar on the same images, Welch across seeds, the verdict rule;
+- ``echo.py``: :func:`routing_echo`, whether a routed model's output only repeats an auxiliary head.
 """
 from ..eps import format_eps, parse_eps
 from .api import evaluate, protocol
@@ -66,12 +67,13 @@ from .blackbox import AUTOATTACK_INSTALL, SQUARE_P_INIT, load_autoattack, square
 from .checks import (CHECKS, LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks,
                      tolerance)
 from .compare import PairedComparison, WelchComparison, paired, verdict, welch
+from .echo import RoutingEcho, routing_echo
 from .deployed import InputTied, clean_routings, deployed_correct, describe_model, zero_input_gradient
 from .plan import (CASCADE_RANKS, CASCADE_RULE, CHECK_ADAPTIVE, CHECK_FINAL_LOGITS, LARGE_EPS, SUITES, AttackSpec, Job,
                    Plan, plan_rows, row_name, suite_attacks)
 from .report import AttackResult, Check, EvalReport
 
-__all__ = ["AUTOATTACK_INSTALL", "AttackResult", "AttackSpec", "CASCADE_RANKS", "CASCADE_RULE", "CHECKS",
+__all__ = ["RoutingEcho", "routing_echo", "AUTOATTACK_INSTALL", "AttackResult", "AttackSpec", "CASCADE_RANKS", "CASCADE_RULE", "CHECKS",
            "CHECK_ADAPTIVE", "CHECK_FINAL_LOGITS", "Check", "CheckInputs", "EvalReport", "InputTied", "Job",
            "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "MIN_TOLERANCE", "Plan", "SQUARE_P_INIT", "SUITES",
            "ZERO_GRAD_MAX_FRACTION", "PairedComparison", "WelchComparison", "clean_routings", "deployed_correct", "describe_model", "evaluate", "format_eps",

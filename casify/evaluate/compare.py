@@ -117,5 +117,66 @@ def verdict(per_seed: Sequence[PairedComparison], claimed_effect: Optional[float
     return "inconclusive"
 
 
-__all__ = ["PairedComparison", "VERDICT_RULE", "WelchComparison", "paired", "paired_counts", "pooled", "verdict",
+SEED_RULE = (
+    "A vs B, trained with the same seeds (A is the arm the hypothesis favours): the per-seed difference d_s = "
+    "accuracy(A, seed s) - accuracy(B, seed s) on the same test images is the unit of evidence. Primary interval: "
+    "Student's t 95 % interval of the mean of d_s over the seeds (training variance); secondary: a two-level "
+    "bootstrap (seeds resampled, then images resampled within each seed from its paired counts; 95 % percentile "
+    "interval). 'A better' when both intervals lie entirely above 0; 'A worse' when both lie entirely below 0; "
+    "otherwise 'inconclusive', stated with the t interval. At least 3 seeds; pooled McNemar is reported as the "
+    "per-image view only.")
+
+
+@dataclass
+class SeedComparison:
+    """A vs B over seeds (:data:`SEED_RULE`): per-seed paired comparisons, the mean difference with its t interval
+    and two-level bootstrap interval, and the verdict."""
+    seeds: List[int]
+    per_seed: List[dict]
+    mean_diff: float
+    t_ci95: Optional[List[float]]
+    bootstrap_ci95: List[float]
+    pooled_mcnemar: dict
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_comparison(per_seed: Sequence[PairedComparison], seeds: Sequence[int], *, resamples: int = 20000,
+                    rng_seed: int = 0) -> SeedComparison:
+    """The rule in :data:`SEED_RULE` on one paired comparison per seed (each from :func:`paired` or
+    :func:`paired_counts`, so committed counts can be re-scored without their per-image flags)."""
+    import numpy as np
+    from scipy import stats
+    if len(per_seed) != len(seeds):
+        raise ValueError(f"one comparison per seed: {len(per_seed)} comparisons for {len(seeds)} seeds")
+    if len(per_seed) < 3:
+        raise ValueError(f"the seed rule needs at least 3 seeds, got {len(per_seed)}")
+    diffs = np.array([c.diff for c in per_seed])
+    mean = float(diffs.mean())
+    sd = float(diffs.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)))
+    t_ci = [mean - half, mean + half]
+    rng = np.random.default_rng(rng_seed)
+    k = len(per_seed)
+    pick = rng.integers(0, k, size=(resamples, k))
+    draws = np.empty((k, resamples, k))  # draws[seed, r, slot]: an independent image resample for every slot
+    for j, c in enumerate(per_seed):  # images resampled = multinomial over (A only, B only, agree) on its n images
+        probs = [c.a_only / c.n, c.b_only / c.n]
+        counts = rng.multinomial(c.n, probs + [max(0.0, 1.0 - sum(probs))], size=(resamples, k))
+        draws[j] = (counts[..., 0] - counts[..., 1]) / c.n
+    boot = draws[pick, np.arange(resamples)[:, None], np.arange(k)[None, :]].mean(axis=1)
+    b_ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    if t_ci[0] > 0 and b_ci[0] > 0:
+        word = "A better"
+    elif t_ci[1] < 0 and b_ci[1] < 0:
+        word = "A worse"
+    else:
+        word = "inconclusive"
+    return SeedComparison(list(seeds), [dict(c.to_dict(), seed=s) for c, s in zip(per_seed, seeds)], mean, t_ci, b_ci,
+                          pooled(per_seed).to_dict(), word)
+
+
+__all__ = ["SEED_RULE", "SeedComparison", "seed_comparison", "PairedComparison", "VERDICT_RULE", "WelchComparison", "paired", "paired_counts", "pooled", "verdict",
            "welch"]

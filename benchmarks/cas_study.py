@@ -1,0 +1,447 @@
+"""Why CAS fails and where it might not: the seed rule, a beta sweep and label-free routing (issue 18, parts 1-3).
+
+The claims protocol of ``benchmarks/paper_claims.py`` unchanged (CIFAR ResNet-18 width 1/8, the first 5,000 training
+images, 8 epochs, PGD-3 AT at eps 8/255, selection on held-out training images 45,000-45,499 by adaptive PGD-10,
+never on the test set), and its scoring unchanged (the standard suite + the audit's rows, per-example worst case on
+the 846 test images of test846.npz), so that its seeds 0-2 of AT and AT+CAS (committed in
+``results/paper_claims_verdicts.json``: per-seed accuracies and paired counts) join the new runs:
+
+1. seeds 3 and 4 of AT and AT+CAS; every comparison judged by :data:`casify.evaluate.compare.SEED_RULE`
+   (per-seed paired differences: t interval + bootstrap over seeds x images); next to the union, the
+   matched-attack worst case (both arms under the same seven families: FGSM, PGD-20, CW-20, PGD-100, APGD-DLR,
+   APGD-T, PGD-100x3, each on the model's own default objective) and a restart-saturation check (4 more PGD-100
+   restarts from another seed on the union's survivors);
+2. beta in {0.5, 1, 5} (2 is AT+CAS itself), 3 seeds each;
+3. the leak: AT+CAS trained with label-free routing (``train_routing="predicted"``: each module's own argmax;
+   ``"soft"``: each module's softmax mixture of rows), 3 seeds each; the routing echo
+   (:func:`casify.evaluate.routing_echo`) of every CAS model.
+
+    OMP_NUM_THREADS=1 python benchmarks/cas_study.py --init               # the rule, written before any run
+    OMP_NUM_THREADS=1 python benchmarks/cas_study.py --work --data-dir ../shared/data/cifar10   # one worker
+    python benchmarks/cas_study.py --report --data-dir ../shared/data/cifar10
+
+Several ``--work`` processes share the queue (each run is claimed by an atomic ``mkdir``; a claim whose process has
+died is taken over, and training resumes from its last checkpoint). ``--report`` writes results/cas_study.{json,md}
+and cas_study.png from what exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_claims as claims  # noqa: E402  (the protocol, the dataset split and the scoring suite)
+
+EPS = claims.EPS
+# name: (method, CAS layers, beta, train routing)
+ARMS = {
+    "at": ("at", [], 2.0, "label"),
+    "at_cas": ("at", claims.CAS4, 2.0, "label"),
+    "at_cas_beta0.5": ("at", claims.CAS4, 0.5, "label"),
+    "at_cas_beta1": ("at", claims.CAS4, 1.0, "label"),
+    "at_cas_beta5": ("at", claims.CAS4, 5.0, "label"),
+    "at_cas_predicted": ("at", claims.CAS4, 2.0, "predicted"),
+    "at_cas_soft": ("at", claims.CAS4, 2.0, "soft"),
+}
+# Priority order: the leak first (the new question), then seeds 3-4 (the main verdict), then beta; last, seeds 0-2 of
+# AT+CAS retrained only for their echo diagnostics (their scores are committed; the SHA-256 must match).
+SCHEDULE = ([("at_cas_predicted", 0), ("at_cas_soft", 0), ("at", 3), ("at_cas", 3),
+             ("at_cas_predicted", 1), ("at_cas_soft", 1), ("at", 4), ("at_cas", 4),
+             ("at_cas_predicted", 2), ("at_cas_soft", 2)]
+            + [(f"at_cas_beta{b}", s) for b in ("5", "0.5", "1") for s in (0, 1, 2)]
+            + [("at_cas", s) for s in (0, 1, 2)])
+COMMITTED_SEEDS = {"at": (0, 1, 2), "at_cas": (0, 1, 2)}  # scored in paper_claims; retrained here for the echo only
+COMPARISONS = {  # name: (A, B); A is the arm the hypothesis favours
+    "at_cas_vs_at": ("at_cas", "at"),
+    "at_cas_beta0.5_vs_at": ("at_cas_beta0.5", "at"),
+    "at_cas_beta1_vs_at": ("at_cas_beta1", "at"),
+    "at_cas_beta5_vs_at": ("at_cas_beta5", "at"),
+    "at_cas_predicted_vs_at": ("at_cas_predicted", "at"),
+    "at_cas_soft_vs_at": ("at_cas_soft", "at"),
+    "at_cas_predicted_vs_at_cas": ("at_cas_predicted", "at_cas"),
+    "at_cas_soft_vs_at_cas": ("at_cas_soft", "at_cas"),
+}
+MATCHED_ROWS = 7  # the first seven rows of paper_claims.attack_list: the families both arms get
+SATURATION = {"steps": 100, "restarts": 4, "seed": 1}
+ECHO = {"max_examples": 500, "steps": 20}
+
+
+def decision_rule() -> dict:
+    from casify.evaluate.compare import SEED_RULE
+    return {"rule": SEED_RULE, "metric": "per-example worst case over every row (the union), test846, eps 8/255",
+            "also_reported": ["matched-attack worst case (both arms, the same seven families)",
+                              "restart saturation (newly fooled by 4 extra PGD-100 restarts, seed 1)",
+                              "pooled McNemar (per-image view)", "routing echo of every CAS model"],
+            "comparisons": {k: {"A": a, "B": b} for k, (a, b) in COMPARISONS.items()},
+            "leak_result": "a label-free CAS arm that is 'A better' than AT is a new result and is said so plainly; "
+                           "otherwise that is said too",
+            "best_beta": "the beta whose arm has the highest mean worst case over its 3 seeds (for part 4)"}
+
+
+def run_dir(args, name: str, seed: int) -> Path:
+    return Path(args.runs_dir) / f"{name}_s{seed}"
+
+
+def model_folder(args, name: str, seed: int) -> Path:
+    out = run_dir(args, name, seed)
+    return out / "best" if (out / "best").exists() else out / "final"
+
+
+def new_model(name: str, seed: int):
+    import timm
+
+    import casify
+    _, layers, _, _ = ARMS[name]
+    torch.manual_seed(seed)
+    base = timm.create_model("cifar_resnet18", num_classes=10, width=claims.PROTOCOL["width"])
+    return casify.wrap(base, layers, init="paper", normalize=None, input_size=(3, 32, 32))
+
+
+def train_one(args, name: str, seed: int, train_set, val_set) -> None:
+    from casify.train import TrainConfig, Trainer
+    out = run_dir(args, name, seed)
+    if (out / "train_record.json").exists():
+        return
+    method, layers, beta, routing = ARMS[name]
+    p = claims.PROTOCOL
+    steps = p["attack_steps"]
+    cfg = TrainConfig(method=method, cas=bool(layers), beta=beta,
+                      loss_kwargs={} if routing == "label" else {"train_routing": routing},
+                      epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
+                      schedule="multistep", milestones=tuple(p["milestones"]), eps=EPS, attack_steps=steps,
+                      attack_alpha=2.5 * EPS / steps, defaults=p["defaults"], seed=seed,
+                      val_max_examples=p["val_size"], val_attack_steps=p["val_attack_steps"],
+                      checkpoint_every_steps=40, progress=False, output_dir=str(out))
+    # AT / AT+CAS keep paper_claims' run identity, so that their seeds 0-2 retrain to the committed models
+    study = "claims_rescore" if name in COMMITTED_SEEDS else "cas_study"
+    trainer = Trainer(new_model(name, seed), train_set, val_set, cfg, identity={"study": study, "experiment": name})
+    partial = out / "train_seconds_partial.json"
+    prior = json.loads(partial.read_text())["seconds"] if partial.exists() else 0.0
+    start = time.time()
+
+    def save_seconds(tr):
+        if tr.state.global_step % 40 == 0:
+            partial.write_text(json.dumps({"seconds": prior + time.time() - start}))
+
+    trainer.callbacks.append(save_seconds)
+    print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
+    state = trainer.train(resume=True)
+    folder = model_folder(args, name, seed)
+    record = {"arm": name, "seed": seed, "seconds": round(prior + time.time() - start, 1), "steps": state.global_step,
+              "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
+              "selected_folder": folder.name, "model_sha256": claims.sha256(folder / "model.safetensors"),
+              "config": cfg.to_dict(), "torch": torch.__version__, "machine": platform.machine()}
+    (out / "train_record.json").write_text(json.dumps(record, indent=1, default=str))
+    print(f"[train] {name} s{seed}: {record['seconds']:.0f}s, selected step {state.best_step}", flush=True)
+
+
+def _write(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _score(model, test, attacks, max_examples=None):
+    from casify.evaluate import evaluate
+    return evaluate(model, test, attacks=attacks, eps=EPS, seed=0, progress=False, checks=True,
+                    max_examples=max_examples)
+
+
+def score_one(args, name: str, seed: int) -> None:
+    """Union score (unless committed), matched-attack score, restart saturation and routing echo of one run."""
+    from casify.data import NpzDataset
+    from casify.evaluate import routing_echo
+    out = run_dir(args, name, seed)
+    folder = model_folder(args, name, seed)
+    model = claims.load_model(folder)
+    cas = bool(ARMS[name][1])
+    sha = claims.sha256(folder / "model.safetensors")
+    test = NpzDataset(Path(args.data_dir) / "test846.npz")
+    committed = seed in COMMITTED_SEEDS.get(name, ())
+    if not committed and not (out / "score.json").exists():
+        start = time.time()
+        report = _score(model, test, claims.attack_list(cas))
+        _write(out / "score.json", {
+            "arm": name, "seed": seed, "n": report.n_examples, "natural": report.natural_accuracy,
+            "worst_case": report.worst_case["accuracy"], "families": report.summary()["accuracy"],
+            "gradient_masking_suspected": report.gradient_masking_suspected,
+            "failed_checks": report.summary()["failed_checks"], "per_example": report.per_example,
+            "model_sha256": sha, "seconds": round(time.time() - start, 1), "versions": report.versions})
+        print(f"[score] {name} s{seed}: natural {report.natural_accuracy:.3f} worst {report.worst_case['accuracy']:.3f}",
+              flush=True)
+    if not committed and not (out / "matched.json").exists():
+        start = time.time()
+        report = _score(model, test, claims.attack_list(cas)[:MATCHED_ROWS])
+        _write(out / "matched.json", {"rows": [r.name for r in report.attacks],
+                                      "worst_case": report.worst_case["accuracy"],
+                                      "per_example": report.per_example["worst_case"],
+                                      "seconds": round(time.time() - start, 1)})
+    if not committed and not (out / "saturation.json").exists():
+        start = time.time()
+        robust = [i for i, ok in enumerate(json.loads((out / "score.json").read_text())["per_example"]["worst_case"])
+                  if ok]
+        newly = 0
+        if robust:
+            from casify.attacks import Attack
+            from casify.evaluate import evaluate
+            sat = Attack(name=f"pgd{SATURATION['steps']}x{SATURATION['restarts']}", steps=SATURATION["steps"],
+                         restarts=SATURATION["restarts"], objective="cas" if cas else "ce")
+            report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[sat], eps=EPS,
+                              seed=SATURATION["seed"], progress=False, checks=False)
+            newly = sum(1 for ok in report.per_example["worst_case"] if not ok)
+        _write(out / "saturation.json", {"survivors": len(robust), "newly_fooled": newly, **SATURATION,
+                                         "seconds": round(time.time() - start, 1)})
+    if cas and not (out / "echo.json").exists():
+        start = time.time()
+        echo = routing_echo(model, test, eps=EPS, steps=ECHO["steps"], beta=ARMS[name][2],
+                            max_examples=ECHO["max_examples"], seed=0)
+        _write(out / "echo.json", {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)})
+        print(f"[echo] {name} s{seed}: forced {echo.forced_all:.3f} agreement {echo.head_agreement_clean}", flush=True)
+
+
+def _claim(out: Path) -> bool:
+    """Take the run for this process: an atomic mkdir; a claim left by a dead process is taken over."""
+    claim = out / ".claim"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        claim.mkdir()
+    except FileExistsError:
+        pid_file = claim / "pid"
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (OSError, ValueError):
+            pass  # the claimer died (or never wrote its pid): take over
+    (claim / "pid").write_text(str(os.getpid()))
+    return True
+
+
+def _done(args, name: str, seed: int) -> bool:
+    out = run_dir(args, name, seed)
+    wanted = ["train_record.json"]
+    if seed not in COMMITTED_SEEDS.get(name, ()):
+        wanted += ["score.json", "matched.json", "saturation.json"]
+    if ARMS[name][1]:
+        wanted.append("echo.json")
+    return all((out / f).exists() for f in wanted)
+
+
+def cmd_work(args) -> None:
+    torch.set_num_threads(args.threads)
+    train_set, val_set = claims.datasets(Path(args.data_dir))
+    for name, seed in SCHEDULE:
+        if args.only and name not in args.only or _done(args, name, seed):
+            continue
+        if not _claim(run_dir(args, name, seed)):
+            continue
+        train_one(args, name, seed, train_set, val_set)
+        score_one(args, name, seed)
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect(args) -> list:
+    """One entry per run: the new runs from --runs-dir, and paper_claims' committed seeds 0-2 of AT and AT+CAS."""
+    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    runs = []
+    for name, seeds in COMMITTED_SEEDS.items():
+        for s in seeds:
+            r = committed["runs"][f"{name}/s{s}"]
+            echo = _json(run_dir(args, name, s) / "echo.json")
+            retrained = _json(run_dir(args, name, s) / "train_record.json")
+            runs.append({"arm": name, "seed": s, "beta": ARMS[name][2], "train_routing": ARMS[name][3],
+                         "natural": r["natural"], "worst_case": r["worst_case"], "n": r["n"],
+                         "matched_worst_case": None, "saturation": None, "echo": echo,
+                         "model_sha256": r["model_sha256"], "source": "paper_claims (committed score)",
+                         "retrained_sha256_matches": (retrained["model_sha256"] == r["model_sha256"]
+                                                      if retrained else None)})
+    for name, seed in SCHEDULE:
+        if seed in COMMITTED_SEEDS.get(name, ()):
+            continue
+        out = run_dir(args, name, seed)
+        score = _json(out / "score.json")
+        if score is None:
+            continue
+        train = _json(out / "train_record.json")
+        matched = _json(out / "matched.json")
+        runs.append({"arm": name, "seed": seed, "beta": ARMS[name][2], "train_routing": ARMS[name][3],
+                     "natural": score["natural"], "worst_case": score["worst_case"], "n": score["n"],
+                     "matched_worst_case": matched["worst_case"] if matched else None,
+                     "saturation": _json(out / "saturation.json"), "echo": _json(out / "echo.json"),
+                     "gradient_masking_suspected": score["gradient_masking_suspected"],
+                     "failed_checks": score["failed_checks"], "model_sha256": score["model_sha256"],
+                     "selected_step": train["best_step"], "steps": train["steps"], "train_seconds": train["seconds"],
+                     "score_seconds": score["seconds"], "source": "this study",
+                     "_per_example": score["per_example"]["worst_case"],
+                     "_per_example_natural": score["per_example"]["natural"],
+                     "_matched": matched["per_example"] if matched else None})
+    return runs
+
+
+def _committed_pair(args, a: str, b: str, seed: int, metric: str):
+    """paper_claims' paired counts for seed ``seed`` of A vs B (at_cas vs at only), or None."""
+    from casify.evaluate.compare import paired_counts
+    if (a, b) != ("at_cas", "at"):
+        return None
+    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    for c in committed["claims"]["6_at_cas_beats_at"][metric]["per_seed"]:
+        if c["seed"] == seed:
+            return paired_counts(c["a_only"], c["b_only"], c["n"])
+    return None
+
+
+def compare(args, runs: list, a: str, b: str) -> dict:
+    from casify.evaluate.compare import paired, seed_comparison
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted(s for (arm, s) in by if arm == a and (b, s) in by)
+    out = {"A": a, "B": b, "seeds": seeds}
+    for metric, key in (("worst_case", "_per_example"), ("natural", "_per_example_natural"), ("matched", "_matched")):
+        per, used = [], []
+        for s in seeds:
+            ra, rb = by[(a, s)], by[(b, s)]
+            if ra.get(key) is not None and rb.get(key) is not None:
+                per.append(paired(ra[key], rb[key]))
+            elif metric != "matched" and _committed_pair(args, a, b, s, metric) is not None:
+                per.append(_committed_pair(args, a, b, s, metric))
+            else:
+                continue
+            used.append(s)
+        if len(per) >= 3:
+            out[metric] = seed_comparison(per, used).to_dict()
+        else:
+            out[metric] = {"seeds": used, "per_seed": [dict(c.to_dict(), seed=s) for c, s in zip(per, used)],
+                           "verdict": f"not judged: {len(per)} paired seeds (the rule needs 3)"}
+    return out
+
+
+def cmd_report(args) -> None:
+    runs = collect(args)
+    path = Path(args.results_dir) / "cas_study.json"
+    record = json.loads(path.read_text()) if path.exists() else {"decision_rule": decision_rule()}
+    record["comparisons"] = {k: compare(args, runs, a, b) for k, (a, b) in COMPARISONS.items()}
+    record["runs"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]
+    record["per_example_worst_case"] = {f"{r['arm']}/s{r['seed']}": "".join("1" if f else "0" for f in r["_per_example"])
+                                        for r in runs if r.get("_per_example")}
+    means = {}
+    for r in runs:
+        means.setdefault(r["arm"], []).append(r["worst_case"])
+    betas = {ARMS[n][2]: sum(v) / len(v) for n, v in means.items()
+             if ARMS[n][3] == "label" and ARMS[n][1] and len(v) >= 3}
+    record["best_beta"] = max(betas, key=betas.get) if betas else None
+    record["budget_cpu_hours"] = round(sum((r.get("train_seconds") or 0) + (r.get("score_seconds") or 0)
+                                           for r in runs) / 3600, 2)
+    _write(path, record)
+    (Path(args.results_dir) / "cas_study.md").write_text(markdown(record))
+    figure(record, Path(args.results_dir) / "cas_study.png")
+    print(f"wrote {path} ({len(runs)} runs)")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _interval(c: dict) -> str:
+    if "t_ci95" not in c:
+        return c.get("verdict", "-")
+    t, b = c["t_ci95"], c["bootstrap_ci95"]
+    return (f"{100 * c['mean_diff']:+.1f} (t [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}], bootstrap "
+            f"[{100 * b[0]:+.1f}, {100 * b[1]:+.1f}]; {len(c['seeds'])} seeds)")
+
+
+def markdown(record: dict) -> str:
+    lines = ["# Why CAS fails, and whether label-free routing or another beta saves it", "",
+             "`python benchmarks/cas_study.py --work` (one or two workers), then `--report`; protocol and scoring of "
+             "`benchmarks/paper_claims.py` (eps 8/255 in pixel space, test846, worst case over every row).", "",
+             f"Decision rule (written before the first run): {record['decision_rule']['rule']}", "",
+             "## Comparisons (A - B, points of worst-case accuracy)", "",
+             "| comparison | worst case (union) | verdict | matched attacks | natural |", "|---|---|---|---|---|"]
+    for name, c in record["comparisons"].items():
+        wc = c["worst_case"]
+        lines.append(f"| {c['A']} vs {c['B']} | {_interval(wc)} | **{wc.get('verdict')}** | "
+                     f"{_interval(c['matched'])} | {_interval(c['natural'])} |")
+    lines += ["", f"Best beta (highest mean worst case over 3 seeds): {record.get('best_beta')}", "",
+              "## Runs (test846, %)", "",
+              "| arm | seed | beta | train routing | natural | worst case | matched | saturation (newly fooled / "
+              "survivors) | echo: forced routing followed | echo: final == head 0 (clean / adv) | SHA-256 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["runs"]:
+        sat = r.get("saturation")
+        echo = r.get("echo")
+        e1 = f"{_pct(echo['forced_all'])} (chance {_pct(echo['chance'])})" if echo else "-"
+        e2 = (f"{_pct(echo['head_agreement_clean'][0])} / {_pct(echo['head_agreement_adversarial'][0])}"
+              if echo else "-")
+        s = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['beta']} | {r['train_routing']} | {_pct(r['natural'])} | "
+                     f"{_pct(r['worst_case'])} | {_pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
+                     f"`{r['model_sha256'][:16]}` |")
+    lines += ["", f"CPU time of the runs in this table that this study trained and scored: "
+                  f"{record.get('budget_cpu_hours')} h (one thread each).", ""]
+    return "\n".join(lines)
+
+
+def figure(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arms = [a for a in ARMS if any(r["arm"] == a for r in record["runs"])]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, arm in enumerate(arms):
+        rs = [r for r in record["runs"] if r["arm"] == arm]
+        ax.scatter([i] * len(rs), [100 * r["worst_case"] for r in rs], color="C0", label="worst case" if i == 0 else None)
+        ax.scatter([i] * len(rs), [100 * r["natural"] for r in rs], color="C1", marker="x",
+                   label="natural" if i == 0 else None)
+    ax.set_xticks(range(len(arms)))
+    ax.set_xticklabels(arms, rotation=30, ha="right")
+    ax.set_ylabel("accuracy on test846 (%)")
+    ax.set_title("AT vs AT+CAS variants, one point per seed (eps 8/255, adaptive worst case)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def cmd_init(args) -> None:
+    path = Path(args.results_dir) / "cas_study.json"
+    if path.exists():
+        raise SystemExit(f"{path} exists: the rule is written once, before the first run")
+    _write(path, {"decision_rule": decision_rule(), "protocol": claims.PROTOCOL, "arms": ARMS,
+                  "schedule": SCHEDULE, "runs": []})
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="folder with train.npz, test846.npz")
+    parser.add_argument("--runs-dir", default="outputs/cas_study")
+    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--init", action="store_true")
+    parser.add_argument("--work", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--only", nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if (args.work or args.report) and not args.data_dir:
+        parser.error("--work and --report need --data-dir")
+    if args.init:
+        cmd_init(args)
+    if args.work:
+        cmd_work(args)
+    if args.report:
+        cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()
