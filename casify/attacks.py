@@ -225,7 +225,8 @@ class _StraightThrough:
     times the weight matrix. ``active`` switches it off for the deployed scoring forwards."""
 
     def __init__(self, model: nn.Module, temperature: float = STRAIGHT_THROUGH_TEMPERATURE):
-        self.modules = list(find_cas_modules(model))
+        self.all_modules = list(find_cas_modules(model))
+        self.modules = [m for m in self.all_modules if m.routed]
         self.temperature = float(temperature)
         self.active = True
 
@@ -239,12 +240,17 @@ class _StraightThrough:
         return routing_for
 
     def __enter__(self):
+        # every defense's own straight-through / BPDA backward (CIFS: through the probe gradient; FSR: through the
+        # un-sharpened mask; CAS has none beyond the routing below)
+        self._adaptive = [m.set_adaptive_backward(True) for m in self.all_modules]
         self._previous = [m.set_router(self._router(m)) for m in self.modules]
         return self
 
     def __exit__(self, *exc):
         for m, previous in zip(self.modules, self._previous):
             m.set_router(previous)
+        for m, previous in zip(self.all_modules, self._adaptive):
+            m.set_adaptive_backward(previous)
         return False
 
 
@@ -685,7 +691,7 @@ def _deployed_routing(model: nn.Module, has_cas: bool) -> Iterator[None]:
     if not has_cas:
         yield
         return
-    modules = list(find_cas_modules(model))
+    modules = [m for m in find_cas_modules(model) if m.routed]
     overrides = [m.set_router(None) for m in modules]
     try:
         with route(model, labels=None):

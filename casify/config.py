@@ -6,9 +6,10 @@ of every layer, the class count, the normalisation's mean and std), ``save_pretr
 :meth:`CASConfig.to_dict` as ``config.json``, and ``from_pretrained`` reads it back with :meth:`CASConfig.from_dict`
 and calls ``wrap`` with it: one path for a fresh wrap and for a load.
 
-The wire format is the JSON casify has always written (``{"base_model", "cas": {...}, "normalize", "class_names",
-"versions"}``); ``config_version`` (see :data:`casify.config_validation.CONFIG_VERSION`) says which layout a dict
-has, and a dict without one is read as version 1, today's layout. Untrusted dicts are checked by
+The wire format is the JSON casify has always written (``{"base_model", "cas": {...}, "defense": {"name",
+"options"}, "normalize", "class_names", "versions"}``); ``config_version`` (see
+:data:`casify.config_validation.CONFIG_VERSION`) says which layout a dict has: 2 added the ``defense`` section, and
+a dict without one (version 1, or no version at all) is read as CAS. Untrusted dicts are checked by
 :func:`casify.config_validation.validate_config` before they become a ``CASConfig`` (``from_dict(d, validate=True)``,
 :meth:`CASConfig.from_json_file`).
 """
@@ -35,7 +36,10 @@ class CASConfig:
     Attributes:
         layers: before wrapping, names, ``"re:<regex>"`` strings, compiled patterns or ``"auto"``; resolved: the
             layer names in graph order (``[]``: no CAS, normalisation and save/load only).
-        init: ``"identity"`` or ``"paper"``. suppress: apply the channel mask (False: the Table 2 ablation).
+        defense: the registered defense inserted at every layer (:mod:`casify.defenses`: ``"cas"``, ``"cifs"``,
+            ``"fsr"``, or a user's own); defense_options: its options (checked against the defense's ``OPTIONS``).
+        init: ``"identity"`` (function-preserving) or ``"paper"``; None: the defense's own default (resolved).
+        suppress: apply the channel mask (CAS only; False: the Table 2 ablation).
         normalize: before wrapping ``"auto"``, ``"imagenet"``, ``(mean, std)``, a dict or None; resolved: a
             ``{"mean": [...], "std": [...]}`` dict or None.
         num_classes: classes of the auxiliary classifiers (None: the model's output width).
@@ -49,8 +53,10 @@ class CASConfig:
         extra: other top-level fields (``metrics``, ``training``, fields a caller saved), kept as inert data.
     """
     layers: Any = "auto"
-    init: str = "identity"
+    init: Optional[str] = None
     suppress: bool = True
+    defense: str = "cas"
+    defense_options: Dict[str, Any] = field(default_factory=dict)
     normalize: Any = "auto"
     num_classes: Optional[int] = None
     channel_dims: Dict[str, int] = field(default_factory=dict)
@@ -64,6 +70,7 @@ class CASConfig:
 
     def __post_init__(self):
         self.channel_dims = dict(self.channel_dims or {})
+        self.defense_options = dict(self.defense_options or {})
         self.channels = dict(self.channels or {})
         if self.input_size is not None:
             self.input_size = tuple(int(v) for v in self.input_size)
@@ -79,6 +86,7 @@ class CASConfig:
                "channel_dims": dict(self.channel_dims), "channels": dict(self.channels),
                "input_size": None if self.input_size is None else list(self.input_size)}
         out = {"base_model": copy.deepcopy(self.base_model), "cas": cas,
+               "defense": {"name": self.defense, "options": copy.deepcopy(self.defense_options)},
                "normalize": _normalize_to_json(self.normalize),
                "class_names": None if self.class_names is None else list(self.class_names),
                "versions": copy.deepcopy(self.versions), "config_version": int(self.version)}
@@ -97,9 +105,12 @@ class CASConfig:
             data = validate_config({"format": FORMAT, **data}, source)
         data = _upgrade(dict(data), source)
         cas = dict(data.get("cas") or {})
-        known = {"base_model", "cas", "normalize", "class_names", "versions", "config_version", *FILE_KEYS}
+        defense = dict(data.get("defense") or {})
+        known = {"base_model", "cas", "defense", "normalize", "class_names", "versions", "config_version", *FILE_KEYS}
         return cls(layers=list(cas.get("layers", [])), init=cas.get("init", "identity"),
-                   suppress=cas.get("suppress", True), normalize=copy.deepcopy(data.get("normalize")),
+                   suppress=cas.get("suppress", True), defense=defense.get("name", "cas"),
+                   defense_options=copy.deepcopy(defense.get("options") or {}),
+                   normalize=copy.deepcopy(data.get("normalize")),
                    num_classes=cas.get("num_classes"), channel_dims=cas.get("channel_dims") or {},
                    channels=cas.get("channels") or {}, input_size=cas.get("input_size"),
                    class_names=data.get("class_names"), base_model=copy.deepcopy(data.get("base_model")),
@@ -123,9 +134,9 @@ class CASConfig:
 
 
 def _upgrade(data: dict, source: str) -> dict:
-    """Bring an older layout up to :data:`CONFIG_VERSION`. Version 1 is the first versioned layout and also the one
-    every folder written before ``config_version`` existed has, so nothing needs changing yet; a future layout adds
-    its step here (``if version == 1: ...; version = 2``)."""
+    """Bring an older layout up to :data:`CONFIG_VERSION`. Version 1 (also every folder written before
+    ``config_version`` existed) knew one defense, so it becomes version 2 with ``defense: {"name": "cas"}``; the
+    ``cas`` section (placement: layers, channels, classes, init, CAS's ``suppress``) keeps its name in both."""
     version = data.get("config_version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise LoadError(f"{source}: refused config_version = {version!r}; expected an integer from 1 to "
@@ -133,6 +144,8 @@ def _upgrade(data: dict, source: str) -> dict:
     if version > CONFIG_VERSION:
         raise LoadError(f"{source}: config_version {version} was written by a newer casify (this one reads up to "
                         f"{CONFIG_VERSION}); upgrade casify-robust")
+    if version == 1:
+        data["defense"] = {"name": "cas", "options": {}}
     data["config_version"] = CONFIG_VERSION
     return data
 

@@ -15,12 +15,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from .cas import INITS
+from .defenses import DEFENSES, validate_options
+from .defenses.cas import INITS
 
 FORMAT = "casify"
-CONFIG_VERSION = 1
-"""The layout of ``config.json`` that this casify writes (``config_version``). Folders written before the field
-existed have the same layout and count as version 1; a larger number was written by a newer casify."""
+CONFIG_VERSION = 2
+"""The layout of ``config.json`` that this casify writes (``config_version``): 2 names the defense and its options;
+1 (and folders written before the field existed) is CAS only. A larger number was written by a newer casify."""
 
 # Bounds: generous for real classifiers (ImageNet-21k has 21,843 classes; timm's largest inputs are under 1,000
 # pixels a side), small enough that a hostile config cannot ask for terabytes or minutes.
@@ -180,7 +181,7 @@ def _validate_cas(cas: dict, check: _Check) -> dict:
     check.require(_is_int(num_classes) and 1 <= num_classes <= MAX_CLASSES, "cas.num_classes", num_classes,
                   f"an integer from 1 to {MAX_CLASSES}")
     init = cas.get("init", "identity")
-    check.require(init in INITS, "cas.init", init, f"one of {list(INITS)}")
+    check.require(init in INITS, "cas.init", init, f"one of {list(INITS)}")  # every defense's inits are among these
     suppress = cas.get("suppress", True)
     check.require(isinstance(suppress, bool), "cas.suppress", suppress, "true or false")
     out = {"layers": list(layers), "num_classes": num_classes, "init": init, "suppress": suppress}
@@ -203,6 +204,29 @@ def _validate_cas(cas: dict, check: _Check) -> dict:
             check.require(_is_int(v) and lo <= v <= hi, f"cas.{key}.{layer}", v, f"an integer from {lo} to {hi}")
         out[key] = dict(values)
     return out
+
+
+def _validate_defense(defense: Any, version: int, cas: dict, check: _Check) -> dict:
+    """The ``defense`` section (version 2): a registered name and options each within what the defense allows."""
+    if version < 2 and defense is None:
+        return {"name": "cas", "options": {}}
+    check.require(isinstance(defense, dict) and set(defense) <= {"name", "options"}, "defense", defense,
+                  '{"name": <a registered defense>, "options": {...}}')
+    name = defense.get("name")
+    check.require(isinstance(name, str) and name in DEFENSES, "defense.name", name,
+                  f"one of the registered defenses {sorted(DEFENSES)}")
+    options = defense.get("options") or {}
+    check.require(isinstance(options, dict) and len(options) <= 64, "defense.options", options,
+                  "a JSON object of at most 64 options")
+    try:
+        validate_options(name, options, where="defense.options")
+    except ValueError as e:
+        raise LoadError(f"{check.source}: refused {e}") from None
+    init = cas.get("init")
+    check.require(init in DEFENSES[name].INITS, "cas.init", init, f"one of {list(DEFENSES[name].INITS)} for {name}")
+    check.require(name == "cas" or cas.get("suppress", True) is True, "cas.suppress", cas.get("suppress"),
+                  "true (suppress=False is CAS's ablation; other defenses have no such switch)")
+    return {"name": name, "options": dict(options)}
 
 
 def _validate_normalize(norm: Any, check: _Check) -> Optional[dict]:
@@ -237,6 +261,7 @@ def validate_config(config: Any, source: str = "config.json") -> dict:
                         "always has it")
     out["base_model"] = validate_base_spec(config["base_model"], source)
     out["cas"] = _validate_cas(check.dict(config, "cas"), check)
+    out["defense"] = _validate_defense(config.get("defense"), version, out["cas"], check)
     out["normalize"] = _validate_normalize(config.get("normalize"), check)
     names = config.get("class_names")
     if names is not None:

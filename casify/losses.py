@@ -20,7 +20,7 @@ import abc
 import dataclasses
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,29 @@ def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def _mean(terms: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(terms).mean()
+
+
+def joint_aux_term(model: nn.Module, aux: List[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
+                   y: Optional[torch.Tensor] = None, final_logits: Optional[torch.Tensor] = None,
+                   others: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """The defense part of every joint loss, written once: the mean over every auxiliary head of ``weight x
+    loss_fn(head, target)`` (or ``loss_fn(other_head, head)`` for a two-forward term such as TRADES' KL, ``others``
+    being the other forward's heads), each defense module giving its heads' targets and weights
+    (:meth:`casify.defenses.DefenseModule.aux_targets`, ``aux_weights``). The caller multiplies by beta. For CAS
+    (targets = the labels, weights 1) it is the paper's ``mean_s loss(aux_s)``, bit for bit."""
+    targets: List[Optional[torch.Tensor]] = []
+    weights: List[float] = []
+    for module in find_cas_modules(model):
+        n = len(module.head_names)
+        targets += module.aux_targets(y, final_logits) if y is not None else [None] * n
+        weights += list(module.aux_weights)
+    if len(targets) != len(aux):
+        raise RuntimeError(f"the model's defense modules declare {len(targets)} heads but the forward gave {len(aux)}")
+    terms = []
+    for i, (head, target, weight) in enumerate(zip(aux, targets, weights)):
+        term = loss_fn(others[i], head) if others is not None else loss_fn(head, target)
+        terms.append(term if weight == 1.0 else weight * term)
+    return _mean(terms)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -178,7 +201,7 @@ class ATLoss(AdversarialLoss):
         metrics = {f"ce_{tag}": ce.detach(), f"acc_{tag}": _accuracy(logits, y)}
         loss = ce
         if self.cas:
-            aux_ce = _mean([F.cross_entropy(a, y) for a in aux])
+            aux_ce = joint_aux_term(model, aux, F.cross_entropy, y, logits)
             loss = loss + self.beta * aux_ce
             metrics[f"aux_ce_{tag}"] = aux_ce.detach()
         metrics["loss"] = loss.detach()
@@ -225,8 +248,8 @@ class TRADESLoss(AdversarialLoss):
         metrics = {"ce_nat": natural.detach(), "kl": robust.detach(), "acc_nat": _accuracy(nat_logits, y),
                    "acc_adv": _accuracy(adv_logits, y)}
         if self.cas:
-            aux_ce = _mean([F.cross_entropy(a, y) for a in nat_aux])
-            aux_kl = _mean([trades_kl(n, a) for n, a in zip(nat_aux, adv_aux)])
+            aux_ce = joint_aux_term(model, nat_aux, F.cross_entropy, y, nat_logits)
+            aux_kl = joint_aux_term(model, adv_aux, trades_kl, others=nat_aux)
             natural = natural + self.beta * aux_ce
             robust = robust + self.beta * aux_kl
             metrics.update(aux_ce_nat=aux_ce.detach(), aux_kl=aux_kl.detach())
@@ -266,9 +289,9 @@ class MARTLoss(AdversarialLoss):
         metrics = {"bce_adv": bce.detach(), "kl_weighted": kl.detach(), "acc_nat": _accuracy(nat_logits, y),
                    "acc_adv": _accuracy(adv_logits, y)}
         if self.cas:
-            aux_bce = _mean([mart_bce(a, y) for a in adv_aux])
-            weights = [main_true if self.aux_kl_weight == "main" else _true_probs(n, y) for n in nat_aux]
-            aux_kl = _mean([mart_kl(n, a, w) for n, a, w in zip(nat_aux, adv_aux, weights)])
+            aux_bce = joint_aux_term(model, adv_aux, mart_bce, y, adv_logits)
+            true_probs = {id(n): main_true if self.aux_kl_weight == "main" else _true_probs(n, y) for n in nat_aux}
+            aux_kl = joint_aux_term(model, adv_aux, lambda n, a: mart_kl(n, a, true_probs[id(n)]), others=nat_aux)
             loss = loss + self.beta * (aux_bce + self.lambda_ * aux_kl)
             metrics.update(aux_bce_adv=aux_bce.detach(), aux_kl_weighted=aux_kl.detach())
         metrics["loss"] = loss.detach()

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import fx, nn
 
-from .cas import CASModule
+from .defenses import DefenseModule, get_defense, layout_of, validate_options
 from .config import CASConfig
 from .discovery import (LayerError, default_input_size, expand_layers, locate, output_classes, probe_shape,
                         propagate_shapes, resolve_node)
@@ -32,7 +32,7 @@ NORMALIZE_ATTR = "input_normalize"
 class Rewrite:
     """What :func:`rewrite` returns: everything :class:`casify.model.CASModel` is built from."""
     graphs: Dict[bool, fx.Graph]                      # training mode -> rewritten graph
-    cas_modules: Dict[str, CASModule]                 # module key -> module, in graph order
+    cas_modules: Dict[str, DefenseModule]             # module key -> defense module, in graph order
     normalize: Optional[nn.Module]
     config: CASConfig                                 # resolved
     constants: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -46,6 +46,17 @@ def module_key(name: str, taken: set) -> str:
         key, i = f"{base}_{i}", i + 1
     taken.add(key)
     return key
+
+
+def defense_options(config: CASConfig) -> dict:
+    """The options the config's defense is built with, checked: its own options, plus CAS's ``suppress`` (kept in the
+    config's placement section since version 1)."""
+    options = dict(config.defense_options)
+    if config.defense == "cas":
+        options.setdefault("suppress", bool(config.suppress))
+    elif config.suppress is not True:
+        raise ValueError(f"suppress=False is CAS's ablation; the {config.defense!r} defense has no such switch")
+    return validate_options(config.defense, options)
 
 
 def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = (),
@@ -79,15 +90,22 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
         raise LayerError("cannot tell the number of classes from the model's output; pass num_classes=")
     param = next(model.parameters(), None)
     factory = {"device": param.device, "dtype": param.dtype} if param is not None and param.is_floating_point() else {}
+    defense = get_defense(config.defense)
+    init = defense.INITS[0] if config.init is None else config.init
+    options = defense_options(config)
     taken: set = set()
-    modules: Dict[str, CASModule] = {}
+    modules: Dict[str, DefenseModule] = {}
     keys: Dict[str, str] = {}
     for name in names:
         layer = targets[name][1]
+        layout = layout_of(layer.channel_dim, len(layer.shape))
+        if layout not in defense.layouts:
+            raise LayerError(f"layer {name!r} is {layout} (shape {tuple(layer.shape)}); the {config.defense!r} defense "
+                             f"works on {list(defense.layouts)} activations only: choose another layer")
         key = module_key(name, taken)
         keys[name] = key
-        modules[key] = CASModule(layer.channels, classes, layer.channel_dim, len(layer.shape), init=config.init,
-                                 suppress=config.suppress, **factory)
+        modules[key] = defense.build(layer.channels, classes, layer.channel_dim, len(layer.shape), init, options,
+                                     **factory)
 
     norm = resolve_normalize(config.normalize, model)
     for mode, traced in graphs.items():
@@ -109,7 +127,8 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
         traced.graph.lint()
 
     resolved = config.replace(
-        layers=names, suppress=bool(config.suppress), num_classes=int(classes),
+        layers=names, suppress=bool(config.suppress), num_classes=int(classes), init=init,
+        defense_options={k: v for k, v in options.items() if k != "suppress"},
         channel_dims={n: targets[n][1].channel_dim for n in names},
         channels={n: targets[n][1].channels for n in names}, input_size=input_size, normalize=norm,
         versions=versions(), extra=dict(config.extra))

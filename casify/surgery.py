@@ -12,6 +12,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 from torch import nn
 
 from .config import CASConfig, as_config
+from .defenses import validate_options
 from .discovery import (Layer, LayerError, LayerSpec, Layout, default_input_size,  # noqa: F401  (re-exported)
                         list_layers)
 from .model import CASModel
@@ -21,11 +22,11 @@ __all__ = ["wrap", "unwrap", "list_layers", "Layer", "LayerError", "Layout", "de
 
 
 def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_classes: Optional[int] = None,
-         init: str = "identity", suppress: bool = True, normalize="auto", input_size: Optional[Sequence[int]] = None,
-         channel_dims: Optional[Dict[str, int]] = None, leaf_modules: Iterable[type] = (),
-         autowrap_functions: Iterable = (), base_spec: Optional[dict] = None,
-         class_names: Optional[Sequence[str]] = None) -> CASModel:
-    """Insert a CAS module after each of ``layers`` in ``model`` and return the wrapped model.
+         init: Optional[str] = None, suppress: bool = True, normalize="auto",
+         input_size: Optional[Sequence[int]] = None, channel_dims: Optional[Dict[str, int]] = None,
+         leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = (), base_spec: Optional[dict] = None,
+         class_names: Optional[Sequence[str]] = None, defense: str = "cas", **options) -> CASModel:
+    """Insert a defense module (CAS by default) after each of ``layers`` in ``model`` and return the wrapped model.
 
     Args:
         model: any classifier that torch.fx can trace (timm's leaf modules are used automatically).
@@ -37,9 +38,10 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
             ``casify.wrap(model, CASConfig(layers=["layer4"], init="paper"))``; ``from_pretrained`` takes this path
             with the saved config.
         num_classes: classes of the auxiliary classifiers; by default the model's own output width.
-        init: ``"identity"`` (default: the wrapped model computes exactly what the original did at insertion) or
-            ``"paper"`` (PyTorch's default Linear init, as in the paper).
-        suppress: False keeps the auxiliary classifiers but applies no mask (the paper's Table 2 ablation).
+        init: ``"identity"`` (the wrapped model computes what the original did at insertion) or ``"paper"``
+            (PyTorch's default init, as in the paper); None: the defense's default (CAS and FSR: identity; CIFS:
+            paper, the authors' form).
+        suppress: False keeps the auxiliary classifiers but applies no mask (CAS's Table 2 ablation).
         normalize: ``"auto"`` (timm's pretrained mean/std when present), ``"imagenet"``, ``(mean, std)`` or None.
             With normalisation inside, inputs are pixels in [0, 1].
         input_size: (C, H, W) of the dummy input used to find shapes; by default timm's pretrained input size or 224.
@@ -48,11 +50,16 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
         base_spec: how to rebuild the original (``{"source": "timm", "name": ..., "kwargs": {...}}``) for saving;
             inferred for timm and torchvision models.
         class_names: optional names of the classes, stored in the saved config.
+        defense: a registered defense (:data:`casify.defenses.DEFENSES`): ``"cas"`` (default), ``"cifs"``,
+            ``"fsr"``, or one registered with :func:`casify.defenses.register_defense`.
+        **options: the defense's options (e.g. ``top_k=1`` for CIFS, ``tau=0.1`` for FSR); unknown ones and
+            values outside what the defense allows are refused.
     """
     if isinstance(model, CASModel):
         raise ValueError("the model is already wrapped by casify; unwrap it first or list all layers in one wrap call")
     if isinstance(layers, CASConfig):
-        given = {"num_classes": num_classes is not None, "init": init != "identity", "suppress": suppress is not True,
+        given = {"num_classes": num_classes is not None, "init": init is not None, "suppress": suppress is not True,
+                 "defense": defense != "cas", "options": bool(options),
                  "normalize": not (isinstance(normalize, str) and normalize == "auto"),
                  "input_size": input_size is not None, "channel_dims": channel_dims is not None,
                  "base_spec": base_spec is not None, "class_names": class_names is not None}
@@ -62,9 +69,10 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
                             "(config.replace(...)) instead")
         config = layers
     else:
+        validate_options(defense, {k: v for k, v in options.items()}, where="wrap options")
         config = as_config(layers, num_classes=num_classes, init=init, suppress=suppress, normalize=normalize,
                            input_size=input_size, channel_dims=channel_dims, base_spec=base_spec,
-                           class_names=class_names)
+                           class_names=class_names, defense=defense, defense_options=options)
     return CASModel.from_rewrite(model, rewrite(model, config, leaf_modules, autowrap_functions))
 
 

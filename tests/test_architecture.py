@@ -18,7 +18,9 @@ ROOT = Path(casify.__file__).parent
 
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
-    ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
+    ("foundation", {"casify.version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
+                    "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
+                    "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
                     "casify.data", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
@@ -57,8 +59,8 @@ KNOWN_PRIVATE_IMPORTS: dict = {}
 
 # Private attributes of casify's classes that only their owning module may touch.
 PRIVATE_ATTRIBUTES = {"_base": "casify.model", "_graphs": "casify.model", "_forwards": "casify.model",
-                      "_range_check": "casify.model", "_route": "casify.cas", "_router": "casify.cas",
-                      "_routing_for": "casify.cas"}
+                      "_range_check": "casify.model", "_route": "casify.defenses.routed",
+                      "_router": "casify.defenses.routed", "_routing_for": "casify.defenses.routed"}
 KNOWN_PRIVATE_ATTRIBUTES: dict = {}
 
 

@@ -58,12 +58,15 @@ def test_saved_config_is_versioned_and_a_newer_version_is_refused(tmp_path, tiny
         casify.from_pretrained(tmp_path, model=TinyNet())
 
 
-def test_a_config_without_a_version_reads_as_version_1():
+def test_a_config_without_a_version_reads_as_version_1_and_upgrades_to_cas():
     old = {"base_model": {"source": "custom", "name": "x.Net", "kwargs": {}},
            "cas": {"layers": ["block"], "init": "identity", "suppress": True, "num_classes": 5}, "normalize": None,
            "metrics": {"accuracy": 0.5}, "format": "casify", "weights_sha256": "0" * 64}
     config = CASConfig.from_dict(old, validate=True)
-    assert config.version == 1 and config.layers == ["block"] and config.input_size is None
+    # version 1 (no config_version) knew one defense: it upgrades to the current layout as CAS
+    assert config.version == CONFIG_VERSION == 2 and config.layers == ["block"] and config.input_size is None
+    assert config.defense == "cas" and config.defense_options == {}
+    assert CASConfig.from_dict({**old, "config_version": 1}, validate=True).defense == "cas"
     assert config.extra == {"metrics": {"accuracy": 0.5}}  # file fields (format, checksum) stay with the file
     with pytest.raises(LoadError, match="cas.num_classes"):
         CASConfig.from_dict({**old, "cas": {**old["cas"], "num_classes": -1}}, validate=True)

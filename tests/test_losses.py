@@ -184,7 +184,7 @@ def test_defaults_presets_and_config():
     assert get_loss("trades", defaults="authors", lambda_=1.0).lambda_ == 1.0
     assert get_loss("at", cas=True).beta == 2.0
     config = get_loss("TRADES", cas=True, defaults="authors").config()
-    assert config == {"method": "trades", "cas": True, "beta": 2.0, "defaults": "authors", "lambda_": 4.0,
+    assert config == {"method": "trades", "cas": True, "beta": 2.0, "defaults": "authors", "lambda_": 4.0, "train_routing": "label",
                       "attack_objective": "cas_kl"}
     assert get_loss("mart", cas=True).config()["aux_kl_weight"] == "main"
     with pytest.raises(ValueError, match="unknown loss"):

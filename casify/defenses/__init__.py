@@ -1,0 +1,20 @@
+"""Channel-wise activation defenses, one file each, behind one registry (:func:`register_defense`).
+
+- ``base.py``: :class:`DefenseModule` (what every defense declares), the registry, option checks, and the helpers the
+  rest of casify uses (:func:`find_defense_modules`, :func:`aux_logits`);
+- ``routed.py``: the routing state of defenses that pick a class (:class:`RoutedDefense`);
+- ``cas.py``: CAS (Bai et al., ICLR 2021); ``cifs.py``: CIFS (Yan et al., ICML 2021); ``fsr.py``: FSR (Kim et al.,
+  CVPR 2023).
+
+``casify.wrap(model, layers, defense="cifs", **options)`` builds any of them.
+"""
+from .base import (DEFENSES, LAYOUTS, DefenseModule, Option, aux_logits, find_defense_modules, get_defense,
+                   head_labels, layout_of, register_defense, validate_options)
+from .cas import CASModule
+from .cifs import CIFSModule
+from .fsr import FSRModule
+from .routed import CASRoutingWarning, RoutedDefense
+
+__all__ = ["DEFENSES", "LAYOUTS", "CASModule", "CASRoutingWarning", "CIFSModule", "DefenseModule", "FSRModule", "Option",
+           "RoutedDefense", "aux_logits", "find_defense_modules", "get_defense", "head_labels", "layout_of",
+           "register_defense", "validate_options"]
