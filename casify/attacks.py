@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cas import aux_logits, find_cas_modules
+from .defenses import attack_aux_logits
 from .host_sync import host_reads_free
 from .routing import route
 
@@ -313,7 +314,7 @@ def clean_routing(model: nn.Module, x: torch.Tensor, kind: str = "clean-predicte
 def _forward(model: nn.Module, x: torch.Tensor, has_cas: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Final and auxiliary logits as float32, so that losses never run in half precision."""
     logits = model(x).float()
-    return logits, ([a.float() for a in aux_logits(model)] if has_cas else [])
+    return logits, ([a.float() for a in attack_aux_logits(model)] if has_cas else [])
 
 
 def _low_precision(model: nn.Module, x: torch.Tensor) -> bool:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import AttackInfo, Generators, attack_context, class_mask, cw_margin, draw_noise
-from .cas import aux_logits, find_cas_modules
+from .cas import find_cas_modules
+from .defenses import attack_aux_logits
 
 APGD_INSTALL = "pip install pyautoattack"
 LOSSES = ("cas", "dlr_cas", "ce")
@@ -96,7 +97,7 @@ class ObjectiveAdapter:
 
     def _outputs(self, x: torch.Tensor):
         logits = self.model(x).float()
-        return logits, ([a.float() for a in aux_logits(self.model)] if self.has_cas and self.loss != "ce" else [])
+        return logits, ([a.float() for a in attack_aux_logits(self.model)] if self.has_cas and self.loss != "ce" else [])
 
     def _loss_grad(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None):
         routing = target if self.routing == "target" else self.routing

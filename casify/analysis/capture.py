@@ -142,7 +142,7 @@ class ActivationProbe:
             self.capture_point = f"after CAS mask (output of {qualified})"
         else:
             self.capture_point = f"before CAS mask (input of {qualified})"
-        if not cas.suppress:
+        if not getattr(cas, "suppress", True):
             self.capture_point += "; suppress=False, so no mask is applied"
         if self.channel_dim is None:
             self.channel_dim = cas.channel_dim

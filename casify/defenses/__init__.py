@@ -8,7 +8,7 @@
 
 ``casify.wrap(model, layers, defense="cifs", **options)`` builds any of them.
 """
-from .base import (DEFENSES, LAYOUTS, DefenseModule, Option, aux_logits, find_defense_modules, get_defense,
+from .base import (DEFENSES, LAYOUTS, DefenseModule, Option, attack_aux_logits, attack_head_count, aux_logits, find_defense_modules, get_defense,
                    head_labels, layout_of, register_defense, validate_options)
 from .cas import CASModule
 from .cifs import CIFSModule
@@ -16,5 +16,5 @@ from .fsr import FSRModule
 from .routed import CASRoutingWarning, RoutedDefense
 
 __all__ = ["DEFENSES", "LAYOUTS", "CASModule", "CASRoutingWarning", "CIFSModule", "DefenseModule", "FSRModule", "Option",
-           "RoutedDefense", "aux_logits", "find_defense_modules", "get_defense", "head_labels", "layout_of",
+           "RoutedDefense", "attack_aux_logits", "attack_head_count", "aux_logits", "find_defense_modules", "get_defense", "head_labels", "layout_of",
            "register_defense", "validate_options"]

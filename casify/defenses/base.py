@@ -11,6 +11,8 @@ hold:
 - :meth:`aux_targets` / :attr:`aux_weights`: what each head is trained toward (the labels, unless the method says
   otherwise: FSR's non-robust head learns the adversarial prediction) and its weight inside the joint term
   ``final + beta x mean over heads`` (:func:`casify.losses.joint_aux_term`).
+- ``attack_heads``: which heads the attack objectives see (all by default; FSR's non-robust head is trained toward
+  a wrong class, so pushing it away from the label is no attack and only dilutes the joint objective).
 - :meth:`set_adaptive_backward`: the defense's own straight-through / BPDA backward for the step that a plain
   gradient does not see (CAS: the argmax routing; CIFS: the detached probe gradient; FSR: the sharpened mask).
 - ``layouts``: the activation layouts it accepts (``"channels-first"``, ``"channels-last"``, ``"tokens"``).
@@ -64,6 +66,7 @@ class DefenseModule(nn.Module):
     name: ClassVar[str] = ""
     routed: ClassVar[bool] = False
     head_names: ClassVar[Tuple[str, ...]] = ("aux",)
+    attack_heads: ClassVar[Optional[Tuple[bool, ...]]] = None  # None: every head
     layouts: ClassVar[Tuple[str, ...]] = LAYOUTS
     OPTIONS: ClassVar[Dict[str, Option]] = {}
     INITS: ClassVar[Tuple[str, ...]] = ("identity", "paper")
@@ -172,6 +175,24 @@ def aux_logits(model: nn.Module) -> List[torch.Tensor]:
             raise RuntimeError("no auxiliary logits yet: run a forward through the model first")
         out.extend(heads)
     return out
+
+
+def attack_aux_logits(model: nn.Module) -> List[torch.Tensor]:
+    """The auxiliary logits that attack objectives see: :func:`aux_logits` without the heads a defense marks as not
+    an attack target (``attack_heads``); for CAS and CIFS the same list."""
+    out: List[torch.Tensor] = []
+    for module in find_defense_modules(model):
+        heads = module.aux_outputs()
+        if any(h is None for h in heads):
+            raise RuntimeError("no auxiliary logits yet: run a forward through the model first")
+        keep = module.attack_heads or (True,) * len(heads)
+        out.extend(h for h, k in zip(heads, keep) if k)
+    return out
+
+
+def attack_head_count(model: nn.Module) -> int:
+    """How many auxiliary heads the attacks see (the ``aux:<i>`` rows index them)."""
+    return sum(sum(m.attack_heads) if m.attack_heads else len(m.head_names) for m in find_defense_modules(model))
 
 
 def head_labels(model: nn.Module) -> List[str]:

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from .base import flag, register_defense
-from .routed import CASRoutingWarning, RoutedDefense  # noqa: F401  (CASRoutingWarning re-exported)
+from .routed import RoutedDefense
 
 INITS = ("identity", "paper")
 

@@ -18,8 +18,12 @@ Where casify follows the authors' code over the paper, or differs from both, and
   second-ranked one even when the label is not its first.
 - **Probe** (code): ``probe="linear"`` (GAP + Linear, the authors' second block) or ``"mlp"`` (GAP + Linear(C, 128)
   + Softplus(beta=5) + Linear, their first block). Both the routed gradient and the probe head use the same probe.
-- **Create graph** (code): the gradient is taken with ``create_graph`` whenever gradients are on, so the probe's
-  weights are trained through the mask as well as through their own loss.
+- **Closed form** (differs from the code's mechanics, not its values): the authors take the gradient with
+  ``autograd.grad(create_graph=True)`` inside the forward; the probe reads ``f`` only through its mean over positions,
+  so the same gradient has a closed form (:meth:`CIFSModule.importance`), differentiable in the probe's weights as
+  theirs is (the probe is trained through the mask as well as through its own loss), with no backward pass inside
+  the forward (scoring under ``no_grad`` and torch.compile work unchanged). A test checks it against
+  ``autograd.grad`` on both probes, in train and eval mode.
 - **Loss scale** (differs from the code): the authors multiply the joint loss by ``3 / (beta + 1)``; casify's joint
   term is the same for every defense (``final + beta x mean over heads``), identical to theirs at their beta of 2.
 - **Function-preserving init** (casify's own): ``mask_scale="channels"`` multiplies the softmax by the channel count
@@ -104,17 +108,26 @@ class CIFSModule(RoutedDefense):
             weights = weights + _one_hot(second, self.num_classes, logits.dtype)
         return weights
 
+    def importance(self, f: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(N, channels): the gradient of the selected probe logits with respect to ``f``, summed over each channel's
+        positions, in closed form. The probe reads ``f`` only through its mean ``g`` over positions, so the sum over
+        positions of d z / d f is d z / d g: the selected rows of the linear layer (``probe="linear"``), or
+        ``(sel W2 * sigmoid(5 h)) W1`` through the Softplus(beta=5) hidden layer ``h = W1 g + b1`` (``"mlp"``).
+        Equal to the authors' ``autograd.grad`` (create_graph) up to rounding, without a second backward pass inside
+        the forward (so torch.compile traces it whole); tests check it against ``autograd.grad``."""
+        selection = self._selection(logits)
+        rows = selection @ self.classifier.weight.to(selection.dtype)
+        if self.probe == "mlp":
+            hidden = self.hidden_layer(f.mean(dim=self.pool_dims))
+            rows = (rows * torch.sigmoid(5.0 * hidden)) @ self.hidden_layer.weight
+        return rows
+
     def mask(self, f: torch.Tensor) -> torch.Tensor:
-        """The channel mask for ``f``, (N, channels)."""
-        outer_grad = torch.is_grad_enabled()
-        through = self.adaptive and outer_grad and f.requires_grad
-        with torch.enable_grad():  # the importance is a gradient, also when scoring under no_grad
-            feat = f if through else f.detach().requires_grad_(True)
-            logits = self.probe_logits(feat)
-            target = (logits * self._selection(logits)).sum()
-            grad, = torch.autograd.grad(target, feat, create_graph=outer_grad)
-        importance = grad.sum(dim=self.pool_dims)  # GAP x positions: the sum over each channel's positions
-        mask = F.softmax(importance.float(), dim=1).to(f.dtype)
+        """The channel mask for ``f``, (N, channels): softmax over channels of :meth:`importance` (times the channel
+        count with ``mask_scale="channels"``), computed on a detached ``f`` unless the adaptive backward is on."""
+        feat = f if self.adaptive else f.detach()
+        logits = self.probe_logits(feat)
+        mask = F.softmax(self.importance(feat, logits).float(), dim=1).to(f.dtype)
         if self.mask_scale == "channels":
             mask = mask * self.num_channels
         return mask

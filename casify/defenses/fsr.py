@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import DefenseModule, integer, number, register_defense
@@ -67,6 +66,7 @@ class FSRModule(DefenseModule):
 
     name = "fsr"
     head_names = ("robust", "non_robust", "recalibrated")
+    attack_heads = (True, False, True)  # the non-robust head learns a wrong class: no attack target
     layouts = ("channels-first",)
     OPTIONS = {"hidden": integer(64, 1, 4096), "tau": number(0.1, 0.01, 10.0),
                "sep_weight": number(1.0, 0.0, 100.0), "rec_weight": number(1.0, 0.0, 100.0)}

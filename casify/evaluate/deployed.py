@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..attacks import attack_context, clean_routing, cw_margin
-from ..cas import CASModule, find_cas_modules
+from ..cas import find_cas_modules
+from ..defenses import DefenseModule
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
@@ -47,7 +48,7 @@ def describe_model(model: nn.Module, source: Optional[str] = None) -> dict:
         if config.get("training"):
             d["training"] = config["training"]
     elif cas:
-        d["cas_layers"] = [name for name, m in model.named_modules() if isinstance(m, CASModule)]
+        d["cas_layers"] = [name for name, m in model.named_modules() if isinstance(m, DefenseModule)]
     if source is not None:
         d["source"] = str(source)
     return d

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..attacks import pgd
-from ..cas import CASModule, aux_logits
+from ..defenses import RoutedDefense
 from ..routing import route
 
 
@@ -46,7 +46,7 @@ class RoutingEcho:
 
 
 def _named_modules(model: nn.Module) -> List[tuple]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, CASModule)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedDefense)]
 
 
 def _wrong_classes(y: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
@@ -55,10 +55,10 @@ def _wrong_classes(y: torch.Tensor, num_classes: int, generator: torch.Generator
 
 
 @torch.no_grad()
-def _agreement(model: nn.Module, x: torch.Tensor) -> tuple:
+def _agreement(model: nn.Module, x: torch.Tensor, modules: List[RoutedDefense]) -> tuple:
     with route(model, labels=None):
         final = model(x).argmax(dim=1)
-        heads = [a.argmax(dim=1) for a in aux_logits(model)]
+        heads = [m.aux_outputs()[0].argmax(dim=1) for m in modules]
     return final, [(h == final) for h in heads]
 
 
@@ -81,7 +81,8 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
     of a routed model on the first ``max_examples`` of ``dataset``; the wrong classes are drawn from ``seed``."""
     named = _named_modules(model)
     if not named:
-        raise ValueError("routing_echo needs a model with routed defense modules (casify.wrap(model, layers=[...]))")
+        raise ValueError("routing_echo needs a model with routed defense modules (CAS, CIFS: "
+                         "casify.wrap(model, layers=[...], defense='cas')); this model routes by nothing")
     was_training = model.training
     model.eval()
     num_classes = named[0][1].num_classes
@@ -96,11 +97,11 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
     try:
         for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
-            _, clean = _agreement(model, x)
+            _, clean = _agreement(model, x, [m for _, m in named])
             agree_clean += torch.stack([c.float().sum().cpu() for c in clean])
             x_adv = pgd(model, x, y, eps=eps, steps=steps, objective="cas", beta=beta,
                         generator=torch.Generator(device=device).manual_seed(seed))
-            _, adv = _agreement(model, x_adv)
+            _, adv = _agreement(model, x_adv, [m for _, m in named])
             agree_adv += torch.stack([c.float().sum().cpu() for c in adv])
             forced = _wrong_classes(y, num_classes, generator).to(device)
             forced_all += int(_forced(model, x, forced).sum())

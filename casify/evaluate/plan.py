@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attacks import PRESETS, Attack, attack_context, draw_noise, objective_tag
 from ..cas import find_cas_modules
+from ..defenses import attack_head_count
 from ..eps import format_eps
 from . import blackbox
 from .blackbox import SQUARE_P_INIT, square_attack
@@ -111,9 +112,11 @@ def family_of(base: str, name: str, attack: Optional[Attack], cas: bool) -> str:
     return name
 
 
-def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True, num_modules: int = 1) -> Dict[str, Attack]:
-    """The gradient attacks of a suite at radius ``eps``, by row name (the CAS-specific ones included for CAS models:
-    ``num_modules`` auxiliary heads). Each :class:`Attack` carries its objective and crafting routing."""
+def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True, num_modules: int = 1,
+                  routed: bool = True) -> Dict[str, Attack]:
+    """The gradient attacks of a suite at radius ``eps``, by row name (the defense-specific ones included for models
+    with defense modules: ``num_modules`` auxiliary heads; the fixed-routing rows only when a module is ``routed``).
+    Each :class:`Attack` carries its objective and crafting routing."""
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES} or a list of attacks, got {suite!r}")
     obj = objective_for(cas)
@@ -125,7 +128,7 @@ def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True, num_module
     if suite == "standard":
         rows.append(("pgd100", Attack(name="pgd100", eps=eps, steps=100, objective=obj)))
         if cas:
-            rows += [(base, a) for base, a in adaptive_rows(num_modules, eps)]
+            rows += [(base, a) for base, a in adaptive_rows(num_modules, eps, routed)]
     out = {}
     for base, attack in rows:
         name = row_name(base, attack, cas)
@@ -133,14 +136,15 @@ def suite_attacks(suite: str, eps: float = 8 / 255, cas: bool = True, num_module
     return out
 
 
-def adaptive_rows(num_modules: int, eps: float) -> List[Tuple[str, Attack]]:
-    """The CAS-specific rows of the standard suite (also what ``"adaptive"`` adds to a custom list): each head alone
-    (PGD on its CE, CW on its margin) and PGD-20 with the routing fixed to the clean prediction / soft mixture."""
+def adaptive_rows(num_modules: int, eps: float, routed: bool = True) -> List[Tuple[str, Attack]]:
+    """The defense-specific rows of the standard suite (also what ``"adaptive"`` adds to a custom list): each head
+    alone (PGD on its CE, CW on its margin) and, for routed defenses, PGD-20 with the routing fixed to the clean
+    prediction / soft mixture."""
     rows = [("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective=f"aux:{i}")) for i in range(num_modules)]
     rows += [("cw20", Attack(name="cw20", kind="cw", eps=eps, steps=20, kappa=50.0, objective=f"cw_aux:{i}"))
              for i in range(num_modules)]
     rows += [("pgd20", Attack(name="pgd20", eps=eps, steps=20, objective="cas", routing=r))
-             for r in ("clean-predicted", "clean-soft")]
+             for r in ("clean-predicted", "clean-soft") if routed]
     return rows
 
 
@@ -304,7 +308,8 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     has_cas = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
                             rank=CASCADE_RANKS["every example"])]
-    n_modules = len(cas_modules)
+    n_modules = attack_head_count(model)  # auxiliary heads the attacks see (CAS and CIFS: one per module)
+    routed = any(m.routed for m in cas_modules)
 
     def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
         name = row_name(base, attack, has_cas)
@@ -315,7 +320,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
 
     if isinstance(attacks, str):
         suite = attacks
-        for name, attack in suite_attacks(attacks, eps, has_cas, n_modules).items():
+        for name, attack in suite_attacks(attacks, eps, has_cas, n_modules, routed).items():
             add_gradient_row(name.split("[")[0], attack)
         if suite == "standard":
             jobs.extend(apgd_job(base, target, eps, has_cas) for base in APGD_ROWS)
@@ -332,7 +337,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
             base, attack = resolve_attack(spec, eps, has_cas, n_modules)
             add_gradient_row(base, attack, kind="white-box" if isinstance(spec, Attack) else None)
         if adaptive and has_cas:
-            for base, attack in adaptive_rows(n_modules, eps):
+            for base, attack in adaptive_rows(n_modules, eps, routed):
                 add_gradient_row(base, attack)
     extra_versions: Dict[str, str] = {}
     if autoattack:
