@@ -20,6 +20,7 @@ import yaml
 from torch import nn
 
 from .cas import find_cas_modules
+from .defenses import validate_options
 from .data import build_dataset
 from .hub import from_pretrained
 from .spec import infer_base_spec
@@ -28,7 +29,8 @@ from .train import TrainConfig, Trainer
 
 DEFAULTS = {
     "model": {"name": None, "pretrained": False, "checkpoint": None, "kwargs": {}, "cas_layers": "auto",
-              "init": "identity", "suppress": True, "normalize": "auto", "input_size": None},
+              "init": None, "suppress": True, "normalize": "auto", "input_size": None, "defense": "cas",
+              "defense_options": {}},
     "data": {"name": "digits", "root": None, "download": False, "augment": True, "val_size": None, "image_size": None,
              "test": None, "kwargs": {}},
     "train": {},
@@ -99,6 +101,11 @@ def validate_config(config: dict, source: str = "config") -> dict:
             if not isinstance(value, expected) or isinstance(value, bool) and not isinstance(default, bool):
                 raise ConfigError(f"{source}: {section}.{key} must be a {type(default).__name__} like {default!r}, "
                                   f"got {value!r}")
+    model = config.get("model") or {}
+    try:
+        validate_options(model.get("defense") or "cas", model.get("defense_options"), where="model.defense_options")
+    except ValueError as e:
+        raise ConfigError(f"{source}: model.defense: {e}") from None
     for key in ("resume", "overwrite"):
         if not isinstance(config.get(key), bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {config.get(key)!r}")
@@ -174,9 +181,10 @@ def build_model(spec: dict) -> nn.Module:
     if not spec.get("pretrained") or spec.get("checkpoint"):
         base_spec.pop("hf_hub_id", None)  # the weights do not come from that Hub repo: the card must not say they do
     layers = spec.get("cas_layers")
-    return wrap(base, layers if layers is not None else [], init=spec.get("init", "identity"),
+    return wrap(base, layers if layers is not None else [], init=spec.get("init"),
                 suppress=spec.get("suppress", True), normalize=spec.get("normalize", "auto"),
-                input_size=spec.get("input_size"), base_spec=base_spec)
+                input_size=spec.get("input_size"), base_spec=base_spec, defense=spec.get("defense") or "cas",
+                **(spec.get("defense_options") or {}))
 
 
 def build_datasets(spec: dict):

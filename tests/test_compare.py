@@ -41,3 +41,21 @@ def test_welch_matches_the_formula():
     assert w.t == pytest.approx(0.10 / se) and w.df == pytest.approx(4.0)
     assert w.p < 0.001 and w.ci95[0] < 0.10 < w.ci95[1]
     assert welch([0.3], [0.2]).p is None  # one seed per side: no test
+
+
+def test_seed_rule_judges_per_seed_differences():
+    from casify.evaluate.compare import paired_counts, seed_comparison
+    better = [paired_counts(40, 10, 846), paired_counts(35, 12, 846), paired_counts(38, 9, 846)]
+    c = seed_comparison(better, [0, 1, 2])
+    diffs = [30 / 846, 23 / 846, 29 / 846]
+    assert c.mean_diff == pytest.approx(sum(diffs) / 3)
+    assert c.t_ci95[0] > 0 and c.bootstrap_ci95[0] > 0 and c.verdict == "A better"
+    worse = [paired_counts(b, a, n) for a, b, n in ((40, 10, 846), (35, 12, 846), (38, 9, 846))]
+    assert seed_comparison(worse, [0, 1, 2]).verdict == "A worse"
+    # one seed against the others: the t interval over seeds covers 0 although each seed's McNemar is significant
+    mixed = [paired_counts(40, 10, 846), paired_counts(10, 40, 846), paired_counts(40, 10, 846)]
+    m = seed_comparison(mixed, [0, 1, 2])
+    assert m.t_ci95[0] < 0 < m.t_ci95[1] and m.verdict == "inconclusive"
+    assert m.pooled_mcnemar["z"] > 2  # the per-image view alone would have called it
+    with pytest.raises(ValueError, match="at least 3 seeds"):
+        seed_comparison(better[:2], [0, 1])

@@ -175,3 +175,15 @@ def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config):
           "--set", "train.mixed_precision=no", "--set", "train.compile=false"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 4
+
+
+@pytest.mark.parametrize("defense", ["cifs", "fsr"])
+def test_a_recipe_trains_any_registered_defense(tmp_path, one_thread, defense):
+    out = tmp_path / defense
+    _tiny_run(out, "--set", f"model.defense={defense}")
+    saved = json.loads((out / "final" / "config.json").read_text())
+    assert saved["defense"]["name"] == defense
+    with pytest.raises(ConfigError, match="model.defense"):
+        load_config(str(TINY), ["model.defense=nope"])
+    with pytest.raises(ConfigError, match="no option"):
+        load_config(str(TINY), [f"model.defense={defense}", "model.defense_options={bogus: 1}"])

@@ -118,3 +118,38 @@ def test_routing_through_ddp_wrapper(wrapped, tmp_path):
         assert all(m.classifier.weight.grad is not None for m in casify.find_cas_modules(ddp))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("routing", ["label", "predicted", "soft"])
+def test_training_routings_for_the_leak_study(wrapped, routing):
+    """train_route: the true label (the paper), each module's own argmax, or its softmax mixture of rows; only
+    "label" lets the label into the mask, and none leaves a router behind."""
+    from casify.routing import train_route
+    wrapped.train()
+    x = torch.rand(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 3])
+    seen = []
+    modules = casify.find_cas_modules(wrapped)
+    original = [m.channel_importance for m in modules]
+    for m, orig in zip(modules, original):
+        m.channel_importance = lambda r, orig=orig: (seen.append(r), orig(r))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CASRoutingWarning)  # label-free routings are on purpose: no warning
+        with train_route(wrapped, y, routing):
+            wrapped(x)
+    for m in modules:
+        del m.channel_importance
+    if routing == "label":
+        assert all(torch.equal(r, y) for r in seen)
+    elif routing == "predicted":
+        assert all(r.dim() == 1 for r in seen)
+        assert [torch.equal(r, m.last_aux_logits.argmax(1)) for r, m in zip(seen, modules)] == [True, True]
+    else:
+        assert all(r.dim() == 2 and torch.allclose(r.sum(1), torch.ones(4)) for r in seen)
+        assert all(r.requires_grad for r in seen)  # differentiable: the heads learn through the mask
+    assert all(m.router is None and m.route_state is None for m in modules)
+    with pytest.raises(ValueError, match="train routing"):
+        with train_route(wrapped, y, "oracle"):
+            pass
+    with pytest.raises(ValueError, match="train_routing"):
+        casify.losses.get_loss("at", cas=True, train_routing="oracle")
