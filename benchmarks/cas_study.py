@@ -216,7 +216,6 @@ def score_one(args, name: str, seed: int) -> None:
         newly = 0
         if robust:
             from casify.attacks import Attack
-            from casify.evaluate import evaluate
             sat = Attack(name=f"pgd{SATURATION['steps']}x{SATURATION['restarts']}", steps=SATURATION["steps"],
                          restarts=SATURATION["restarts"], objective="cas" if cas else "ce")
             report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[sat], eps=EPS,
