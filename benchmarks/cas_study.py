@@ -293,6 +293,7 @@ def collect(args) -> list:
             echo = _json(run_dir(args, name, s) / "echo.json")
             retrained = _json(run_dir(args, name, s) / "train_record.json")
             runs.append({"arm": name, "seed": s, "beta": ARMS[name][2], "train_routing": ARMS[name][3],
+                         "paper_style": r["rows"].get("pgd20[cas]" if ARMS[name][1] else "pgd20"),
                          "natural": r["natural"], "worst_case": r["worst_case"], "n": r["n"],
                          "matched_worst_case": None, "saturation": None, "echo": echo,
                          "model_sha256": r["model_sha256"], "source": "paper_claims (committed score)",
@@ -311,6 +312,8 @@ def collect(args) -> list:
         runs.append({"arm": name, "seed": seed, "beta": ARMS[name][2], "train_routing": ARMS[name][3],
                      "defense": defense_of(name) if ARMS[name][1] else None,
                      "authors_evaluation": authors["accuracy"] if authors else None,
+                     "paper_style": (authors["accuracy"] if authors else _row_accuracy(
+                         score["per_example"], "pgd20[cas]" if ARMS[name][1] else "pgd20")),
                      "natural": score["natural"], "worst_case": score["worst_case"], "n": score["n"],
                      "matched_worst_case": matched["worst_case"] if matched else None,
                      "saturation": _json(out / "saturation.json"), "echo": _json(out / "echo.json"),
@@ -322,6 +325,14 @@ def collect(args) -> list:
                      "_per_example_natural": score["per_example"]["natural"],
                      "_matched": matched["per_example"] if matched else None})
     return runs
+
+
+def _row_accuracy(per_example: dict, row: str):
+    """A row's accuracy from its per-example flags, when it ran on every example (the cascade's first rows)."""
+    flags = per_example.get(row)
+    if flags is None or any(f is None for f in flags):
+        return None
+    return sum(bool(f) for f in flags) / len(flags)
 
 
 def _committed_pair(args, a: str, b: str, seed: int, metric: str):
@@ -415,6 +426,7 @@ def cmd_report(args) -> None:
     (Path(args.results_dir) / "defense_family.md").write_text(family_markdown(family))
     _write(path, record)
     (Path(args.results_dir) / "cas_study.md").write_text(markdown(record))
+    (Path(args.results_dir) / "channel_defenses_table.md").write_text(headline_table(args, record, family))
     figure(record, Path(args.results_dir) / "cas_study.png")
     print(f"wrote {path} ({len(runs)} runs)")
 
@@ -488,6 +500,64 @@ def figure(record: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# The paper's effect for each row of the headline table (points), and where it comes from.
+PAPER_CLAIMS = {
+    "at_cas": ("+2.4", "CAS paper Table 2, PGD-20"), "trades_cas": ("+0.1", "CAS paper Table 11, AutoAttack"),
+    "mart_cas": ("+1.4", "CAS paper Table 11, AutoAttack"), "at_cas_beta5": ("larger beta helps", "CAS paper Fig. 8"),
+    "at_cas_predicted": ("(not in the paper)", ""), "at_cas_soft": ("(not in the paper)", ""),
+    "at_cifs": ("+4.6", "CIFS authors' logs, PGD-20 51.23 vs 46.62"), "at_fsr": ("up to +8.6", "FSR abstract"),
+}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def headline_table(args, record: dict, family: dict) -> str:
+    """README's "Do channel-wise defenses help?": defense x method, the paper's claim, the paper-style evaluation,
+    the adaptive union, the verdict under the seed rule and natural accuracy (means over seeds, points vs the
+    method without the defense)."""
+    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    runs = {}
+    for r in record["runs"]:
+        runs.setdefault(r["arm"], []).append(r)
+    for arm, ref in (("trades_cas", "trades"), ("mart_cas", "mart"), ("trades", None), ("mart", None)):
+        for s in (0, 1, 2):
+            c = committed["runs"].get(f"{arm}/s{s}")
+            if c:
+                runs.setdefault(arm, []).append({"seed": s, "natural": c["natural"], "worst_case": c["worst_case"],
+                                                 "paper_style": c["rows"].get("pgd20[cas]" if ref else "pgd20")})
+    verdicts = {**{c["A"]: c for c in record["comparisons"].values() if c["B"] == "at"},
+                **{c["A"]: c for c in family.get("comparisons", {}).values()},
+                **{c["A"]: {"worst_case": c["seed_rule"]} for c in record.get("claims_rescored", {}).values()
+                   if c["A"] != "at_cas"}}
+    rows = [("CAS", "AT", "at_cas", "at"), ("CAS", "TRADES", "trades_cas", "trades"), ("CAS", "MART", "mart_cas", "mart"),
+            ("CAS, beta 5", "AT", "at_cas_beta5", "at"), ("CAS, label-free routing (own argmax)", "AT",
+                                                           "at_cas_predicted", "at"),
+            ("CAS, label-free routing (soft)", "AT", "at_cas_soft", "at"), ("CIFS", "AT", "at_cifs", "at"),
+            ("FSR", "AT", "at_fsr", "at")]
+    lines = ["| defense | method | paper's claim | paper-style evaluation | adaptive union | verdict (seed rule) | "
+             "natural |", "|---|---|---|---|---|---|---|"]
+    for defense, method, arm, ref in rows:
+        a, b = runs.get(arm, []), runs.get(ref, [])
+        if not a:
+            lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | not run yet | | | |")
+            continue
+        seeds = {r["seed"] for r in a} & {r["seed"] for r in b}
+
+        def diff(key):
+            da = _mean([r.get(key) for r in a if r["seed"] in seeds])
+            db = _mean([r.get(key) for r in b if r["seed"] in seeds])
+            return "-" if da is None or db is None else f"{100 * da:.1f} ({100 * (da - db):+.1f})"
+        c = verdicts.get(arm, {}).get("worst_case", {})
+        word = {"A better": "helps", "A worse": "hurts"}.get(c.get("verdict"), c.get("verdict"))
+        verdict = f"**{word}**: {_interval(c)}" if "t_ci95" in c else f"{len(seeds)} seed(s): not judged"
+        lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | {diff('paper_style')} | {diff('worst_case')} "
+                     f"| {verdict} | {diff('natural')} |")
+    return "\n".join(lines) + "\n"
 
 
 def family_rule() -> dict:
