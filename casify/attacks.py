@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cas import aux_logits, find_cas_modules
-from .defenses import attack_aux_logits
+from .defenses import attack_aux_logits, routed_modules
 from .host_sync import host_reads_free
 from .routing import route
 
@@ -267,6 +267,7 @@ def attack_context(model: nn.Module, routing: Routing = None, y: Optional[torch.
     """
     modes = [(m, m.training) for m in model.modules()]
     has_cas = bool(find_cas_modules(model))
+    has_routed = bool(routed_modules(model))
     straight = False
     if isinstance(routing, str):
         if routing == "predicted":
@@ -282,11 +283,14 @@ def attack_context(model: nn.Module, routing: Routing = None, y: Optional[torch.
                              "casify.attacks.clean_routing(model, x, kind) first (the attacks do)")
         else:
             raise ValueError(f"routing must be None, one of {ROUTINGS} or a tensor, got {routing!r}")
-    if (routing is not None or straight) and not has_cas:
+    if straight and not has_cas:
         raise ValueError("a routing was given but the model has no CAS modules")
+    if routing is not None and not has_routed:
+        raise ValueError("a routing was given but the model has no routed defense modules (CAS, CIFS)"
+                         if has_cas else "a routing was given but the model has no CAS modules")
     model.eval()
     try:
-        with route(model, labels=routing) if has_cas else contextlib.nullcontext():
+        with route(model, labels=routing) if has_routed else contextlib.nullcontext():
             with _StraightThrough(model) if straight else contextlib.nullcontext():
                 yield
     finally:
@@ -302,8 +306,8 @@ def clean_routing(model: nn.Module, x: torch.Tensor, kind: str = "clean-predicte
     if kind not in ("clean-predicted", "clean-soft"):
         raise ValueError(f"kind must be 'clean-predicted' or 'clean-soft', got {kind!r}")
     model = _attack_target(model)
-    if not find_cas_modules(model):
-        raise ValueError("a routing was given but the model has no CAS modules")
+    if not routed_modules(model):
+        raise ValueError("a routing was given but the model has no routed defense modules (CAS, CIFS)")
     with attack_context(model):
         logits = model(x)
         if kind == "clean-predicted":
@@ -692,7 +696,10 @@ def _deployed_routing(model: nn.Module, has_cas: bool) -> Iterator[None]:
     if not has_cas:
         yield
         return
-    modules = [m for m in find_cas_modules(model) if m.routed]
+    modules = routed_modules(model)
+    if not modules:
+        yield
+        return
     overrides = [m.set_router(None) for m in modules]
     try:
         with route(model, labels=None):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .attacks import AttackInfo, Generators, attack_context, class_mask, cw_margin, draw_noise
 from .cas import find_cas_modules
-from .defenses import attack_aux_logits
+from .defenses import attack_aux_logits, routed_modules
 
 APGD_INSTALL = "pip install pyautoattack"
 LOSSES = ("cas", "dlr_cas", "ce")
@@ -87,6 +87,8 @@ class ObjectiveAdapter:
             raise ValueError(f"routing must be None, 'straight-through' or 'target', got {routing!r}")
         self.model, self.loss, self.routing, self.beta = model, loss, routing, beta
         self.has_cas = bool(find_cas_modules(model))
+        if routing == "target" and self.has_cas and not routed_modules(model):
+            routing = self.routing = None  # nothing routes (FSR): targeted APGD on the joint objective
         if routing is not None and not self.has_cas:
             raise ValueError(f"routing {routing!r} needs a model with CAS modules")
 

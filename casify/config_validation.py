@@ -181,7 +181,8 @@ def _validate_cas(cas: dict, check: _Check) -> dict:
     check.require(_is_int(num_classes) and 1 <= num_classes <= MAX_CLASSES, "cas.num_classes", num_classes,
                   f"an integer from 1 to {MAX_CLASSES}")
     init = cas.get("init", "identity")
-    check.require(init in INITS, "cas.init", init, f"one of {list(INITS)}")  # every defense's inits are among these
+    inits = sorted({i for d in DEFENSES.values() for i in d.INITS} | set(INITS))  # the defense's own: _validate_defense
+    check.require(isinstance(init, str) and init in inits, "cas.init", init, f"one of {inits}")
     suppress = cas.get("suppress", True)
     check.require(isinstance(suppress, bool), "cas.suppress", suppress, "true or false")
     out = {"layers": list(layers), "num_classes": num_classes, "init": init, "suppress": suppress}
@@ -208,14 +209,15 @@ def _validate_cas(cas: dict, check: _Check) -> dict:
 
 def _validate_defense(defense: Any, version: int, cas: dict, check: _Check) -> dict:
     """The ``defense`` section (version 2): a registered name and options each within what the defense allows."""
-    if version < 2 and defense is None:
+    if version < 2:  # version 1 knew CAS only: a defense section there was not written by casify
+        check.require(defense is None, "defense", defense, "no defense section in a config_version 1 file (CAS)")
         return {"name": "cas", "options": {}}
     check.require(isinstance(defense, dict) and set(defense) <= {"name", "options"}, "defense", defense,
                   '{"name": <a registered defense>, "options": {...}}')
     name = defense.get("name")
     check.require(isinstance(name, str) and name in DEFENSES, "defense.name", name,
                   f"one of the registered defenses {sorted(DEFENSES)}")
-    options = defense.get("options") or {}
+    options = defense.get("options", {})
     check.require(isinstance(options, dict) and len(options) <= 64, "defense.options", options,
                   "a JSON object of at most 64 options")
     try:

@@ -142,13 +142,15 @@ class CASModel(nn.Module):
 
     @property
     def cas_outputs(self) -> Dict[str, torch.Tensor]:
-        """Auxiliary logits of the last forward, by layer name (the side channel beside the logits)."""
+        """Auxiliary logits of the last forward, by layer name (the side channel beside the logits); a defense with
+        several heads per layer (FSR) gives a tuple in its ``head_names`` order."""
         names = self.cas_layers
         outs = {}
         for name, module in zip(names, self.cas_modules.values()):
-            if module.last_aux_logits is None:
+            heads = module.aux_outputs()
+            if any(h is None for h in heads):
                 raise RuntimeError("no auxiliary logits yet: run a forward through the model first")
-            outs[name] = module.last_aux_logits
+            outs[name] = heads[0] if len(heads) == 1 else tuple(heads)  # FSR: (robust, non-robust, recalibrated)
         return outs
 
     @property

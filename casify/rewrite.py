@@ -49,14 +49,11 @@ def module_key(name: str, taken: set) -> str:
 
 
 def defense_options(config: CASConfig) -> dict:
-    """The options the config's defense is built with, checked: its own options, plus CAS's ``suppress`` (kept in the
-    config's placement section since version 1)."""
-    options = dict(config.defense_options)
-    if config.defense == "cas":
-        options.setdefault("suppress", bool(config.suppress))
-    elif config.suppress is not True:
+    """The options the config's defense is built with, checked against the defense's ``OPTIONS``. CAS's
+    ``suppress`` is not one of them: it lives in the placement section (``config.suppress``), in one place only."""
+    if config.defense != "cas" and config.suppress is not True:
         raise ValueError(f"suppress=False is CAS's ablation; the {config.defense!r} defense has no such switch")
-    return validate_options(config.defense, options)
+    return validate_options(config.defense, config.defense_options)
 
 
 def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = (),
@@ -104,8 +101,9 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
                              f"works on {list(defense.layouts)} activations only: choose another layer")
         key = module_key(name, taken)
         keys[name] = key
+        extra = {"suppress": bool(config.suppress)} if config.defense == "cas" else {}
         modules[key] = defense.build(layer.channels, classes, layer.channel_dim, len(layer.shape), init, options,
-                                     **factory)
+                                     **factory, **extra)
 
     norm = resolve_normalize(config.normalize, model)
     for mode, traced in graphs.items():
@@ -128,7 +126,7 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
 
     resolved = config.replace(
         layers=names, suppress=bool(config.suppress), num_classes=int(classes), init=init,
-        defense_options={k: v for k, v in options.items() if k != "suppress"},
+        defense_options=dict(options),
         channel_dims={n: targets[n][1].channel_dim for n in names},
         channels={n: targets[n][1].channels for n in names}, input_size=input_size, normalize=norm,
         versions=versions(), extra=dict(config.extra))

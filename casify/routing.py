@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .cas import find_cas_modules
+from .defenses import routed_modules
 from .host_sync import host_reads_free
 
 
@@ -56,8 +57,11 @@ def route(model: nn.Module, labels: Optional[torch.Tensor]) -> Iterator[None]:
     ``labels`` may be class indices (N,), soft weights over classes (N, num_classes) that mix weight rows, or ``None``
     to route by prediction explicitly (no warning in training mode). Contexts nest; the previous routing is restored.
     """
-    modules = find_cas_modules(model)
+    modules = routed_modules(model)
     if not modules:
+        if find_cas_modules(model):
+            raise ValueError("casify.route: the model's defense modules route by nothing (e.g. FSR); only routed "
+                             "defenses (CAS, CIFS) take labels, so run the forward without casify.route")
         raise ValueError("casify.route: the model has no CAS modules; wrap it with casify.wrap(model, layers=...) first")
     if labels is None:
         state = ("predicted", None)
@@ -91,11 +95,17 @@ def train_route(model: nn.Module, labels: torch.Tensor, routing: str = "label") 
     says; ``labels`` are used only by ``"label"``."""
     if routing not in TRAIN_ROUTINGS:
         raise ValueError(f"train routing must be one of {sorted(TRAIN_ROUTINGS)}, got {routing!r}")
+    if not routed_modules(model):
+        if routing != "label":
+            raise ValueError(f"train_routing={routing!r} needs a routed defense (CAS, CIFS); this model's defense "
+                             "routes by nothing, so leave train_routing at 'label'")
+        yield  # nothing routes: the forward runs as it is
+        return
     if routing == "label":
         with route(model, labels=labels):
             yield
         return
-    modules = find_cas_modules(model)
+    modules = routed_modules(model)
     previous = [m.set_router(_soft_own_prediction) for m in modules] if routing == "soft" else None
     try:
         with route(model, labels=None):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import attacks, losses
-from .cas import find_cas_modules
+from .defenses import routed_modules
 from .data import EpochSeededDataset
 from .eps import parse_eps
 from .model import CASModel
@@ -488,7 +488,7 @@ class Trainer:
             with self.accelerator.autocast():
                 x_adv = self.val_attack(model, x, y)
                 # the routing the attack ran with (predicted, explicitly), so the scoring reuses one compiled graph
-                routed = route(model, labels=None) if find_cas_modules(model) else contextlib.nullcontext()
+                routed = route(model, labels=None) if routed_modules(model) else contextlib.nullcontext()
                 if i == 0 and isinstance(base, CASModel):
                     # a new data source: on a GPU its first clean batch is range-checked too (the attack's first
                     # forward, which the check would otherwise read, sees an iterate clipped to [0, 1])

@@ -12,6 +12,7 @@ from torch import nn
 
 import casify
 from casify.analysis.capture import channel_activations
+import casify.defenses
 from casify.defenses import DEFENSES, CIFSModule, DefenseModule, FSRModule, register_defense
 from casify.defenses.fsr import GUMBEL_EPS
 from casify.discovery import LayerError
@@ -50,6 +51,12 @@ MODELS = [
 ]
 
 
+def _routed(model, labels):
+    """casify.route for routed defenses; nothing for the others (they refuse a route)."""
+    import contextlib
+    return casify.route(model, labels=labels) if casify.defenses.routed_modules(model) else contextlib.nullcontext()
+
+
 def _wrap(defense, model=None, **kw):
     torch.manual_seed(0)
     kw.setdefault("init", "paper")
@@ -72,7 +79,7 @@ def test_wraps_each_model_and_layout_it_allows(defense, what, build, layers, siz
     x = torch.rand(2, *size)
     for training in (False, True):
         model.train(training)
-        with casify.route(model, labels=torch.tensor([0, 1])):
+        with _routed(model, torch.tensor([0, 1])):
             out = model(x)
         assert out.shape[0] == 2 and torch.isfinite(out).all()
         assert len(casify.aux_logits(model)) == len(layers) * len(cls.head_names)
@@ -96,14 +103,14 @@ def test_routing_in_training_and_at_test(defense):
         assert not torch.allclose(by_label, by_other), "a routed defense's output must depend on the routed class"
     model.eval()
     with torch.no_grad():
-        with casify.route(model, labels=None):
+        with _routed(model, None):
             predicted = model(x)
         deployed = model(x)
-        with casify.route(model, labels=y):
-            labelled = model(x)
     assert torch.equal(predicted, deployed)
     if not DEFENSES[defense].routed:
-        assert torch.equal(labelled, deployed), "an unrouted defense ignores casify.route"
+        with pytest.raises(ValueError, match="route by nothing"):
+            with casify.route(model, labels=y):
+                pass
 
 
 @pytest.mark.parametrize("defense", ALL)
@@ -126,7 +133,7 @@ def test_deepcopy_and_model_ema(defense):
     from timm.utils import ModelEmaV3
     model = _wrap(defense)
     model.train()
-    with casify.route(model, labels=torch.arange(4)):
+    with _routed(model, torch.arange(4)):
         model(torch.rand(4, 3, 8, 8)).sum().backward()  # leaves non-leaf aux logits on the modules
     copied = copy.deepcopy(model)
     assert all(h is None for m in casify.find_cas_modules(copied) for h in m.aux_outputs())
@@ -268,7 +275,7 @@ def _module_io(model, x, labels=None):
     module = casify.find_cas_modules(model)[0]
     seen = {}
     h = module.register_forward_hook(lambda m, args, out: seen.update(f=args[0], out=out))
-    with casify.route(model, labels=labels):
+    with _routed(model, labels):
         model(x)
     h.remove()
     return module, seen["f"], seen["out"]
@@ -347,3 +354,71 @@ def test_fsr_targets_weights_and_identity_init():
     model = _wrap("fsr", init="identity").eval()
     _, f, out = _module_io(model, torch.rand(3, 3, 8, 8))
     torch.testing.assert_close(out, f)
+
+
+@pytest.mark.parametrize("defense,options", [("cifs", {"probe": "mlp"}), ("fsr", {})])
+def test_adaptive_backward_keeps_the_forward_and_changes_the_gradient(defense, options):
+    """The BPDA switch of a defense with a detached (CIFS) or saturating (FSR) step: the deployed values stay, the
+    input gradient changes; copies start with it off."""
+    model = _wrap(defense, **options).eval()
+    module = casify.find_cas_modules(model)[0]
+    x = torch.rand(4, 3, 8, 8, requires_grad=True)
+
+    def forward_and_grad():
+        out = model(x)
+        grad, = torch.autograd.grad(out[:, 0].sum(), x)
+        return out.detach(), grad
+    plain_out, plain_grad = forward_and_grad()
+    assert module.set_adaptive_backward(True) is False
+    adaptive_out, adaptive_grad = forward_and_grad()
+    assert copy.deepcopy(module).adaptive is False
+    module.set_adaptive_backward(False)
+    torch.testing.assert_close(adaptive_out, plain_out)
+    assert not torch.allclose(adaptive_grad, plain_grad)
+
+
+@pytest.mark.parametrize("defense,options", [("cas", {}), ("cifs", {"top_k": 1, "probe": "mlp", "hidden": 7}),
+                                             ("fsr", {"tau": 0.5, "hidden": 5, "sep_weight": 2.0})])
+def test_non_default_options_and_suppress_round_trip(defense, options, tmp_path):
+    kw = {"suppress": False} if defense == "cas" else {}
+    model = _wrap(defense, **options, **kw).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = casify.from_pretrained(tmp_path / "m", model=TinyNet()).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    module = casify.find_cas_modules(loaded)[0]
+    assert {k: getattr(module, k) for k in options} == options
+    if defense == "cas":
+        assert module.suppress is False and loaded.casify_config["defense"]["options"] == {}
+        with pytest.raises(ValueError, match="no option 'suppress'"):  # one place for it: CASConfig.suppress
+            casify.wrap(TinyNet(), casify.CASConfig(layers=["block"], input_size=(3, 8, 8), normalize=None,
+                                                    defense_options={"suppress": False}))
+
+
+def test_configs_that_casify_never_writes_are_refused(tmp_path):
+    _wrap("fsr").save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    good = json.loads(path.read_text())
+    for bad in ({**good, "config_version": 1},  # a v1 file with a defense section: not written by casify
+                {**good, "defense": {"name": "fsr", "options": []}},
+                {**good, "defense": {"name": "fsr", "options": 0}},
+                {**good, "cas": {**good["cas"], "suppress": False}}):  # suppress=False is CAS's alone
+        path.write_text(json.dumps(bad))
+        with pytest.raises(casify.LoadError):
+            casify.from_pretrained(tmp_path / "m", model=TinyNet())
+
+
+def test_routing_an_unrouted_defense_is_refused_clearly():
+    from casify.routing import train_route
+    model = _wrap("fsr")
+    with pytest.raises(ValueError, match="route by nothing"):
+        with casify.route(model, labels=torch.arange(2)):
+            pass
+    with pytest.raises(ValueError, match="train_routing='soft' needs a routed defense"):
+        with train_route(model, torch.arange(2), "soft"):
+            pass
+    with pytest.raises(ValueError, match="routed defense modules"):
+        casify.attacks.pgd(model, torch.rand(2, 3, 8, 8), torch.arange(2), steps=1, routing="clean-predicted")
+    loss, _ = get_loss("at", cas=True)(model.train(), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.arange(2))
+    assert torch.isfinite(loss)  # the label routing of the losses is a no-op on an unrouted defense

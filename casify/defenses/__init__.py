@@ -9,12 +9,12 @@
 ``casify.wrap(model, layers, defense="cifs", **options)`` builds any of them.
 """
 from .base import (DEFENSES, LAYOUTS, DefenseModule, Option, attack_aux_logits, attack_head_count, aux_logits, find_defense_modules, get_defense,
-                   head_labels, layout_of, register_defense, validate_options)
+                   layout_of, register_defense, routed_modules, validate_options)
 from .cas import CASModule
 from .cifs import CIFSModule
 from .fsr import FSRModule
 from .routed import CASRoutingWarning, RoutedDefense
 
 __all__ = ["DEFENSES", "LAYOUTS", "CASModule", "CASRoutingWarning", "CIFSModule", "DefenseModule", "FSRModule", "Option",
-           "RoutedDefense", "attack_aux_logits", "attack_head_count", "aux_logits", "find_defense_modules", "get_defense", "head_labels", "layout_of",
-           "register_defense", "validate_options"]
+           "RoutedDefense", "attack_aux_logits", "attack_head_count", "aux_logits", "find_defense_modules", "get_defense", "layout_of", "register_defense",
+           "routed_modules", "validate_options"]

@@ -76,10 +76,11 @@ class DefenseModule(nn.Module):
 
     @classmethod
     def build(cls, num_channels: int, num_classes: int, channel_dim: int, ndim: int, init: str,
-              options: Dict[str, Any], **factory) -> "DefenseModule":
-        """The module for one activation (what :func:`casify.rewrite.rewrite` calls); ``options`` are checked."""
+              options: Dict[str, Any], **extra) -> "DefenseModule":
+        """The module for one activation (what :func:`casify.rewrite.rewrite` calls); ``options`` are checked,
+        ``extra`` (device, dtype, CAS's suppress) passed as given."""
         return cls(num_channels, num_classes, channel_dim=channel_dim, ndim=ndim, init=init,
-                   **validate_options(cls.name, options), **factory)
+                   **validate_options(cls.name, options), **extra)
 
     # -- what the losses and attacks read -------------------------------------------------------------------------
     def aux_outputs(self) -> List[torch.Tensor]:
@@ -102,6 +103,14 @@ class DefenseModule(nn.Module):
 
     def clear_outputs(self) -> None:
         """Forget the last forward's auxiliary logits (copies and pickles leave them out)."""
+
+    def __getstate__(self):
+        """Copies (deepcopy, timm's ModelEmaV3) start with the adaptive backward off: an attack's switch belongs to
+        the attacked original."""
+        state = super().__getstate__()
+        if "adaptive" in state:
+            state["adaptive"] = False
+        return state
 
     def options(self) -> Dict[str, Any]:
         """This module's options, as ``casify.wrap`` takes them and a saved config holds them."""
@@ -160,6 +169,11 @@ def layout_of(channel_dim: int, ndim: int) -> str:
     return "channels-first" if channel_dim % ndim == 1 else "channels-last"
 
 
+def routed_modules(model: nn.Module) -> List[DefenseModule]:
+    """The defense modules that route by a class (CAS, CIFS): what :func:`casify.route` drives."""
+    return [m for m in find_defense_modules(model) if m.routed]
+
+
 def find_defense_modules(model: nn.Module) -> List[DefenseModule]:
     """Every defense module inside ``model``, whatever wraps it (DDP, Accelerate, torch.compile), in registration
     order (the graph order of the layers they sit on)."""
@@ -193,13 +207,3 @@ def attack_aux_logits(model: nn.Module) -> List[torch.Tensor]:
 def attack_head_count(model: nn.Module) -> int:
     """How many auxiliary heads the attacks see (the ``aux:<i>`` rows index them)."""
     return sum(sum(m.attack_heads) if m.attack_heads else len(m.head_names) for m in find_defense_modules(model))
-
-
-def head_labels(model: nn.Module) -> List[str]:
-    """One label per entry of :func:`aux_logits` (``"<module index>"`` for one-head modules, else
-    ``"<module index>.<head name>"``)."""
-    labels = []
-    for i, module in enumerate(find_defense_modules(model)):
-        names = module.head_names
-        labels += [str(i)] if len(names) == 1 else [f"{i}.{n}" for n in names]
-    return labels

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import flag, register_defense
+from .base import register_defense
 from .routed import RoutedDefense
 
 INITS = ("identity", "paper")
@@ -34,7 +34,8 @@ class CASModule(RoutedDefense):
 
     name = "cas"
     routed = True
-    OPTIONS = {"suppress": flag(True)}
+    # suppress is the placement section's CAS switch (config.json "cas.suppress", wrap's suppress=), not an option
+    OPTIONS: dict = {}
 
     def __init__(self, num_channels: int, num_classes: int, channel_dim: int = 1, ndim: int = 4, init: str = "identity",
                  suppress: bool = True, device=None, dtype=None):

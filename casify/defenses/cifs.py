@@ -10,8 +10,13 @@ over heads, as CAS's).
 Where casify follows the authors' code over the paper, or differs from both, and why:
 
 - **Detached features** (code): the mask is computed on a detached copy of ``f``, so a plain input gradient treats
-  the mask as a constant. The adaptive attack rows switch :meth:`set_adaptive_backward` on, which computes the same
-  mask on ``f`` itself (no detach) so the gradient flows through it, and route the top-1 class straight-through.
+  the mask as a constant. The adaptive attack rows (``routing="straight-through"``) switch
+  :meth:`set_adaptive_backward` on, which computes the same mask on ``f`` itself (no detach), and route the top-1
+  class straight-through (as CAS's). With the linear probe the mask depends on ``f`` only through the two chosen
+  classes, so there the straight-through routing is the whole adaptive backward; the no-detach part matters for the
+  MLP probe, whose hidden activations depend on ``f``.
+- **One probe per wrap** (differs from the code): the authors put an MLP probe on ``layer4.0`` and a linear one on
+  ``layer4.1``; casify's options apply to every wrapped layer (wrap twice, or choose one probe for all).
 - **Which logits** (code): top-2 by default (``top_k=2``): in training the routed class (the true label, through
   :func:`casify.route`) plus the probe's second-ranked class; at test the probe's own top-1 and top-2. ``top_k=1``
   keeps the routed class alone (the paper's top-1 variant). As in the code, the second class is the probe's
