@@ -19,7 +19,7 @@ ROOT = Path(casify.__file__).parent
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
     ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.data", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
+                    "casify.data", "casify.corruptions", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
     # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs
@@ -41,7 +41,8 @@ LAYERS = [
                       "casify.evaluate.deployed", "casify.evaluate.blackbox", "casify.evaluate.plan",
                       "casify.evaluate.runner", "casify.evaluate.tally", "casify.evaluate.checks",
                       "casify.evaluate.api", "casify.evaluate.compare", "casify.evaluate.echo",
-                      "casify.threat_model", "casify.evaluate.examples", "casify.evaluate.figures", "casify.analysis", "casify.analysis.files",
+                      "casify.threat_model", "casify.evaluate.examples", "casify.evaluate.figures",
+                      "casify.evaluate.side_by_side", "casify.evaluate.benchmark", "casify.analysis", "casify.analysis.files",
                       "casify.analysis.statistics", "casify.analysis.capture", "casify.analysis.figures",
                       "casify.analysis.tsne", "casify.analysis.report", "casify.train",
                       "casify.recipe", "casify.cli", "casify.output_dir"}),
