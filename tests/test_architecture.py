@@ -19,7 +19,8 @@ ROOT = Path(casify.__file__).parent
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
     ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.data", "casify.corruptions", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
+                    "casify.data", "casify.corruptions", "casify.run_table", "casify.progress",
+                    "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
     # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs

@@ -107,11 +107,11 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
     def run(cols: List[int], indices: Optional[List[int]], desc: str, with_probe: bool = False) -> None:
         """The jobs ``cols`` on the examples ``indices`` (None: all), in batches of ``batch_size`` (a cascade's
         survivors are batched afresh, so a row on few survivors still runs full batches), into ``flags_all``."""
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
         loader = DataLoader(IndexedDataset(data, indices), batch_size=batch_size, shuffle=False)
         if accelerator is not None:
             loader = accelerator.prepare_data_loader(loader)
-        bar = tqdm(loader, desc=desc, disable=not (progress and main_process), leave=False)
+        bar = progress_bar(loader, desc=desc, disable=not (progress and main_process), leave=False)
         col_index = torch.tensor(cols, dtype=torch.long)
         for x, y, index in bar:
             digests = example_digests(x, y) if indices is None else None  # the first pass covers every example
