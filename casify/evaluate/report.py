@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Union
 
 from ..eval_summary import EvalSummary
 from ..serialization import atomic_write
-from ..threat_model import format_radius
 from . import examples
 
 __all__ = ["AttackResult", "Check", "EvalReport", "EvalSummary", "REPORT_JSON", "REPORT_MD", "load_report"]
@@ -213,7 +212,8 @@ class EvalReport:
             "# Robustness evaluation", "",
             f"- model: {model}" + (f" ({self.model['source']})" if self.model.get("source") else ""),
             f"- data: {self.dataset}, {self.n_examples} examples",
-            f"- threat model: L-{self.norm[1:]}, eps = {self.eps_str} ({self.eps:.5f}) in [0, 1] pixel units",
+            f"- threat model: {'L-inf' if self.norm == 'linf' else 'L2 (Euclidean radius)'}, eps = {self.eps_str} "
+            f"({self.eps:.5f}) in [0, 1] pixel units",
             *([f"- images: SHA-256 {self.data['sha256'][:16]}... of the {self.n_examples} images and labels "
                "(per-example results in eval_report.json)"] if self.data.get("sha256") else []),
             f"- scored on the deployed model: {self.protocol['scoring']}",
