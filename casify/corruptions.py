@@ -9,7 +9,7 @@ torch, each image from its own generator (the seed, the corruption, the severity
 corrupted set is the same whatever the batch size or the order it is read in.
 
 :data:`CORRUPTIONS` are the 10 of CIFAR-10-C's 15 benchmark corruptions that need no image assets or long per-pixel
-loops; their severity constants follow CIFAR-10-C's for 32x32 images (blur sizes scale with the image side;
+loops; their severity constants follow CIFAR-10-C's for 32x32 images (blur sizes scale up with a larger image's side;
 ``motion_blur``'s streak lengths are casify's own). The 5
 not generated: ``snow``, ``frost`` (needs CIFAR-10-C's frost photographs), ``fog`` (plasma fractals), ``glass_blur``
 and ``elastic_transform``. :data:`EXTRA` adds three of CIFAR-10-C's extra corruptions. The numbers are therefore
@@ -49,8 +49,9 @@ def _convolve(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def _scale(x: torch.Tensor) -> float:
-    """Blur sizes are CIFAR-10-C's for 32x32 images, scaled with the image side."""
-    return x.shape[-1] / 32
+    """Blur sizes are CIFAR-10-C's for 32x32 images, scaled up with a larger image's side; a smaller image keeps
+    them (scaled down, a sub-pixel disk would not blur at all)."""
+    return max(1.0, x.shape[-1] / 32)
 
 
 def gaussian_noise(x, severity, g):
@@ -222,7 +223,8 @@ class _Arrays(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).float() / 255, int(self.labels[i])
+        image = torch.from_numpy(np.array(self.images[i], dtype=np.float32))  # a copy: the arrays are memory-mapped
+        return image.permute(2, 0, 1) / 255, int(self.labels[i])
 
 
 def load_cifar10c(directory: Union[str, Path], name: str, severity: int, n_examples: Optional[int] = None) -> Dataset:

@@ -61,6 +61,12 @@ def _data(dataset, n_examples: int, data_dir) -> Tuple[Dataset, str]:
     return Subset(data, range(min(int(n_examples), len(data)))), name
 
 
+def _folder_name(data_name: str) -> str:
+    """RobustBench's dataset folder (``cifar10``); a file or folder path gives its stem."""
+    name = data_name.split(":")[-1]
+    return Path(name).stem if ("/" in name or os.sep in name or "." in name) else name
+
+
 def corruption_accuracy(model: nn.Module, data: Dataset, *, corruptions: Optional[Sequence[str]] = None,
                         severities: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, corruptions_dir=None,
                         batch_size: int = 128, device=None) -> dict:
@@ -180,7 +186,7 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
     casify_info["versions"] = versions()
     info["casify"] = casify_info
     if to_disk:
-        folder = Path(model_info_dir) / data_name / tm
+        folder = Path(model_info_dir) / _folder_name(data_name) / tm
         folder.mkdir(parents=True, exist_ok=True)
         if report is not None:
             report.save(folder / f"{model_name}.eval")
