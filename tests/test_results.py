@@ -273,3 +273,28 @@ def test_report_built_by_hand_still_saves(tmp_path):
                         versions={}, elapsed_seconds=0.0)
     report.save(tmp_path)
     assert _png_size(tmp_path / "robustness_curve.png")[0] > 0 and _png_size(tmp_path / "attacks.png")[0] > 0
+
+
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "results.md"
+
+
+def test_docs_python_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, str(DOCS), "exec"), {"__name__": "docs_example"})
+    assert (tmp_path / "results" / "a-vs-b" / "robustness_curves.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "results" / "a" / "attacks.png").read_bytes()[:8] == PNG
+
+
+def test_docs_commands_are_real_options():
+    import shlex
+
+    from casify.cli import build_parser
+    commands = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.S)
+                for line in block.splitlines() if line.startswith("casify ")]
+    assert len(commands) >= 6
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])  # an unknown flag exits with status 2
+        assert args.command in ("eval", "compare", "benchmark")
