@@ -80,10 +80,10 @@ def progress_bar(iterable: Optional[Iterable] = None, *, total: Optional[int] = 
                  disable: bool = False, every: Optional[int] = None, initial: int = 0, leave: bool = True,
                  stream: Optional[TextIO] = None, **tqdm_kwargs):
     """A tqdm bar on a terminal, else a :class:`LineProgress` that prints every ``every`` steps (default: about
-    every 10 % of ``total``)."""
+    every 10 % of ``total``; a loop of 10 steps or fewer prints once, at its end)."""
     if not disable and not interactive(stream):
         size = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        step = every if every is not None else max(1, (size or 10) // 10)
+        step = every if every is not None else (max(1, size // 10) if size and size > 10 else max(size or 1, 1))
         return LineProgress(iterable, total=total, desc=desc, every=step, initial=initial, stream=stream)
     from tqdm.auto import tqdm
     return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, leave=leave, file=stream,

@@ -389,6 +389,7 @@ def test_accelerator_gives_the_same_per_example_results(plain, digits):
     alone = evaluate(plain, (x, y), **kwargs)  # a cascade: cw20 runs only on the examples still robust
     sharded = evaluate(plain, (x, y), accelerator=Accelerator(cpu=True), **kwargs)
     assert sharded.per_example == alone.per_example and sharded.n_examples == 40
+    assert sharded.data == alone.data  # the images' SHA-256 and indices, gathered in dataset order
     assert sharded.cascade == alone.cascade and alone.cascade[-1]["row"] == "cw20"
 
 

@@ -227,7 +227,9 @@ def test_progress_prints_lines_when_not_a_terminal(monkeypatch):
     assert "\r" not in stream.getvalue() and len(lines) == 3  # at 10, 20 and the end
     assert lines[0].startswith("at+cas: 10/25 (40%)") and lines[-1].startswith("at+cas: 25/25 (100%)")
     assert lines[0].endswith("| loss=0.500")
-    assert [x for x in progress_bar(range(4), desc="eval", stream=io.StringIO())] == [0, 1, 2, 3]
+    short = io.StringIO()
+    assert [x for x in progress_bar(range(4), desc="eval", stream=short)] == [0, 1, 2, 3]
+    assert short.getvalue().count("\n") == 1 and short.getvalue().startswith("eval: 4/4 (100%)")
     monkeypatch.setenv("CASIFY_PROGRESS", "bar")
     assert not isinstance(progress_bar(total=3, stream=io.StringIO()), LineProgress)
 
