@@ -69,7 +69,8 @@ def axis_value(eps: float, norm: str) -> float:
 
 def large_eps(norm: str, numel: int) -> float:
     """A radius at which every example can be turned into the constant grey image (so accuracy must reach ~0): 128/255
-    under L-inf, ``0.5 * sqrt(d)`` under L2 (the distance from any image in [0, 1]^d to the grey one is at most that)."""
+    under L-inf, ``0.5 * sqrt(d)`` under L2 (the distance from any image in [0, 1]^d to the grey one is at most
+    that)."""
     if check_norm(norm) == "linf":
         return LARGE_EPS_LINF
     return 0.5 * math.sqrt(max(int(numel), 1))

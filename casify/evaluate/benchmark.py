@@ -108,7 +108,8 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
                    corruptions: Optional[Sequence[str]] = None, corruptions_dir=None, per_attack: bool = False,
                    echo: bool = True, progress: bool = True) -> dict:
     """The model-info record of :func:`benchmark` (RobustBench's fields, casify's under ``casify``, where
-    ``clean_acc`` / ``robust_acc`` are fractions) for ``model`` on the first ``n_examples`` test images of ``dataset`` (a name for :func:`casify.data.build_dataset`, a Dataset, or ``(x, y)`` tensors).
+    ``clean_acc`` / ``robust_acc`` are fractions) for ``model`` on the first ``n_examples`` test images of ``dataset``
+    (a name for :func:`casify.data.build_dataset`, a Dataset, or ``(x, y)`` tensors).
 
     For ``"Linf"`` / ``"L2"`` the robust accuracy is casify's adaptive worst case: per example, correct under every
     row of ``attacks`` (:func:`casify.evaluate.evaluate`) and, with ``autoattack=True``, under AutoAttack (standard
@@ -143,7 +144,8 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
         clean_acc, robust_acc = clean.natural_accuracy, corr["mean"]
         info.update(clean_acc=_percent(clean_acc), corruptions_acc=_percent(robust_acc))
         casify_info.update(clean_acc=clean_acc, robust_acc=robust_acc,
-                           robust_acc_definition="mean accuracy over the corruptions x severities", corruptions=corr, data_sha256=clean.data["sha256"],
+                           robust_acc_definition="mean accuracy over the corruptions x severities", corruptions=corr,
+                           data_sha256=clean.data["sha256"],
                            note="corruptions_mce (mean corruption error relative to AlexNet) is ImageNet-C's; "
                                 "not computed")
     else:

@@ -151,9 +151,11 @@ def is_main_row(attack: Attack, cas: bool) -> bool:
 
 def describe_attack(a: Attack) -> str:
     if a.kind == "fgsm":
-        text = f"1 step of {format_radius(a.alpha, a.norm)}" + (" after a random start" if a.random_start != "none" else "")
+        text = f"1 step of {format_radius(a.alpha, a.norm)}" + (" after a random start"
+                                                                if a.random_start != "none" else "")
     else:
-        text = f"{a.steps} steps of {format_radius(a.alpha, a.norm)}" + (f", {a.restarts} restarts" if a.restarts > 1 else "")
+        text = f"{a.steps} steps of {format_radius(a.alpha, a.norm)}" + (f", {a.restarts} restarts"
+                                                                         if a.restarts > 1 else "")
         text += f", {a.random_start} start" if a.random_start != "none" else ", no random start"
     if a.objective.startswith("cw"):
         text += f", CW margin (kappa {a.kappa:g})" + {"cw": " of the final logits",
@@ -264,11 +266,12 @@ def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, 
         with attack_context(model), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if flavour == "pyautoattack":
-                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device, seed=seed)
+                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device,
+                              seed=seed)
                 out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
             else:
-                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device, seed=seed,
-                              verbose=False)
+                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device,
+                              seed=seed, verbose=False)
                 out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
         flags.extend(str(w.message) for w in caught if str(w.message) not in flags)
         x_adv = out[0] if isinstance(out, tuple) else out

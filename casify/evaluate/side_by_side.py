@@ -77,7 +77,8 @@ class ModelComparison:
                              f"{c['b_only']} |")
         lines += ["", "## What it says", ""] + [f"- {t}" for t in self.statement]
         if self.figures:
-            lines += ["", "## Figures", ""] + [f"![robustness curves overlaid]({name})" for name in self.figures.values()]
+            lines += ["", "## Figures", ""] + [f"![robustness curves overlaid]({name})"
+                                               for name in self.figures.values()]
         return "\n".join(lines) + "\n"
 
     def save(self, directory: Union[str, os.PathLike], figures: bool = True) -> Path:
