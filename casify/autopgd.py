@@ -31,6 +31,7 @@ from torch import nn
 from .attacks import AttackInfo, Generators, attack_context, class_mask, cw_margin, draw_noise
 from .cas import find_cas_modules
 from .defenses import attack_aux_logits, routed_modules
+from .threat_model import autoattack_norm, ball_noise, check_norm
 
 APGD_INSTALL = "pip install pyautoattack"
 LOSSES = ("cas", "dlr_cas", "ce")
@@ -135,13 +136,16 @@ def _need_classes(logits: torch.Tensor, k: int, what: str) -> None:
                          f"{logits.shape[1]}; evaluate with attacks=[...] without the APGD rows")
 
 
-def _start(x: torch.Tensor, eps: float, generator: Generators) -> torch.Tensor:
-    """Uniform in the L-inf ball and [0, 1], from per-example generators (as casify's PGD draws its starts)."""
-    noise = draw_noise("rand", x.shape, generator, x.device) * 2 - 1
-    return (x + eps * noise).clamp(0.0, 1.0)
+def _start(x: torch.Tensor, eps: float, generator: Generators, norm: str = "linf") -> torch.Tensor:
+    """Uniform in the ``norm`` ball and [0, 1], from per-example generators (as casify's PGD draws its starts)."""
+    if norm == "linf":
+        noise = draw_noise("rand", x.shape, generator, x.device) * 2 - 1
+        return (x + eps * noise).clamp(0.0, 1.0)
+    return ball_noise(x, eps, norm, generator)
 
 
-def _run(attack, x: torch.Tensor, y: torch.Tensor, eps: float, generator: Generators, restarts: int):
+def _run(attack, x: torch.Tensor, y: torch.Tensor, eps: float, generator: Generators, restarts: int,
+         norm: str = "linf"):
     """APGD's single runs from casify's starts; per example the first fooling iterate of any restart, else the
     highest-loss point of the last one. Returns (x_adv, fooled)."""
     adapter = attack.model
@@ -153,7 +157,7 @@ def _run(attack, x: torch.Tensor, y: torch.Tensor, eps: float, generator: Genera
         if todo.numel() == 0:
             break
         x_init = _start(x[todo], eps, [generator[i] for i in todo.tolist()] if isinstance(generator, list)
-                        else generator)
+                        else generator, norm)
         x_best, _, _, x_best_adv = attack.attack_single_run(x[todo], y[todo], x_init=x_init)
         now = adapter.predict(x_best_adv).argmax(dim=1) != y[todo]
         best[todo] = torch.where(now.view(-1, *([1] * (x.dim() - 1))), x_best_adv, x_best)
@@ -163,30 +167,34 @@ def _run(attack, x: torch.Tensor, y: torch.Tensor, eps: float, generator: Genera
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, steps: int = 100,
          loss: str = "cas", routing: Optional[str] = None, restarts: int = 1, beta: float = 2.0,
-         generator: Generators = None, return_info: bool = False
+         generator: Generators = None, return_info: bool = False, norm: str = "linf"
          ) -> Union[torch.Tensor, "tuple[torch.Tensor, AttackInfo]"]:
-    """AutoAttack's APGD (L-inf, ``steps`` iterations, ``restarts`` restarts on the examples not yet fooled) on
-    ``loss`` (``"cas"``, ``"dlr_cas"``, or ``"ce"`` on the final logits), crafted under ``routing``."""
+    """AutoAttack's APGD (``norm``: ``"linf"`` or ``"l2"``; ``steps`` iterations, ``restarts`` restarts on the
+    examples not yet fooled) on ``loss`` (``"cas"``, ``"dlr_cas"``, or ``"ce"`` on the final logits), crafted under
+    ``routing``."""
+    norm = check_norm(norm)
     apgd_class, _ = load_apgd()
     adapter = ObjectiveAdapter(model, loss=loss, routing=routing, beta=beta)
     x = x.detach().float().contiguous()
     if loss == "dlr_cas":
         _need_classes(adapter.predict(x[:1]), 3, "APGD on the DLR")
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        attack = apgd_class(adapter, n_iter=int(steps), norm="Linf", n_restarts=1, eps=float(eps),
+        attack = apgd_class(adapter, n_iter=int(steps), norm=autoattack_norm(norm), n_restarts=1, eps=float(eps),
                             loss="dlr" if loss == "dlr_cas" else "ce", seed=0, device=x.device, is_tf_model=True)
-        x_adv, fooled = _run(attack, x, y.long(), eps, generator, restarts)
+        x_adv, fooled = _run(attack, x, y.long(), eps, generator, restarts, norm)
     return _finish(adapter, x_adv, y, fooled, return_info)
 
 
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, steps: int = 100,
                   n_targets: int = 3, routing: Optional[str] = "target", beta: float = 2.0,
-                  generator: Generators = None, return_info: bool = False):
-    """AutoAttack's APGD-T on the targeted DLR of the final and auxiliary logits, for each of the ``n_targets``
-    classes the clean deployed model ranks highest after the true one, on the examples no earlier target fooled.
+                  generator: Generators = None, return_info: bool = False, norm: str = "linf"):
+    """AutoAttack's APGD-T (in the ``norm`` ball) on the targeted DLR of the final and auxiliary logits, for each of
+    the ``n_targets`` classes the clean deployed model ranks highest after the true one, on the examples no earlier
+    target fooled.
     ``routing="target"`` (default) routes every CAS module to the target while crafting (routing-consistent);
     None crafts with the deployed routing."""
     _, apgd_t_class = load_apgd()
+    norm = check_norm(norm)
     adapter = ObjectiveAdapter(model, loss="cas", routing=routing if find_cas_modules(model) else None, beta=beta)
     x, y = x.detach().float().contiguous(), y.long()
     clean = adapter.predict(x)
@@ -195,7 +203,8 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     ranked = clean.masked_fill(class_mask(y, clean.shape[1]), float("-inf")).argsort(dim=1, descending=True)
     best, fooled = x.clone(), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        attack = apgd_t_class(adapter, n_iter=int(steps), norm="Linf", n_restarts=1, eps=float(eps), seed=0,
+        attack = apgd_t_class(adapter, n_iter=int(steps), norm=autoattack_norm(norm), n_restarts=1, eps=float(eps),
+                              seed=0,
                               device=x.device, is_tf_model=True, n_target_classes=n_targets)
         for k in range(n_targets):
             todo = (~fooled).nonzero().squeeze(1)
@@ -203,7 +212,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
                 break
             attack.y_target = ranked[todo, k]
             gens = [generator[i] for i in todo.tolist()] if isinstance(generator, list) else generator
-            x_adv, now = _run(attack, x[todo], y[todo], eps, gens, restarts=1)
+            x_adv, now = _run(attack, x[todo], y[todo], eps, gens, restarts=1, norm=norm)
             best[todo] = torch.where(now.view(-1, *([1] * (x.dim() - 1))), x_adv, best[todo])
             fooled[todo] = now
     return _finish(adapter, best, y, fooled, return_info)

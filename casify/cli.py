@@ -30,6 +30,28 @@ def _eps_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _radius_arg(text: str) -> float:
+    """A radius under either norm (``8/255``, ``0.5``, ``2.0``); checked against ``--norm`` by :func:`_check_radii`."""
+    from .threat_model import parse_radius
+    try:
+        return parse_radius(text, "l2")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _check_radii(command: str, norm: str, *radii) -> None:
+    """L-inf radii are pixel units in [0, 1] (``8``, not ``8/255``, is a mistake); L2 radii may exceed 1."""
+    for eps in radii:
+        if eps is not None and norm == "linf" and eps > 1:
+            raise SystemExit(f"casify {command}: error: eps {eps:g} is outside [0, 1]: under --norm linf eps is in "
+                             "pixel units, write 8/255, not 8 (an L2 radius above 1 needs --norm l2)")
+
+
+def _add_norm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--norm", default="linf", choices=("linf", "l2"),
+                   help="threat model: linf (default; eps like 8/255) or l2 (eps a Euclidean radius, e.g. 0.5)")
+
+
 # -- eval ------------------------------------------------------------------------------------------------------------
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -41,7 +63,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--data-root", default=None, help="where named datasets live (default $CASIFY_DATA or ./data)")
     p.add_argument("--suite", default="standard", choices=SUITES)
-    p.add_argument("--eps", type=_eps_arg, default=8 / 255, help="L-inf radius in pixels, e.g. 8/255 (default)")
+    p.add_argument("--eps", type=_radius_arg, default=8 / 255,
+                   help="radius in pixel units: 8/255 (default) under --norm linf, e.g. 0.5 under --norm l2")
+    _add_norm(p)
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -49,8 +73,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard version) on the deployed logits")
     p.add_argument("--transfer-from", default=None, help="surrogate model folder / Hub id for a transfer attack")
     p.add_argument("--square-queries", type=int, default=0, help="query budget of a Square attack (0: none)")
-    p.add_argument("--eps-sweep", type=_eps_arg, nargs="+", default=None, metavar="EPS",
-                   help="radii for a PGD-20 sweep, e.g. 1/255 2/255 4/255 8/255 16/255 32/255")
+    p.add_argument("--eps-sweep", type=_radius_arg, nargs="+", default=None, metavar="EPS",
+                   help="radii of the robustness curve, e.g. 2/255 4/255 16/255: the same attacks rerun at each, worst "
+                        "case per example (robustness_curve.png)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model once for the whole evaluation")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights (faster convolutions on GPUs/CPUs)")
@@ -72,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .hub import from_pretrained
 
+    _check_radii("eval", args.norm, args.eps, *(args.eps_sweep or []))
     if args.out:
         prepare_output_dir(args.out, args.overwrite)  # refuse before the evaluation, not after it
     model = from_pretrained(args.model)
@@ -85,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       max_examples=args.max_examples, seed=args.seed, device=args.device,
                       progress=not args.no_progress, autoattack=args.autoattack, transfer_from=args.transfer_from,
                       square_queries=args.square_queries, eps_sweep=args.eps_sweep, checks=not args.no_checks,
-                      per_attack=args.per_attack)
+                      per_attack=args.per_attack, norm=args.norm)
     report.model["source"] = args.model
     report.model["class"] = type(source).__name__
     report.model.update(compiled=bool(args.compile), channels_last=bool(args.channels_last))
@@ -94,7 +120,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         with output_dir(args.out, args.overwrite, command="eval", argv=getattr(args, "argv", None)) as staging:
             report.save(staging)
-        print(f"wrote {Path(args.out) / 'eval_report.json'} and {Path(args.out) / 'eval_report.md'}")
+        print(f"wrote {Path(args.out) / 'eval_report.json'}, {Path(args.out) / 'eval_report.md'} and the figures "
+              f"{', '.join(str(Path(args.out) / f) for f in report.figures.values())}")
     return 2 if args.fail_on_masking and report.gradient_masking_suspected else 0
 
 
@@ -176,8 +203,115 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compare ---------------------------------------------------------------------------------------------------------
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    """``casify compare A B [C ...]``: models or report folders side by side on the same images, eps and suite."""
+    p = subparsers.add_parser(
+        "compare", help="put models (or their eval reports) side by side: one table, paired statistics, curves",
+        description="Compare saved models or report folders (casify eval --out) on the same images, eps and suite: "
+                    "one table (natural, each attack family, worst case), paired per-image statistics of every "
+                    "model against the first (McNemar, 95 %% intervals) and the robustness curves overlaid. "
+                    "Reports made on different images, eps, norm or suite are refused. A model folder is evaluated "
+                    "first (needs --data). Several runs of one model (seeds): A_s0,A_s1,A_s2 B_s0,B_s1,B_s2.")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_REPORT",
+                   help="report folders, eval_report.json files or model folders; comma-separated runs of one model")
+    p.add_argument("--labels", nargs="+", default=None, help="a name per model (default: folder names)")
+    p.add_argument("--data", default=None, help="dataset to evaluate model folders on (as casify eval --data)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--suite", default="standard", choices=SUITES)
+    p.add_argument("--eps", type=_radius_arg, default=8 / 255, help="radius for model folders (default 8/255)")
+    _add_norm(p)
+    p.add_argument("--eps-sweep", type=_radius_arg, nargs="+", default=None, metavar="EPS")
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--per-attack", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None, help="folder for compare_report.json / .md and robustness_curves.png")
+    _add_overwrite(p)
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluate import IncomparableReports, compare_models
+
+    _check_radii("compare", args.norm, args.eps, *(args.eps_sweep or []))
+    if args.out:
+        prepare_output_dir(args.out, args.overwrite)
+    kwargs = {}
+    if args.data:
+        from .data import build_dataset
+        kwargs = dict(dataset=build_dataset(args.data, args.split, root=args.data_root), attacks=args.suite,
+                      eps=args.eps, norm=args.norm, eps_sweep=args.eps_sweep, max_examples=args.max_examples,
+                      batch_size=args.batch_size, seed=args.seed, device=args.device, per_attack=args.per_attack,
+                      progress=not args.no_progress)
+    arms = [m.split(",") if "," in m else m for m in args.models]
+    try:
+        result = compare_models(arms, labels=args.labels, **kwargs)
+    except (IncomparableReports, ValueError) as e:
+        print(f"casify compare: error: {e}", file=sys.stderr)
+        return 1
+    print(result.to_markdown())
+    if args.out:
+        with output_dir(args.out, args.overwrite, command="compare", argv=getattr(args, "argv", None)) as staging:
+            result.save(staging)
+        print(f"wrote {Path(args.out)}", file=sys.stderr)
+    return 0
+
+
+# -- benchmark -------------------------------------------------------------------------------------------------------
+def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
+    """``casify benchmark MODEL --data cifar10 --threat-model Linf|L2|corruptions``: RobustBench's convention."""
+    p = subparsers.add_parser(
+        "benchmark", help="RobustBench-style clean and robust accuracy (Linf, L2, corruptions) + model-info JSON",
+        description="RobustBench's benchmark() without robustbench: clean and robust accuracy on the first "
+                    "--n-examples test images; robust = casify's adaptive worst case (suite + AutoAttack) for Linf "
+                    "and L2, mean corruption accuracy (5 severities) for corruptions. --model-info-dir writes "
+                    "<dir>/<data>/<threat model>/<name>.json with RobustBench's field names plus casify's.")
+    p.add_argument("model", help="folder written by save_pretrained, or a Hub repo id")
+    p.add_argument("--data", default="cifar10", help="dataset name or path (default cifar10)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--threat-model", default="Linf", choices=("Linf", "L2", "corruptions"))
+    p.add_argument("--eps", type=_radius_arg, default=None, help="default: the leaderboard's (8/255 Linf, 0.5 L2)")
+    p.add_argument("--n-examples", type=int, default=10000)
+    p.add_argument("--suite", default="standard", choices=SUITES)
+    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (autoattack_acc is then null)")
+    p.add_argument("--corruptions", nargs="+", default=None, help="corruption names (default: casify's 10)")
+    p.add_argument("--corruptions-dir", default=None, help="read the released CIFAR-10-C .npy arrays from here")
+    p.add_argument("--model-name", default=None, help="the JSON's name (default: the model folder's name)")
+    p.add_argument("--model-info-dir", default=None, help="write the model-info JSON and the report under it")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
+    return p
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .evaluate import benchmark_info
+
+    _check_radii("benchmark", "linf" if args.threat_model == "Linf" else "l2", args.eps)
+    info = benchmark_info(args.model, args.n_examples, args.data, args.threat_model, eps=args.eps,
+                          data_dir=args.data_root, device=args.device, batch_size=args.batch_size, attacks=args.suite,
+                          autoattack=not args.no_autoattack, seed=args.seed, model_name=args.model_name,
+                          to_disk=args.model_info_dir is not None, model_info_dir=args.model_info_dir or "model_info",
+                          corruptions=args.corruptions, corruptions_dir=args.corruptions_dir,
+                          progress=not args.no_progress)
+    c = info["casify"]
+    print(json.dumps({k: v for k, v in info.items() if k != "casify" and v is not None}, indent=1))
+    line = f"clean {100 * c['clean_acc']:.2f} %, robust {100 * c['robust_acc']:.2f} % ({c['robust_acc_definition']})"
+    if info.get("autoattack_acc") is not None:
+        line += f"; AutoAttack alone {info['autoattack_acc']} %"
+    print(line)
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------------------------------
-SUBCOMMANDS: List[Callable] = [add_eval_parser, add_analyze_parser]
+SUBCOMMANDS: List[Callable] = [add_eval_parser, add_analyze_parser, add_compare_parser, add_benchmark_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from importlib import resources
-from typing import List, Optional, Union
+from typing import List, Mapping, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -112,12 +112,13 @@ def eval_results(evaluation: Union[None, dict, EvalSummary], dataset_name: str, 
 
 def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict, EvalSummary] = None,
                     dataset_name: str = "unknown", dataset_type: str = "unknown", split: str = "test",
-                    license: str = "apache-2.0") -> ModelCard:
+                    license: str = "apache-2.0", figures: Optional[Mapping[str, str]] = None) -> ModelCard:
     """The card for a saved config. Claims only what the config records: a model without a training record is
     described as not fine-tuned by casify, and ``base_model`` metadata is set only for a real Hub repo id.
 
     ``evaluation``: an ``EvalReport.summary()`` (or its :class:`EvalSummary`); a malformed one, like a malformed
-    ``training`` in the config, raises ValueError naming the field."""
+    ``training`` in the config, raises ValueError naming the field. ``figures``: figure kind (``robustness_curve``,
+    ``attacks``) -> file name beside the card, shown under the evaluation."""
     summary = _summary(evaluation)
     training = TrainingView.from_dict(config.get("training"))
     cas = config.get("cas") or {}
@@ -139,4 +140,5 @@ def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict,
             cas={"layers": list(cas.get("layers") or []), "init": cas.get("init"),
                  "num_classes": cas.get("num_classes")},
             normalize_json=json.dumps(config["normalize"]) if config.get("normalize") else None,
-            training=training, evaluation=summary, headline=headline, dataset_name=dataset_name, split=split)
+            training=training, evaluation=summary, headline=headline, dataset_name=dataset_name, split=split,
+            figures=[{"caption": kind.replace("_", " "), "file": name} for kind, name in (figures or {}).items()])

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Mapping, Optional, Union
 
 from torch import nn
 
@@ -32,21 +33,33 @@ def upload_patterns(folder: Union[str, os.PathLike]) -> List[str]:
 
 def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_name: str, *,
                      evaluation: Union[None, dict, EvalSummary] = None, dataset_name: str = "unknown",
-                     dataset_type: str = "unknown", split: str = "test") -> Path:
+                     dataset_type: str = "unknown", split: str = "test",
+                     figures: Optional[Mapping[str, Union[str, os.PathLike]]] = None) -> Path:
     """``save_pretrained`` plus ``README.md`` (the model card): exactly the files :func:`push_to_hub` uploads.
 
     ``evaluation``: an ``EvalReport.summary()`` (or its ``summary_record()``), stored as the config's ``metrics``
-    and read by the card; a malformed one is a ValueError naming the field, raised before anything is written."""
+    and read by the card; a malformed one is a ValueError naming the field, raised before anything is written.
+    ``figures``: figure kind -> PNG (``EvalReport.figures`` after ``report.save(folder)``, or paths elsewhere,
+    copied in): shown on the card and uploaded with it."""
     from .model_card import make_model_card
 
     folder = Path(folder)
+    names = {}
+    for kind, path in (figures or {}).items():
+        source = Path(path) if Path(path).is_absolute() or Path(path).exists() else folder / Path(path).name
+        if not source.is_file() or source.suffix != ".png":
+            raise ValueError(f"figure {kind!r}: {source} is not a PNG file")
+        folder.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != (folder / source.name).resolve():
+            shutil.copyfile(source, folder / source.name)
+        names[kind] = source.name
     if isinstance(evaluation, EvalSummary):
         evaluation = evaluation.to_dict()
     elif evaluation:
         EvalSummary.from_dict(evaluation, "evaluation")
     save_pretrained(model, folder, metrics=evaluation)
     config = read_config(folder / CONFIG_NAME)  # the card describes what was written, as from_pretrained reads it
-    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split)
+    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split, figures=names)
     atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
     return folder
 
@@ -54,19 +67,19 @@ def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_na
 def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Union[None, dict, EvalSummary] = None,
                 dataset_name: str = "unknown", dataset_type: str = "unknown", split: str = "test",
                 private: bool = False, token=None, commit_message: str = "Upload robust model trained with casify",
-                folder: Optional[os.PathLike] = None):
+                folder: Optional[os.PathLike] = None, figures: Optional[Mapping[str, Union[str, os.PathLike]]] = None):
     """Save the model with a model card (evaluation results in the ``model-index`` metadata) and upload it.
 
     ``folder``: where to stage the files (kept); by default a temporary directory. Only the model files, the card and
     evaluation reports are uploaded from it (:func:`upload_patterns`), never whatever else is there. Returns the
-    commit info.
+    commit info. ``figures``: as for :func:`write_hub_folder` (uploaded with the card, shown on it).
     """
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(folder) if folder is not None else Path(tmp)
         write_hub_folder(model, staging, repo_id, evaluation=evaluation, dataset_name=dataset_name,
-                         dataset_type=dataset_type, split=split)
+                         dataset_type=dataset_type, split=split, figures=figures)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=str(staging), commit_message=commit_message,

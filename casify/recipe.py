@@ -255,13 +255,15 @@ def run(config: dict, method: str) -> dict:
         model_id = hub.get("model_id") or f"casify-{method}{'-cas' if tcfg.cas else ''}"
         card = dict(evaluation=report.summary(), dataset_name=data_name, dataset_type=data_name,
                     split=config["eval"].get("split", "test"))
+        report.save(out / "hub")  # report + figures first: the card shows the figures, push_to_hub uploads them
+        card["figures"] = report.figures
         write_hub_folder(robust, out / "hub", model_id, **card)
-        report.save(out / "hub")
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if hub.get("push"):
             push_to_hub(robust, hub["model_id"], private=bool(hub.get("private")), folder=out / "hub",
                         commit_message=f"casify {method}{'+CAS' if tcfg.cas else ''}", **card)
-        print(json.dumps(summary["test"], indent=1))
+        from .run_table import format_run_table
+        print(format_run_table(summary))
     acc.wait_for_everyone()
     return summary
 

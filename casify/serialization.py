@@ -24,11 +24,15 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path`` (never half-written)."""
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path`` (never half-written). The
+    file gets the permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

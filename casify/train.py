@@ -567,7 +567,7 @@ class Trainer:
         record in ``run_config.json``), and refuse with :class:`RunMismatchError` if it holds another. ``resume=False``
         refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first.
         """
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         acc, cfg = self.accelerator, self.config
         self._check_output_dir(resume, overwrite)
@@ -581,8 +581,11 @@ class Trainer:
                   f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
             acc.init_trackers("casify", config=cfg.to_dict())
-        bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not (cfg.progress and acc.is_local_main_process),
-                   desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", dynamic_ncols=True)
+        # a bar on a terminal; in a log file one line per log_every_steps (casify.progress)
+        bar = progress_bar(total=self.total_steps, initial=self.state.global_step,
+                           disable=not (cfg.progress and acc.is_local_main_process),
+                           desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,
+                           dynamic_ncols=True)
         while self.state.global_step < self.total_steps and not self.stop:
             self.train_loader.set_epoch(self.state.epoch)
             self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch

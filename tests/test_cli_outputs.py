@@ -43,14 +43,17 @@ def siblings(out):
     return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
+EVAL_FILES = ("eval_report.json", "eval_report.md", "robustness_curve.png", "attacks.png")  # report and its figures
+
+
 # -- casify eval -------------------------------------------------------------------------------------------------------
 def test_eval_refuses_a_second_run_and_overwrite_leaves_nothing_stale(saved, tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli.main(eval_argv(saved, out)) == 0
-    assert {p.name for p in out.iterdir()} == {"eval_report.json", "eval_report.md", MARKER}
+    assert {p.name for p in out.iterdir()} == {*EVAL_FILES, MARKER}
     marker = read_marker(out)
     assert marker["command"] == "eval" and marker["argv"] == eval_argv(saved, out) and marker["created"]
-    assert marker["files"] == ["eval_report.json", "eval_report.md"]
+    assert marker["files"] == sorted(EVAL_FILES)
     # Files from an earlier run (or put there by hand) that this run does not write.
     (out / "eval_report_old.json").write_text("{}")
     (out / "old_figure.png").write_bytes(b"\x89PNG")
@@ -64,7 +67,7 @@ def test_eval_refuses_a_second_run_and_overwrite_leaves_nothing_stale(saved, tmp
     assert (out / "eval_report_old.json").exists() and (out / "eval_report.json").read_text() == report
 
     assert cli.main(eval_argv(saved, out, "--overwrite")) == 0
-    assert {p.name for p in out.iterdir()} == {"eval_report.json", "eval_report.md", MARKER}
+    assert {p.name for p in out.iterdir()} == {*EVAL_FILES, MARKER}
     assert json.loads((out / "eval_report.json").read_text())["n_examples"] == 8
     assert read_marker(out)["argv"][-1] == "--overwrite"
     assert siblings(out) == []

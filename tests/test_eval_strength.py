@@ -10,6 +10,7 @@ from casify import attacks
 from casify import evaluate as ev
 from casify.attacks import Attack
 from casify.evaluate import evaluate, suite_attacks
+from casify.evaluate.plan import LARGE_EPS_ROLE
 from conftest import SmallConvNet
 from test_attack_iterates import Window, flip_inputs, routing_flip
 
@@ -132,6 +133,8 @@ def _fabricated(flags: dict, last: dict = None):
         if name.startswith("pgd20@"):
             kind = "check"
         role = name if name in ("fgsm", "pgd20", "pgd100") else None
+        if kind == "check":  # the large-eps PGD-20 the eps_monotone check reads
+            role = LARGE_EPS_ROLE
         jobs.append(ev.Job(name, kind, 8 / 255, {"keep": "best"}, "", None, kind not in ("check",), role=role,
                            iterative=name.startswith("pgd") and kind != "check"))
         acc = sum(f) / n

@@ -371,7 +371,12 @@ def test_report_has_every_promised_field(report, tmp_path):
         assert {"name", "passed", "description", "evidence"} <= set(c)
 
     report.save(tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "eval_report.json").read_text()) == d
+    saved = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    # what was printed, plus the per-example block and the figures the save wrote
+    assert saved == json.loads(json.dumps(report.to_dict(per_example=True)))
+    assert {k: v for k, v in saved.items() if k not in ("per_example", "figures")} == \
+        {k: v for k, v in d.items() if k != "figures"}
+    assert saved["figures"] == {"robustness_curve": "robustness_curve.png", "attacks": "attacks.png"}
     md = (tmp_path / "out" / "eval_report.md").read_text()
     assert "| attack | accuracy % | notes |" in md and "**worst case**" in md and "| pgd20[cas,soft-routing] |" in md
     assert "Gradient-masking checks" in md and "eps sweep" in md
@@ -384,6 +389,7 @@ def test_accelerator_gives_the_same_per_example_results(plain, digits):
     alone = evaluate(plain, (x, y), **kwargs)  # a cascade: cw20 runs only on the examples still robust
     sharded = evaluate(plain, (x, y), accelerator=Accelerator(cpu=True), **kwargs)
     assert sharded.per_example == alone.per_example and sharded.n_examples == 40
+    assert sharded.data == alone.data  # the images' SHA-256 and indices, gathered in dataset order
     assert sharded.cascade == alone.cascade and alone.cascade[-1]["row"] == "cw20"
 
 

@@ -30,13 +30,21 @@ def _run(cmd, tmp_path, timeout=600):
 
 def test_recipe_script_trains_evaluates_and_writes_a_hub_folder(tmp_path):
     out = tmp_path / "run"
-    _run([sys.executable, "recipes/finetune_at.py", "--config", str(TINY), "--output_dir", str(out),
-          "--max_steps", "3", "--set", "eval.max_examples=32"], tmp_path)
+    proc = _run([sys.executable, "recipes/finetune_at.py", "--config", str(TINY), "--output_dir", str(out),
+                 "--max_steps", "3", "--set", "eval.max_examples=32"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "at" and summary["cas"] and summary["steps"] == 3
     assert summary["selected"] == "best" and summary["test"]["n"] == 32
     assert {"natural", "pgd20"} <= set(summary["test"]["accuracy"])
-    assert {"README.md", "config.json", "model.safetensors", "eval_report.json"} <= {p.name for p in (out / "hub").iterdir()}
+    hub = {p.name for p in (out / "hub").iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "eval_report.json", "robustness_curve.png",
+            "attacks.png"} <= hub
+    assert "![robustness curve](robustness_curve.png)" in (out / "hub" / "README.md").read_text()
+    # the run ends with a short table, not the summary's JSON; a log that is not a terminal gets progress lines
+    natural = 100 * summary["test"]["accuracy"]["natural"]
+    assert f"natural                     {natural:6.2f} %" in proc.stdout and "worst case (every attack)" in proc.stdout
+    assert str(out / "best") in proc.stdout and '"accuracy": {' not in proc.stdout
+    assert "\r" not in proc.stderr and "at+cas: 3/3 (100%)" in proc.stderr
 
 
 def test_accelerate_launch_two_processes_gathers_metrics(tmp_path):

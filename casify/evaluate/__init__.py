@@ -59,7 +59,13 @@ The package, one job per file (each imports only the ones above it):
 - ``checks.py``: the checks, one function each, and the tolerance;
 - ``api.py``: :func:`evaluate`, which strings them together;
 - ``compare.py``: model A vs model B: paired McNemar on the same images, Welch across seeds, the verdict rule;
-- ``echo.py``: :func:`routing_echo`, whether a routed model's output only repeats an auxiliary head.
+- ``echo.py``: :func:`routing_echo`, whether a routed model's output only repeats an auxiliary head;
+- ``examples.py``: per-example flags as a report keeps them, and the SHA-256 of the images they were measured on;
+- ``figures.py``: the robustness curve, the per-attack chart and overlaid curves (PNG, written atomically);
+- ``side_by_side.py``: :func:`compare_models` (``casify compare``): models on the same images, paired statistics;
+- ``benchmark.py``: :func:`benchmark`, RobustBench's convention (and model-info JSON) with casify's adaptive number.
+
+Threat models (L-inf, L2) are described in :mod:`casify.threat_model`; the corruptions in :mod:`casify.corruptions`.
 """
 from ..eps import format_eps, parse_eps
 from .api import evaluate, protocol
@@ -71,9 +77,12 @@ from .echo import RoutingEcho, routing_echo
 from .deployed import InputTied, clean_routings, deployed_correct, describe_model, zero_input_gradient
 from .plan import (CASCADE_RANKS, CASCADE_RULE, CHECK_ADAPTIVE, CHECK_FINAL_LOGITS, LARGE_EPS, SUITES, AttackSpec, Job,
                    Plan, plan_rows, row_name, suite_attacks)
-from .report import AttackResult, Check, EvalReport
+from .benchmark import benchmark, benchmark_info, corruption_accuracy
+from .report import AttackResult, Check, EvalReport, load_report
+from .side_by_side import IncomparableReports, ModelComparison, compare_models
 
-__all__ = ["RoutingEcho", "routing_echo", "AUTOATTACK_INSTALL", "AttackResult", "AttackSpec", "CASCADE_RANKS", "CASCADE_RULE", "CHECKS",
+__all__ = ["IncomparableReports", "ModelComparison", "benchmark", "benchmark_info", "compare_models",
+           "corruption_accuracy", "load_report", "RoutingEcho", "routing_echo", "AUTOATTACK_INSTALL", "AttackResult", "AttackSpec", "CASCADE_RANKS", "CASCADE_RULE", "CHECKS",
            "CHECK_ADAPTIVE", "CHECK_FINAL_LOGITS", "Check", "CheckInputs", "EvalReport", "InputTied", "Job",
            "LARGE_EPS", "LARGE_EPS_MAX_ACCURACY", "MIN_TOLERANCE", "Plan", "SQUARE_P_INIT", "SUITES",
            "ZERO_GRAD_MAX_FRACTION", "PairedComparison", "WelchComparison", "clean_routings", "deployed_correct", "describe_model", "evaluate", "format_eps",

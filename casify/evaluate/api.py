@@ -12,11 +12,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..cas import find_cas_modules
-from ..eps import format_eps
+from ..threat_model import check_norm, format_radius
 from .checks import LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks
 from .deployed import InputTied, describe_model, unwrap_parallel
 from .plan import CASCADE_RULE, LARGE_EPS, AttackSpec, objective_for, plan_rows
-from .report import EvalReport
+from .examples import DATA_HASH, data_sha256, encode, family_flags
+from .report import AttackResult, EvalReport
 from .runner import run_plan
 from .tally import tally
 
@@ -26,8 +27,10 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
              eps: float = 8 / 255, batch_size: int = 128, max_examples: Optional[int] = None, seed: int = 0,
              device=None, progress: bool = True, accelerator=None, autoattack: bool = False,
              transfer_from: Union[None, nn.Module, str, os.PathLike] = None, square_queries: int = 0,
-             eps_sweep: Optional[Sequence[float]] = None, checks: bool = True, per_attack: bool = False) -> EvalReport:
-    """Evaluate ``model``'s robustness in the L-inf ball of radius ``eps`` (pixels in [0, 1]).
+             eps_sweep: Optional[Sequence[float]] = None, checks: bool = True, per_attack: bool = False,
+             norm: str = "linf") -> EvalReport:
+    """Evaluate ``model``'s robustness in the ``norm`` ball of radius ``eps`` (pixels in [0, 1]; ``norm``: ``"linf"``
+    or ``"l2"``, see :mod:`casify.threat_model`).
 
     Args:
         model: an ``nn.Module`` (moved to ``device``), or a folder / Hub id for :func:`casify.from_pretrained`.
@@ -41,7 +44,9 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         autoattack: also run AutoAttack (standard version) on the deployed logits; needs ``pyautoattack`` (a dependency).
         transfer_from: a surrogate model (or its folder): PGD-20 is crafted on it and scored on ``model``.
         square_queries: query budget of a Square attack (0: none).
-        eps_sweep: radii for a PGD-20 sweep, reported apart from the worst case.
+        eps_sweep: radii of the robustness curve: at each one the same rows run again (no checks) and the curve
+            keeps natural, the per-example worst case and each family (the point at ``eps`` itself is this
+            evaluation's). ``report.eps_sweep`` holds each point's main PGD-20 row, for the eps_monotone check.
         checks: run the gradient-masking checks (adds uniform noise, PGD-20 at 128/255, a gradient probe and, for a
             CAS model, a check-only final-logit PGD-20, plus an adaptive one when the rows have none); with
             ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked").
@@ -84,30 +89,74 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     if max_examples is not None:
         data = Subset(data, range(min(int(max_examples), len(data))))
     eps = float(eps)
+    norm = check_norm(norm)
     has_cas = bool(find_cas_modules(model))
     target = InputTied(model)
 
+    numel = int(torch.as_tensor(data[0][0]).numel()) if norm != "linf" and len(data) else 0
     plan = plan_rows(model, target, attacks, eps=eps, seed=seed, device=device, autoattack=autoattack,
-                     transfer_from=transfer_from, square_queries=square_queries, eps_sweep=eps_sweep, checks=checks)
+                     transfer_from=transfer_from, square_queries=square_queries, checks=checks, norm=norm,
+                     input_numel=numel)
     flags = run_plan(model, target, plan, data, batch_size=batch_size, device=device, per_attack=per_attack,
                      probe=checks, accelerator=accelerator, progress=progress, eps=eps)
     counts = tally(plan, flags)
     n = len(data)
-    check_list = (run_checks(CheckInputs(counts.results, plan.all, len(plan.rows), flags.correct, flags.correct_last,
-                                         flags.correct_best, [flags.zero_grad], n, eps, has_cas, ran=flags.ran))
-                  if checks else [])
     rows = counts.results[:len(plan.rows)]
+    families = family_flags(counts.per_example, counts.families)
+    here = curve_point(eps, norm, rows[0].accuracy, counts.worst_case["accuracy"], counts.families,
+                       counts.per_example["worst_case"], "this evaluation")
+    curve, sweep = [here], []
+    for e in sorted({float(v) for v in (eps_sweep or [])}):
+        if abs(e - eps) < 1e-12:  # the point at eps is this evaluation's: one number per eps, never two
+            sweep += [sweep_result(rows, e, norm, "this evaluation")]
+            continue
+        sub = evaluate(model, data, attacks=attacks, eps=e, batch_size=batch_size, seed=seed, device=device,
+                       progress=progress, accelerator=accelerator, autoattack=autoattack, transfer_from=transfer_from,
+                       square_queries=square_queries, checks=False, per_attack=per_attack, norm=norm)
+        curve.append(curve_point(e, norm, sub.natural_accuracy, sub.worst_case["accuracy"], sub.families,
+                                 sub.per_example["worst_case"], "sweep evaluation"))
+        sweep.append(sweep_result(sub.attacks, e, norm, "sweep evaluation", seconds=sub.elapsed_seconds))
+    curve.sort(key=lambda p: p["eps"])
+    sweep = [r for r in sweep if r is not None]
+    check_list = (run_checks(CheckInputs(counts.results + sweep, plan.all, len(plan.rows), flags.correct,
+                                         flags.correct_last, flags.correct_best, [flags.zero_grad], n, eps, has_cas,
+                                         ran=flags.ran, norm=norm))
+                  if checks else [])
+    indices = list(data.indices) if isinstance(data, Subset) else list(range(n))
     return EvalReport(
-        model=describe_model(model, source), dataset=data_name, n_examples=n, eps=eps, eps_str=format_eps(eps),
-        norm="linf", suite=plan.suite, seed=seed, seeds={job.name: job.seed for job in plan.all},
+        model=describe_model(model, source), dataset=data_name, n_examples=n, eps=eps,
+        eps_str=format_radius(eps, norm), norm=norm, suite=plan.suite, seed=seed,
+        seeds={job.name: job.seed for job in plan.all},
         batch_size=batch_size, device=str(device),
         world_size=accelerator.num_processes if accelerator is not None else 1,
         natural_accuracy=rows[0].accuracy, attacks=rows, worst_case=counts.worst_case,
-        eps_sweep=counts.results[len(plan.rows):len(plan.rows) + len(plan.sweep)], checks=check_list,
+        eps_sweep=sweep, checks=check_list,
         gradient_masking_suspected=any(c.passed is False for c in check_list) if checks else None,
         protocol=protocol(has_cas, per_attack, max_examples), versions=_versions(plan.versions),
         elapsed_seconds=round(time.perf_counter() - start_time, 3), families=counts.families,
-        per_attack=bool(per_attack), cascade=counts.cascade, per_example=counts.per_example)
+        per_attack=bool(per_attack), cascade=counts.cascade, per_example=counts.per_example,
+        per_example_families=families, robustness_curve=curve,
+        data={"sha256": data_sha256(flags.digests), "hash": DATA_HASH, "n": n, "indices": indices})
+
+
+def curve_point(eps: float, norm: str, natural: float, worst: float, families: dict, worst_flags, source: str) -> dict:
+    """One point of the robustness curve: natural, worst case and each family at ``eps``, and the per-example worst
+    case (:func:`casify.evaluate.examples.encode`), so curves can be compared image by image."""
+    return {"eps": eps, "eps_str": format_radius(eps, norm), "natural": natural, "worst_case": worst,
+            "families": {name: f["accuracy"] for name, f in families.items()},
+            "upper_bounds": [name for name, f in families.items() if f.get("upper_bound")],
+            "worst_case_per_example": encode(worst_flags), "source": source}
+
+
+def sweep_result(rows, eps: float, norm: str, source: str, seconds: float = 0.0) -> Optional[AttackResult]:
+    """The main PGD-20 row of the evaluation at ``eps``, as the sweep entry ``pgd20@<eps>`` (None without one)."""
+    main = next((r for r in rows if r.family == "pgd20" and r.kind == "white-box" and r.accuracy is not None), None)
+    if main is None:
+        return None
+    return AttackResult(f"pgd20@{format_radius(eps, norm)}", "sweep", main.accuracy, main.n_correct, main.n,
+                        round(seconds, 4), eps, {"row": main.name, "norm": norm}, f"{main.name} of the {source}",
+                        in_worst_case=False, family="pgd20", objective=main.objective,
+                        last_iterate_accuracy=main.last_iterate_accuracy)
 
 
 def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> dict:
@@ -127,6 +176,8 @@ def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> di
         "zero_grad_max_fraction": ZERO_GRAD_MAX_FRACTION, "max_examples": max_examples,
         "objective": objective_for(has_cas), "beta": 2.0,
         "mode": "per-attack: every row on every example" if per_attack else "cascade: " + CASCADE_RULE,
+        "eps_sweep": "at each radius of the sweep the same rows run again (seeded alike, no checks); the curve keeps "
+                     "natural, the per-example worst case and each family; pgd20@<eps> is that run's main PGD-20 row",
     }
 
 

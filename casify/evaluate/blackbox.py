@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..attacks import attack_context
+from ..threat_model import autoattack_norm
 
 SQUARE_P_INIT = 0.8
 AUTOATTACK_INSTALL = "pip install pyautoattack (a casify dependency: reinstall casify-robust)"
@@ -57,9 +58,9 @@ def autoattack_version(flavour: str) -> str:
 
 
 def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255, n_queries: int = 1000,
-                  p_init: float = SQUARE_P_INIT, seed: int = 0, generator: Optional[torch.Generator] = None
-                  ) -> torch.Tensor:
-    """L-inf Square attack on the deployed model (eval mode, predicted routing), margin loss, one restart.
+                  p_init: float = SQUARE_P_INIT, seed: int = 0, generator: Optional[torch.Generator] = None,
+                  norm: str = "linf") -> torch.Tensor:
+    """Square attack (``norm``: ``"linf"`` or ``"l2"``) on the deployed model (eval mode, predicted routing), margin loss, one restart.
 
     AutoAttack's implementation draws from torch's global generator after seeding it with ``seed``; it runs inside
     ``torch.random.fork_rng`` so the caller's random state is untouched. ``generator``, when given, supplies the seed
@@ -70,7 +71,7 @@ def square_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
     x = x.detach().float().contiguous()  # Square .view()s its input: a channels-last batch would fail
     with attack_context(model), torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        attack = square_class(lambda inp: model(inp).float(), norm="Linf", n_queries=int(n_queries), eps=float(eps),
+        attack = square_class(lambda inp: model(inp).float(), norm=autoattack_norm(norm), n_queries=int(n_queries), eps=float(eps),
                               p_init=float(p_init), n_restarts=1, seed=int(seed), loss="margin", device=x.device)
         x_adv = attack.perturb(x, y.long())
     return x_adv.detach().clamp(0.0, 1.0).to(x.dtype)

@@ -43,8 +43,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..eps import format_eps
-from .plan import CHECK_ADAPTIVE, CHECK_FINAL_LOGITS, LARGE_EPS, Job
+from ..threat_model import format_radius
+from .plan import CHECK_ADAPTIVE, CHECK_FINAL_LOGITS, LARGE_EPS_ROLE, Job
 from .report import AttackResult, Check
 
 LARGE_EPS_MAX_ACCURACY = 0.10
@@ -77,6 +77,7 @@ class CheckInputs:
     eps: float
     cas: bool
     ran: Optional[torch.Tensor] = None
+    norm: str = "linf"
     by_name: Dict[str, Tuple[int, AttackResult]] = field(init=False)
     by_role: Dict[str, Tuple[int, AttackResult]] = field(init=False)
 
@@ -102,21 +103,26 @@ class CheckInputs:
 
 
 def check_eps_monotone(e: CheckInputs) -> Check:
-    """Accuracy falls with eps and reaches ~0 at a large eps."""
+    """Accuracy falls with eps and reaches ~0 at a large eps. The points: natural (eps 0), PGD-20 at eps, the sweep's
+    PGD-20 rows (the eps sweep's evaluations, :func:`casify.evaluate.evaluate`) and the large-eps PGD-20."""
+    big = next(r for j, r in zip(e.jobs, e.results) if j.role == LARGE_EPS_ROLE)
     points = [(0.0, e.by_name["natural"][1].accuracy)]
     if "pgd20" in e.by_role:
         points.append((e.eps, e.by_role["pgd20"][1].accuracy))
-    points += [(r.eps, r.accuracy) for r in e.results
-               if r.kind == "sweep" or r.name == f"pgd20@{format_eps(LARGE_EPS)}"]
+    points += [(r.eps, r.accuracy) for r in e.results if r.kind == "sweep" and r.accuracy is not None] \
+        + [(big.eps, big.accuracy)]
     points.sort(key=lambda p: p[0])
-    rises = [(format_eps(a[0]), format_eps(b[0])) for a, b in zip(points, points[1:])
+
+    def show(eps: float) -> str:
+        return format_radius(eps, e.norm)
+
+    rises = [(show(a[0]), show(b[0])) for a, b in zip(points, points[1:])
              if b[0] > a[0] and b[1] > a[1] + tolerance(a[1], e.n)]
-    large = e.by_name[f"pgd20@{format_eps(LARGE_EPS)}"][1].accuracy
-    return Check("eps_monotone", not rises and large < LARGE_EPS_MAX_ACCURACY,
+    return Check("eps_monotone", not rises and big.accuracy < LARGE_EPS_MAX_ACCURACY,
                  f"accuracy must not rise with eps and must fall below {100 * LARGE_EPS_MAX_ACCURACY:g} % at "
-                 f"eps {format_eps(LARGE_EPS)}",
-                 {"curve": [[format_eps(r), round(a, 4)] for r, a in points], "rises": rises,
-                  "accuracy_at_large_eps": large})
+                 f"eps {show(big.eps)}",
+                 {"curve": [[show(r), round(a, 4)] for r, a in points], "rises": rises,
+                  "accuracy_at_large_eps": big.accuracy})
 
 
 def check_more_steps_do_not_help(e: CheckInputs) -> Check:

@@ -14,10 +14,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..attacks import PRESETS, Attack, attack_context, draw_noise, objective_tag
+from ..attacks import PRESETS, Attack, attack_context, objective_tag
 from ..cas import find_cas_modules
 from ..defenses import attack_head_count
-from ..eps import format_eps
+from ..threat_model import autoattack_norm, ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
 from .blackbox import SQUARE_P_INIT, square_attack
 from .deployed import InputTied
@@ -26,6 +26,7 @@ SUITES = ("quick", "standard")
 LARGE_EPS = 128 / 255
 CHECK_FINAL_LOGITS = "check:pgd20[final-logits]"
 CHECK_ADAPTIVE = "check:pgd20[cas]"
+LARGE_EPS_ROLE = "large-eps"  # the check-only PGD-20 at a radius where nothing should survive (eps_monotone)
 
 AttackSpec = Union[str, Attack]
 
@@ -154,9 +155,11 @@ def is_main_row(attack: Attack, cas: bool) -> bool:
 
 def describe_attack(a: Attack) -> str:
     if a.kind == "fgsm":
-        text = f"1 step of {format_eps(a.alpha)}" + (" after a random start" if a.random_start != "none" else "")
+        text = f"1 step of {format_radius(a.alpha, a.norm)}" + (" after a random start"
+                                                                if a.random_start != "none" else "")
     else:
-        text = f"{a.steps} steps of {format_eps(a.alpha)}" + (f", {a.restarts} restarts" if a.restarts > 1 else "")
+        text = f"{a.steps} steps of {format_radius(a.alpha, a.norm)}" + (f", {a.restarts} restarts"
+                                                                         if a.restarts > 1 else "")
         text += f", {a.random_start} start" if a.random_start != "none" else ", no random start"
     if a.objective.startswith("cw"):
         text += f", CW margin (kappa {a.kappa:g})" + {"cw": " of the final logits",
@@ -164,6 +167,8 @@ def describe_attack(a: Attack) -> str:
             a.objective, f" of auxiliary head {a.objective.split(':')[-1]}")
     else:
         text += f", objective {a.objective}"
+    if a.norm != "linf":
+        text += f", {a.norm} ball"
     if a.routing == "clean-predicted":
         text += "; crafted with every module routed by the clean predicted class"
     elif a.routing == "clean-soft":
@@ -202,23 +207,23 @@ def gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, in_wor
 
     settings = attack.to_dict()
     settings["routing"] = attack.routing or "predicted (by each module, as deployed)"
-    settings["eps_str"] = format_eps(attack.eps)
+    settings["eps_str"] = format_radius(attack.eps, attack.norm)
     return Job(name, kind, attack.eps, settings, notes or describe_attack(attack), craft, in_worst_case,
                family=family or name, objective=attack.objective, role=role, iterative=attack.steps > 1,
                per_example_seed=True, rank=cascade_rank(attack, role))
 
 
-def noise_job(eps: float) -> Job:
+def noise_job(eps: float, norm: str = "linf") -> Job:
     def craft(x, y, batch, generator):
-        noise = draw_noise("rand", x.shape, generator, x.device) * 2 - 1
-        return (x + eps * noise).clamp(0.0, 1.0)
+        return ball_noise(x, eps, norm, generator)
 
-    return Job("noise", "noise", eps, {"distribution": "uniform in the L-inf ball", "eps_str": format_eps(eps)},
+    return Job("noise", "noise", eps, {"distribution": f"uniform in the {norm} ball", "norm": norm,
+                                       "eps_str": format_radius(eps, norm)},
                "uniform random noise of the same size (baseline for the checks)", craft, family="noise",
                per_example_seed=True, rank=CASCADE_RANKS["every example"])
 
 
-def apgd_job(base: str, target: nn.Module, eps: float, cas: bool) -> Job:
+def apgd_job(base: str, target: nn.Module, eps: float, cas: bool, norm: str = "linf") -> Job:
     """``"apgd-dlr"``: AutoAttack's APGD on the joint DLR (final logits + beta * mean over the heads; the final
     logits' DLR on a plain model); ``"apgd-t"``: APGD-T on the targeted DLR of the final and auxiliary logits for the
     top-:data:`APGD_TARGETS` targets, with every CAS module routed to the target while crafting (see
@@ -228,7 +233,7 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool) -> Job:
         name = "apgd-dlr[cas]" if cas else "apgd-dlr"  # on a plain model: APGD on the final logits' DLR
 
         def craft(x, y, batch, generator):
-            return apgd(target, x, y, eps=eps, steps=APGD_STEPS, loss="dlr_cas", generator=generator)
+            return apgd(target, x, y, eps=eps, steps=APGD_STEPS, loss="dlr_cas", generator=generator, norm=norm)
         settings = {"attack": "APGD (AutoAttack's)", "steps": APGD_STEPS, "loss": "dlr_cas" if cas else "dlr",
                     "routing": "predicted (by each module, as deployed)", "restarts": 1}
         notes = (f"AutoAttack's APGD, {APGD_STEPS} steps, "
@@ -238,7 +243,7 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool) -> Job:
 
         def craft(x, y, batch, generator):
             return apgd_targeted(target, x, y, eps=eps, steps=APGD_STEPS, n_targets=APGD_TARGETS,
-                                 routing="target" if cas else None, generator=generator)
+                                 routing="target" if cas else None, generator=generator, norm=norm)
         settings = {"attack": "APGD-T (AutoAttack's)", "steps": APGD_STEPS, "targets": APGD_TARGETS,
                     "loss": "targeted DLR" + (" of the final logits + 2 * mean over the heads" if cas else ""),
                     "routing": "every CAS module routed to the target" if cas else "none (no CAS modules)"}
@@ -246,13 +251,13 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool) -> Job:
                  + (" of the final and auxiliary logits, every module routed to the target" if cas else ""))
     else:
         raise ValueError(f"unknown APGD row {base!r}; choose one of {APGD_ROWS}")
-    settings.update(eps=eps, eps_str=format_eps(eps), norm="linf", random_start="uniform, per example")
+    settings.update(eps=eps, eps_str=format_radius(eps, norm), norm=norm, random_start="uniform, per example")
     return Job(name, "adaptive" if cas else "white-box", eps, settings, notes, craft, family=base,
                objective=settings["loss"], per_example_seed=True, rank=CASCADE_RANKS["apgd"])
 
 
 def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, eps: float, seed: int,
-                    device, cas: bool = False) -> Job:
+                    device, cas: bool = False, norm: str = "linf") -> Job:
     """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
     i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active.
     Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``."""
@@ -265,11 +270,12 @@ def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, 
         with attack_context(model), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if flavour == "pyautoattack":
-                aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device,
+                              seed=seed)
                 out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
             else:
-                aa = aa_class(target, norm="Linf", eps=eps, version="standard", device=device, seed=seed,
-                              verbose=False)
+                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device,
+                              seed=seed, verbose=False)
                 out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
         flags.extend(str(w.message) for w in caught if str(w.message) not in flags)
         x_adv = out[0] if isinstance(out, tuple) else out
@@ -277,7 +283,8 @@ def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, 
 
     name = "autoattack[final-logits]" if cas else "autoattack"
     return Job(name, "autoattack", eps,
-               {"version": "standard", "norm": "Linf", "package": flavour, "seed": seed, "eps_str": format_eps(eps),
+               {"version": "standard", "norm": autoattack_norm(norm), "package": flavour, "seed": seed,
+                "eps_str": format_radius(eps, norm),
                 "flags": flags},  # filled while it runs: in the row's settings whether or not the checks run
                "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
                objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)", flags=flags)
@@ -301,9 +308,12 @@ class Plan:
 
 def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[AttackSpec]], *, eps: float,
               seed: int, device, autoattack: bool = False, transfer_from: Optional[nn.Module] = None,
-              square_queries: int = 0, eps_sweep: Optional[Sequence[float]] = None, checks: bool = True) -> Plan:
+              square_queries: int = 0, eps_sweep: Optional[Sequence[float]] = None, checks: bool = True,
+              norm: str = "linf", input_numel: int = 0) -> Plan:
     """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
-    tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique."""
+    tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
+    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.threat_model`; ``input_numel``,
+    the size of one input, sets the L2 check radius)."""
     cas_modules = find_cas_modules(model)
     has_cas = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
@@ -312,6 +322,8 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     routed = any(m.routed for m in cas_modules)
 
     def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
+        if not (kind == "white-box" and attack.norm != "linf"):  # a caller's own L2 Attack stays as it is
+            attack = with_norm(attack, norm)
         name = row_name(base, attack, has_cas)
         main = is_main_row(attack, has_cas)
         role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
@@ -323,7 +335,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         for name, attack in suite_attacks(attacks, eps, has_cas, n_modules, routed).items():
             add_gradient_row(name.split("[")[0], attack)
         if suite == "standard":
-            jobs.extend(apgd_job(base, target, eps, has_cas) for base in APGD_ROWS)
+            jobs.extend(apgd_job(base, target, eps, has_cas, norm) for base in APGD_ROWS)
     else:
         suite = "custom"
         adaptive = False
@@ -332,7 +344,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
                 adaptive = True
                 continue
             if isinstance(spec, str) and spec in APGD_ROWS:
-                jobs.append(apgd_job(spec, target, eps, has_cas))
+                jobs.append(apgd_job(spec, target, eps, has_cas, norm))
                 continue
             base, attack = resolve_attack(spec, eps, has_cas, n_modules)
             add_gradient_row(base, attack, kind="white-box" if isinstance(spec, Attack) else None)
@@ -343,11 +355,11 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     if autoattack:
         aa_class, aa_flavour = blackbox.load_autoattack()
         extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
-        jobs.append(autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas))
+        jobs.append(autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas, norm))
         jobs[-1].rank = CASCADE_RANKS["autoattack"]
     if transfer_from is not None:
         surrogate_obj = objective_for(bool(find_cas_modules(transfer_from)))
-        attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj)
+        attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
         jobs.append(gradient_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
                                  notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
                                        f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
@@ -356,31 +368,36 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         jobs[-1].rank = CASCADE_RANKS["black-box"]
     if square_queries > 0:
         jobs.append(Job(f"square{square_queries}", "black-box", eps,
-                        {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin",
-                         "eps_str": format_eps(eps)},
+                        {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin", "norm": norm,
+                         "eps_str": format_radius(eps, norm)},
                         f"Square attack, {square_queries} queries, margin loss, p_init {SQUARE_P_INIT}",
                         lambda x, y, b, g: square_attack(model, x, y, eps=eps, n_queries=square_queries,
-                                                         generator=g), family=f"square{square_queries}",
+                                                         generator=g, norm=norm), family=f"square{square_queries}",
                         rank=CASCADE_RANKS["black-box"]))
     if checks:
-        jobs.append(noise_job(eps))
+        jobs.append(noise_job(eps, norm))
     sweep_jobs = []
     for e in sorted(float(v) for v in (eps_sweep or [])):
-        attack = Attack(name=f"pgd20@{format_eps(e)}", eps=e, steps=20, objective=objective_for(has_cas))
+        attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(has_cas),
+                        norm=norm)
         sweep_jobs.append(gradient_job(attack.name, "sweep", attack, target, in_worst_case=False))
     check_jobs = []
     if checks:
-        attack = Attack(name=f"pgd20@{format_eps(LARGE_EPS)}", eps=LARGE_EPS, steps=20, objective=objective_for(has_cas))
+        big = large_eps(norm, input_numel) if norm != "linf" else LARGE_EPS
+        attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(has_cas),
+                        norm=norm)
         check_jobs.append(gradient_job(attack.name, "check", attack, target, in_worst_case=False,
-                                       notes="large-eps PGD-20 for the eps_monotone check"))
+                                       notes="large-eps PGD-20 for the eps_monotone check", role=LARGE_EPS_ROLE))
         if has_cas:
             # Check-only references for final_logits_vs_adaptive: never rows of the report.
             check_jobs.append(gradient_job(
-                CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce"), target, in_worst_case=False,
+                CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce", norm=norm), target,
+                in_worst_case=False,
                 notes="check only: PGD-20 on the final logits alone (CE), predicted routing"))
             if not any(j.role == "pgd20" for j in jobs):
                 check_jobs.append(gradient_job(
-                    CHECK_ADAPTIVE, "check", Attack(eps=eps, steps=20, objective="cas"), target, in_worst_case=False,
+                    CHECK_ADAPTIVE, "check", Attack(eps=eps, steps=20, objective="cas", norm=norm), target,
+                    in_worst_case=False,
                     notes="check only: adaptive PGD-20 (CE + beta * mean auxiliary CE), as the report has none"))
     plan = Plan(jobs, sweep_jobs, check_jobs, suite, extra_versions)
     names = [job.name for job in plan.all]

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from ..eps import format_eps
 from ..eval_summary import EvalSummary
+from ..serialization import atomic_write
+from . import examples
 
-__all__ = ["AttackResult", "Check", "EvalReport", "EvalSummary"]
+__all__ = ["AttackResult", "Check", "EvalReport", "EvalSummary", "REPORT_JSON", "REPORT_MD", "load_report"]
+
+REPORT_JSON, REPORT_MD = "eval_report.json", "eval_report.md"
 
 
 @dataclass
@@ -61,8 +64,12 @@ class Check:
 
 @dataclass
 class EvalReport:
-    """Everything an evaluation measured and how. ``per_example`` (name -> correct flags, in dataset order) stays
-    out of the JSON unless asked for: it is for callers that combine attacks themselves.
+    """Everything an evaluation measured and how. ``per_example`` (row name and ``worst_case`` -> correct flags, in
+    the order of ``data["indices"]``; None where a cascade skipped the example) and ``per_example_families``
+    (family -> flags) are written by :meth:`save` in a compact form (:mod:`casify.evaluate.examples`), so reports
+    can be compared image by image later; ``data`` identifies the images (``sha256``, ``indices``, ``n``).
+    ``robustness_curve``: per eps (this evaluation's, then the eps sweep's), natural, worst case and each family,
+    with the per-example worst case; ``figures``: figure kind -> file name, filled by :meth:`save`.
     ``gradient_masking_suspected`` is True / False, or None when the checks did not run ("not checked").
     ``families``: per attack family, the per-example worst over its rows (see :meth:`summary`).
     ``per_attack``: False for a cascade (rows after the first ran only on the examples still robust); ``cascade``:
@@ -92,6 +99,10 @@ class EvalReport:
     per_attack: bool = True
     cascade: List[dict] = field(default_factory=list)
     per_example: Dict[str, List[Optional[bool]]] = field(default_factory=dict, repr=False)
+    per_example_families: Dict[str, List[bool]] = field(default_factory=dict, repr=False)
+    data: dict = field(default_factory=dict)
+    robustness_curve: List[dict] = field(default_factory=list)
+    figures: Dict[str, str] = field(default_factory=dict)
 
     def accuracy(self, name: str) -> Optional[float]:
         """Accuracy under the attack (or sweep point) called ``name``; ``"worst_case"`` for the worst case. None for a
@@ -147,16 +158,50 @@ class EvalReport:
                 return c
         raise KeyError(f"no check {name!r}; the report has {[c.name for c in self.checks]}")
 
+    def fooled_by(self, position: int) -> List[str]:
+        """The worst-case rows that fooled (or, for ``natural``, misclassified) the example at ``position`` (in the
+        order of ``data["indices"]``), in the order of the report's rows."""
+        names = [r.name for r in self.attacks if r.in_worst_case and r.name in self.per_example]
+        return examples.fooled_by({name: self.per_example[name] for name in names}, position)
+
     def to_dict(self, per_example: bool = False) -> dict:
+        """The report as JSON-ready data; ``per_example=True`` adds the per-example block (what :meth:`save`
+        writes): the encoding, each row's and family's flags and the worst case, one character per example."""
         d = dataclasses.asdict(self)
-        if not per_example:
-            d.pop("per_example")
+        d.pop("per_example")
+        d.pop("per_example_families")
+        if per_example:
+            d["per_example"] = {
+                "encoding": examples.ENCODING,
+                "rows": {name: examples.encode(f) for name, f in self.per_example.items() if name != "worst_case"},
+                "families": {name: examples.encode(f) for name, f in self.per_example_families.items()},
+                "worst_case": examples.encode(self.per_example.get("worst_case", [])),
+            }
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalReport":
+        """A report read back from :meth:`to_dict` (or a saved ``eval_report.json``); the per-example block, when
+        present, is decoded into ``per_example`` / ``per_example_families``."""
+        d = dict(d)
+        block = d.pop("per_example", None) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["attacks"] = [AttackResult(**r) for r in d.get("attacks", [])]
+        kwargs["eps_sweep"] = [AttackResult(**r) for r in d.get("eps_sweep", [])]
+        kwargs["checks"] = [Check(**c) for c in d.get("checks", [])]
+        per_example = {name: examples.decode(text) for name, text in (block.get("rows") or {}).items()}
+        if "worst_case" in block:
+            per_example["worst_case"] = examples.decode(block["worst_case"])
+        kwargs["per_example"] = per_example
+        kwargs["per_example_families"] = {name: examples.decode(text)
+                                          for name, text in (block.get("families") or {}).items()}
+        return cls(**kwargs)
 
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None, per_example: bool = False) -> str:
         text = json.dumps(self.to_dict(per_example), indent=2) + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
         return text
 
     def to_markdown(self) -> str:
@@ -167,7 +212,10 @@ class EvalReport:
             "# Robustness evaluation", "",
             f"- model: {model}" + (f" ({self.model['source']})" if self.model.get("source") else ""),
             f"- data: {self.dataset}, {self.n_examples} examples",
-            f"- threat model: L-{self.norm[1:]}, eps = {self.eps_str} ({self.eps:.5f}) in [0, 1] pixel units",
+            f"- threat model: {'L-inf' if self.norm == 'linf' else 'L2 (Euclidean radius)'}, eps = {self.eps_str} "
+            f"({self.eps:.5f}) in [0, 1] pixel units",
+            *([f"- images: SHA-256 {self.data['sha256'][:16]}... of the {self.n_examples} images and labels "
+               "(per-example results in eval_report.json)"] if self.data.get("sha256") else []),
             f"- scored on the deployed model: {self.protocol['scoring']}",
             f"- iterates: {self.protocol.get('iterates', 'last iterate')}",
             f"- suite: {self.suite}; seed {self.seed}; {self.elapsed_seconds:.1f} s on {self.device}"
@@ -209,9 +257,18 @@ class EvalReport:
                       + (f" (upper bound: {', '.join(f['survivors_only'])} ran on survivors only)"
                          if f.get("upper_bound") else "") + " |"
                       for name, f in self.families.items()]
-        if self.eps_sweep:
-            lines += ["", "## eps sweep (PGD-20)", "", "| eps | accuracy % |", "|---|---|"]
-            lines += [f"| {format_eps(r.eps)} | {100 * r.accuracy:.2f} |" for r in self.eps_sweep]
+        if len(self.robustness_curve) > 1:
+            families = [f for f in self.robustness_curve[0]["families"] if f != "natural"]
+            lines += ["", "## Robustness curve (eps sweep: the same rows at each eps, worst case per example)", "",
+                      "| eps | natural % | worst case % | " + " | ".join(f"{f} %" for f in families) + " |",
+                      "|---" * (3 + len(families)) + "|"]
+            for p in self.robustness_curve:
+                fam = [p["families"].get(f) for f in families]
+                lines.append(f"| {p['eps_str']} | {100 * p['natural']:.2f} | {100 * p['worst_case']:.2f} | "
+                             + " | ".join("" if v is None else f"{100 * v:.2f}" for v in fam) + " |")
+        if self.figures:
+            lines += ["", "## Figures", ""]
+            lines += [f"![{FIGURE_TITLES.get(kind, kind)}]({name})" for kind, name in self.figures.items()]
         lines += ["", "## Gradient-masking checks", ""]
         if self.gradient_masking_suspected is None:
             lines.append("Gradient masking suspected: **not checked** (checks=False).")
@@ -226,13 +283,33 @@ class EvalReport:
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in self.versions.items()), ""]
         return "\n".join(lines)
 
-    def save(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write ``eval_report.json`` and ``eval_report.md`` into ``directory`` (created if needed)."""
+    def save(self, directory: Union[str, os.PathLike], figures: bool = True) -> Path:
+        """Write ``eval_report.json`` (with the per-example results), the figures (``figures=True``: the robustness
+        curve and the per-attack chart, :mod:`casify.evaluate.figures`) and ``eval_report.md``, which shows them,
+        into ``directory`` (created if needed); each file is written atomically."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.to_json(out / "eval_report.json")
-        (out / "eval_report.md").write_text(self.to_markdown())
+        if figures:
+            from .figures import write_report_figures
+            self.figures = write_report_figures(self, out)
+        self.to_json(out / REPORT_JSON, per_example=True)
+        text = self.to_markdown()
+        atomic_write(out / REPORT_MD, lambda tmp: Path(tmp).write_text(text))
         return out
+
+
+FIGURE_TITLES = {"robustness_curve": "robustness curve: accuracy against eps",
+                 "attacks": "per-attack chart: each row's accuracy and the examples it newly fooled"}
+
+
+def load_report(path: Union[str, os.PathLike]) -> EvalReport:
+    """An :class:`EvalReport` from a report folder (its ``eval_report.json``) or the JSON file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"no evaluation report at {path} (casify eval --out DIR writes {REPORT_JSON})")
+    return EvalReport.from_dict(json.loads(path.read_text()))
 
 
 def _short(value) -> str:

@@ -16,7 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..eps import format_eps
+from ..threat_model import check_norm, distance
 from .deployed import deployed_correct, zero_input_gradient
+from .examples import example_digests
 from .plan import CASCADE_RANKS, Job, Plan
 
 
@@ -48,7 +50,8 @@ class Flags:
     """Per example (rows, dataset order) and job (columns, the plan's order): ``correct`` on the deployed model,
     ``ran`` (False where the cascade skipped the example), ``correct_last`` / ``correct_best`` (the last and the best
     iterate as the attack scored them, for iterative rows; else ``correct``), ``zero_grad`` per example (the
-    gradient probe). ``order``: the order the rows ran; ``every[i]``: job ``i`` ran on every example."""
+    gradient probe). ``order``: the order the rows ran; ``every[i]``: job ``i`` ran on every example; ``digests``:
+    (N, 32) uint8, each example's SHA-256 (:func:`casify.evaluate.examples.example_digests`)."""
     correct: torch.Tensor
     ran: torch.Tensor
     correct_last: torch.Tensor
@@ -56,15 +59,19 @@ class Flags:
     zero_grad: torch.Tensor
     order: List[int]
     every: List[bool]
+    digests: Optional[torch.Tensor] = None
 
 
 def check_threat_model(job: Job, x: torch.Tensor, x_adv: torch.Tensor) -> None:
-    """Refuse a result whose examples leave the eps-ball or [0, 1]: the worst case must stay one threat model."""
+    """Refuse a result whose examples leave the eps-ball (in the job's norm) or [0, 1]: the worst case must stay one
+    threat model."""
     if x_adv.shape != x.shape:
         raise RuntimeError(f"attack {job.name!r} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
-    dist = float((x_adv.float() - x).abs().max()) if x.numel() else 0.0
-    if dist > job.eps + 1e-5 or float(x_adv.min()) < -1e-6 or float(x_adv.max()) > 1 + 1e-6:
-        raise RuntimeError(f"attack {job.name!r} left the threat model: L-inf distance {dist:.5f} vs eps "
+    norm = check_norm(job.settings.get("norm", "linf"))
+    dist = float(distance(x_adv, x, norm).max()) if x.numel() else 0.0
+    slack = 1e-5 if norm == "linf" else 1e-4 * max(1.0, job.eps)  # L2: float32 rounding of a sum over every pixel
+    if dist > job.eps + slack or float(x_adv.min()) < -1e-6 or float(x_adv.max()) > 1 + 1e-6:
+        raise RuntimeError(f"attack {job.name!r} left the threat model: {norm} distance {dist:.5f} vs eps "
                            f"{job.eps:.5f}, range [{float(x_adv.min()):.4f}, {float(x_adv.max()):.4f}]")
 
 
@@ -92,7 +99,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
     n = len(data)
     correct = torch.zeros(n, len(all_jobs), dtype=torch.bool)
     flags_all = Flags(correct, correct.clone(), correct.clone(), correct.clone(), torch.zeros(n, dtype=torch.bool),
-                      order, every)
+                      order, every, torch.zeros(n, 32, dtype=torch.uint8))
     worst_cols = [i for i, job in enumerate(jobs) if job.in_worst_case]
     main_process = accelerator is None or accelerator.is_main_process
     modes = [(m, m.training) for m in model.modules()]
@@ -100,13 +107,14 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
     def run(cols: List[int], indices: Optional[List[int]], desc: str, with_probe: bool = False) -> None:
         """The jobs ``cols`` on the examples ``indices`` (None: all), in batches of ``batch_size`` (a cascade's
         survivors are batched afresh, so a row on few survivors still runs full batches), into ``flags_all``."""
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
         loader = DataLoader(IndexedDataset(data, indices), batch_size=batch_size, shuffle=False)
         if accelerator is not None:
             loader = accelerator.prepare_data_loader(loader)
-        bar = tqdm(loader, desc=desc, disable=not (progress and main_process), leave=False)
+        bar = progress_bar(loader, desc=desc, disable=not (progress and main_process), leave=False)
         col_index = torch.tensor(cols, dtype=torch.long)
         for x, y, index in bar:
+            digests = example_digests(x, y) if indices is None else None  # the first pass covers every example
             x = x.to(device).float()
             y = torch.as_tensor(y).to(device).long()
             index = torch.as_tensor(index).to(device)
@@ -135,6 +143,8 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
             flags_all.ran[rows_at] = True
             flags_all.correct_last[rows_at] = _gather(accelerator, last_flags).cpu()
             flags_all.correct_best[rows_at] = _gather(accelerator, best_flags).cpu()
+            if digests is not None:
+                flags_all.digests[pos] = _gather(accelerator, digests.to(x.device)).cpu()
             if with_probe:
                 flags_all.zero_grad[pos] = _gather(accelerator, zero_input_gradient(target, x, y)).cpu()
             if progress and main_process:
