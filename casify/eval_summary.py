@@ -38,6 +38,7 @@ class EvalSummary:
     cascade: List[dict] = field(default_factory=list)
     gradient_masking_suspected: Optional[bool] = None
     failed_checks: Optional[List[str]] = None
+    routing_echo_forced: Optional[float] = None  # a routed defense: how often a forced wrong route is followed
 
     def to_dict(self) -> dict:
         """The dict ``EvalReport.summary()`` returns (fresh containers: editing it leaves the record alone)."""
@@ -82,6 +83,8 @@ class EvalSummary:
                      for i, entry in enumerate(check.sequence(data.get("cascade") or [], "cascade"))],
             gradient_masking_suspected=suspected,
             failed_checks=None if failed is None else check.names(failed, "failed_checks"),
+            routing_echo_forced=(None if data.get("routing_echo_forced") is None
+                                 else check.fraction(data["routing_echo_forced"], "routing_echo_forced")),
         )
 
 

@@ -48,3 +48,19 @@ def test_a_mask_the_model_ignores_is_no_echo():
 def test_unrouted_models_are_refused():
     with pytest.raises(ValueError, match="routed"):
         routing_echo(casify.wrap(EchoNet(), layers=[], input_size=(4, 2, 2), normalize=None), _data())
+
+
+def test_reports_and_model_cards_show_the_echo(tmp_path):
+    from casify.evaluate import evaluate
+    model = casify.wrap(EchoNet(), layers=["features"], input_size=(4, 2, 2), normalize=None)
+    with torch.no_grad():
+        casify.find_cas_modules(model)[0].classifier.weight.copy_(torch.eye(4))
+    report = evaluate(model, _data(16), attacks=["fgsm"], eps=0.01, progress=False)
+    assert report.routing_echo["forced_all"] == 1.0
+    assert "## Routing echo" in report.to_markdown()
+    assert report.summary()["routing_echo_forced"] == 1.0
+    casify.write_hub_folder(model, tmp_path / "card", "echo-test", evaluation=report.summary())
+    text = (tmp_path / "card" / "README.md").read_text()
+    assert "Routing echo" in text and "100.0 %" in text
+    plain = casify.wrap(EchoNet(), layers=[], input_size=(4, 2, 2), normalize=None)
+    assert evaluate(plain, _data(8), attacks=["fgsm"], eps=0.01, progress=False).routing_echo is None

@@ -64,7 +64,7 @@ EXPECTED_SUMMARY = {
     "cascade": [{"row": "pgd20[cas]", "attacked": 10, "newly_fooled": 5, "robust_after": 5, "every_example": True},
                 {"row": "pgd20[cas,straight-through]", "attacked": 5, "newly_fooled": 1, "robust_after": 4,
                  "every_example": False}],
-    "gradient_masking_suspected": None, "failed_checks": None,
+    "gradient_masking_suspected": None, "failed_checks": None, "routing_echo_forced": None,
 }
 
 

@@ -28,7 +28,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
              device=None, progress: bool = True, accelerator=None, autoattack: bool = False,
              transfer_from: Union[None, nn.Module, str, os.PathLike] = None, square_queries: int = 0,
              eps_sweep: Optional[Sequence[float]] = None, checks: bool = True, per_attack: bool = False,
-             norm: str = "linf") -> EvalReport:
+             norm: str = "linf", echo: bool = True) -> EvalReport:
     """Evaluate ``model``'s robustness in the ``norm`` ball of radius ``eps`` (pixels in [0, 1]; ``norm``: ``"linf"``
     or ``"l2"``, see :mod:`casify.threat_model`).
 
@@ -62,6 +62,8 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     Every gradient attack keeps the best iterate per example (see :mod:`casify.attacks`) and draws each example's
     random starts from a seed of its own (the row's seed and the example's dataset index), so the per-example results
     do not depend on ``batch_size`` or on the number of processes (Square and AutoAttack draw per batch).
+        echo: with ``checks``, a routed defense's routing echo (:func:`casify.evaluate.routing_echo` on up to 500
+            examples, L-inf): whether the output only repeats an auxiliary head; in the report and the model card.
         accelerator: an ``accelerate.Accelerator``; one is made when launched with several processes. The data are
             sharded over processes and per-example results gathered with ``gather_for_metrics``.
     """
@@ -136,7 +138,18 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         elapsed_seconds=round(time.perf_counter() - start_time, 3), families=counts.families,
         per_attack=bool(per_attack), cascade=counts.cascade, per_example=counts.per_example,
         per_example_families=families, robustness_curve=curve,
-        data={"sha256": data_sha256(flags.digests), "hash": DATA_HASH, "n": n, "indices": indices})
+        data={"sha256": data_sha256(flags.digests), "hash": DATA_HASH, "n": n, "indices": indices},
+        routing_echo=_routing_echo(model, data, eps, norm, seed) if checks and echo else None)
+
+
+def _routing_echo(model, data, eps: float, norm: str, seed: int) -> Optional[dict]:
+    """The routing echo of a routed defense (CAS, CIFS) on up to 500 of the examples, or None (nothing routes, or an
+    L2 evaluation: the echo's attack is L-inf)."""
+    from ..defenses import routed_modules
+    from .echo import routing_echo
+    if norm != "linf" or not routed_modules(model):
+        return None
+    return routing_echo(model, data, eps=eps, max_examples=500, seed=seed).to_dict()
 
 
 def curve_point(eps: float, norm: str, natural: float, worst: float, families: dict, worst_flags, source: str) -> dict:

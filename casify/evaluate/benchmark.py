@@ -179,11 +179,13 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
             gradient_masking_suspected=report.gradient_masking_suspected,
             failed_checks=summary["failed_checks"], checks={c.name: c.passed for c in report.checks},
             data_sha256=report.data["sha256"], suite=report.suite, mode=summary["mode"])
-        if echo and report.model.get("cas_modules"):
+        from ..defenses import routed_modules
+        if echo and report.routing_echo is not None:
+            casify_info["routing_echo"] = report.routing_echo
+        elif echo and routed_modules(model):  # an L2 evaluation: the echo's own L-inf PGD at 8/255
             from .echo import routing_echo
-            casify_info["routing_echo"] = routing_echo(model, data, eps=eps if norm == "linf" else 8 / 255,
-                                                       max_examples=min(len(data), 500), batch_size=batch_size,
-                                                       seed=seed).to_dict()
+            casify_info["routing_echo"] = routing_echo(model, data, eps=8 / 255, max_examples=min(len(data), 500),
+                                                       batch_size=batch_size, seed=seed).to_dict()
     from ..spec import versions
     casify_info["versions"] = versions()
     info["casify"] = casify_info

@@ -103,6 +103,7 @@ class EvalReport:
     data: dict = field(default_factory=dict)
     robustness_curve: List[dict] = field(default_factory=list)
     figures: Dict[str, str] = field(default_factory=dict)
+    routing_echo: Optional[dict] = None  # RoutingEcho.to_dict() for a routed defense (casify.evaluate.echo)
 
     def accuracy(self, name: str) -> Optional[float]:
         """Accuracy under the attack (or sweep point) called ``name``; ``"worst_case"`` for the worst case. None for a
@@ -150,7 +151,8 @@ class EvalReport:
                            families={name: list(f["rows"]) for name, f in self.families.items()},
                            upper_bounds=[name for name, f in self.families.items() if f.get("upper_bound")],
                            cascade=[dict(c) for c in self.cascade],
-                           gradient_masking_suspected=self.gradient_masking_suspected, failed_checks=failed)
+                           gradient_masking_suspected=self.gradient_masking_suspected, failed_checks=failed,
+                           routing_echo_forced=None if not self.routing_echo else self.routing_echo["forced_all"])
 
     def check(self, name: str) -> Check:
         for c in self.checks:
@@ -269,6 +271,20 @@ class EvalReport:
         if self.figures:
             lines += ["", "## Figures", ""]
             lines += [f"![{FIGURE_TITLES.get(kind, kind)}]({name})" for kind, name in self.figures.items()]
+        if self.routing_echo:
+            e = self.routing_echo
+            lines += ["", "## Routing echo", "",
+                      "Does the output only repeat an auxiliary head? Forced routing: every module routed to a random "
+                      "wrong class; an echo model outputs that class (chance is "
+                      f"{100 * e['chance']:.0f} %). Head agreement: final prediction == the head's argmax "
+                      f"({e['adversarial']}).", "",
+                      f"- forced routing followed: **{100 * e['forced_all']:.1f} %** of {e['n']} examples"
+                      + (" (an echo)" if e.get("echoes") else ""), ""]
+            lines += ["| module | agreement, clean | agreement, adversarial | forced (this module alone) |",
+                      "|---|---|---|---|"]
+            for name, clean, adv in zip(e["modules"], e["head_agreement_clean"], e["head_agreement_adversarial"]):
+                lines.append(f"| {name} | {100 * clean:.1f} | {100 * adv:.1f} | "
+                             f"{100 * e['forced_each'].get(name, float('nan')):.1f} |")
         lines += ["", "## Gradient-masking checks", ""]
         if self.gradient_masking_suspected is None:
             lines.append("Gradient masking suspected: **not checked** (checks=False).")
