@@ -29,6 +29,7 @@ from .model import CASModel
 from .routing import route
 from .serialization import atomic_write
 from .surgery import wrap
+from .trackers import check_log_with, flat_config
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
@@ -114,6 +115,7 @@ class TrainConfig:
             raise ValueError(f"log_every_steps must be at least 1 (1 logs every step), got {self.log_every_steps}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
+        check_log_with(self.log_with)  # before anything is built, not at the first logged step
 
     def _check_types(self) -> None:
         """Settings come from YAML and ``--set``: radii may be written ``8/255``, numbers may arrive as strings
@@ -580,7 +582,7 @@ class Trainer:
                   f"{acc.num_processes} process(es) x grad_accum {cfg.grad_accum}; {self.steps_per_epoch} steps per "
                   f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
-            acc.init_trackers("casify", config=cfg.to_dict())
+            acc.init_trackers("casify", config=flat_config(cfg.to_dict()))
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not (cfg.progress and acc.is_local_main_process),
                    desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", dynamic_ncols=True)
         while self.state.global_step < self.total_steps and not self.stop:

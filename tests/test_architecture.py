@@ -18,7 +18,7 @@ ROOT = Path(casify.__file__).parent
 
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
-    ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
+    ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.inputs", "casify.trackers", "casify.routing", "casify.normalize", "casify.eps",
                     "casify.data", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
