@@ -61,13 +61,19 @@ def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Union[None, dict,
     evaluation reports are uploaded from it (:func:`upload_patterns`), never whatever else is there. Returns the
     commit info.
     """
-    from huggingface_hub import HfApi
-
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(folder) if folder is not None else Path(tmp)
         write_hub_folder(model, staging, repo_id, evaluation=evaluation, dataset_name=dataset_name,
                          dataset_type=dataset_type, split=split)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(staging), commit_message=commit_message,
-                                 allow_patterns=upload_patterns(staging))
+        return upload_folder(staging, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def upload_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = False, token=None,
+                  commit_message: str = "Upload robust model trained with casify"):
+    """Create ``repo_id`` if needed and upload the files of ``folder`` that :func:`upload_patterns` names."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             allow_patterns=upload_patterns(folder))

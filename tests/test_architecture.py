@@ -18,7 +18,7 @@ ROOT = Path(casify.__file__).parent
 
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
-    ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.inputs", "casify.trackers", "casify.routing", "casify.normalize", "casify.eps",
+    ("foundation", {"casify.version", "casify.host_sync", "casify.cas", "casify.inputs", "casify.trackers", "casify.hub_access", "casify.publish_guard", "casify.routing", "casify.normalize", "casify.eps",
                     "casify.data", "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
@@ -43,7 +43,7 @@ LAYERS = [
                       "casify.evaluate.api", "casify.evaluate.compare", "casify.evaluate.echo", "casify.analysis", "casify.analysis.files",
                       "casify.analysis.statistics", "casify.analysis.capture", "casify.analysis.figures",
                       "casify.analysis.tsne", "casify.analysis.report", "casify.train",
-                      "casify.recipe", "casify.cli", "casify.output_dir"}),
+                      "casify.recipe", "casify.cli", "casify.output_dir", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it
     ("package", {"casify"}),
     ("scripts", {"casify.demo"}),
