@@ -46,7 +46,7 @@ def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_na
         EvalSummary.from_dict(evaluation, "evaluation")
     save_pretrained(model, folder, metrics=evaluation)
     config = read_config(folder / CONFIG_NAME)  # the card describes what was written, as from_pretrained reads it
-    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split)
+    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split, folder=str(folder))
     atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
     return folder
 
