@@ -66,3 +66,13 @@ def test_the_checks_make_no_host_sync_where_reads_would_wait(monkeypatch):
     assert syncs.count == 0
     with pytest.raises(RuntimeError):  # the device-side assertion fires (on CPU it runs at once)
         check_images(x * 255)
+
+
+def test_evaluate_reads_eps_as_the_readme_writes_it():
+    from casify.evaluate import evaluate
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    report = evaluate(_plain(), (x, y), attacks="quick", eps="4/255", eps_sweep=["2/255"], progress=False,
+                      checks=False)
+    assert report.summary()["eps_str"] == "4/255"
+    with pytest.raises(ValueError, match="8/255"):
+        evaluate(_plain(), (x, y), attacks="quick", eps=8, progress=False, checks=False)

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..cas import find_cas_modules
 from ..eps import format_eps
+from ..inputs import check_eps
 from .checks import LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks
 from .deployed import InputTied, describe_model, unwrap_parallel
 from .plan import CASCADE_RULE, LARGE_EPS, AttackSpec, objective_for, plan_rows
@@ -83,7 +84,8 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     data, data_name = _as_dataset(dataset)
     if max_examples is not None:
         data = Subset(data, range(min(int(max_examples), len(data))))
-    eps = float(eps)
+    eps = check_eps(eps)  # "8/255" as the README writes radii; eps=8 is an error that suggests /255
+    eps_sweep = None if eps_sweep is None else [check_eps(e) for e in eps_sweep]
     has_cas = bool(find_cas_modules(model))
     target = InputTied(model)
 
