@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -20,6 +19,7 @@ import timm
 import torch
 
 import casify
+from casify_cli import Parser
 from casify.data import build_dataset
 from casify.evaluate import evaluate
 from casify.hub import write_hub_folder
@@ -39,14 +39,14 @@ def _base(width: float, state=None):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="casify demo: retrofit CAS, AT vs AT+CAS, robustness table")
+    parser = Parser(description="casify demo: retrofit CAS, AT vs AT+CAS, robustness table")  # --a-b and --a_b
     parser.add_argument("--out", default="demo_output")
     parser.add_argument("--epochs", type=float, default=6, help="adversarial fine-tuning epochs for each method")
     parser.add_argument("--pretrain-epochs", type=float, default=8)
     parser.add_argument("--eps", type=float, default=16, help="L-inf eps in pixel units of 1/255")
     parser.add_argument("--width", type=float, default=0.25, help="channel width of the CIFAR ResNet-18")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-examples", "--max_examples", dest="max_examples", type=int, default=None,
+    parser.add_argument("--max-examples", type=int, default=None,
                         help="validate and evaluate on at most this many digits (default: the whole splits)")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -57,8 +57,9 @@ def _bin(tmp: Path) -> Path:
     bin_dir.mkdir()
     (bin_dir / "casify").write_text(f'#!/bin/sh\nexec "{sys.executable}" -c "import sys, casify_cli; '
                                     f'sys.exit(casify_cli.main())" "$@"\n')
-    (bin_dir / "casify").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would leave the venv
+    for name in ("casify", "python"):
+        (bin_dir / name).chmod(0o755)
     return bin_dir
 
 
