@@ -122,8 +122,8 @@ class NormalizeAutoWarning(UserWarning):
 
 
 def torchvision_weights_normalize(model: nn.Module) -> Optional[dict]:
-    """The mean/std of the published weights of a torchvision classifier's architecture (the weights enums'
-    ``transforms()``), when every weight of that architecture agrees on them; None for other models."""
+    """The mean/std of the published weights of a torchvision classifier's architecture (the ``DEFAULT`` weights'
+    ``transforms()`` of every builder of its class), when they all agree; None for other models."""
     if not type(model).__module__.startswith("torchvision.models"):
         return None
     import inspect
@@ -134,10 +134,9 @@ def torchvision_weights_normalize(model: nn.Module) -> Optional[dict]:
         builder = tvm.get_model_builder(name)
         if inspect.signature(builder).return_annotation not in (type(model), type(model).__name__):
             continue
-        for weights in tvm.get_model_weights(name):
-            transforms = weights.transforms()
-            if hasattr(transforms, "mean") and hasattr(transforms, "std"):
-                found.add((tuple(float(v) for v in transforms.mean), tuple(float(v) for v in transforms.std)))
+        transforms = tvm.get_model_weights(name).DEFAULT.transforms()  # the classification weights, not VGG's features
+        if hasattr(transforms, "mean") and hasattr(transforms, "std"):
+            found.add((tuple(float(v) for v in transforms.mean), tuple(float(v) for v in transforms.std)))
     if len(found) != 1:
         return None
     mean, std = found.pop()

@@ -40,7 +40,7 @@ def test_every_marker_is_known_and_skips_say_why():
     skipped = sum(1 for page in PAGES for _, _, marker in blocks(page) if marker and marker.startswith("skip"))
     run = sum(1 for page in PAGES for lang, _, marker in blocks(page) if lang in RUN and not
               (marker and marker.startswith("skip")))
-    assert run > 2 * skipped, f"{skipped} skipped examples against {run} that run: keep the skips few"
+    assert run >= 2 * skipped, f"{skipped} skipped examples against {run} that run: keep the skips few"
 
 
 def test_relative_links_point_at_files():
