@@ -52,6 +52,7 @@ from torch import nn
 from .cas import aux_logits, find_cas_modules
 from .defenses import attack_aux_logits, routed_modules
 from .host_sync import host_reads_free
+from .inputs import check_attack_inputs, check_eps, read_radius
 from .routing import route
 
 NORMS = ("linf", "l2")
@@ -515,7 +516,7 @@ def _start_kind(random_start: Union[bool, str]) -> str:
 def resolve_alpha(eps: float, steps: int, alpha: Optional[float]) -> float:
     """Step size: given, else eps for a single step, else Madry et al.'s 2.5 * eps / steps (2/255 for 8/255, 10)."""
     if alpha is not None:
-        return float(alpha)
+        return read_radius(alpha, "alpha")
     return float(eps) if steps == 1 else 2.5 * float(eps) / steps
 
 
@@ -610,6 +611,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
         raise ValueError(f"keep must be one of {KEEPS}, got {keep!r}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]} labels")
+    eps = check_attack_inputs(model, x, y, eps, norm)  # 0..255 pixels, eps=8, labels past the last class: errors
     objective_fn, needs_clean = get_objective(objective)
     start = _start_kind(random_start)
     alpha = resolve_alpha(eps, steps, alpha)
@@ -796,6 +798,7 @@ class Attack:
         if self.keep not in KEEPS:
             raise ValueError(f"keep must be one of {KEEPS}, got {self.keep!r}")
         self.random_start = _start_kind(self.random_start)
+        self.eps = check_eps(self.eps, norm=self.norm)  # "8/255" as the README writes radii
         self.alpha = resolve_alpha(self.eps, self.steps, self.alpha)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, routing: Routing = None,

@@ -1,42 +1,28 @@
-"""The ``casify`` command line. One function per subcommand: ``add_<name>_parser`` declares it, ``cmd_<name>`` runs it;
-register a new subcommand by adding its ``add_*_parser`` to :data:`SUBCOMMANDS`. All argument parsing lives here; the
-subcommands call the library's plain functions (:func:`casify.evaluate.evaluate`, :func:`casify.analysis.run_analysis`).
+"""The ``casify`` commands. The options are declared in :mod:`casify_cli` (outside the package, so ``casify --help``
+imports no torch); here each subcommand's ``cmd_<name>`` runs it with the library's plain functions.
 
+    casify train --config recipes/configs/digits_tiny_at_cas.yaml
     casify eval MODEL --data digits --split test --suite standard --eps 8/255 --max-examples 1000 --out runs/eval
     casify analyze MODEL --data digits --layer layer4.1 --out runs/analysis --tsne
+    casify layers resnet18
+    casify push FOLDER user/name
 
-``--out`` folders are handled by :mod:`casify.output_dir`: a non-empty folder is refused; ``--overwrite`` replaces a
-folder casify wrote (never one it did not); a run's files appear all at once, when it has finished.
+Errors the user can fix (a bad option, a folder that is not a model, a refused ``--out``) print one line naming the
+fix and exit with status 1; ``--debug`` shows the traceback instead. ``--out`` folders are handled by
+:mod:`casify.output_dir`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
-import torch
+import casify_cli
 
-from .eps import parse_eps
-from .evaluate import SUITES
 from .output_dir import OutputDirError, output_dir, prepare_output_dir
-
-
-def _eps_arg(text: str) -> float:
-    try:
-        return parse_eps(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _radius_arg(text: str) -> float:
-    """A radius under either norm (``8/255``, ``0.5``, ``2.0``); checked against ``--norm`` by :func:`_check_radii`."""
-    from .threat_model import parse_radius
-    try:
-        return parse_radius(text, "l2")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _check_radii(command: str, norm: str, *radii) -> None:
@@ -47,66 +33,42 @@ def _check_radii(command: str, norm: str, *radii) -> None:
                              "pixel units, write 8/255, not 8 (an L2 radius above 1 needs --norm l2)")
 
 
-def _add_norm(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"),
-                   help="threat model: linf (default; eps like 8/255) or l2 (eps a Euclidean radius, e.g. 0.5)")
-
-
 # -- eval ------------------------------------------------------------------------------------------------------------
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval", help="evaluate a saved model's robustness (report + gradient-masking checks)",
-        description="Evaluate a model saved with save_pretrained (a folder or a Hub id) under white-box, adaptive and "
-                    "optional black-box attacks, scored on the deployed model (eval mode, predicted routing).")
-    p.add_argument("model", help="folder written by save_pretrained, or a Hub repo id")
-    p.add_argument("--data", required=True, help="dataset name or path (digits, cifar10, imagefolder:<root>, x.npz)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--data-root", default=None, help="where named datasets live (default $CASIFY_DATA or ./data)")
-    p.add_argument("--suite", default="standard", choices=SUITES)
-    p.add_argument("--eps", type=_radius_arg, default=8 / 255,
-                   help="radius in pixel units: 8/255 (default) under --norm linf, e.g. 0.5 under --norm l2")
-    _add_norm(p)
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
-    p.add_argument("--autoattack", action="store_true", help="also run AutoAttack (standard version) on the deployed logits")
-    p.add_argument("--transfer-from", default=None, help="surrogate model folder / Hub id for a transfer attack")
-    p.add_argument("--square-queries", type=int, default=0, help="query budget of a Square attack (0: none)")
-    p.add_argument("--eps-sweep", type=_radius_arg, nargs="+", default=None, metavar="EPS",
-                   help="radii of the robustness curve, e.g. 2/255 4/255 16/255: the same attacks rerun at each, worst "
-                        "case per example (robustness_curve.png)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model once for the whole evaluation")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights (faster convolutions on GPUs/CPUs)")
-    p.add_argument("--per-attack", action="store_true",
-                   help="run every attack on every example (the full table, each attack's own accuracy); default: a "
-                        "cascade, strongest attacks first, each only on the examples still robust (same worst case)")
-    p.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, help="folder for eval_report.json and eval_report.md (new or empty; see "
-                                               "--overwrite)")
-    _add_overwrite(p)
-    p.add_argument("--fail-on-masking", action="store_true", help="exit with status 2 when a check fails")
-    p.set_defaults(func=cmd_eval)
-    return p
+def check_data_fits(model, dataset, data_name: str) -> None:
+    """Refuse a dataset with another class count than the model (its accuracy would be meaningless: 0.00 %), and
+    warn when its images have another size than the one the model was wrapped for."""
+    cas = model.casify_config.get("cas", {})
+    model_classes, data_classes = cas.get("num_classes"), getattr(dataset, "num_classes", None)
+    if model_classes and data_classes and int(model_classes) != int(data_classes):
+        raise ValueError(f"the model has {model_classes} classes but {data_name} has {data_classes}: evaluate it on "
+                         f"a dataset of its own classes")
+    expected = cas.get("input_size")
+    if expected and len(dataset):
+        shape = tuple(dataset[0][0].shape)
+        if tuple(expected) != shape:
+            warnings.warn(f"{data_name} has images of shape {shape} but the model was wrapped for {tuple(expected)}; "
+                          "its accuracy may not mean what it does at its own size (resize the data, e.g. "
+                          "imagefolder data with --data-root, or check the dataset)", stacklevel=2)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .data import build_dataset
     from .evaluate import evaluate
-    from .hub import from_pretrained
+    from .model_source import load_model
 
     _check_radii("eval", args.norm, args.eps, *(args.eps_sweep or []))
     if args.out:
         prepare_output_dir(args.out, args.overwrite)  # refuse before the evaluation, not after it
-    model = from_pretrained(args.model)
+    model = load_model(args.model, args.arch)
     source = model
+    dataset = build_dataset(args.data, args.split, root=args.data_root)
+    check_data_fits(model, dataset, args.data)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:  # attacks, routing and scoring all run through the one compiled module
         model = torch.compile(model, backend=args.compile_backend)
-    dataset = build_dataset(args.data, args.split, root=args.data_root)
     report = evaluate(model, dataset, attacks=args.suite, eps=args.eps, batch_size=args.batch_size,
                       max_examples=args.max_examples, seed=args.seed, device=args.device,
                       progress=not args.no_progress, autoattack=args.autoattack, transfer_from=args.transfer_from,
@@ -125,53 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 2 if args.fail_on_masking and report.gradient_masking_suspected else 0
 
 
-def _add_overwrite(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it holds an earlier casify output (all its files are deleted); a folder "
-                        "casify did not write is never touched")
-
-
 # -- analyze ---------------------------------------------------------------------------------------------------------
-def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
-    """``casify analyze MODEL --data ... [--layer ...] --out DIR``."""
-    from .analysis import CAS_SIDES
-
-    p = subparsers.add_parser(
-        "analyze", help="channel-wise activation magnitude / frequency (paper Sec. 3) of natural vs PGD examples",
-        description="Capture the channel-wise activation of natural and PGD adversarial examples at one layer, write "
-                    "the paper's Figure 1 (magnitude) and Figure 2 (frequency) plots and a JSON + markdown report. "
-                    "At a CAS layer the activation is taken before the channel mask (the CAS module's input; the same "
-                    "point as the layer's output in a model without CAS); the report states the capture point.")
-    p.add_argument("model", help="a folder written by save_pretrained, or a Hub repo id")
-    p.add_argument("--data", required=True,
-                   help="dataset: digits, cifar10, cifar100, svhn, imagefolder:<root>, or an .npz file")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--data-root", "--data_root", dest="data_root", help="where torchvision datasets live")
-    p.add_argument("--layer", help="module or graph-node name (casify.list_layers); default: the last CAS layer, "
-                                   "else the last feature stage")
-    p.add_argument("--cas-side", "--cas_side", dest="cas_side", choices=CAS_SIDES, default="before",
-                   help="at a CAS layer, the activation before the channel mask (default: the CAS module's input) "
-                        "or after it")
-    p.add_argument("--class-index", "--class_index", dest="class_index", type=int, default=0,
-                   help="the class of the frequency plot (default 0)")
-    p.add_argument("--threshold", type=float, default=0.01,
-                   help="active = above this fraction of the example's largest channel (default 0.01)")
-    p.add_argument("--eps", type=_eps_arg, default=8 / 255, help="L-inf radius in pixels, e.g. 8/255 (default)")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
-    p.add_argument("--objective", default="auto", help="attack objective; auto: cas on CAS models, else ce")
-    p.add_argument("--max-examples", "--max_examples", dest="max_examples", type=int, default=1000)
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=128)
-    p.add_argument("--tsne", action="store_true", help="also write tsne.png (penultimate features, Figure 9)")
-    p.add_argument("--tsne-examples", "--tsne_examples", dest="tsne_examples", type=int, default=500)
-    p.add_argument("--out", required=True, help="output folder for the PNGs, channel_report.json and "
-                                                "channel_report.md (new or empty; see --overwrite)")
-    _add_overwrite(p)
-    p.add_argument("--device", help="e.g. cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_analyze)
-    return p
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``casify analyze``: load the model and data, run :func:`casify.analysis.run_analysis` into a staging folder
     that replaces ``--out`` at the end, and print the report's scalars as JSON."""
@@ -179,17 +95,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from .analysis import run_analysis
     from .data import build_dataset
-    from .hub import from_pretrained
+    from .model_source import load_model
 
     prepare_output_dir(args.out, args.overwrite)  # refuse before loading anything
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = from_pretrained(args.model).to(device)
+    model = load_model(args.model, getattr(args, "arch", None)).to(device)
     input_size = model.casify_config.get("cas", {}).get("input_size")
     kwargs = {}
     if input_size and args.data == "digits":
         kwargs = {"size": int(input_size[-1]), "channels": int(input_size[0])}
     dataset = build_dataset(args.data, args.split, root=args.data_root,
                             image_size=int(input_size[-1]) if input_size else None, **kwargs)
+    check_data_fits(model, dataset, args.data)
     with output_dir(args.out, args.overwrite, command="analyze", argv=getattr(args, "argv", None)) as staging:
         report = run_analysis(model, dataset, args.layer, staging, tsne=args.tsne, tsne_examples=args.tsne_examples,
                               eps=args.eps, steps=args.steps, attack_objective=args.objective,
@@ -204,37 +121,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # -- compare ---------------------------------------------------------------------------------------------------------
-def add_compare_parser(subparsers) -> argparse.ArgumentParser:
-    """``casify compare A B [C ...]``: models or report folders side by side on the same images, eps and suite."""
-    p = subparsers.add_parser(
-        "compare", help="put models (or their eval reports) side by side: one table, paired statistics, curves",
-        description="Compare saved models or report folders (casify eval --out) on the same images, eps and suite: "
-                    "one table (natural, each attack family, worst case), paired per-image statistics of every "
-                    "model against the first (McNemar, 95 %% intervals) and the robustness curves overlaid. "
-                    "Reports made on different images, eps, norm or suite are refused. A model folder is evaluated "
-                    "first (needs --data). Several runs of one model (seeds): A_s0,A_s1,A_s2 B_s0,B_s1,B_s2.")
-    p.add_argument("models", nargs="+", metavar="MODEL_OR_REPORT",
-                   help="report folders, eval_report.json files or model folders; comma-separated runs of one model")
-    p.add_argument("--labels", nargs="+", default=None, help="a name per model (default: folder names)")
-    p.add_argument("--data", default=None, help="dataset to evaluate model folders on (as casify eval --data)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--suite", default="standard", choices=SUITES)
-    p.add_argument("--eps", type=_radius_arg, default=8 / 255, help="radius for model folders (default 8/255)")
-    _add_norm(p)
-    p.add_argument("--eps-sweep", type=_radius_arg, nargs="+", default=None, metavar="EPS")
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--per-attack", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", default=None, help="folder for compare_report.json / .md and robustness_curves.png")
-    _add_overwrite(p)
-    p.set_defaults(func=cmd_compare)
-    return p
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluate import IncomparableReports, compare_models
 
@@ -263,34 +149,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 # -- benchmark -------------------------------------------------------------------------------------------------------
-def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
-    """``casify benchmark MODEL --data cifar10 --threat-model Linf|L2|corruptions``: RobustBench's convention."""
-    p = subparsers.add_parser(
-        "benchmark", help="RobustBench-style clean and robust accuracy (Linf, L2, corruptions) + model-info JSON",
-        description="RobustBench's benchmark() without robustbench: clean and robust accuracy on the first "
-                    "--n-examples test images; robust = casify's adaptive worst case (suite + AutoAttack) for Linf "
-                    "and L2, mean corruption accuracy (5 severities) for corruptions. --model-info-dir writes "
-                    "<dir>/<data>/<threat model>/<name>.json with RobustBench's field names plus casify's.")
-    p.add_argument("model", help="folder written by save_pretrained, or a Hub repo id")
-    p.add_argument("--data", default="cifar10", help="dataset name or path (default cifar10)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--threat-model", default="Linf", choices=("Linf", "L2", "corruptions"))
-    p.add_argument("--eps", type=_radius_arg, default=None, help="default: the leaderboard's (8/255 Linf, 0.5 L2)")
-    p.add_argument("--n-examples", type=int, default=10000)
-    p.add_argument("--suite", default="standard", choices=SUITES)
-    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (autoattack_acc is then null)")
-    p.add_argument("--corruptions", nargs="+", default=None, help="corruption names (default: casify's 10)")
-    p.add_argument("--corruptions-dir", default=None, help="read the released CIFAR-10-C .npy arrays from here")
-    p.add_argument("--model-name", default=None, help="the JSON's name (default: the model folder's name)")
-    p.add_argument("--model-info-dir", default=None, help="write the model-info JSON and the report under it")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_benchmark)
-    return p
-
-
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .evaluate import benchmark_info
 
@@ -307,32 +165,105 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if info.get("autoattack_acc") is not None:
         line += f"; AutoAttack alone {info['autoattack_acc']} %"
     print(line)
+
+
+# -- layers ----------------------------------------------------------------------------------------------------------
+def layers_table(layers) -> str:
+    """A plain-text table: name, output shape (batch of one), channel layout, channels."""
+    rows = [("name", "shape", "layout", "channels")]
+    rows += [(layer.name, "x".join(str(d) for d in layer.shape[1:]), str(layer.layout.value),
+              "" if layer.channels is None else str(layer.channels)) for layer in layers]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .discovery import list_layers
+    from .model_source import build_named
+
+    model = build_named(args.model, args.arch)
+    layers = list_layers(model, input_size=args.input_size, modules_only=not args.all)
+    print(layers_table(layers))
+    print(f"\n{len(layers)} places; pass names to casify.wrap(model, layers=[...]) or model.cas_layers in a recipe",
+          file=sys.stderr)
+    return 0
+
+
+# -- push ------------------------------------------------------------------------------------------------------------
+def cmd_push(args: argparse.Namespace) -> int:
+    from .push import push_folder
+
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} holds no config.json: pass a folder written by save_pretrained / "
+                         "write_hub_folder (a training run's hub/ folder)")
+    push_folder(folder, args.repo_id, private=args.private, force=args.force, commit_message=args.message)
+    print(f"pushed {folder} to https://huggingface.co/{args.repo_id}")
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .recipe import ConfigError, load_config, run_from_args
+
+    config = load_config(args.config, args.set)
+    config_method = config.pop("method", None)
+    if args.method and config_method and args.method != config_method:
+        raise ConfigError(f"{args.config} is a {config_method} config but --method is {args.method}; drop one")
+    run_from_args(config, args.method or config_method or "at", args)
     return 0
 
 
 # -- entry point -----------------------------------------------------------------------------------------------------
-SUBCOMMANDS: List[Callable] = [add_eval_parser, add_analyze_parser, add_compare_parser, add_benchmark_parser]
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "eval": cmd_eval, "analyze": cmd_analyze, "layers": cmd_layers, "push": cmd_push,
+    "compare": cmd_compare, "benchmark": cmd_benchmark}
+
+
+def _user_errors() -> tuple:
+    """Exceptions whose message is the whole story (casify's own, and the ValueError / OSError family of bad input)."""
+    from .config_validation import LoadError
+    from .hub_access import HubAccessError
+    from .push import PublishRefused, PushFailed
+    from .train import RunMismatchError
+    return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, ValueError,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; a user error prints ``casify <command>: error: <message>`` (one line naming the fix)
+    and returns 1, with the traceback under ``--debug``."""
+    command = COMMANDS[args.command]
+    if getattr(args, "debug", False):
+        return int(command(args) or 0)
+    try:
+        return int(command(args) or 0)
+    except _user_errors() as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"casify {args.command}: error: {message}\n(--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = casify_cli.add_eval_parser(subparsers)
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
+    p = casify_cli.add_analyze_parser(subparsers)
+    p.set_defaults(func=cmd_analyze)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="casify",
-                                     description="Channel-wise Activation Suppressing for PyTorch models")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
-    for add in SUBCOMMANDS:
-        add(subparsers)
-    return parser
+    return casify_cli.build_parser()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(argv) if argv is not None else sys.argv[1:]
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # recorded in the marker of the output folder
-    try:
-        return int(args.func(args) or 0)
-    except OutputDirError as e:
-        print(f"casify {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    """``casify ...`` (:func:`casify_cli.main`)."""
+    return casify_cli.main(argv)
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:

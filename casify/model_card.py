@@ -35,6 +35,24 @@ def base_hub_id(config: dict) -> Optional[str]:
     return hub_id if isinstance(hub_id, str) and hub_id.count("/") == 1 else None
 
 
+HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "svhn": "ufldl-stanford/svhn",
+                "mnist": "ylecun/mnist"}
+"""casify's dataset names -> the Hub dataset repos they are published as, for the card's ``datasets:`` metadata."""
+
+
+def hub_dataset_id(dataset_type: str) -> Optional[str]:
+    """The Hub dataset repo of one of casify's dataset names, else None (no id is made up for other data)."""
+    return HUB_DATASETS.get(str(dataset_type).lower())
+
+
+def load_name(model_name: str, folder: Optional[str]) -> str:
+    """What the card's ``from_pretrained`` line names: the Hub repo when ``model_name`` is one (``user/name``), else
+    the folder the card was written into (a bare name like ``my-model`` is neither a folder nor a repo)."""
+    if model_name.count("/") == 1 and not model_name.startswith((".", "/")):
+        return model_name
+    return folder if folder is not None else model_name
+
+
 def _base_name(config: dict) -> str:
     base = config.get("base_model") or {}
     source, name = base.get("source"), base.get("name")
@@ -112,18 +130,21 @@ def eval_results(evaluation: Union[None, dict, EvalSummary], dataset_name: str, 
 
 def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict, EvalSummary] = None,
                     dataset_name: str = "unknown", dataset_type: str = "unknown", split: str = "test",
-                    license: str = "apache-2.0", figures: Optional[Mapping[str, str]] = None) -> ModelCard:
+                    license: str = "apache-2.0", figures: Optional[Mapping[str, str]] = None,
+                    folder: Optional[str] = None) -> ModelCard:
     """The card for a saved config. Claims only what the config records: a model without a training record is
     described as not fine-tuned by casify, and ``base_model`` metadata is set only for a real Hub repo id.
 
     ``evaluation``: an ``EvalReport.summary()`` (or its :class:`EvalSummary`); a malformed one, like a malformed
     ``training`` in the config, raises ValueError naming the field. ``figures``: figure kind (``robustness_curve``,
-    ``attacks``) -> file name beside the card, shown under the evaluation."""
+    ``attacks``) -> file name beside the card, shown under the evaluation. ``folder``: where the card is written,
+    named by its loading line when ``model_name`` is not a Hub repo id."""
     summary = _summary(evaluation)
     training = TrainingView.from_dict(config.get("training"))
     cas = config.get("cas") or {}
     data = ModelCardData(model_name=model_name, library_name="casify", license=license, pipeline_tag="image-classification",
                          tags=list(TAGS), base_model=base_hub_id(config),
+                         datasets=[hub_dataset_id(dataset_type)] if hub_dataset_id(dataset_type) else None,
                          eval_results=eval_results(summary, dataset_name, dataset_type, split) or None)
     headline = []
     if summary is not None:  # lead with the worst case: the number a reader should quote
@@ -135,6 +156,7 @@ def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict,
         return ModelCard.from_template(
             data, template_path=str(path), model_name=model_name, cas_name=CAS_NAME,
             casify_link=f"[casify]({PROJECT_URL})", distribution=DISTRIBUTION,
+            load_name=load_name(model_name, folder),
             base={"name": _base_name(config), "hub_id": base_hub_id(config),
                   "kwargs_json": json.dumps((config.get("base_model") or {}).get("kwargs", {}))},
             cas={"layers": list(cas.get("layers") or []), "init": cas.get("init"),

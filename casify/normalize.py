@@ -117,10 +117,37 @@ class InputNormalize(nn.Module):
                 "std": [round(v, 6) for v in self.std.flatten().tolist()]}
 
 
+class NormalizeAutoWarning(UserWarning):
+    """``normalize="auto"`` found nothing to resolve from and added no normalisation."""
+
+
+def torchvision_weights_normalize(model: nn.Module) -> Optional[dict]:
+    """The mean/std of the published weights of a torchvision classifier's architecture (the ``DEFAULT`` weights'
+    ``transforms()`` of every builder of its class), when they all agree; None for other models."""
+    if not type(model).__module__.startswith("torchvision.models"):
+        return None
+    import inspect
+
+    import torchvision.models as tvm
+    found = set()
+    for name in tvm.list_models(module=tvm):
+        builder = tvm.get_model_builder(name)
+        if inspect.signature(builder).return_annotation not in (type(model), type(model).__name__):
+            continue
+        transforms = tvm.get_model_weights(name).DEFAULT.transforms()  # the classification weights, not VGG's features
+        if hasattr(transforms, "mean") and hasattr(transforms, "std"):
+            found.add((tuple(float(v) for v in transforms.mean), tuple(float(v) for v in transforms.std)))
+    if len(found) != 1:
+        return None
+    mean, std = found.pop()
+    return {"mean": list(mean), "std": list(std)}
+
+
 def resolve_normalize(spec: NormalizeSpec, model: nn.Module) -> Optional[dict]:
     """Turn a user's normalisation choice into ``{"mean": [...], "std": [...]}`` or None.
 
-    ``"auto"`` takes mean/std from a timm model's ``pretrained_cfg`` and means no normalisation for other models;
+    ``"auto"`` takes mean/std from a timm model's ``pretrained_cfg``, else from the published weights of a torchvision
+    architecture; for other models it adds none and says so (:class:`NormalizeAutoWarning`);
     ``"imagenet"`` is the usual ImageNet statistics; a ``(mean, std)`` pair or a dict is used as given; None is none.
     """
     if spec is None or spec is False:
@@ -133,6 +160,14 @@ def resolve_normalize(spec: NormalizeSpec, model: nn.Module) -> Optional[dict]:
                 if all(m == 0 for m in mean) and all(s == 1 for s in std):
                     return None  # models trained on raw [0, 1] pixels (casify's CIFAR models) need no module
                 return {"mean": mean, "std": std}
+            found = torchvision_weights_normalize(model)
+            if found is not None:
+                return found
+            warnings.warn(f'normalize="auto" found no mean/std for {type(model).__name__} (neither a timm '
+                          "pretrained_cfg nor torchvision weights metadata), so no normalisation was added: the model "
+                          "gets pixels in [0, 1] as they are. If it was trained on normalised inputs, pass "
+                          'normalize="imagenet" or normalize=(mean, std); normalize=None silences this.',
+                          NormalizeAutoWarning, stacklevel=4)
             return None
         if spec == "imagenet":
             return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}

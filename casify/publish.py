@@ -59,7 +59,8 @@ def write_hub_folder(model: nn.Module, folder: Union[str, os.PathLike], model_na
         EvalSummary.from_dict(evaluation, "evaluation")
     save_pretrained(model, folder, metrics=evaluation)
     config = read_config(folder / CONFIG_NAME)  # the card describes what was written, as from_pretrained reads it
-    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split, figures=names)
+    card = make_model_card(config, model_name, evaluation, dataset_name, dataset_type, split, figures=names,
+                           folder=str(folder))
     atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text(str(card)))
     return folder
 
@@ -74,13 +75,19 @@ def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Union[None, dict,
     evaluation reports are uploaded from it (:func:`upload_patterns`), never whatever else is there. Returns the
     commit info. ``figures``: as for :func:`write_hub_folder` (uploaded with the card, shown on it).
     """
-    from huggingface_hub import HfApi
-
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(folder) if folder is not None else Path(tmp)
         write_hub_folder(model, staging, repo_id, evaluation=evaluation, dataset_name=dataset_name,
                          dataset_type=dataset_type, split=split, figures=figures)
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(staging), commit_message=commit_message,
-                                 allow_patterns=upload_patterns(staging))
+        return upload_folder(staging, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def upload_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = False, token=None,
+                  commit_message: str = "Upload robust model trained with casify"):
+    """Create ``repo_id`` if needed and upload the files of ``folder`` that :func:`upload_patterns` names."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             allow_patterns=upload_patterns(folder))

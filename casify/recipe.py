@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,7 +36,7 @@ DEFAULTS = {
              "test": None, "kwargs": {}},
     "train": {},
     "eval": {"split": "test", "suite": "quick", "max_examples": 1000, "batch_size": 256},
-    "hub": {"push": False, "model_id": None, "private": False},
+    "hub": {"push": False, "model_id": None, "private": False, "force": False},
     "output_dir": None,  # None: outputs/<method>-<model>-<data>-s<seed>-<hash of every setting>, see run_name()
     "resume": True,
     "overwrite": False,
@@ -130,9 +131,11 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> dict:
             raise ConfigError(f"{path}: unknown sections {sorted(unknown)}"
                               f"{_closest(sorted(unknown)[0], TOP_LEVEL)} known: {sorted(TOP_LEVEL)}")
         config = _merge(config, data)
+        validate_config(copy.deepcopy(config), path)  # the file's own mistakes name the file
     for item in overrides:
         _set(config, item)
-    return validate_config(config, path or "config")
+    # what is still wrong came from --set: name the command line, not the YAML
+    return validate_config(config, "the command line (--set)" if overrides else (path or "config"))
 
 
 def run_name(config: dict, method: str) -> str:
@@ -216,6 +219,14 @@ def check_publishing(config: dict) -> None:
         raise ConfigError(f"hub.model_id must be a Hub repo id 'user/name', got {hub['model_id']!r}")
 
 
+def check_hub_before_training(config: dict) -> None:
+    """With ``hub.push``: the Hub is reachable and the token can write to the repo, checked before anything is built
+    (:func:`casify.hub_access.check_hub_access`)."""
+    if config["hub"].get("push"):
+        from .hub_access import check_hub_access
+        check_hub_access(config["hub"]["model_id"])
+
+
 def run(config: dict, method: str) -> dict:
     """Train with ``method`` ("standard", "at", "trades", "mart") as configured; return a summary (also in
     ``<output_dir>/summary.json``).
@@ -228,6 +239,7 @@ def run(config: dict, method: str) -> dict:
 
     validate_config(config)
     check_publishing(config)
+    check_hub_before_training(config)
     output_dir = config.get("output_dir") or run_name(config, method)
     train_cfg = dict(config["train"])
     train_cfg.update(method=method, output_dir=output_dir)
@@ -249,7 +261,7 @@ def run(config: dict, method: str) -> dict:
                "global_batch_size": trainer.global_batch_size, "best_step": state.best_step,
                "validation": state.history, "selected": selected.name, "test": report.summary()}
     if acc.is_main_process:
-        from .hub import push_to_hub, write_hub_folder
+        from .hub import write_hub_folder
         hub = config["hub"]
         data_name = str(config["data"]["name"])
         model_id = hub.get("model_id") or f"casify-{method}{'-cas' if tcfg.cas else ''}"
@@ -260,32 +272,46 @@ def run(config: dict, method: str) -> dict:
         write_hub_folder(robust, out / "hub", model_id, **card)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if hub.get("push"):
-            push_to_hub(robust, hub["model_id"], private=bool(hub.get("private")), folder=out / "hub",
-                        commit_message=f"casify {method}{'+CAS' if tcfg.cas else ''}", **card)
+            summary["pushed"] = _publish(out / "hub", hub, f"casify {method}{'+CAS' if tcfg.cas else ''}")
         from .run_table import format_run_table
         print(format_run_table(summary))
     acc.wait_for_everyone()
     return summary
 
 
+def _publish(folder: Path, hub: dict, message: str) -> bool:
+    """Push the run's hub/ folder; a refusal or a failed upload keeps it and prints the command that pushes it."""
+    from .push import PublishRefused, PushFailed, push_folder
+    try:
+        push_folder(folder, hub["model_id"], private=bool(hub.get("private")), force=bool(hub.get("force")),
+                    commit_message=message)
+    except (PublishRefused, PushFailed) as e:
+        print(f"casify: {e}", file=sys.stderr)
+        return False
+    except Exception as e:  # the Hub went away since the check before training
+        from .push import push_command
+        print(f"casify: the push to {hub['model_id']} failed ({type(e).__name__}: {e}); the folder is kept. Push it "
+              f"later with: {push_command(folder, hub['model_id'])}", file=sys.stderr)
+        return False
+    print(f"casify: pushed {folder} to https://huggingface.co/{hub['model_id']}")
+    return True
+
+
 def main(method: str, argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=f"Adversarial fine-tuning with {method.upper()} (optionally +CAS)")
-    parser.add_argument("--config", help="YAML file (see recipes/configs)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set train.epochs=5 --set model.name=resnet18")
-    parser.add_argument("--output_dir", help="the run's folder (default: outputs/<named after the run>)")
-    parser.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (0: train nothing)")
-    parser.add_argument("--no_resume", action="store_true",
-                        help="start afresh; a folder that holds a run is refused unless --overwrite is given too")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="with --no_resume: delete the run already in output_dir first")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id")
+    from casify_cli import Parser, add_train_arguments
+    parser = Parser(description=f"Adversarial fine-tuning with {method.upper()} (optionally +CAS)")
+    add_train_arguments(parser)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
     config_method = config.pop("method", None)
     if config_method and config_method != method:
-        raise ConfigError(f"{args.config} is a {config_method} config; run it with recipes/finetune_{config_method}.py")
+        raise ConfigError(f"{args.config} is a {config_method} config; run it with recipes/finetune_{config_method}.py "
+                          f"or casify train --config {args.config}")
+    return run_from_args(config, method, args)
+
+
+def run_from_args(config: dict, method: str, args: argparse.Namespace) -> dict:
+    """Apply the command line's options (:func:`casify_cli.add_train_arguments`) to ``config`` and :func:`run` it."""
     if args.output_dir:
         config["output_dir"] = args.output_dir
     if args.max_steps is not None:
@@ -298,6 +324,8 @@ def main(method: str, argv: Optional[Sequence[str]] = None) -> dict:
         config["hub"]["push"] = True
     if args.hub_model_id:
         config["hub"]["model_id"] = args.hub_model_id
+    if args.force_push:
+        config["hub"]["force"] = True
     validate_config(config, args.config or "config")
     check_publishing(config)
     return run(config, method)

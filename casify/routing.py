@@ -15,39 +15,7 @@ from torch import nn
 
 from .cas import find_cas_modules
 from .defenses import routed_modules
-from .host_sync import host_reads_free
-
-
-ASYNC_ASSERT_DEVICES = ("cuda", "cpu")
-"""Device types with a kernel for ``torch._assert_async`` (MPS and XPU lack one in the torch versions casify supports;
-labels there are checked on the host, a sync per routed forward)."""
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() == 1:
-        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"class labels must be an integer tensor of shape (N,), got dtype {labels.dtype}")
-        if not labels.numel():
-            return labels.long()
-        if host_reads_free(labels.device) or labels.device.type not in ASYNC_ASSERT_DEVICES:
-            if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-                raise ValueError(f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes), "
-                                 f"got values in [{int(labels.min())}, {int(labels.max())}]")
-        else:
-            # Every training step routes: on a GPU the check runs on the device and the host does not wait for it.
-            # A bad label then stops the run with a device-side assertion (CUDA's context is lost) instead of this
-            # ValueError; run the same data on CPU to see the offending values.
-            torch._assert_async(((labels >= 0) & (labels < num_classes)).all(),
-                                f"labels must lie in [0, {num_classes - 1}] (the model has {num_classes} classes)")
-        return labels.long()
-    if labels.dim() == 2 and labels.is_floating_point():
-        if labels.shape[1] != num_classes:
-            raise ValueError(f"soft routing weights must have shape (N, {num_classes}), got {tuple(labels.shape)}")
-        return labels
-    raise ValueError(f"labels must be class indices of shape (N,) or soft routing weights of shape (N, {num_classes}), "
-                     f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
+from .inputs import ASYNC_ASSERT_DEVICES, check_labels  # noqa: F401  (ASYNC_ASSERT_DEVICES re-exported)
 
 
 @contextlib.contextmanager
@@ -66,7 +34,7 @@ def route(model: nn.Module, labels: Optional[torch.Tensor]) -> Iterator[None]:
     if labels is None:
         state = ("predicted", None)
     else:
-        checked = _check_labels(labels, modules[0].num_classes)
+        checked = check_labels(labels, modules[0].num_classes)
         state = ("labels", checked)
     previous = [m.set_route(state) for m in modules]
     try:

@@ -23,16 +23,22 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path`` (never half-written). The
-    file gets the permissions a plain ``open(path, "w")`` would give (mkstemp's are owner-only)."""
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path`` (never half-written).
+
+    The file gets the permissions any new file of the user gets (0666 less the umask), not the 0600 of the
+    temporary file it was written as."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -29,6 +30,7 @@ from .model import CASModel
 from .routing import route
 from .serialization import atomic_write
 from .surgery import wrap
+from .trackers import check_log_with, flat_config
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
@@ -85,6 +87,8 @@ class TrainConfig:
     # is not part of the run's identity (GPU runs are not bit-reproducible across processes in either case).
     cudnn_benchmark: bool = False
     ema_decay: Optional[float] = None  # e.g. 0.999: keep an EMA of the weights (timm's ModelEmaV3); validate and save it
+    # None: a checkpoint at the end of every epoch and at the last step, so a killed run resumes; N: every N steps
+    # and at the last step; 0: none (a rerun of a finished run then trains it again from step 0)
     checkpoint_every_steps: Optional[int] = None
     keep_checkpoints: int = 2
     output_dir: str = "outputs/run"
@@ -112,8 +116,12 @@ class TrainConfig:
                              f"{self.compile_mode!r}")
         if self.log_every_steps < 1:
             raise ValueError(f"log_every_steps must be at least 1 (1 logs every step), got {self.log_every_steps}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be >= 0 (0: no checkpoints, null: once per epoch), got "
+                             f"{self.checkpoint_every_steps}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
+        check_log_with(self.log_with)  # before anything is built, not at the first logged step
 
     def _check_types(self) -> None:
         """Settings come from YAML and ``--set``: radii may be written ``8/255``, numbers may arrive as strings
@@ -575,12 +583,13 @@ class Trainer:
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
+        self._say_if_finished(resume, latest)
         if acc.is_main_process and cfg.progress:
             print(f"casify: global batch {self.global_batch_size} = batch_size {cfg.batch_size} per process x "
                   f"{acc.num_processes} process(es) x grad_accum {cfg.grad_accum}; {self.steps_per_epoch} steps per "
                   f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
-            acc.init_trackers("casify", config=cfg.to_dict())
+            acc.init_trackers("casify", config=flat_config(cfg.to_dict()))
         # a bar on a terminal; in a log file one line per log_every_steps (casify.progress)
         bar = progress_bar(total=self.total_steps, initial=self.state.global_step,
                            disable=not (cfg.progress and acc.is_local_main_process),
@@ -632,7 +641,7 @@ class Trainer:
                     self.state.step_in_epoch = 0
                 if validating:
                     self._validate_and_select(logged)
-                if cfg.checkpoint_every_steps and (self.state.global_step % cfg.checkpoint_every_steps == 0 or last):
+                if self._checkpoint_due(end_of_epoch, last):
                     self.save_checkpoint()
                 for callback in self.callbacks:
                     callback(self)
@@ -650,6 +659,28 @@ class Trainer:
         if cfg.log_with:
             acc.end_training()
         return self.state
+
+    def _checkpoint_due(self, end_of_epoch: bool, last: bool) -> bool:
+        every = self.config.checkpoint_every_steps
+        if every == 0:
+            return False
+        if every is None:
+            return end_of_epoch or last
+        return last or self.state.global_step % every == 0
+
+    def _say_if_finished(self, resume: bool, latest: Optional[Path]) -> None:
+        """A rerun of a finished run: say that there is nothing to train, or that it trains again from step 0 when
+        the run kept no checkpoint to resume from."""
+        if not (resume and self.accelerator.is_main_process):
+            return
+        if latest is not None and self.state.global_step >= self.total_steps:
+            print(f"casify: {self.output_dir} holds this run, finished (step {self.state.global_step} of "
+                  f"{self.total_steps}): nothing to train; its best/ and final/ models are kept")
+        elif latest is None and (self.output_dir / "final").is_dir():
+            warnings.warn(f"{self.output_dir} holds this run, finished, but without a checkpoint to resume from "
+                          "(train.checkpoint_every_steps=0, or an older casify): it is trained again from step 0 (the "
+                          "same seed gives the same weights). Keep the default checkpoint_every_steps (once per "
+                          "epoch) to make reruns free", stacklevel=3)
 
     def _log(self, window: "_MetricWindow", lr: float, bar) -> dict:
         logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}

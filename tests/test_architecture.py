@@ -20,7 +20,8 @@ LAYERS = [
     # the CAS module and everything that needs nothing else from casify
     ("foundation", {"casify.version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
                     "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
-                    "casify.cas", "casify.routing", "casify.normalize", "casify.eps",
+                    "casify.cas", "casify.inputs", "casify.trackers", "casify.hub_access", "casify.publish_guard",
+                    "casify.routing", "casify.normalize", "casify.eps",
                     "casify.data", "casify.corruptions", "casify.run_table", "casify.progress",
                     "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
@@ -49,7 +50,7 @@ LAYERS = [
                       "casify.analysis", "casify.analysis.files",
                       "casify.analysis.statistics", "casify.analysis.capture", "casify.analysis.figures",
                       "casify.analysis.tsne", "casify.analysis.report", "casify.train",
-                      "casify.recipe", "casify.cli", "casify.output_dir"}),
+                      "casify.recipe", "casify.cli", "casify.output_dir", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it
     ("package", {"casify"}),
     ("scripts", {"casify.demo"}),

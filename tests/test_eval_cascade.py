@@ -203,3 +203,34 @@ def test_autoattack_joins_the_cascade_on_the_survivors(models, monkeypatch):
     full = evaluate(model, (x, y), attacks="quick", eps=EPS, progress=False, autoattack=True, per_attack=True,
                     checks=False)
     assert seen[-1] == report.n_examples and full.accuracy("autoattack[final-logits]") is not None
+
+
+def test_cascade_progress_shows_the_running_worst_case_over_every_example(models, monkeypatch):
+    """A later row runs on the survivors only; its bar shows the worst case over all examples (falling towards the
+    report's), not the share of survivors still robust (which read 100 % on a strong model)."""
+    import tqdm.auto
+
+    shown = []
+
+    class Bar(list):
+        def __init__(self, iterable, desc="", **kwargs):
+            super().__init__(iterable)
+            self.desc = desc
+
+        def set_postfix(self, **values):
+            shown.append((self.desc, values))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model, _ = models
+    x, y = make_data(24, 5)
+    report = evaluate(model, (x, y), attacks="quick", eps=EPS, progress=True, checks=False, batch_size=8)
+    later = [values["worst_case"] for desc, values in shown if " on " in desc]
+    assert later, shown
+    final = 100 * report.summary()["accuracy"]["worst_case"]
+    assert later[-1] == f"{final:.1f}%"
+    first_pass_end = [v["worst_case"] for d, v in shown if " on " not in d][-1]
+    running = [float(first_pass_end[:-1])] + [float(v[:-1]) for v in later]
+    assert running == sorted(running, reverse=True)  # it only falls

@@ -162,15 +162,16 @@ def test_bf16_training_steps_sync_once_per_attack_step(as_on_a_gpu, fresh_accele
     assert quiet and all(ops == {"aten._local_scalar_dense.default": 3} for ops in quiet), quiet
 
 
-def test_validation_rechecks_the_input_range(as_on_a_gpu, recwarn):
-    """On a GPU the check reads the first batch of each mode; a validation set is a new source, checked again."""
+def test_validation_data_outside_the_pixel_range_stops_the_run(as_on_a_gpu):
+    """A validation set is a new data source: 0..255 pixels there stop the run at the attack's input check (on a GPU
+    a device-side assertion, no host read), instead of validating on clamped images."""
     x, y = separable_data(32, seed=2, num_classes=4)
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(method="at", cas=True, epochs=1, batch_size=8, attack_steps=1, progress=False,
                              output_dir=out, val_max_examples=None)
         trainer = Trainer(cas_model(), TensorDataset(x, y), TensorDataset(255 * x, y), config)
-        trainer.train()
-    assert any(issubclass(w.category, casify.InputRangeWarning) for w in recwarn.list)
+        with pytest.raises(RuntimeError, match=r"pixels in \[0, 1\]"):
+            trainer.train()
 
 
 def test_log_every_steps_must_be_positive():

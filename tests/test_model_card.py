@@ -236,3 +236,25 @@ def test_eval_results_accepts_the_record_or_its_dict():
         "worst_case accuracy (linf, eps=8/255)"]
     assert by_record[0].metric_args == {"attack": "natural", "eps": 8 / 255, "norm": "linf", "examples": 10}
     assert eval_results(None, "d", "d", "test") == [] == eval_results({}, "d", "d", "test")
+
+
+def test_the_cards_loading_line_works_and_names_known_datasets(tmp_path, monkeypatch):
+    """A card written under a bare name (the demo's) loads with its own from_pretrained line; a known dataset goes
+    into the front matter as its Hub id."""
+    import re
+
+    import timm
+    import torch
+    torch.manual_seed(0)
+    model = casify.wrap(timm.create_model("mnist_wong_kolter"), ["1"])  # a registered architecture: loads by name
+    folder = casify.write_hub_folder(model, tmp_path / "demo", "casify-demo-model", dataset_type="cifar10")
+    card = (folder / "README.md").read_text()
+    line = re.search(r"model = casify\.from_pretrained\((.+?)\)\.eval\(\)", card)
+    assert line and eval(line.group(1)) == str(folder)
+    loaded = eval(f"casify.from_pretrained({line.group(1)})")
+    assert torch.equal(loaded.state_dict()["0.weight"], model.state_dict()["0.weight"])
+    front = card.split("---")[1]
+    assert "datasets:\n- uoft-cs/cifar10" in front
+    digits = casify.write_hub_folder(model, tmp_path / "digits", "me/model", dataset_type="sklearn-digits")
+    text = (digits / "README.md").read_text()
+    assert 'casify.from_pretrained("me/model")' in text and "datasets:" not in text.split("---")[1]

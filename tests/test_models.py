@@ -162,3 +162,20 @@ def test_load_shared_model_errors(tmp_path):
         load_shared_model(tmp_path / "resnet4b.pth")
     model, _ = load_shared_model(tmp_path / "mystery.pth", arch="resnet2b")
     assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_INPUTS))
+def test_shared_models_wrap_without_input_size_and_reload_by_name(tmp_path, name):
+    """Registered with timm: their own input size and normalisation are known, and a saved folder names the base."""
+    import casify
+    base = SHARED_MODELS[name][0]()
+    wrapped = casify.wrap(base, layers=[])
+    channels, side = SHARED_INPUTS[name]
+    assert tuple(wrapped.casify_config["cas"]["input_size"]) == (channels, side, side)
+    expected = SHARED_MODELS[name][1]
+    assert wrapped.casify_config["normalize"] == (None if expected is None else
+                                                  {k: pytest.approx(v) for k, v in expected.items()})
+    wrapped.save_pretrained(tmp_path)
+    loaded = casify.from_pretrained(tmp_path)  # no model=: the base is a registered name
+    x = torch.rand(2, channels, side, side)
+    assert torch.equal(loaded.eval()(x), wrapped.eval()(x))

@@ -223,3 +223,16 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_before_building(tmp
     with pytest.raises(LoadError, match=r"missing keys \['cas_modules.layer1_0.classifier.bias'"):
         casify.from_pretrained(tmp_path)
     assert built and all(d.type == "meta" for d in built)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_honour_the_users_umask(tiny_net, tmp_path, umask):
+    import os
+    import stat
+    previous = os.umask(umask)
+    try:
+        casify.wrap(tiny_net, layers=["block"], input_size=(3, 8, 8), normalize=None).save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -110,7 +110,9 @@ def test_normalisation_inside_the_model():
     torch.testing.assert_close(wrapped(x), original((x - mean) / std))
     timm_default = casify.wrap(original, layers=["layer4"])  # "auto": timm's pretrained_cfg
     assert timm_default.casify_config["normalize"]["mean"] == list(original.pretrained_cfg["mean"])
-    assert casify.wrap(torchvision.models.resnet18(), layers=["layer4"]).casify_config["normalize"] is None
+    # "auto" on torchvision: the mean/std of the architecture's published weights (tests/test_normalize_auto.py)
+    assert casify.wrap(torchvision.models.resnet18(), layers=["layer4"]).casify_config["normalize"] == {
+        "mean": pytest.approx([0.485, 0.456, 0.406]), "std": pytest.approx([0.229, 0.224, 0.225])}
 
 
 def test_channel_layouts_nhwc_and_tokens():

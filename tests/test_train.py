@@ -132,3 +132,27 @@ def test_natural_training_selects_on_natural_accuracy(tmp_path):
     assert state.best_metric == max(h["val_natural"] for h in state.history)
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["training"]["selected_on"] == "held-out validation split (natural accuracy)"
+
+
+def test_checkpoints_once_per_epoch_by_default_so_a_finished_run_is_not_retrained(tmp_path, capsys):
+    steps = []
+    config = _config(tmp_path, epochs=2, keep_checkpoints=5)
+    assert config.checkpoint_every_steps is None
+    trainer = Trainer(_model(), _data(), None, config)
+    trainer.train()
+    per_epoch = trainer.steps_per_epoch
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert kept == [f"step-{per_epoch:08d}", f"step-{2 * per_epoch:08d}"]
+    capsys.readouterr()
+    Trainer(_model(), _data(), None, config, callbacks=[lambda t: steps.append(t.state.global_step)]).train()
+    assert steps == [] and "finished (step" in capsys.readouterr().out
+
+
+def test_rerunning_a_finished_run_without_checkpoints_says_so(tmp_path):
+    config = _config(tmp_path, epochs=1, checkpoint_every_steps=0)
+    Trainer(_model(), _data(), None, config).train()
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "final").is_dir()
+    with pytest.warns(UserWarning, match="without a checkpoint to resume from.*trained again from step 0"):
+        Trainer(_model(), _data(), None, config).train()
+    with pytest.raises(ValueError, match="checkpoint_every_steps must be >= 0"):
+        _config(tmp_path, checkpoint_every_steps=-1)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..cas import find_cas_modules
+from ..inputs import check_eps
 from ..threat_model import check_norm, format_radius
 from .checks import LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks
 from .deployed import InputTied, describe_model, unwrap_parallel
@@ -90,8 +91,9 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     data, data_name = _as_dataset(dataset)
     if max_examples is not None:
         data = Subset(data, range(min(int(max_examples), len(data))))
-    eps = float(eps)
     norm = check_norm(norm)
+    eps = check_eps(eps, norm=norm)  # "8/255" as the README writes radii; an L-inf eps=8 is an error suggesting /255
+    eps_sweep = None if eps_sweep is None else [check_eps(e, norm=norm) for e in eps_sweep]
     has_cas = bool(find_cas_modules(model))
     target = InputTied(model)
 

@@ -104,7 +104,8 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
     main_process = accelerator is None or accelerator.is_main_process
     modes = [(m, m.training) for m in model.modules()]
 
-    def run(cols: List[int], indices: Optional[List[int]], desc: str, with_probe: bool = False) -> None:
+    def run(cols: List[int], indices: Optional[List[int]], desc: str, with_probe: bool = False,
+            alive_before: Optional[torch.Tensor] = None) -> None:
         """The jobs ``cols`` on the examples ``indices`` (None: all), in batches of ``batch_size`` (a cascade's
         survivors are batched afresh, so a row on few survivors still runs full batches), into ``flags_all``."""
         from ..progress import progress_bar
@@ -148,9 +149,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
             if with_probe:
                 flags_all.zero_grad[pos] = _gather(accelerator, zero_input_gradient(target, x, y)).cpu()
             if progress and main_process:
-                done = flags_all.ran[:, cols[0]]
-                robust = flags_all.correct[done][:, [i for i in worst_cols if i in cols]].all(dim=1)
-                bar.set_postfix(robust=f"{100 * float(robust.float().mean()):.1f}%")
+                bar.set_postfix(worst_case=running_worst_case(flags_all, cols, worst_cols, alive_before))
 
     try:
         run([i for i in order if every[i]], None, f"eval {format_eps(eps)}", with_probe=probe)
@@ -161,7 +160,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
             # the cascade: only the examples that every earlier row left correct
             survivors = alive.nonzero().squeeze(1).tolist()
             if survivors:
-                run([i], survivors, f"{all_jobs[i].name} on {len(survivors)}")
+                run([i], survivors, f"{all_jobs[i].name} on {len(survivors)}", alive_before=alive)
             if i in worst_cols:
                 alive &= correct[:, i]
     finally:
@@ -170,4 +169,20 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
     return flags_all
 
 
-__all__ = ["Flags", "IndexedDataset", "check_threat_model", "example_seed", "run_plan"]
+def running_worst_case(flags: Flags, cols: List[int], worst_cols: List[int], alive: Optional[torch.Tensor]) -> str:
+    """The worst case so far, for a progress bar. First pass (``alive`` None): over the examples attacked so far.
+    A cascade row (``alive``: the examples every earlier row left correct): over all examples, the survivors this row
+    has not reached yet still counting as robust, so the number falls towards the final worst case instead of
+    showing the share of survivors that are still robust (which reads 100 % on a strong model's last rows)."""
+    rows = [i for i in worst_cols if i in cols]
+    if alive is None:
+        done = flags.ran[:, cols[0]]
+        robust = flags.correct[done][:, rows].all(dim=1)
+    else:
+        robust = alive.clone()
+        for i in rows:
+            robust &= ~flags.ran[:, i] | flags.correct[:, i]
+    return f"{100 * float(robust.float().mean()):.1f}%"
+
+
+__all__ = ["Flags", "IndexedDataset", "check_threat_model", "example_seed", "run_plan", "running_worst_case"]

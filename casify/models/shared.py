@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
+
+from ._timm import cifar_cfg, create
 
 __all__ = ["SharedBlock", "SharedResNet", "resnet2b", "resnet4b", "cifar_cnn_a", "mnist_wong_kolter",
            "SHARED_MODELS", "load_shared_model"]
@@ -51,6 +54,7 @@ class SharedResNet(nn.Module):
                 in_planes = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_stages = len(stages)
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.linear1 = nn.Linear(flat, hidden)
         self.linear2 = nn.Linear(hidden, num_classes)
 
@@ -62,31 +66,66 @@ class SharedResNet(nn.Module):
         return self.linear2(torch.relu(self.linear1(x)))
 
 
-def resnet2b(num_classes: int = 10) -> SharedResNet:
-    """8 -> [Block(8,16,2), Block(16,16,1)] -> 1024 -> 100 -> classes; for 3x32x32 inputs."""
-    return SharedResNet(8, [[(16, 2), (16, 1)]], 16 * 8 * 8, num_classes=num_classes)
+def _resnet2b(num_classes: int = 10, in_chans: int = 3) -> SharedResNet:
+    return SharedResNet(8, [[(16, 2), (16, 1)]], 16 * 8 * 8, num_classes=num_classes, in_chans=in_chans)
 
 
-def resnet4b(num_classes: int = 10) -> SharedResNet:
-    """16 -> [Block(16,32,2), Block(32,32,1)], [Block(32,32,2), Block(32,32,1)] -> 512 -> 100 -> classes."""
-    return SharedResNet(16, [[(32, 2), (32, 1)], [(32, 2), (32, 1)]], 32 * 4 * 4, num_classes=num_classes)
+def _resnet4b(num_classes: int = 10, in_chans: int = 3) -> SharedResNet:
+    return SharedResNet(16, [[(32, 2), (32, 1)], [(32, 2), (32, 1)]], 32 * 4 * 4, num_classes=num_classes,
+                        in_chans=in_chans)
 
 
 def _cnn_4x4(in_chans: int, side: int, num_classes: int) -> nn.Sequential:
     """conv 4x4/2 (16) - ReLU - conv 4x4/2 (32) - ReLU - flatten - 100 - ReLU - classes (indices match the keys)."""
     flat = 32 * (side // 4) ** 2
-    return nn.Sequential(nn.Conv2d(in_chans, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(flat, 100), nn.ReLU(), nn.Linear(100, num_classes))
+    model = nn.Sequential(nn.Conv2d(in_chans, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(flat, 100), nn.ReLU(), nn.Linear(100, num_classes))
+    model.num_classes, model.in_chans = num_classes, in_chans  # what timm-style code and casify read
+    return model
 
 
-def cifar_cnn_a(num_classes: int = 10) -> nn.Sequential:
+def _cifar_cnn_a(num_classes: int = 10, in_chans: int = 3) -> nn.Sequential:
+    return _cnn_4x4(in_chans, 32, num_classes)
+
+
+def _mnist_wong_kolter(num_classes: int = 10, in_chans: int = 1) -> nn.Sequential:
+    return _cnn_4x4(in_chans, 28, num_classes)
+
+
+# Registered with timm like the CIFAR models, so each built model carries a pretrained_cfg: casify.wrap then knows
+# its input size and normalisation (``wrap(model, layers=[])`` needs neither argument), and a wrapped model saves its
+# base as a registered name that from_pretrained and ``casify eval`` rebuild. No weights are published (url empty).
+default_cfgs = generate_default_cfgs({
+    "resnet2b": cifar_cfg(mean=tuple(CIFAR_MEAN_STD["mean"]), std=tuple(CIFAR_MEAN_STD["std"]), classifier="linear2"),
+    "resnet4b": cifar_cfg(mean=tuple(CIFAR_MEAN_STD["mean"]), std=tuple(CIFAR_MEAN_STD["std"]), classifier="linear2"),
+    "cifar_cnn_a": cifar_cfg(mean=tuple(CNN_A_MEAN_STD["mean"]), std=tuple(CNN_A_MEAN_STD["std"]), first_conv="0",
+                             classifier="7"),
+    "mnist_wong_kolter": cifar_cfg(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,), first_conv="0", classifier="7"),
+})
+
+
+@register_model
+def resnet2b(pretrained: bool = False, **kwargs) -> SharedResNet:
+    """8 -> [Block(8,16,2), Block(16,16,1)] -> 1024 -> 100 -> classes; for 3x32x32 inputs."""
+    return create(_resnet2b, "resnet2b", pretrained, **kwargs)
+
+
+@register_model
+def resnet4b(pretrained: bool = False, **kwargs) -> SharedResNet:
+    """16 -> [Block(16,32,2), Block(32,32,1)], [Block(32,32,2), Block(32,32,1)] -> 512 -> 100 -> classes."""
+    return create(_resnet4b, "resnet4b", pretrained, **kwargs)
+
+
+@register_model
+def cifar_cnn_a(pretrained: bool = False, **kwargs) -> nn.Sequential:
     """CNN-A of the SDP-FO benchmark, for 3x32x32 inputs."""
-    return _cnn_4x4(3, 32, num_classes)
+    return create(_cifar_cnn_a, "cifar_cnn_a", pretrained, **kwargs)
 
 
-def mnist_wong_kolter(num_classes: int = 10) -> nn.Sequential:
+@register_model
+def mnist_wong_kolter(pretrained: bool = False, **kwargs) -> nn.Sequential:
     """Wong & Kolter's (2018) MNIST conv net, for 1x28x28 inputs, no normalisation."""
-    return _cnn_4x4(1, 28, num_classes)
+    return create(_mnist_wong_kolter, "mnist_wong_kolter", pretrained, **kwargs)
 
 
 # name -> (builder, input normalisation or None, input size); matched against the file name's stem.

@@ -1,0 +1,56 @@
+"""``casify push FOLDER REPO_ID`` and the end of a ``--push_to_hub`` run: publish a saved folder, or say why not.
+
+Why: the upload is the one step that needs the network, and it comes last. What the model's own evaluation says is
+checked first (:mod:`casify.publish_guard`), then the Hub access (:mod:`casify.hub_access`); a failed upload keeps the
+folder and prints the one command that publishes it later.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Union
+
+from .config_validation import read_config
+from .hub import verify_weights
+from .hub_access import check_hub_access
+from .publish import upload_folder
+from .publish_guard import publish_refusal
+from .serialization import CONFIG_NAME, WEIGHTS_NAME
+
+
+class PublishRefused(RuntimeError):
+    """The model's own evaluation says it should not be published (pass ``force=True`` / ``--force``)."""
+
+
+class PushFailed(RuntimeError):
+    """The upload failed; the folder is kept and the message holds the command that retries it."""
+
+
+def push_command(folder: Union[str, os.PathLike], repo_id: str, force: bool = False) -> str:
+    return f"casify push {shlex.quote(str(folder))} {shlex.quote(repo_id)}" + (" --force" if force else "")
+
+
+def check_publishable(folder: Union[str, os.PathLike], repo_id: str, force: bool = False) -> dict:
+    """The folder's checked config, if it may be pushed; else :class:`PublishRefused` saying why and how to force."""
+    folder = Path(folder)
+    config = read_config(folder / CONFIG_NAME)
+    verify_weights(folder / WEIGHTS_NAME, config)
+    reason = publish_refusal(config.get("metrics"), (config.get("cas") or {}).get("num_classes"))
+    if reason and not force:
+        raise PublishRefused(f"not pushing {folder}: {reason}. To publish it anyway: "
+                             f"{push_command(folder, repo_id, force=True)}")
+    return config
+
+
+def push_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = False, force: bool = False,
+                token=None, commit_message: str = "Upload robust model trained with casify"):
+    """Check the model (:func:`check_publishable`) and the Hub access, then upload the folder's model files."""
+    check_publishable(folder, repo_id, force)
+    check_hub_access(repo_id, token)
+    try:
+        return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PushFailed(f"the upload to {repo_id} failed ({type(e).__name__}: {first}); the folder is kept at "
+                         f"{folder}. Push it later with: {push_command(folder, repo_id, force)}") from e

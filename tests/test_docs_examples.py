@@ -1,0 +1,95 @@
+"""Every ```python and ```bash / ```shell example in README.md and docs/*.md runs, so no example can rot.
+
+The blocks of one file run in order, in one fresh folder (with ``recipes/`` linked in), so a later block may use a
+folder an earlier one saved; python blocks share one namespace per file. Bash blocks run line by line with ``casify``
+and ``python`` on the PATH. A comment on the line just above a fence changes how its block runs:
+
+    <!-- docs-test: skip (reason) -->       not run: it needs real data, the network, a GPU, or hours; say which
+    <!-- docs-test: append ARGS -->         run each command with ARGS appended (a smaller budget, e.g. --max_steps 2)
+
+Examples use the embedded digits and small models, so the whole file runs in about a minute. Relative links of the
+pages must point at files that exist.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)```", re.S)
+RUN = ("python", "bash", "shell", "sh")
+
+
+def blocks(page: Path):
+    """(language, body, marker or None) for every fenced block of ``page``."""
+    return [(m.group("lang"), m.group("body"), m.group("marker")) for m in FENCE.finditer(page.read_text())]
+
+
+def test_every_marker_is_known_and_skips_say_why():
+    for page in PAGES:
+        for lang, body, marker in blocks(page):
+            if marker is None:
+                continue
+            assert lang in RUN, f"{page.name}: a docs-test marker above a ```{lang} block"
+            assert re.fullmatch(r"skip \(.{10,}\)|append .+", marker), f"{page.name}: bad marker {marker!r}"
+    skipped = sum(1 for page in PAGES for _, _, marker in blocks(page) if marker and marker.startswith("skip"))
+    run = sum(1 for page in PAGES for lang, _, marker in blocks(page) if lang in RUN and not
+              (marker and marker.startswith("skip")))
+    assert run >= 2 * skipped, f"{skipped} skipped examples against {run} that run: keep the skips few"
+
+
+def test_relative_links_point_at_files():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to a missing {target}"
+
+
+def _bin(tmp: Path) -> Path:
+    """``casify`` and ``python`` for the bash examples: this interpreter and this checkout."""
+    bin_dir = tmp / ".bin"
+    bin_dir.mkdir()
+    (bin_dir / "casify").write_text(f'#!/bin/sh\nexec "{sys.executable}" -c "import sys, casify_cli; '
+                                    f'sys.exit(casify_cli.main())" "$@"\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would leave the venv
+    for name in ("casify", "python"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def _commands(body: str):
+    """The commands of a bash block: continuation lines joined, comments and blank lines dropped."""
+    joined = body.replace("\\\n", " ")
+    for line in joined.splitlines():
+        line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if line:
+            yield line
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_the_examples_of_a_page_run(page, tmp_path, monkeypatch, one_thread):
+    runnable = [(lang, body, marker) for lang, body, marker in blocks(page)
+                if lang in RUN and not (marker and marker.startswith("skip"))]
+    if not runnable:
+        pytest.skip(f"{page.name} has no runnable example")
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PATH": f"{_bin(tmp_path)}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    namespace = {"__name__": f"docs:{page.name}"}
+    for lang, body, marker in runnable:
+        if lang == "python":
+            exec(compile(body, f"{page.name} example", "exec"), namespace)
+            continue
+        extra = shlex.split(marker[len("append "):]) if marker else []
+        for command in _commands(body):
+            argv = shlex.split(command) + extra
+            done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, f"{page.name}: `{command}` failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
