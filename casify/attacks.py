@@ -798,7 +798,9 @@ class Attack:
         if self.keep not in KEEPS:
             raise ValueError(f"keep must be one of {KEEPS}, got {self.keep!r}")
         self.random_start = _start_kind(self.random_start)
-        self.eps = check_eps(self.eps, norm=self.norm)  # "8/255" as the README writes radii
+        # "8/255" as the README writes radii; a number is checked where the attack runs (pgd's entry), since the
+        # evaluation plan builds its rows first and sets their norm after (threat_model.with_norm)
+        self.eps = check_eps(self.eps, norm=self.norm) if isinstance(self.eps, str) else float(self.eps)
         self.alpha = resolve_alpha(self.eps, self.steps, self.alpha)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, routing: Routing = None,
