@@ -20,9 +20,7 @@ LAYERS = [
     # the CAS module and everything that needs nothing else from casify
     ("foundation", {"casify.version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
                     "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
-                    "casify.cas", "casify.inputs", "casify.trackers", "casify.hub_access", "casify.publish_guard",
-                    "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.data", "casify.corruptions", "casify.run_table", "casify.progress",
+                    "casify.cas", "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
                     "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
@@ -40,17 +38,28 @@ LAYERS = [
     ("surgery", {"casify.surgery"}),
     # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
-    # what is built on wrapped models
-    ("applications", {"casify.attacks", "casify.autopgd", "casify.losses", "casify.evaluate", "casify.evaluate.report",
-                      "casify.evaluate.deployed", "casify.evaluate.blackbox", "casify.evaluate.plan",
-                      "casify.evaluate.runner", "casify.evaluate.tally", "casify.evaluate.checks",
-                      "casify.evaluate.api", "casify.evaluate.compare", "casify.evaluate.echo",
-                      "casify.threat_model", "casify.evaluate.examples", "casify.evaluate.figures",
-                      "casify.evaluate.side_by_side", "casify.evaluate.benchmark",
-                      "casify.analysis", "casify.analysis.files",
-                      "casify.analysis.statistics", "casify.analysis.capture", "casify.analysis.figures",
-                      "casify.analysis.tsne", "casify.analysis.report", "casify.train",
-                      "casify.recipe", "casify.cli", "casify.output_dir", "casify.model_source", "casify.push"}),
+    # what an application serves that wraps nothing (dataset builders, console progress, report and run-table text,
+    # trackers, the Hub's token check, the publishing guard, seeded corruptions)
+    ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
+                             "casify.hub_access", "casify.publish_guard", "casify.corruptions", "casify.output_dir"}),
+    # attacks on wrapped models: objectives, PGD / CW / FGSM, APGD, the threat models
+    ("attacks", {"casify.attacks", "casify.threat_model", "casify.autopgd"}),
+    # the training losses (they call the attacks' presets)
+    ("losses", {"casify.losses"}),
+    # evaluation and analysis: beside training, never importing it
+    ("evaluation and analysis", {"casify.evaluate", "casify.evaluate.report", "casify.evaluate.deployed",
+                                 "casify.evaluate.blackbox", "casify.evaluate.plan", "casify.evaluate.runner",
+                                 "casify.evaluate.tally", "casify.evaluate.checks", "casify.evaluate.api",
+                                 "casify.evaluate.compare", "casify.evaluate.echo", "casify.evaluate.examples",
+                                 "casify.evaluate.figures", "casify.evaluate.side_by_side", "casify.evaluate.benchmark",
+                                 "casify.analysis", "casify.analysis.files", "casify.analysis.statistics",
+                                 "casify.analysis.capture", "casify.analysis.figures", "casify.analysis.tsne",
+                                 "casify.analysis.report"}),
+    # training: config, schedule, metrics, the run folder, the loop
+    ("training", {"casify.train", "casify.train.config", "casify.train.schedule", "casify.train.metrics",
+                  "casify.train.checkpoints", "casify.train.loop"}),
+    # what users run: recipes, publishing, model sources and the CLI
+    ("applications", {"casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it
     ("package", {"casify"}),
     ("scripts", {"casify.demo"}),

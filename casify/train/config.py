@@ -1,0 +1,178 @@
+"""What decides a run (:class:`TrainConfig`), where a run is (:class:`TrainState`) and how a saved model was trained
+(:class:`TrainingRecord`): the typed values the rest of training passes around."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+
+from ..eps import parse_eps
+from ..trackers import check_log_with
+
+SCHEDULES = ("multistep", "cosine", "constant")
+METHODS = ("standard", "at", "trades", "mart")
+OPTIONAL_FIELDS = ("compile_mode", "ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
+# TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
+NOT_IDENTITY = ("output_dir", "progress", "log_with", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "num_workers", "cudnn_benchmark")
+RUN_RECORD = "run_config.json"
+EMA_WEIGHTS = "ema.safetensors"
+
+
+class RunMismatchError(RuntimeError):
+    """An output folder holds another run than the one asked for; resuming it would reuse or mix another run."""
+
+
+@dataclass
+
+
+class TrainConfig:
+    """Everything that decides a run; written to ``<output_dir>/run_config.json``.
+
+    eps and step sizes are in pixel units (inputs in [0, 1]). ``milestones`` are epochs (the paper: 75 and 90 of
+    100-200). ``val_*`` settings drive checkpoint selection on the held-out split, never on a test set.
+    """
+    method: str = "at"  # "standard" (natural training), "at", "trades" or "mart"
+    cas: bool = True
+    beta: float = 2.0
+    defaults: str = "paper"
+    loss_kwargs: Dict = field(default_factory=dict)
+    eps: float = 8 / 255
+    attack_steps: int = 10
+    attack_alpha: Optional[float] = 2 / 255
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"
+    milestones: Sequence[float] = (75, 90)
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    num_workers: int = 0
+    val_every_steps: Optional[int] = None
+    val_attack_steps: int = 10
+    val_max_examples: Optional[int] = 1000
+    compile: bool = False  # torch.compile the model once for the update and once for the attacks
+    compile_mode: Optional[str] = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune"
+    compile_backend: str = "inductor"
+    channels_last: bool = False  # NHWC memory format for weights and batches (faster convolutions on GPUs and CPUs)
+    # GPUs: let cuDNN time its convolution algorithms for each new shape and keep the fastest (timm's train.py does);
+    # sets torch.backends.cudnn.benchmark for the process. It chooses among algorithms for the same convolution, so it
+    # is not part of the run's identity (GPU runs are not bit-reproducible across processes in either case).
+    cudnn_benchmark: bool = False
+    ema_decay: Optional[float] = None  # e.g. 0.999: keep an EMA of the weights (timm's ModelEmaV3); validate and save it
+    # None: a checkpoint at the end of every epoch and at the last step, so a killed run resumes; N: every N steps
+    # and at the last step; 0: none (a rerun of a finished run then trains it again from step 0)
+    checkpoint_every_steps: Optional[int] = None
+    keep_checkpoints: int = 2
+    output_dir: str = "outputs/run"
+    log_with: Optional[str] = None
+    log_every_steps: int = 10  # metrics (means over these steps) are read back - a device sync, a collective - once
+    # per this many steps, at the end of an epoch and before each validation
+    progress: bool = True
+
+    def __post_init__(self):
+        self._check_types()
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.eps <= 0 or self.eps > 1:
+            raise ValueError(f"eps is in pixel units (inputs in [0, 1]); got {self.eps}. Did you mean {self.eps}/255?")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.grad_accum < 1 or self.batch_size < 1:
+            raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.999, or null for no EMA; got {self.ema_decay!r}")
+        if self.compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_mode must be null, 'default', 'reduce-overhead' or 'max-autotune', got "
+                             f"{self.compile_mode!r}")
+        if self.log_every_steps < 1:
+            raise ValueError(f"log_every_steps must be at least 1 (1 logs every step), got {self.log_every_steps}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be >= 0 (0: no checkpoints, null: once per epoch), got "
+                             f"{self.checkpoint_every_steps}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
+        check_log_with(self.log_with)  # before anything is built, not at the first logged step
+
+    def _check_types(self) -> None:
+        """Settings come from YAML and ``--set``: radii may be written ``8/255``, numbers may arrive as strings
+        (YAML reads ``1e-3`` as one); anything else of the wrong type is an error that names the setting."""
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
+        for name in ("eps", "attack_alpha"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (int, float)) or isinstance(value, bool):
+                setattr(self, name, parse_eps(value))
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            value = getattr(self, f.name)
+            if default is None or value is None and f.name in OPTIONAL_FIELDS or isinstance(default, str) and isinstance(value, str):
+                continue
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                if isinstance(value, str):
+                    try:
+                        value = float(value)
+                        setattr(self, f.name, value)
+                    except ValueError:
+                        pass
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif isinstance(default, tuple):
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise ValueError(f"train.{f.name} must be a {type(default).__name__} (default {default!r}), "
+                                 f"got {value!r} ({type(value).__name__})")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)):
+            raise ValueError(f"train.max_steps must be an integer or null, got {self.max_steps!r}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    def identity(self) -> dict:
+        """The settings that change what a run computes (everything but where and how it is logged)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
+
+@dataclass
+
+
+class TrainState:
+    """Where a run is: restored on resume."""
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_metric: float = -1.0
+    best_step: int = -1
+    history: List[dict] = field(default_factory=list)
+
+
+@dataclass
+
+
+class TrainingRecord:
+    """How a saved model was trained: the ``training`` entry of its ``config.json`` (read by the model card)."""
+    config: dict
+    loss: dict
+    attack: Optional[dict]
+    selected_on: str
+    step: int
+    weights: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

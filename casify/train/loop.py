@@ -1,0 +1,303 @@
+"""The training loop: each step crafts the adversarial batch in eval mode (the attack routes by prediction), then
+updates in training mode (the loss routes by the label); validation selects the checkpoint on the held-out split."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .. import attacks, losses
+from ..defenses import routed_modules
+from ..data import EpochSeededDataset
+from ..model import CASModel
+from ..routing import route
+from ..surgery import wrap
+from ..trackers import flat_config
+from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
+from .config import TrainConfig, TrainState
+from .metrics import MetricWindow
+from .schedule import lr_scheduler
+
+
+class Trainer(RunFolder):
+    """Adversarial fine-tuning of a (usually CAS-wrapped) model.
+
+    Args:
+        model: the model to train; inputs are pixels in [0, 1].
+        train_set / val_set: datasets of (image, label). ``val_set`` is the held-out split for checkpoint selection.
+        config: a :class:`TrainConfig`.
+        accelerator: an ``accelerate.Accelerator``; by default one is made from the config.
+        callbacks: functions ``fn(trainer)`` called after every optimizer step (logging, or stopping a run in tests).
+        identity: what else identifies the run beyond ``config`` and the model's architecture (the recipes pass the
+            model and data settings); recorded in ``run_config.json`` and compared on resume.
+
+    Augmentation randomness is drawn per item from (seed, epoch, index) (:class:`casify.data.EpochSeededDataset`), so
+    a run is reproducible and resumes bit-exactly whatever ``num_workers`` is.
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig,
+                 accelerator=None, callbacks: Sequence[Callable] = (), identity: Optional[dict] = None):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        # Launched as several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on a
+        # CPU box), Accelerate runs them as MULTI_CPU (gloo) only when told cpu=True.
+        cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = accelerator or Accelerator(
+            cpu=cpu_only, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+            log_with=config.log_with,
+            # non_blocking: host -> GPU copies of the (pinned) batches overlap the previous step
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
+        if self._sharded and not self.accelerator.is_fsdp2:
+            # FSDP1 flattens the parameters of the module it wraps, so the unwrapped model the attacks and validation
+            # run would see flat shards; FSDP2 (fully_shard) shards in place and runs any forward of the module.
+            raise ValueError("casify trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
+                             "(accelerate launch --use_fsdp --fsdp_version 2)")
+        set_seed(config.seed)
+        if config.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
+                                    **config.loss_kwargs)
+        if config.cas and not isinstance(model, CASModel):
+            raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
+                             f"{config.method.upper()}")
+        fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
+        if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
+            model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
+        self.attack = self.loss.training_attack(eps=config.eps, steps=config.attack_steps,
+                                                **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
+        self.val_attack = attacks.Attack(name="val-pgd", eps=config.eps, steps=config.val_attack_steps,
+                                         objective="cas" if config.cas else "ce", beta=config.beta)
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self.stop = False
+        self.identity = {"train": config.identity(), "model": fingerprint,
+                         "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
+                         **json.loads(json.dumps(identity or {}, default=str))}
+
+        generator = torch.Generator().manual_seed(config.seed)
+        self.train_data = EpochSeededDataset(train_set, config.seed)
+        train_loader = DataLoader(self.train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                  num_workers=config.num_workers, generator=generator,
+                                  pin_memory=torch.cuda.is_available())  # not persistent: set_epoch must reach workers
+        self.val_loader = None
+        if val_set is not None and len(val_set) > 0:
+            if config.val_max_examples and len(val_set) > config.val_max_examples:
+                val_set = torch.utils.data.Subset(val_set, range(config.val_max_examples))
+            self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
+                                         pin_memory=torch.cuda.is_available())
+        from timm.optim import param_groups_weight_decay
+        # timm's grouping: no weight decay on biases and norm parameters (every parameter with ndim <= 1)
+        optimizer = torch.optim.SGD(param_groups_weight_decay(model, config.weight_decay), lr=config.lr,
+                                    momentum=config.momentum)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        prepared = self.accelerator.prepare(model, optimizer, train_loader,
+                                            *([self.val_loader] if self.val_loader is not None else []))
+        self.model, self.optimizer, self.train_loader = prepared[:3]
+        self.unwrapped = self.accelerator.unwrap_model(self.model)  # without DDP / FSDP containers
+        # What each phase runs: compiled once here when asked (the attack's eval-mode graph and the update's
+        # train-mode graph are separate compiled callables, so neither evicts the other), plain modules otherwise.
+        self.update_model: nn.Module = self._compiled(self.model)
+        self.attack_model: nn.Module = self._compiled(self.unwrapped)
+        self._compiled_eval: Dict[int, nn.Module] = {}
+        self.ema = None
+        if config.ema_decay is not None and self._sharded:
+            raise ValueError("train.ema_decay is not supported under FSDP: the average is a full copy of the model "
+                             "(timm's ModelEmaV3 deep-copies it, and FSDP modules refuse deepcopy); train without "
+                             "EMA, or use DDP (accelerate launch --multi_gpu) for EMA runs")
+        if config.ema_decay is not None:  # after prepare: the average lives on the training device
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.unwrapped, decay=config.ema_decay)
+        if self.val_loader is not None:
+            self.val_loader = prepared[3]
+        self.steps_per_epoch = len(self.train_loader) // config.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the training set gives {len(self.train_loader)} batches of {config.batch_size} per "
+                             f"process, fewer than grad_accum={config.grad_accum}; lower batch_size")
+        total = int(math.ceil(config.epochs * self.steps_per_epoch))
+        self.total_steps = min(total, config.max_steps) if config.max_steps is not None else total
+        self.identity["train"]["num_processes"] = self.accelerator.num_processes
+        self.global_batch_size = config.batch_size * self.accelerator.num_processes * config.grad_accum
+        # Not through accelerator.prepare: its AcceleratedScheduler steps num_processes times per call and holds back
+        # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count. Registered, so
+        # save_state / load_state carry its state_dict.
+        self.scheduler = lr_scheduler(self.optimizer.optimizer, config, self.steps_per_epoch, self.total_steps)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is validated, selected and saved: the EMA of the weights when ``ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.unwrapped
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        if not self.config.compile:
+            return module
+        return torch.compile(module, backend=self.config.compile_backend, mode=self.config.compile_mode)
+
+    def _to_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last and x.dim() == 4 else x
+
+    def validate(self) -> Dict[str, float]:
+        """Natural and PGD accuracy on the held-out split, gathered over processes (of the EMA weights when kept)."""
+        base = self.eval_model
+        if self.ema is None:
+            model = self.attack_model
+        else:  # the EMA copy is compiled once too
+            model = self._compiled_eval.setdefault(id(base), self._compiled(base))
+        was_training = base.training
+        model.eval()
+        correct_nat = correct_adv = torch.zeros((), dtype=torch.long)
+        count = 0
+        for i, (x, y) in enumerate(self.val_loader):
+            x = self._to_format(x)
+            with self.accelerator.autocast():
+                x_adv = self.val_attack(model, x, y)
+                # the routing the attack ran with (predicted, explicitly), so the scoring reuses one compiled graph
+                routed = route(model, labels=None) if routed_modules(model) else contextlib.nullcontext()
+                if i == 0 and isinstance(base, CASModel):
+                    # a new data source: on a GPU its first clean batch is range-checked too (the attack's first
+                    # forward, which the check would otherwise read, sees an iterate clipped to [0, 1])
+                    base.recheck_input_range()
+                with torch.no_grad(), routed:
+                    nat = model(x).argmax(1) == y
+                    adv = model(x_adv).argmax(1) == y
+            nat, adv = self.accelerator.gather_for_metrics((nat, adv))
+            correct_nat = correct_nat.to(nat.device) + nat.sum()  # read back once, after the loop
+            correct_adv = correct_adv.to(adv.device) + adv.sum()
+            count += nat.numel()
+        base.train(was_training)
+        return {"val_natural": int(correct_nat) / max(1, count), "val_pgd": int(correct_adv) / max(1, count),
+                "val_count": count}
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def train(self, resume: bool = True, overwrite: bool = False) -> TrainState:
+        """Run to ``total_steps``.
+
+        ``resume``: continue from the latest checkpoint in ``output_dir`` if that folder holds this same run (same
+        record in ``run_config.json``), and refuse with :class:`RunMismatchError` if it holds another. ``resume=False``
+        refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first.
+        """
+        from ..progress import progress_bar
+
+        acc, cfg = self.accelerator, self.config
+        self._check_output_dir(resume, overwrite)
+        self._write_run_config()
+        latest = self.latest_checkpoint() if resume else None
+        if latest is not None:
+            self.load_checkpoint(latest)
+        self._say_if_finished(resume, latest)
+        if acc.is_main_process and cfg.progress:
+            print(f"casify: global batch {self.global_batch_size} = batch_size {cfg.batch_size} per process x "
+                  f"{acc.num_processes} process(es) x grad_accum {cfg.grad_accum}; {self.steps_per_epoch} steps per "
+                  f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
+        if cfg.log_with:
+            acc.init_trackers("casify", config=flat_config(cfg.to_dict()))
+        # a bar on a terminal; in a log file one line per log_every_steps (casify.progress)
+        bar = progress_bar(total=self.total_steps, initial=self.state.global_step,
+                           disable=not (cfg.progress and acc.is_local_main_process),
+                           desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,
+                           dynamic_ncols=True)
+        while self.state.global_step < self.total_steps and not self.stop:
+            self.train_loader.set_epoch(self.state.epoch)
+            self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
+            loader = self.train_loader
+            skip = self.state.step_in_epoch * cfg.grad_accum
+            if skip:
+                loader = acc.skip_first_batches(self.train_loader, skip)
+            micro = 0
+            window = MetricWindow()
+            for x, y in loader:
+                lr = self.scheduler.get_last_lr()[0]
+                x = self._to_format(x)
+                x_adv = x
+                if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
+                    with acc.autocast():
+                        x_adv = self.attack(self.attack_model, x, y)
+                self.model.train()
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, metrics = self.loss(self.update_model, x, x_adv, y)
+                    acc.backward(loss)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.add({**metrics, "loss": loss})
+                micro += 1
+                if micro % cfg.grad_accum:
+                    continue
+                if self.ema is not None:
+                    self.ema.update(self.unwrapped, step=self.state.global_step)
+                self.scheduler.step()
+                self.state.global_step += 1
+                self.state.step_in_epoch += 1
+                bar.update(1)
+                end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
+                last = self.state.global_step >= self.total_steps
+                validating = self.val_loader is not None and (
+                    last or (cfg.val_every_steps and self.state.global_step % cfg.val_every_steps == 0)
+                    or (not cfg.val_every_steps and end_of_epoch))
+                if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
+                    # the means since the last log, read back here only: every other step queues and moves on
+                    logged = self._log(window, lr, bar)
+                if end_of_epoch:
+                    self.state.epoch += 1
+                    self.state.step_in_epoch = 0
+                if validating:
+                    self._validate_and_select(logged)
+                if self._checkpoint_due(end_of_epoch, last):
+                    self.save_checkpoint()
+                for callback in self.callbacks:
+                    callback(self)
+                if last or self.stop or end_of_epoch:
+                    if self.stop and window.count:  # stopped between two logs: log the steps since the last
+                        self._log(window, lr, bar)
+                    break
+        bar.close()
+        if self.state.global_step >= self.total_steps:
+            self._save_model("final")
+        else:  # stopped early (a callback set trainer.stop): a checkpoint to resume from, never a "final" model
+            if self.state.global_step and (self.latest_checkpoint() is None or
+                                           checkpoint_step(self.latest_checkpoint()) != self.state.global_step):
+                self.save_checkpoint()
+        if cfg.log_with:
+            acc.end_training()
+        return self.state
+
+    def _log(self, window: "MetricWindow", lr: float, bar) -> dict:
+        logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
+        bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
+        if self.config.log_with:
+            self.accelerator.log(logged, step=self.state.global_step)
+        return logged
+
+    def _validate_and_select(self, logged: dict) -> None:
+        metrics = self.validate()
+        # "loss": the mean training loss over the steps since the previous log (train.log_every_steps)
+        record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logged.get("loss"), **metrics}
+        self.state.history.append(record)
+        if self.config.log_with:
+            self.accelerator.log(metrics, step=self.state.global_step)
+        # Adversarial training selects by robust accuracy; natural training (no attack) by natural accuracy.
+        metric = metrics["val_pgd"] if self.attack is not None else metrics["val_natural"]
+        if metric > self.state.best_metric:
+            self.state.best_metric = metric
+            self.state.best_step = self.state.global_step
+            self._save_model("best", metrics)
+
+
+def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig, **kwargs) -> Trainer:
+    """Build a :class:`Trainer`, run it (resuming from ``config.output_dir`` when a checkpoint is there), return it."""
+    trainer = Trainer(model, train_set, val_set, config, **kwargs)
+    trainer.train()
+    return trainer
