@@ -299,4 +299,4 @@ def test_docs_commands_are_real_options():
     assert len(commands) >= 6
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])  # an unknown flag exits with status 2
-        assert args.command in ("eval", "compare", "benchmark")
+        assert args.command in ("train", "eval", "compare", "benchmark")
