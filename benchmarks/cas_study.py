@@ -449,7 +449,11 @@ def _pct(x) -> str:
 
 def _interval(c: dict) -> str:
     if "t_ci95" not in c:
-        return c.get("verdict", "-")
+        per = c.get("per_seed") or []
+        if not per:
+            return "-"
+        shown = ", ".join(f"s{p['seed']} {100 * p['diff']:+.1f}" for p in per)
+        return f"{shown} ({len(per)} seed(s): not judged, the rule needs 3)"
     t, b = c["t_ci95"], c["bootstrap_ci95"]
     return (f"{100 * c['mean_diff']:+.1f} (t [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}], bootstrap "
             f"[{100 * b[0]:+.1f}, {100 * b[1]:+.1f}]; {len(c['seeds'])} seeds)")
@@ -464,7 +468,8 @@ def markdown(record: dict) -> str:
              "| comparison | worst case (union) | verdict | matched attacks | natural |", "|---|---|---|---|---|"]
     for name, c in record["comparisons"].items():
         wc = c["worst_case"]
-        lines.append(f"| {c['A']} vs {c['B']} | {_interval(wc)} | **{wc.get('verdict')}** | "
+        verdict = wc.get("verdict") if "t_ci95" in wc else "not judged"
+        lines.append(f"| {c['A']} vs {c['B']} | {_interval(wc)} | **{verdict}** | "
                      f"{_interval(c['matched'])} | {_interval(c['natural'])} |")
     lines += ["", "## The paper's claims 6 and 9 re-scored with the seed rule (committed seeds 0-2)", "",
               "| claim | old verdict (pooled McNemar) | A - B under the seed rule | verdict |", "|---|---|---|---|"]
