@@ -373,7 +373,7 @@ PHASES = {
     "data: next batch (DataLoader __next__)": {"trainer": ("torch/utils/data/dataloader.py", "__next__"),
                                               "bare": ("torch/utils/data/dataloader.py", "__next__")},
     "  of which EpochSeededDataset.__getitem__": {"trainer": ("casify/data.py", "__getitem__")},
-    "attack (casify.attacks.pgd)": {"trainer": ("casify/attacks.py", "pgd"), "bare": ("casify/attacks.py", "pgd")},
+    "attack (casify.attacks.pgd)": {"trainer": ("casify/attacks/pgd.py", "pgd"), "bare": ("casify/attacks/pgd.py", "pgd")},
     "loss forward (AdversarialLoss.__call__)": {"trainer": ("casify/losses.py", "__call__"),
                                                 "bare": ("casify/losses.py", "__call__")},
     "backward (Accelerator.backward / Tensor.backward)": {"trainer": ("accelerate/accelerator.py", "backward"),
@@ -384,7 +384,7 @@ PHASES = {
                   "bare": ("torch/optim/optimizer.py", "zero_grad")},
     "metrics: gather_for_metrics": {"trainer": ("accelerate/accelerator.py", "gather_for_metrics")},
     "accelerate: accumulate + autocast contexts": {"trainer": ("accelerate/accelerator.py", ("accumulate", "autocast"))},
-    "trainer: _set_lr": {"trainer": ("casify/train.py", "_set_lr")},
+    "trainer: _set_lr": {"trainer": ("casify/train/loop.py", "_set_lr")},
 }
 
 

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import AttackInfo, Generators, attack_context, class_mask, cw_margin, draw_noise
-from .cas import find_cas_modules
-from .defenses import attack_aux_logits, routed_modules
+from .defenses import attack_aux_logits, find_defense_modules, routed_modules
 from .threat_model import autoattack_norm, ball_noise, check_norm
 
 APGD_INSTALL = "pip install pyautoattack"
@@ -87,7 +86,7 @@ class ObjectiveAdapter:
         if routing not in (None, "straight-through", "target"):
             raise ValueError(f"routing must be None, 'straight-through' or 'target', got {routing!r}")
         self.model, self.loss, self.routing, self.beta = model, loss, routing, beta
-        self.has_cas = bool(find_cas_modules(model))
+        self.has_cas = bool(find_defense_modules(model))
         if routing == "target" and self.has_cas and not routed_modules(model):
             routing = self.routing = None  # nothing routes (FSR): targeted APGD on the joint objective
         if routing is not None and not self.has_cas:
@@ -195,7 +194,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     None crafts with the deployed routing."""
     _, apgd_t_class = load_apgd()
     norm = check_norm(norm)
-    adapter = ObjectiveAdapter(model, loss="cas", routing=routing if find_cas_modules(model) else None, beta=beta)
+    adapter = ObjectiveAdapter(model, loss="cas", routing=routing if find_defense_modules(model) else None, beta=beta)
     x, y = x.detach().float().contiguous(), y.long()
     clean = adapter.predict(x)
     _need_classes(clean, 4, "APGD-T")

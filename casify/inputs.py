@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .cas import find_cas_modules
+from .defenses import find_defense_modules
 from .eps import parse_eps
 from .host_sync import host_reads_free
 from .normalize import PIXEL_RANGE_TOLERANCE, range_message
@@ -115,7 +115,7 @@ def check_eps(eps: Union[str, float, int], name: str = "eps", norm: str = "linf"
 
 def model_num_classes(model: nn.Module) -> Optional[int]:
     """The class count a model states about itself (its CAS modules', or a timm-style ``num_classes``), else None."""
-    modules = find_cas_modules(model)
+    modules = find_defense_modules(model)
     if modules:
         return int(modules[0].num_classes)
     n = getattr(model, "num_classes", None)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks
-from .cas import aux_logits, find_cas_modules
+from .cas import aux_logits
+from .defenses import find_defense_modules
 from .routing import TRAIN_ROUTINGS, train_route
 
 DEFAULTS: Dict[str, Dict[str, Dict[str, float]]] = {
@@ -62,7 +63,7 @@ def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              routing: str = "label") -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Final and auxiliary logits (float32) of one forward; CAS modules route as ``routing`` says
     (:data:`casify.routing.TRAIN_ROUTINGS`: by ``y`` in the paper)."""
-    if not find_cas_modules(model):
+    if not find_defense_modules(model):
         return main_logits(model(x)).float(), []
     with train_route(model, y, routing):
         logits = main_logits(model(x)).float()
@@ -83,7 +84,7 @@ def joint_aux_term(model: nn.Module, aux: List[torch.Tensor], loss_fn: Callable[
     (targets = the labels, weights 1) it is the paper's ``mean_s loss(aux_s)``, bit for bit."""
     targets: List[Optional[torch.Tensor]] = []
     weights: List[float] = []
-    for module in find_cas_modules(model):
+    for module in find_defense_modules(model):
         n = len(module.head_names)
         targets += module.aux_targets(y, final_logits) if y is not None else [None] * n
         weights += list(module.aux_weights)
@@ -158,7 +159,7 @@ class AdversarialLoss(abc.ABC):
 
     def __call__(self, model: nn.Module, x_nat: Optional[torch.Tensor], x_adv: torch.Tensor,
                  y: torch.Tensor) -> Tuple[torch.Tensor, Metrics]:
-        has_cas = bool(find_cas_modules(model))
+        has_cas = bool(find_defense_modules(model))
         if self.cas and not has_cas:
             raise ValueError(f"{type(self).__name__}(cas=True) needs a model with CAS modules; wrap it with "
                              "casify.wrap(model, layers=...) or use cas=False")

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import fx, nn
 
-from .cas import CASModule
+from .defenses import DefenseModule
 from .config import CASConfig
 from .normalize import InputRangeCheck
 from .rewrite import CAS_ATTR, NORMALIZE_ATTR, Rewrite
@@ -56,7 +56,7 @@ class CASModel(nn.Module):
     any ``self.training`` branch) is kept by tracing both modes: each mode runs its own graph.
     """
 
-    def __init__(self, base: nn.Module, graphs: Dict[bool, fx.Graph], cas_modules: Dict[str, CASModule],
+    def __init__(self, base: nn.Module, graphs: Dict[bool, fx.Graph], cas_modules: Dict[str, DefenseModule],
                  normalize: Optional[nn.Module], config: Union[CASConfig, dict],
                  constants: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()

@@ -20,8 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from .cas import find_cas_modules
-from .defenses import validate_options
+from .defenses import find_defense_modules, validate_options
 from .data import build_dataset
 from .hub import from_pretrained
 from .spec import infer_base_spec
@@ -246,7 +245,7 @@ def run(config: dict, method: str) -> dict:
     tcfg = TrainConfig(**train_cfg)
     set_seed(tcfg.seed)
     model = build_model(config["model"])
-    if tcfg.cas and not find_cas_modules(model):
+    if tcfg.cas and not find_defense_modules(model):
         raise ValueError("train.cas is true but model.cas_layers is empty; set model.cas_layers or train.cas=false")
     train_set, val_set, test_set = build_datasets(config["data"])
     identity = {"recipe": {"model": config["model"], "data": config["data"]}}

@@ -13,8 +13,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .cas import find_cas_modules
-from .defenses import routed_modules
+from .defenses import find_defense_modules, routed_modules
 from .inputs import ASYNC_ASSERT_DEVICES, check_labels  # noqa: F401  (ASYNC_ASSERT_DEVICES re-exported)
 
 
@@ -27,7 +26,7 @@ def route(model: nn.Module, labels: Optional[torch.Tensor]) -> Iterator[None]:
     """
     modules = routed_modules(model)
     if not modules:
-        if find_cas_modules(model):
+        if find_defense_modules(model):
             raise ValueError("casify.route: the model's defense modules route by nothing (e.g. FSR); only routed "
                              "defenses (CAS, CIFS) take labels, so run the forward without casify.route")
         raise ValueError("casify.route: the model has no CAS modules; wrap it with casify.wrap(model, layers=...) first")

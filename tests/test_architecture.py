@@ -43,7 +43,9 @@ LAYERS = [
     ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
                              "casify.hub_access", "casify.publish_guard", "casify.corruptions", "casify.output_dir"}),
     # attacks on wrapped models: objectives, PGD / CW / FGSM, APGD, the threat models
-    ("attacks", {"casify.attacks", "casify.threat_model", "casify.autopgd"}),
+    ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",
+                 "casify.attacks.steps", "casify.attacks.pgd", "casify.attacks.spec", "casify.attacks",
+                 "casify.threat_model", "casify.autopgd"}),
     # the training losses (they call the attacks' presets)
     ("losses", {"casify.losses"}),
     # evaluation and analysis: beside training, never importing it

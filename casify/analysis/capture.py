@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..attacks import attack_context
-from ..cas import CASModule, find_cas_modules
+from ..defenses import DefenseModule, find_defense_modules
 from ..discovery import LayerError, Layout, all_names, auto_layer_of, infer_layout, resolve_node
 from ..model import CAS_ATTR, CASModel
 from ..tracing import TraceError, closest_names, trace
@@ -111,7 +111,7 @@ class ActivationProbe:
             raise ValueError(f"cas_side must be one of {CAS_SIDES}, got {cas_side!r}")
         self.model, self.layer, self.cas_side, self.channel_dim = model, layer, cas_side, channel_dim
         self.captured = ""  # how it is captured, in words (also in the report)
-        has_cas = bool(find_cas_modules(model))
+        has_cas = bool(find_defense_modules(model))
         self.capture_point = NO_CAS_HERE if has_cas else NO_CAS  # where, in words; set below at a CAS layer
         self._handles: list = []
         self._store: List[torch.Tensor] = []
@@ -130,12 +130,12 @@ class ActivationProbe:
                 self._hook_module(layer)
 
     # - resolution -
-    def _cas_module(self, layer: str) -> Optional[Tuple[str, CASModule]]:
+    def _cas_module(self, layer: str) -> Optional[Tuple[str, DefenseModule]]:
         if isinstance(self.model, CASModel) and layer in self.model.cas_layers:
             return list(self.model.cas_modules.items())[self.model.cas_layers.index(layer)]
         return None
 
-    def _at_cas(self, key: str, cas: CASModule) -> None:
+    def _at_cas(self, key: str, cas: DefenseModule) -> None:
         """Name the capture point at the CAS module ``cas_modules.<key>``."""
         qualified = f"{CAS_ATTR}.{key}"
         if self.cas_side == "after":
@@ -147,7 +147,7 @@ class ActivationProbe:
         if self.channel_dim is None:
             self.channel_dim = cas.channel_dim
 
-    def _hook_cas(self, key: str, cas: CASModule) -> None:
+    def _hook_cas(self, key: str, cas: DefenseModule) -> None:
         self._at_cas(key, cas)
         if self.cas_side == "after":
             self.captured = "CAS module output (after the channel mask)"
@@ -291,7 +291,7 @@ class ClassifierInputProbe:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        inside_cas = {id(m) for cas in find_cas_modules(model) for m in cas.modules()}
+        inside_cas = {id(m) for cas in find_defense_modules(model) for m in cas.modules()}
         self._last: Optional[torch.Tensor] = None
         self._handles = [m.register_forward_hook(self._record) for m in model.modules()
                          if isinstance(m, nn.Linear) and id(m) not in inside_cas]
@@ -356,7 +356,7 @@ def resolve_device(model: nn.Module, device) -> torch.device:
 def resolve_objective(model: nn.Module, objective: str) -> str:
     """"auto": the CAS-adaptive objective (CE + beta * auxiliary CE) on a CAS model, plain CE otherwise."""
     if objective == "auto":
-        return "cas" if find_cas_modules(model) else "ce"
+        return "cas" if find_defense_modules(model) else "ce"
     return objective
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..cas import find_cas_modules
+from ..defenses import find_defense_modules
 from ..inputs import check_eps
 from ..threat_model import check_norm, format_radius
 from .checks import LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks
@@ -94,7 +94,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)  # "8/255" as the README writes radii; an L-inf eps=8 is an error suggesting /255
     eps_sweep = None if eps_sweep is None else [check_eps(e, norm=norm) for e in eps_sweep]
-    has_cas = bool(find_cas_modules(model))
+    has_cas = bool(find_defense_modules(model))
     target = InputTied(model)
 
     numel = int(torch.as_tensor(data[0][0]).numel()) if norm != "linf" and len(data) else 0

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from ..attacks import attack_context, clean_routing, cw_margin
-from ..cas import find_cas_modules
-from ..defenses import DefenseModule
+from ..defenses import DefenseModule, find_defense_modules
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
@@ -37,7 +36,7 @@ class InputTied(nn.Module):
 def describe_model(model: nn.Module, source: Optional[str] = None) -> dict:
     """Class, size and CAS placement of ``model``, for the report."""
     model = unwrap_parallel(model)
-    cas = find_cas_modules(model)
+    cas = find_defense_modules(model)
     d = {"class": type(model).__name__, "parameters": int(sum(p.numel() for p in model.parameters())),
          "cas_modules": len(cas)}
     config = getattr(model, "casify_config", None)

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..attacks import PRESETS, Attack, attack_context, objective_tag
-from ..cas import find_cas_modules
-from ..defenses import attack_head_count
+from ..defenses import attack_head_count, find_defense_modules
 from ..threat_model import autoattack_norm, ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
 from .blackbox import SQUARE_P_INIT, square_attack
@@ -314,7 +313,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
     suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.threat_model`; ``input_numel``,
     the size of one input, sets the L2 check radius)."""
-    cas_modules = find_cas_modules(model)
+    cas_modules = find_defense_modules(model)
     has_cas = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
                             rank=CASCADE_RANKS["every example"])]
@@ -358,7 +357,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         jobs.append(autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas, norm))
         jobs[-1].rank = CASCADE_RANKS["autoattack"]
     if transfer_from is not None:
-        surrogate_obj = objective_for(bool(find_cas_modules(transfer_from)))
+        surrogate_obj = objective_for(bool(find_defense_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
         jobs.append(gradient_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
                                  notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "

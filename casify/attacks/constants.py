@@ -1,0 +1,15 @@
+"""The names an attack is configured with."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+
+NORMS = ("linf", "l2")
+KINDS = ("pgd", "fgsm", "cw")
+STARTS = ("uniform", "normal", "none")
+KEEPS = ("best", "last")
+ROUTINGS = ("predicted", "straight-through", "clean-predicted", "clean-soft", "labels")
+STRAIGHT_THROUGH_TEMPERATURE = 1.0
+Routing = Union[None, str, torch.Tensor]
