@@ -24,6 +24,21 @@ class TinyNet(nn.Module):
         return self.fc(self.drop(x))
 
 
+class ChannelsLast(nn.Module):
+    """A channels-last (N, H, W, C) activation: a convolution, permuted, then LayerNorm over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.conv(x).permute(0, 2, 3, 1)
+        x = self.norm(x)  # (N, H, W, C)
+        return self.head(x.mean(dim=(1, 2)))
+
+
 @pytest.fixture
 def tiny_net():
     torch.manual_seed(0)

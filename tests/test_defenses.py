@@ -18,7 +18,7 @@ from casify.defenses.fsr import GUMBEL_EPS
 from casify.discovery import LayerError
 from casify.losses import get_loss
 
-from conftest import TinyNet
+from conftest import ChannelsLast, TinyNet
 
 ALL = sorted(DEFENSES)
 
@@ -26,17 +26,6 @@ ALL = sorted(DEFENSES)
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-class ChannelsLast(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(6)
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean(dim=(1, 2)))
 
 
 # (what, builder, layers, input size, layout)

@@ -116,18 +116,7 @@ def test_normalisation_inside_the_model():
 
 
 def test_channel_layouts_nhwc_and_tokens():
-    class ChannelsLast(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
-            self.norm = nn.LayerNorm(6)
-            self.head = nn.Linear(6, 4)
-
-        def forward(self, x):
-            x = self.conv(x).permute(0, 2, 3, 1)
-            x = self.norm(x)  # (N, H, W, C)
-            return self.head(x.mean(dim=(1, 2)))
-
+    from conftest import ChannelsLast
     wrapped = casify.wrap(ChannelsLast(), layers=["norm"], input_size=(3, 16, 16), init="paper")
     module = casify.find_cas_modules(wrapped)[0]
     assert module.channel_dim == 3 and module.num_channels == 6
