@@ -497,11 +497,13 @@ def markdown(record: dict) -> str:
 
 
 def figure(record: dict, path: Path) -> None:
+    """Left: natural and worst-case accuracy per arm, one point per seed. Right: the mechanism, how often a model
+    follows a forced wrong route (1.0: its output is an echo of the routed head; chance 0.1)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     arms = [a for a in ARMS if any(r["arm"] == a for r in record["runs"])]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for i, arm in enumerate(arms):
         rs = [r for r in record["runs"] if r["arm"] == arm]
         ax.scatter([i] * len(rs), [100 * r["worst_case"] for r in rs], color="C0", label="worst case" if i == 0 else None)
@@ -510,11 +512,23 @@ def figure(record: dict, path: Path) -> None:
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels(arms, rotation=30, ha="right")
     ax.set_ylabel("accuracy on test846 (%)")
-    ax.set_title("AT vs AT+CAS variants, one point per seed (eps 8/255, adaptive worst case)")
+    ax.set_title("one point per seed (eps 8/255, adaptive worst case)")
     ax.legend()
+    echo_arms = [a for a in arms if any(r["arm"] == a and r.get("echo") for r in record["runs"])]
+    for i, arm in enumerate(echo_arms):
+        values = [100 * r["echo"]["forced_all"] for r in record["runs"] if r["arm"] == arm and r.get("echo")]
+        bx.scatter([i] * len(values), values, color="C3")
+    bx.axhline(10, color="grey", linestyle=":", label="chance (10 classes)")
+    bx.set_xticks(range(len(echo_arms)))
+    bx.set_xticklabels(echo_arms, rotation=30, ha="right")
+    bx.set_ylim(0, 105)
+    bx.set_ylabel("outputs the forced wrong class (%)")
+    bx.set_title("routing echo: every module routed to a wrong class")
+    bx.legend(loc="lower left")
+    fig.suptitle("Why CAS fails: label routing in training makes the output an echo of the routed head")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
 
