@@ -21,6 +21,7 @@ not wait for the device between log steps), so on a GPU the rate is the device's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from casify.recipe import build_model, load_config
+from casify.recipe import CommandLine, Recipe, build_model, load_recipe
 from casify.train import Trainer, TrainConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012 training set (Russakovsky et al. 2015, Table 2)
@@ -80,11 +81,16 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
-def input_shape(config: dict) -> tuple:
-    if config["model"].get("input_size"):
-        return tuple(config["model"]["input_size"])
-    size = config["data"].get("image_size") or 224
+def input_shape(recipe: Recipe) -> tuple:
+    if recipe.model.input_size:
+        return tuple(recipe.model.input_size)
+    size = recipe.data.image_size or 224
     return (3, int(size), int(size))
+
+
+def offline(recipe: Recipe):
+    """The recipe's model section without downloaded or local weights: the cost of a step does not depend on them."""
+    return dataclasses.replace(recipe.model, pretrained=False, checkpoint=None)
 
 
 class Window:
@@ -113,19 +119,19 @@ class Window:
 class Variant:
     """One Trainer on the recipe with compile / channels-last set; ``measure(steps)`` extends its run by ``steps``."""
 
-    def __init__(self, name: str, config: dict, shape: tuple, num_classes: int, workdir: Path, warmup: int,
+    def __init__(self, name: str, recipe: Recipe, shape: tuple, num_classes: int, workdir: Path, warmup: int,
                  total_steps: int):
         self.name = name
-        train = dict(config["train"])
+        changes = {}
         if VARIANTS[name] is not None:
-            train["compile"], train["channels_last"] = VARIANTS[name]
+            changes["compile"], changes["channels_last"] = VARIANTS[name]
         # measured: the step only. No checkpoints, no validation inside the window, no progress bar
-        train.update(output_dir=str(workdir / name), progress=False, checkpoint_every_steps=None,
-                     val_every_steps=None, epochs=1.0, max_steps=None, log_with=None, num_workers=0)
-        self.config = TrainConfig(method=config["method"], **train)
+        changes.update(output_dir=str(workdir / name), progress=False, checkpoint_every_steps=None,
+                       val_every_steps=None, epochs=1.0, max_steps=None, log_with=None, num_workers=0)
+        self.config = dataclasses.replace(recipe.train, **changes)
         batch = self.config.batch_size
         self.window = Window()
-        model = build_model({**config["model"], "pretrained": False, "checkpoint": None})
+        model = build_model(offline(recipe), recipe.defense)
         val = SyntheticImages(2 * batch, shape, num_classes, seed=1)
         # what the variants built before this one hold stays resident: subtracted from this one's peak
         self.allocated_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -299,9 +305,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     # every variant compiles its own graphs of the same code objects (update, attack, validation scoring, each
     # per memory format): dynamo's default limit of 8 per code object would fall back to eager without saying so
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-    config = load_config(args.recipe, args.set)
-    shape = input_shape(config)
-    probe = build_model({**config["model"], "pretrained": False, "checkpoint": None}).eval()
+    recipe = load_recipe(args.recipe, CommandLine(overrides=args.set))
+    shape = input_shape(recipe)
+    probe = build_model(offline(recipe), recipe.defense).eval()
     with torch.no_grad():
         num_classes = probe(torch.rand(1, *shape)).shape[1]
     del probe
@@ -310,8 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"recipe_cost_{Path(args.recipe).stem}_{'cuda' if torch.cuda.is_available() else 'cpu'}"
     command = "python benchmarks/recipe_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    shipped = TrainConfig(method=config["method"], **config["train"])
-    held_out = int(config["data"].get("val_size") or 0)
+    shipped = recipe.train
+    held_out = int(recipe.data.val_size or 0)
     variants: dict = {}
     state = {"val_s": None}
 
@@ -346,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for name in order if r else args.variants:  # round 0 measures each variant as soon as it is built
                 if name not in variants:
                     print(f"building {name} (warm-up {args.warmup} steps)", flush=True)
-                    variants[name] = Variant(name, config, shape, num_classes, workdir, args.warmup, total)
+                    variants[name] = Variant(name, recipe, shape, num_classes, workdir, args.warmup, total)
                 rate = variants[name].measure(args.steps)
                 print(f"round {r} {name}: {rate:.1f} images/s per device", flush=True)
                 write(complete=False)

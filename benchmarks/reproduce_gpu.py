@@ -49,6 +49,7 @@ batch 64, PGD-2 training attack, 64 test images, the ``quick`` suite with the ch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -109,8 +110,9 @@ def settings_of(args) -> dict:
             "smoke": bool(args.smoke)}
 
 
-def arm_config(args, arm: str, seed: int, device: str) -> dict:
-    from casify.recipe import load_config
+def arm_config(args, arm: str, seed: int, device: str):
+    """The arm's recipe (a typed :class:`casify.recipe.Recipe`) with this run's seed, schedule and data."""
+    from casify.recipe import CommandLine, load_recipe
     overrides = [f"train.seed={seed}", f"train.epochs={args.epochs}", f"train.schedule={args.schedule}",
                  f"data.name={args.data}", f"data.test={args.test}", "train.progress=false",
                  f"train.compile={'true' if args.compile else 'false'}"]
@@ -122,9 +124,7 @@ def arm_config(args, arm: str, seed: int, device: str) -> dict:
         overrides += ["model.kwargs.width=0.125", "train.batch_size=64", "train.attack_steps=2",
                       "train.attack_alpha=4/255", "train.val_max_examples=64", "train.val_attack_steps=2"]
     overrides += list(args.set)
-    config = load_config(str(CONFIGS[arm]), overrides)
-    config.pop("method", None)
-    return config
+    return load_recipe(str(CONFIGS[arm]), CommandLine(overrides=overrides, method="at"))
 
 
 # -- state ------------------------------------------------------------------------------------------------------------
@@ -195,21 +195,20 @@ def train_unit(args, state, arm: str, seed: int, device: str, deadline, runs_dir
     from torch.utils.data import Subset
 
     from casify.recipe import build_datasets, build_model
-    from casify.train import TrainConfig, Trainer
+    from casify.train import Trainer
 
     key = f"{arm}/s{seed}"
     run = state["runs"].setdefault(key, {"arm": arm, "seed": seed, "trained": False, "scored": False,
                                          "train_seconds": 0.0, "train_invocations": 0, "train_devices": []})
-    config = arm_config(args, arm, seed, device)
+    recipe = arm_config(args, arm, seed, device)
     out = runs_dir / f"{arm}_s{seed}"
-    tcfg = TrainConfig(**{**config["train"], "method": "at", "output_dir": str(out),
-                          "checkpoint_every_steps": None})
+    tcfg = dataclasses.replace(recipe.train, output_dir=str(out), checkpoint_every_steps=None)
     set_seed(tcfg.seed)  # before the model is built: the paper init and CAS heads are the seed's
-    model = build_model(config["model"])
-    train_set, val_set, _ = build_datasets(config["data"])
+    model = build_model(recipe.model, recipe.defense)
+    train_set, val_set, _ = build_datasets(recipe.data)
     if args.smoke:
         train_set = Subset(train_set, range(512))
-    identity = {"recipe": {"model": config["model"], "data": config["data"]}, "smoke_train_subset": args.smoke}
+    identity = {**recipe.identity(), "smoke_train_subset": args.smoke}
     callback = BudgetCallback(deadline, 60 * args.checkpoint_minutes)
     trainer = Trainer(model, train_set, val_set, tcfg, identity=identity, callbacks=[callback])
     # fallback checkpoints about every epoch as well (not part of the run's identity)

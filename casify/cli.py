@@ -205,13 +205,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 # -- train -----------------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import ConfigError, load_config, run_from_args
+    from .recipe import CommandLine, load_recipe, run
 
-    config = load_config(args.config, args.set)
-    config_method = config.pop("method", None)
-    if args.method and config_method and args.method != config_method:
-        raise ConfigError(f"{args.config} is a {config_method} config but --method is {args.method}; drop one")
-    run_from_args(config, args.method or config_method or "at", args)
+    run(load_recipe(args.config, CommandLine.from_args(args)))
     return 0
 
 

@@ -21,7 +21,7 @@ LAYERS = [
     ("foundation", {"casify.version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
                     "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
                     "casify.cas", "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.eval_summary", "casify.model_card", "casify.models", "casify.models._timm",
+                    "casify.models", "casify.models._timm",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
     # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs
@@ -30,6 +30,9 @@ LAYERS = [
     ("discovery", {"casify.tracing", "casify.discovery"}),
     # the fx rewrite: returns graphs, CAS modules and the resolved CASConfig; knows no model class
     ("rewrite", {"casify.rewrite"}),
+    # the texts a published model carries: the evaluation summary and the model card (they serve publishing, so they
+    # sit just below it, not in the foundation)
+    ("published texts", {"casify.eval_summary", "casify.model_card"}),
     # writing a folder (state dict + checksum + config.json) and the model card around it
     ("serialization", {"casify.serialization", "casify.publish"}),
     # the wrapped model, which owns save_pretrained / push_to_hub
@@ -61,7 +64,7 @@ LAYERS = [
     ("training", {"casify.train", "casify.train.config", "casify.train.schedule", "casify.train.metrics",
                   "casify.train.checkpoints", "casify.train.loop"}),
     # what users run: recipes, publishing, model sources and the CLI
-    ("applications", {"casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
+    ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it
     ("package", {"casify"}),
     ("scripts", {"casify.demo"}),

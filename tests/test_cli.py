@@ -77,7 +77,10 @@ def test_a_user_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys
 
 
 def test_a_bad_set_names_the_command_line_not_the_yaml():
-    from casify.recipe import ConfigError, load_config
+    from casify.recipe import CommandLine, ConfigError, load_recipe
+
+    def load_config(path, overrides):
+        return load_recipe(path, CommandLine(overrides=overrides))
     with pytest.raises(ConfigError) as caught:
         load_config(str(TINY), ["trian.lr=0.1"])
     assert "command line" in str(caught.value) and str(TINY) not in str(caught.value)

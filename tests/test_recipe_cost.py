@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from casify.recipe import load_config
+from casify.recipe import load_recipe
 from casify.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +26,7 @@ def load_script():
 
 
 def test_the_imagenet_estimate_is_the_recipes_schedule_multiplied_out():
-    config = load_config(str(ROOT / "recipes/configs/imagenet_resnet152_at_cas.yaml"))
-    train = TrainConfig(method=config["method"], **config["train"])
+    train = load_recipe(str(ROOT / "recipes/configs/imagenet_resnet152_at_cas.yaml")).train
     estimate = load_script().run_estimate(train, images_per_s=100.0, val_s_per_example=0.05,
                                           train_images=1_281_167, held_out=10_000, num_devices=8)
     steps_per_epoch = (1_281_167 - 10_000) // (64 * 8)  # batch 64 per device, drop_last

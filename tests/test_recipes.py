@@ -13,11 +13,16 @@ from PIL import Image
 import torch
 import yaml
 
-from casify.recipe import ConfigError, load_config, main, run_name
-from casify.train import RunMismatchError, TrainConfig
+from casify.recipe import CommandLine, ConfigError, load_recipe, main
+from casify.train import RunMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "digits_tiny_at_cas.yaml"
+RUN_NAME_HASH = "c19fc4c7"  # what 0.x versions named the shipped tiny recipe
+
+
+def load_config(path, overrides=()):
+    return load_recipe(path, CommandLine(overrides=tuple(overrides)))
 
 
 def _run(cmd, tmp_path, timeout=600):
@@ -85,9 +90,10 @@ def test_imagenet_recipe_runs_two_steps_on_a_tiny_image_folder(tmp_path):
           "--set", "model.name=resnet10t", "--set", "model.pretrained=false", "--set", "model.kwargs={num_classes: 3}",
           "--set", f"data.name=imagefolder:{data}", "--set", "data.image_size=32", "--set", "data.val_size=3",
           "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.compile=false", "--set", "train.val_max_examples=3",
-          "--set", "eval.max_examples=6", "--set", "eval.batch_size=6"], tmp_path)
+          "--set", "eval.max_examples=6", "--set", "eval.batch_size=6", "--set", "eval.eps=2/255"], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["test"]["n"] == 6
+    assert summary["test"]["eps"] == pytest.approx(2 / 255)  # the evaluation's own radius, not the training one
     config = json.loads((out / "hub" / "config.json").read_text())
     assert config["cas"]["layers"] == ["layer4.0"] and config["training"]["config"]["mixed_precision"] == "bf16"
     assert config["training"]["config"]["eps"] == pytest.approx(4 / 255)
@@ -110,8 +116,9 @@ def test_bad_recipe_settings_are_explained(tmp_path):
         load_config(str(TINY), ["train.lr=fast"])
     with pytest.raises(ConfigError, match=r"eval\.max_examples must be a int"):
         load_config(str(TINY), ["eval.max_examples=all"])
-    config = load_config(str(TINY), ["train.eps=8/255", "train.attack_alpha=2/255"])
-    assert TrainConfig(**config["train"]).eps == pytest.approx(8 / 255)
+    recipe = load_config(str(TINY), ["train.eps=8/255", "train.attack_alpha=2/255"])
+    assert recipe.train.eps == recipe.attack.eps == recipe.eval.eps == pytest.approx(8 / 255)
+    assert recipe.attack.alpha == pytest.approx(2 / 255)
 
 
 def test_push_without_a_repo_id_fails_before_training(tmp_path):
@@ -143,11 +150,12 @@ def test_same_seed_gives_bit_identical_weights_and_other_runs_are_refused(tmp_pa
 
 
 def test_default_output_folder_is_named_after_the_run():
-    config = load_config(str(TINY))
-    name = run_name(config, "at")
+    name = load_config(str(TINY)).output_dir
     assert name.startswith("outputs/at-cas-cifar_resnet18-digits-s0-")
-    assert run_name(load_config(str(TINY), ["train.lr=0.2"]), "at") != name
-    assert run_name(config, "trades").startswith("outputs/trades-cas-")
+    assert load_config(str(TINY), ["train.lr=0.2"]).output_dir != name
+    assert load_config(str(TINY), ["method=trades"]).output_dir.startswith("outputs/trades-cas-")
+    # the name of earlier versions (the hash of the settings as written): a rerun resumes the folder it wrote
+    assert name == "outputs/at-cas-cifar_resnet18-digits-s0-" + RUN_NAME_HASH
 
 
 def _generated_npz(path: Path, num_classes=10, size=32):
@@ -195,3 +203,24 @@ def test_a_recipe_trains_any_registered_defense(tmp_path, one_thread, defense):
         load_config(str(TINY), ["model.defense=nope"])
     with pytest.raises(ConfigError, match="no option"):
         load_config(str(TINY), [f"model.defense={defense}", "model.defense_options={bogus: 1}"])
+
+
+def test_a_run_folder_written_before_the_typed_recipe_is_the_same_run(tmp_path, one_thread):
+    """The identity a run folder recorded at a3c8f91 (before recipes were typed) is the one the typed recipe gives the
+    same command: such a folder resumes instead of being refused as another run."""
+    from casify.recipe import build_datasets, build_model
+    from casify.train import Trainer
+    from casify.train.checkpoints import record_differences
+
+    recorded = json.loads((ROOT / "tests" / "fixtures" / "run_identity_a3c8f91.json").read_text())["identity"]
+    recipe = load_recipe(str(TINY), CommandLine(overrides=["eval.max_examples=8", "train.val_max_examples=16",
+                                                           "train.progress=false"],
+                                                output_dir=str(tmp_path / "run"), max_steps=1))
+    torch.manual_seed(recipe.train.seed)  # the run's seed, set before the model is built (as run() does)
+    model = build_model(recipe.model, recipe.defense)
+    train_set, val_set, _ = build_datasets(recipe.data)
+    trainer = Trainer(model, train_set, val_set, recipe.train, identity=recipe.identity())
+    assert record_differences(recorded, trainer.identity) == []
+    changed = load_recipe(str(TINY), CommandLine(overrides=["model.defense_options={}", "data.augment=false"]))
+    assert record_differences(recorded["recipe"], changed.identity()["recipe"]) == [
+        "data.augment: True in the folder's run, False now"]
