@@ -226,9 +226,10 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool, norm: str = "l
     return attack_job(name, "adaptive" if cas else "white-box", attack, target, family=base, defended=cas)
 
 
-def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, eps: float, seed: int,
-                   device, cas: bool = False, norm: str = "linf") -> Job:
-    """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
+def autoattack_job(aa_class, flavour: str, target: nn.Module, eps: float, seed: int, cas: bool = False,
+                   norm: str = "linf") -> Job:
+    """AutoAttack (``aa_class``, from the package ``flavour``, seeded with the evaluation's ``seed``) on ``target``
+    (the model with its input tied, same logits) on the batch's device, in eval mode with predicted routing,
     i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active.
     Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``.
     AutoAttack flags its own doubts (zero gradients, Square beating the gradient attacks, randomness, ...) with
@@ -283,7 +284,8 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
     tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
     suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.threat_model`; ``input_numel``,
-    the size of one input, sets the L2 check radius)."""
+    the size of one input, sets the L2 check radius). ``device`` is unused (every row runs on its batch's device);
+    kept for callers."""
     cas_modules = find_defense_modules(model)
     has_cas = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
@@ -327,7 +329,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     if autoattack:
         aa_class, aa_flavour = blackbox.load_autoattack()
         extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
-        jobs.append(autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas, norm))
+        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, has_cas, norm))
     if transfer_from is not None:
         surrogate_obj = objective_for(bool(find_defense_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
