@@ -3,9 +3,10 @@ run on the deployed logits. Its gradient attacks see only the final logits; it r
 gradients, Square beating the gradient attacks, randomness) with ``warnings.warn``, which the evaluation keeps."""
 from __future__ import annotations
 
+import numbers
 from typing import Tuple
 
-from ..defenses.base import Option, choice, integer
+from ..defenses.base import Option, choice
 from ..eps import autoattack_norm, format_radius
 from .context import attack_context
 from .kinds import AttackKind, register_attack_kind
@@ -40,7 +41,7 @@ class AutoAttack(AttackKind):
     routings = ()
     per_example_seed = False
     OPTIONS = {"version": choice("standard", ["standard", "plus", "rand"]),
-               "seed": integer(0, 0, 2 ** 63 - 1),
+               "seed": Option(0, lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
                "attack_class": Option(None, lambda v: v is None or isinstance(v, type), "an AutoAttack class or None"),
                "package": Option(None, lambda v: v is None or v in PACKAGES, f"None or one of {list(PACKAGES)}")}
 
