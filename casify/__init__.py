@@ -4,7 +4,8 @@ from .version import __version__  # noqa: F401
 import importlib as _importlib
 
 from . import attacks, losses, models  # models registers the paper's CIFAR models with timm (cifar_resnet18, cifar_wrn34_10, cifar_vgg16)
-from .cas import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
+# the defenses' public names, including CAS's compatibility ones (defined in casify.defenses, re-exported here)
+from .defenses import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
 from .config import CASConfig
 from .discovery import Layer, LayerError, Layout, list_layers
 from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder

@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import AttackInfo, Generators, attack_context, class_mask, cw_margin, draw_noise
+# the submodules, not the package: the package registers the APGD kinds (casify/attacks/apgd.py), which import this
+from .attacks.context import attack_context
+from .attacks.objectives import class_mask, cw_margin
+from .attacks.pgd import AttackInfo
+from .attacks.steps import Generators, draw_noise
 from .defenses import attack_aux_logits, find_defense_modules, routed_modules
 from .threat_model import autoattack_norm, ball_noise, check_norm
 

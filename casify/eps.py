@@ -29,3 +29,26 @@ def format_eps(eps: float) -> str:
     if abs(k - round(k)) < 1e-6:
         return f"{int(round(k))}/255"
     return f"{k:.3g}/255"
+
+
+NORMS = ("linf", "l2")
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` lower-cased (``"Linf"`` and ``"L2"``, RobustBench's spelling, are accepted), or a ValueError."""
+    value = str(norm).lower()
+    if value not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} (or RobustBench's 'Linf' / 'L2'), got {norm!r}")
+    return value
+
+
+def autoattack_norm(norm: str) -> str:
+    """AutoAttack's spelling of ``norm``."""
+    return {"linf": "Linf", "l2": "L2"}[check_norm(norm)]
+
+
+def format_radius(eps: float, norm: str = "linf") -> str:
+    """``8/255`` under L-inf (grey levels); ``0.5`` under L2, where /255 would only obscure the number."""
+    if check_norm(norm) == "linf":
+        return format_eps(eps)
+    return f"{eps:.4g}"

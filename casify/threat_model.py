@@ -15,31 +15,13 @@ from typing import Union
 
 import torch
 
-from .attacks import Attack, Generators, draw_noise
-from .eps import format_eps, parse_eps
+# the submodules, not the package: the package imports the attack kinds, which import this module
+from .attacks.spec import Attack
+from .attacks.steps import Generators, draw_noise
+# the norms' names and radii live with the radii (casify.eps), below the attacks; re-exported here
+from .eps import NORMS, autoattack_norm, check_norm, format_radius, parse_eps
 
-NORMS = ("linf", "l2")
 LARGE_EPS_LINF = 128 / 255  # the constant grey image lies in every L-inf ball of this radius
-
-
-def check_norm(norm: str) -> str:
-    """``norm`` lower-cased (``"Linf"`` and ``"L2"``, RobustBench's spelling, are accepted), or a ValueError."""
-    value = str(norm).lower()
-    if value not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS} (or RobustBench's 'Linf' / 'L2'), got {norm!r}")
-    return value
-
-
-def autoattack_norm(norm: str) -> str:
-    """AutoAttack's spelling of ``norm``."""
-    return {"linf": "Linf", "l2": "L2"}[check_norm(norm)]
-
-
-def format_radius(eps: float, norm: str = "linf") -> str:
-    """``8/255`` under L-inf (grey levels); ``0.5`` under L2, where /255 would only obscure the number."""
-    if check_norm(norm) == "linf":
-        return format_eps(eps)
-    return f"{eps:.4g}"
 
 
 def parse_radius(text: Union[str, float], norm: str = "linf") -> float:

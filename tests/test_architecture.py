@@ -45,9 +45,11 @@ LAYERS = [
     # trackers, the Hub's token check, the publishing guard, seeded corruptions)
     ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
                              "casify.hub_access", "casify.publish_guard", "casify.corruptions", "casify.output_dir"}),
-    # attacks on wrapped models: objectives, PGD / CW / FGSM, APGD, the threat models
+    # attacks on wrapped models: objectives, the attack kinds (PGD / CW / FGSM, APGD, Square, AutoAttack), the threat
+    # models
     ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",
-                 "casify.attacks.steps", "casify.attacks.pgd", "casify.attacks.spec", "casify.attacks",
+                 "casify.attacks.steps", "casify.attacks.kinds", "casify.attacks.pgd", "casify.attacks.spec",
+                 "casify.attacks.apgd", "casify.attacks.square", "casify.attacks.autoattack", "casify.attacks",
                  "casify.threat_model", "casify.autopgd"}),
     # the training losses (they call the attacks' presets)
     ("losses", {"casify.losses"}),

@@ -38,10 +38,17 @@ Routings (``routing=``) for crafting; scoring always uses the deployed routing:
   the softmax mixture of rows from the clean auxiliary logits (mean over modules);
 - ``"labels"`` (leaks the label; diagnostics only), or a tensor of class indices (N,) / soft weights (N, classes).
 
-One job per file (each imports only the ones before it): ``constants.py`` (norms, kinds, starts, routings),
+**Attack kinds.** ``Attack(kind=...)`` runs through a registry (:data:`ATTACK_KINDS`, :func:`register_attack_kind`):
+``pgd``, ``fgsm`` and ``cw`` (``pgd.py``), ``apgd`` and ``apgd-t`` (``apgd.py``: AutoAttack's APGD on casify's
+objectives, :mod:`casify.autopgd`), ``square`` (``square.py``) and ``autoattack`` (``autoattack.py``). The evaluation
+builds every row from an :class:`Attack` through the same registry, so a new kind is one file
+(``docs/architecture.md``).
+
+One job per file (each imports only the ones before it): ``constants.py`` (norms, starts, routings),
 ``objectives.py`` (the objectives and their registry), ``context.py`` (eval mode and routings while attacking, the
-deployed scoring), ``steps.py`` (gradient directions, steps, projections, random starts), ``pgd.py`` (PGD, FGSM,
-CW-inf, best iterate), ``spec.py`` (:class:`Attack` and the presets).
+deployed scoring), ``steps.py`` (gradient directions, steps, projections, random starts), ``kinds.py`` (the attack
+kinds' registry), ``pgd.py`` (PGD, FGSM, CW-inf, best iterate), ``spec.py`` (:class:`Attack` and the presets), then
+one file per further kind.
 """
 from .constants import (KEEPS, KINDS, NORMS, ROUTINGS, Routing, STARTS, STRAIGHT_THROUGH_TEMPERATURE)
 from .objectives import (NEEDS_CLEAN, OBJECTIVES, Objective, ObjectiveInput, aux_mean, aux_objective,
@@ -53,12 +60,18 @@ from .context import (StraightThrough, attack_context, attack_target, clean_rout
 from .steps import (Generators, draw_noise, input_grad_direction, output_grads, owned_float32, project, project_,
                     random_start_point, resolve_alpha, rows_finite_nonzero, rows_norm, select_rows_, start_kind,
                     step_)
+from .kinds import ATTACK_KINDS, AttackKind, get_attack_kind, register_attack_kind, resolve_options
 from .pgd import (AttackInfo, BestIterate, CW_OBJECTIVES, cw_inf, fgsm, is_cw_objective, pgd, resolve_routing)
 from .spec import (Attack, PRESETS, get_attack)
+# the kinds beyond the PGD family (after spec: they import casify.autopgd and casify.threat_model, which import it)
+from .apgd import APGD, APGDTargeted
+from .square import SQUARE_P_INIT, Square, load_square, square_attack
+from .autoattack import AutoAttack, load_autoattack
 
 # formerly private helpers, kept under their old names for code that reached into the module
 _input_grad_direction, _output_grads = input_grad_direction, output_grads
 
-__all__ = ["Attack", "AttackInfo", "KEEPS", "OBJECTIVES", "ObjectiveInput", "PRESETS", "ROUTINGS", "attack_context",
-           "clean_routing", "cw_inf", "cw_margin", "fgsm", "get_attack", "get_objective", "kl_per_example",
-           "objective_tag", "pgd", "register_objective", "resolve_alpha", "sees_aux"]
+__all__ = ["ATTACK_KINDS", "Attack", "AttackInfo", "AttackKind", "KEEPS", "OBJECTIVES", "ObjectiveInput", "PRESETS",
+           "ROUTINGS", "attack_context", "clean_routing", "cw_inf", "cw_margin", "fgsm", "get_attack",
+           "get_attack_kind", "get_objective", "kl_per_example", "objective_tag", "pgd", "register_attack_kind",
+           "register_objective", "resolve_alpha", "sees_aux"]

@@ -7,7 +7,7 @@ import torch
 
 
 NORMS = ("linf", "l2")
-KINDS = ("pgd", "fgsm", "cw")
+KINDS = ("pgd", "fgsm", "cw")  # the PGD family's kinds; every registered kind: casify.attacks.ATTACK_KINDS
 STARTS = ("uniform", "normal", "none")
 KEEPS = ("best", "last")
 ROUTINGS = ("predicted", "straight-through", "clean-predicted", "clean-soft", "labels")

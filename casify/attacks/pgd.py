@@ -1,4 +1,4 @@
-"""The iterative attacks: PGD (best iterate, restarts), FGSM and CW-inf."""
+"""The iterative attacks: PGD (best iterate, restarts), FGSM and CW-inf, and their attack kinds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from ..defenses import find_defense_modules
+from ..eps import format_radius
 from ..inputs import check_attack_inputs
 from .constants import KEEPS, NORMS, Routing
 from .context import attack_context, attack_target, clean_routing, deployed_routing, forward_logits, is_low_precision
-from .objectives import Objective, cw_margin, get_objective
+from .kinds import AttackKind, register_attack_kind
+from .objectives import Objective, cw_margin, get_objective, sees_aux
 from .steps import (Generators, input_grad_direction, output_grads, project_, random_start_point, resolve_alpha,
                     select_rows_, start_kind, step_)
 
@@ -227,3 +229,77 @@ def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8
     return pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm="linf", objective=objective, kappa=kappa,
                beta=beta, random_start=random_start, restarts=restarts, routing=routing, generator=generator,
                keep=keep, return_info=return_info)
+
+
+# -- the PGD family as attack kinds (casify.attacks.kinds) -----------------------------------------------------------
+@register_attack_kind("pgd")
+class PGD(AttackKind):
+    """:func:`pgd` on any objective and routing (the suites' PGD rows, and CW's through the ``"cw"`` kind)."""
+
+    def craft(self, attack, model, x, y, *, routing=None, generator=None, return_info=False):
+        return pgd(model, x, y, eps=attack.eps, alpha=attack.alpha, steps=attack.steps, norm=attack.norm,
+                   objective=attack.objective, random_start=attack.random_start, restarts=attack.restarts,
+                   beta=attack.beta, kappa=attack.kappa, start_std=attack.start_std,
+                   routing=attack.routing if routing is None else routing, generator=generator, keep=attack.keep,
+                   return_info=return_info)
+
+    def iterative(self, attack) -> bool:
+        return attack.steps > 1
+
+    def sees_aux(self, attack) -> bool:
+        return sees_aux(attack.objective) or attack.routing in ("straight-through", "clean-soft")
+
+    def describe(self, attack, defended: bool) -> str:
+        a = attack
+        if a.kind == "fgsm":
+            text = f"1 step of {format_radius(a.alpha, a.norm)}" + (" after a random start" if a.random_start != "none"
+                                                               else "")
+        else:
+            text = f"{a.steps} steps of {format_radius(a.alpha, a.norm)}" + (f", {a.restarts} restarts"
+                                                                       if a.restarts > 1 else "")
+            text += f", {a.random_start} start" if a.random_start != "none" else ", no random start"
+        if a.objective.startswith("cw"):
+            text += f", CW margin (kappa {a.kappa:g})" + {"cw": " of the final logits",
+                                                          "cw_cas": f" + {a.beta:g} * mean auxiliary margin"}.get(
+                a.objective, f" of auxiliary head {a.objective.split(':')[-1]}")
+        else:
+            text += f", objective {a.objective}"
+        if a.norm != "linf":
+            text += f", {a.norm} ball"
+        if a.routing == "clean-predicted":
+            text += "; crafted with every module routed by the clean predicted class"
+        elif a.routing == "clean-soft":
+            text += "; crafted with a soft routing: softmax of the clean aux logits (mean over modules)"
+        elif a.routing == "straight-through":
+            text += "; straight-through routing (argmax forward, softmax-mixture backward)"
+        text += "; best iterate" if a.keep == "best" else "; last iterate"
+        return text
+
+    def settings(self, attack, defended: bool) -> dict:
+        settings = attack.to_dict()
+        settings["routing"] = attack.routing or "predicted (by each module, as deployed)"
+        settings["eps_str"] = format_radius(attack.eps, attack.norm)
+        return settings
+
+
+@register_attack_kind("fgsm")
+class FGSM(PGD):
+    """One step, one restart (:func:`fgsm`)."""
+
+    def prepare(self, attack) -> None:
+        attack.steps, attack.restarts = 1, 1
+
+
+@register_attack_kind("cw")
+class CW(PGD):
+    """CW-inf (:func:`cw_inf`): L-inf PGD on a CW margin objective (``"ce"`` becomes ``"cw"``, ``"cas"``
+    ``"cw_cas"``, ``"aux:<i>"`` ``"cw_aux:<i>"``)."""
+    norms = ("linf",)
+
+    def prepare(self, attack) -> None:
+        attack.norm = "linf"
+        if not is_cw_objective(attack.objective):
+            if isinstance(attack.objective, str) and attack.objective.startswith("aux:"):
+                attack.objective = "cw_" + attack.objective
+            else:
+                attack.objective = "cw_cas" if attack.objective == "cas" else "cw"

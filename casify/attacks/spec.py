@@ -1,29 +1,35 @@
-"""An attack as data (:class:`Attack`: kind, budget, objective, routing) and the training presets."""
+"""An attack as data (:class:`Attack`: kind, budget, objective, routing, the kind's options) and the training presets.
+
+The spec is checked against its kind (:mod:`casify.attacks.kinds`) when it is made, and runs through it when called."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from ..inputs import check_eps
-from .constants import KEEPS, KINDS, NORMS, ROUTINGS, Routing
-from .objectives import get_objective, sees_aux
-from .pgd import is_cw_objective, pgd
+from .constants import KEEPS, Routing
+from .kinds import get_attack_kind, resolve_options
+from .objectives import get_objective
+from .pgd import PGD  # noqa: F401  (registers the pgd / fgsm / cw kinds the presets use)
 from .steps import Generators, resolve_alpha, start_kind
 
 @dataclass
 class Attack:
     """A named, serialisable attack setting: ``Attack(...)(model, x, y)`` returns adversarial examples.
 
-    ``kind`` is ``"pgd"``, ``"fgsm"`` (forces one step, one restart) or ``"cw"`` (forces L-inf and a CW margin
-    objective: ``"ce"`` becomes ``"cw"``, ``"cas"`` becomes ``"cw_cas"``, ``"aux:<i>"`` becomes ``"cw_aux:<i>"``).
-    ``eps`` and ``alpha`` are in pixel units; ``alpha=None`` resolves as in :func:`resolve_alpha`. ``routing`` is how
-    CAS modules route while crafting (``None`` = as deployed, ``"straight-through"``, ``"clean-predicted"``,
-    ``"clean-soft"``); ``keep`` is ``"best"`` (best iterate, the default) or ``"last"``. :meth:`to_dict` gives the
-    resolved settings for reports.
+    ``kind`` names a registered attack kind (:data:`casify.attacks.ATTACK_KINDS`; an unknown one is an error that
+    lists them): ``"pgd"``, ``"fgsm"`` (forces one step, one restart), ``"cw"`` (forces L-inf and a CW margin
+    objective: ``"ce"`` becomes ``"cw"``, ``"cas"`` becomes ``"cw_cas"``, ``"aux:<i>"`` becomes ``"cw_aux:<i>"``),
+    ``"apgd"`` / ``"apgd-t"`` (AutoAttack's APGD on casify's objectives), ``"square"`` (``steps`` queries) and
+    ``"autoattack"``. Each kind reads the fields it uses; ``options`` holds its own settings (checked against its
+    ``OPTIONS``, defaults filled in). ``eps`` and ``alpha`` are in pixel units; ``alpha=None`` resolves as in
+    :func:`resolve_alpha`. ``routing`` is how CAS modules route while crafting (``None`` = as deployed,
+    ``"straight-through"``, ``"clean-predicted"``, ``"clean-soft"``; a kind may accept others); ``keep`` is ``"best"``
+    (best iterate, the default) or ``"last"``. :meth:`to_dict` gives the resolved settings for reports.
     """
     name: str = "pgd"
     kind: str = "pgd"
@@ -39,26 +45,22 @@ class Attack:
     start_std: float = 0.001
     routing: Optional[str] = None
     keep: str = "best"
+    options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "fgsm":
-            self.steps, self.restarts = 1, 1
-        if self.kind == "cw":
-            self.norm = "linf"
-            if not is_cw_objective(self.objective):
-                if isinstance(self.objective, str) and self.objective.startswith("aux:"):
-                    self.objective = "cw_" + self.objective
-                else:
-                    self.objective = "cw_cas" if self.objective == "cas" else "cw"
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        get_objective(self.objective)
+        kind = get_attack_kind(self.kind)
+        kind.prepare(self)
+        if self.norm not in kind.norms:
+            raise ValueError(f"norm must be one of {kind.norms}, got {self.norm!r}")
+        if kind.objectives is None:
+            get_objective(self.objective)
+        elif self.objective not in kind.objectives:
+            raise ValueError(f"attack kind {self.kind!r}: objective must be one of {kind.objectives}, "
+                             f"got {self.objective!r}")
         if self.routing == "predicted":
             self.routing = None
-        if self.routing is not None and self.routing not in ROUTINGS:
-            raise ValueError(f"routing must be None or one of {ROUTINGS}, got {self.routing!r}")
+        if self.routing is not None and self.routing not in kind.routings:
+            raise ValueError(f"routing must be None or one of {kind.routings}, got {self.routing!r}")
         if self.keep not in KEEPS:
             raise ValueError(f"keep must be one of {KEEPS}, got {self.keep!r}")
         self.random_start = start_kind(self.random_start)
@@ -66,22 +68,32 @@ class Attack:
         # evaluation plan builds its rows first and sets their norm after (threat_model.with_norm)
         self.eps = check_eps(self.eps, norm=self.norm) if isinstance(self.eps, str) else float(self.eps)
         self.alpha = resolve_alpha(self.eps, self.steps, self.alpha)
+        self.options = resolve_options(kind, self.options)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, routing: Routing = None,
                  generator: Generators = None, return_info: bool = False):
-        """Craft adversarial examples; ``routing`` (a tensor or a name) overrides the spec's own routing."""
-        return pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                   objective=self.objective, random_start=self.random_start, restarts=self.restarts, beta=self.beta,
-                   kappa=self.kappa, start_std=self.start_std, routing=self.routing if routing is None else routing,
-                   generator=generator, keep=self.keep, return_info=return_info)
+        """Craft adversarial examples with the spec's kind; ``routing`` (a tensor or a name) overrides the spec's own
+        routing. ``return_info``: also return the kind's :class:`AttackInfo` (None for a kind that scores no
+        iterates)."""
+        out = get_attack_kind(self.kind).craft(self, model, x, y, routing=routing, generator=generator,
+                                               return_info=return_info)
+        if return_info and not isinstance(out, tuple):
+            return out, None
+        if not return_info and isinstance(out, tuple):
+            return out[0]
+        return out
 
     @property
     def sees_aux(self) -> bool:
-        """Whether the objective or the routing reaches the auxiliary heads (on a model with CAS modules)."""
-        return sees_aux(self.objective) or self.routing in ("straight-through", "clean-soft")
+        """Whether the attack reaches the auxiliary heads (on a model with CAS modules): for the PGD family, whether
+        the objective or the routing does."""
+        return get_attack_kind(self.kind).sees_aux(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["options"]:
+            del d["options"]  # a kind without options: the dict reads as before options existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Attack":

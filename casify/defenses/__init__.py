@@ -10,11 +10,12 @@
 """
 from .base import (DEFENSES, LAYOUTS, DefenseModule, Option, attack_aux_logits, attack_head_count, aux_logits, find_defense_modules, get_defense,
                    layout_of, register_defense, routed_modules, validate_options)
-from .cas import CASModule
+from .cas import CASModule, find_cas_modules
 from .cifs import CIFSModule
 from .fsr import FSRModule
 from .routed import CASRoutingWarning, RoutedDefense
 
-__all__ = ["DEFENSES", "LAYOUTS", "CASModule", "CASRoutingWarning", "CIFSModule", "DefenseModule", "FSRModule", "Option",
-           "RoutedDefense", "attack_aux_logits", "attack_head_count", "aux_logits", "find_defense_modules", "get_defense", "layout_of", "register_defense",
-           "routed_modules", "validate_options"]
+__all__ = ["DEFENSES", "LAYOUTS", "CASModule", "CASRoutingWarning", "CIFSModule", "DefenseModule", "FSRModule",
+           "Option", "RoutedDefense", "attack_aux_logits", "attack_head_count", "aux_logits", "find_cas_modules",
+           "find_defense_modules", "get_defense", "layout_of", "register_defense", "routed_modules",
+           "validate_options"]

@@ -2,7 +2,9 @@
 
 A row (:class:`Job`) knows how to craft ``x_adv`` for a batch and where its result goes; :func:`plan_rows` turns the
 caller's request (a suite, a list of attacks, AutoAttack, transfer, Square, the sweep, the checks' own attacks) into
-the rows, each with its seed. Nothing here runs a batch: :mod:`casify.evaluate.runner` does.
+the rows, each with its seed. Every attacked row is an :class:`~casify.attacks.Attack` run through its kind
+(:data:`casify.attacks.ATTACK_KINDS`): the kind crafts, describes the row and gives its settings; the plan names the
+row, ranks it in the cascade and seeds it. Nothing here runs a batch: :mod:`casify.evaluate.runner` does.
 """
 from __future__ import annotations
 
@@ -14,11 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..attacks import PRESETS, Attack, attack_context, objective_tag
+from ..attacks import PRESETS, Attack, get_attack_kind, objective_tag
 from ..defenses import attack_head_count, find_defense_modules
-from ..threat_model import autoattack_norm, ball_noise, format_radius, large_eps, with_norm
+from ..threat_model import ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
-from .blackbox import SQUARE_P_INIT, square_attack
 from .deployed import InputTied
 
 SUITES = ("quick", "standard")
@@ -69,9 +70,16 @@ CASCADE_RULE = ("rows run in this order, each after the first group only on the 
 APGD_STEPS = 100  # AutoAttack's own budget for APGD and APGD-T
 APGD_TARGETS = 3  # top-k targets of the targeted row (AutoAttack's standard version uses 9 with 1 restart each)
 APGD_ROWS = ("apgd-dlr", "apgd-t")
+# where the kinds beyond the PGD family run in the cascade, and what kind of row an Attack of that kind makes in a
+# custom list (a kind not named here ranks and reads as the PGD rows do: by its routing and objective)
+KIND_RANKS = {"apgd": "apgd", "apgd-t": "apgd", "autoattack": "autoattack", "square": "black-box"}
+KIND_ROWS = {"autoattack": "autoattack", "square": "black-box"}
+PGD_FAMILY = ("pgd", "fgsm", "cw")
 
 
 def cascade_rank(attack: Attack, role: Optional[str]) -> int:
+    if attack.kind in KIND_RANKS:
+        return CASCADE_RANKS[KIND_RANKS[attack.kind]]
     if role in ("fgsm", "pgd20"):
         return CASCADE_RANKS["every example"]
     if isinstance(attack.routing, str) and attack.routing == "straight-through":
@@ -149,33 +157,8 @@ def adaptive_rows(num_modules: int, eps: float, routed: bool = True) -> List[Tup
 
 
 def is_main_row(attack: Attack, cas: bool) -> bool:
-    return attack.routing is None and attack.objective in (("cas", "cw_cas") if cas else ("ce", "cw"))
-
-
-def describe_attack(a: Attack) -> str:
-    if a.kind == "fgsm":
-        text = f"1 step of {format_radius(a.alpha, a.norm)}" + (" after a random start"
-                                                                if a.random_start != "none" else "")
-    else:
-        text = f"{a.steps} steps of {format_radius(a.alpha, a.norm)}" + (f", {a.restarts} restarts"
-                                                                         if a.restarts > 1 else "")
-        text += f", {a.random_start} start" if a.random_start != "none" else ", no random start"
-    if a.objective.startswith("cw"):
-        text += f", CW margin (kappa {a.kappa:g})" + {"cw": " of the final logits",
-                                                      "cw_cas": f" + {a.beta:g} * mean auxiliary margin"}.get(
-            a.objective, f" of auxiliary head {a.objective.split(':')[-1]}")
-    else:
-        text += f", objective {a.objective}"
-    if a.norm != "linf":
-        text += f", {a.norm} ball"
-    if a.routing == "clean-predicted":
-        text += "; crafted with every module routed by the clean predicted class"
-    elif a.routing == "clean-soft":
-        text += "; crafted with a soft routing: softmax of the clean aux logits (mean over modules)"
-    elif a.routing == "straight-through":
-        text += "; straight-through routing (argmax forward, softmax-mixture backward)"
-    text += "; best iterate" if a.keep == "best" else "; last iterate"
-    return text
+    return (attack.kind in PGD_FAMILY and attack.routing is None
+            and attack.objective in (("cas", "cw_cas") if cas else ("ce", "cw")))
 
 
 def resolve_attack(spec: AttackSpec, eps: float, cas: bool, num_modules: int = 1) -> Tuple[str, Attack]:
@@ -197,19 +180,23 @@ def resolve_attack(spec: AttackSpec, eps: float, cas: bool, num_modules: int = 1
                      f"or a preset from {sorted(PRESETS)}")
 
 
-def gradient_job(name: str, kind: str, attack: Attack, target: nn.Module, in_worst_case: bool = True,
-                  notes: Optional[str] = None, family: str = "", role: Optional[str] = None) -> Job:
+def attack_job(name: str, kind: str, attack: Attack, target: nn.Module, in_worst_case: bool = True,
+               notes: Optional[str] = None, family: str = "", role: Optional[str] = None,
+               defended: bool = False) -> Job:
+    """The row ``name`` (of row kind ``kind``: white-box, adaptive, black-box, ...) that runs ``attack`` on ``target``
+    through its attack kind, which also gives the row's notes (unless ``notes``), settings and objective
+    (``defended``: the evaluated model has defense modules)."""
     attack = dataclasses.replace(attack, name=name)
+    attack_kind = get_attack_kind(attack.kind)
 
     def craft(x, y, batch, generator):
         return attack(target, x, y, generator=generator, return_info=True)
 
-    settings = attack.to_dict()
-    settings["routing"] = attack.routing or "predicted (by each module, as deployed)"
-    settings["eps_str"] = format_radius(attack.eps, attack.norm)
-    return Job(name, kind, attack.eps, settings, notes or describe_attack(attack), craft, in_worst_case,
-               family=family or name, objective=attack.objective, role=role, iterative=attack.steps > 1,
-               per_example_seed=True, rank=cascade_rank(attack, role))
+    return Job(name, kind, attack.eps, attack_kind.settings(attack, defended),
+               notes or attack_kind.describe(attack, defended), craft, in_worst_case, family=family or name,
+               objective=attack_kind.row_objective(attack, defended), role=role,
+               iterative=attack_kind.iterative(attack), per_example_seed=attack_kind.per_example_seed,
+               rank=cascade_rank(attack, role))
 
 
 def noise_job(eps: float, norm: str = "linf") -> Job:
@@ -227,66 +214,51 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool, norm: str = "l
     logits' DLR on a plain model); ``"apgd-t"``: APGD-T on the targeted DLR of the final and auxiliary logits for the
     top-:data:`APGD_TARGETS` targets, with every CAS module routed to the target while crafting (see
     :mod:`casify.autopgd`). Named ``apgd-dlr[cas]`` / ``apgd-t3[cas,target-routing]`` on a CAS model."""
-    from ..autopgd import apgd, apgd_targeted
     if base == "apgd-dlr":
         name = "apgd-dlr[cas]" if cas else "apgd-dlr"  # on a plain model: APGD on the final logits' DLR
-
-        def craft(x, y, batch, generator):
-            return apgd(target, x, y, eps=eps, steps=APGD_STEPS, loss="dlr_cas", generator=generator, norm=norm)
-        settings = {"attack": "APGD (AutoAttack's)", "steps": APGD_STEPS, "loss": "dlr_cas" if cas else "dlr",
-                    "routing": "predicted (by each module, as deployed)", "restarts": 1}
-        notes = (f"AutoAttack's APGD, {APGD_STEPS} steps, "
-                 + ("DLR of the final logits + 2 * mean DLR of the heads" if cas else "DLR"))
+        attack = Attack(name=name, kind="apgd", eps=eps, steps=APGD_STEPS, objective="dlr_cas", norm=norm)
     elif base == "apgd-t":
         name = f"apgd-t{APGD_TARGETS}[cas,target-routing]" if cas else f"apgd-t{APGD_TARGETS}"
-
-        def craft(x, y, batch, generator):
-            return apgd_targeted(target, x, y, eps=eps, steps=APGD_STEPS, n_targets=APGD_TARGETS,
-                                 routing="target" if cas else None, generator=generator, norm=norm)
-        settings = {"attack": "APGD-T (AutoAttack's)", "steps": APGD_STEPS, "targets": APGD_TARGETS,
-                    "loss": "targeted DLR" + (" of the final logits + 2 * mean over the heads" if cas else ""),
-                    "routing": "every CAS module routed to the target" if cas else "none (no CAS modules)"}
-        notes = (f"AutoAttack's APGD-T, {APGD_STEPS} steps per target, top-{APGD_TARGETS} targets, targeted DLR"
-                 + (" of the final and auxiliary logits, every module routed to the target" if cas else ""))
+        attack = Attack(name=name, kind="apgd-t", eps=eps, steps=APGD_STEPS, norm=norm,
+                        routing="target" if cas else None, options={"targets": APGD_TARGETS})
     else:
         raise ValueError(f"unknown APGD row {base!r}; choose one of {APGD_ROWS}")
-    settings.update(eps=eps, eps_str=format_radius(eps, norm), norm=norm, random_start="uniform, per example")
-    return Job(name, "adaptive" if cas else "white-box", eps, settings, notes, craft, family=base,
-               objective=settings["loss"], per_example_seed=True, rank=CASCADE_RANKS["apgd"])
+    return attack_job(name, "adaptive" if cas else "white-box", attack, target, family=base, defended=cas)
 
 
-def autoattack_job(aa_class, flavour: str, model: nn.Module, target: nn.Module, eps: float, seed: int,
-                    device, cas: bool = False, norm: str = "linf") -> Job:
-    """AutoAttack on ``target`` (the model with its input tied, same logits) in eval mode with predicted routing,
+def autoattack_job(aa_class, flavour: str, target: nn.Module, eps: float, seed: int, cas: bool = False,
+                   norm: str = "linf") -> Job:
+    """AutoAttack (``aa_class``, from the package ``flavour``, seeded with the evaluation's ``seed``) on ``target``
+    (the model with its input tied, same logits) on the batch's device, in eval mode with predicted routing,
     i.e. on the deployed logits; the explicit routing also overrides any label routing a caller left active.
-    Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``."""
+    Its gradient attacks see only the final logits, so on a CAS model the row is ``autoattack[final-logits]``.
+    AutoAttack flags its own doubts (zero gradients, Square beating the gradient attacks, randomness, ...) with
+    ``warnings.warn``: the row keeps them (``flags``, also in its settings) for the autoattack_flags check."""
+    name = "autoattack[final-logits]" if cas else "autoattack"
+    attack = Attack(name=name, kind="autoattack", eps=eps, norm=norm,
+                    options={"version": "standard", "seed": seed, "attack_class": aa_class, "package": flavour})
+    job = attack_job(name, "autoattack", attack, target, family=name, defended=cas)
     flags: List[str] = []
+    crafting = job.craft
 
     def craft(x, y, batch, generator):
-        x = x.contiguous()  # pyautoattack .view()s the input gradient, which fails on a permuted (NHWC) batch
-        # AutoAttack flags its own doubts (zero gradients, Square beating the gradient attacks, randomness, ...) with
-        # warnings.warn: keep them for the autoattack_flags check instead of letting them scroll by
-        with attack_context(model), warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if flavour == "pyautoattack":
-                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device,
-                              seed=seed)
-                out = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
-            else:
-                aa = aa_class(target, norm=autoattack_norm(norm), eps=eps, version="standard", device=device,
-                              seed=seed, verbose=False)
-                out = aa.run_standard_evaluation(x, y, bs=x.shape[0])
+            out = crafting(x, y, batch, generator)
         flags.extend(str(w.message) for w in caught if str(w.message) not in flags)
-        x_adv = out[0] if isinstance(out, tuple) else out
-        return x_adv.detach().to(x.device, x.dtype)
+        return out
 
-    name = "autoattack[final-logits]" if cas else "autoattack"
-    return Job(name, "autoattack", eps,
-               {"version": "standard", "norm": autoattack_norm(norm), "package": flavour, "seed": seed,
-                "eps_str": format_radius(eps, norm),
-                "flags": flags},  # filled while it runs: in the row's settings whether or not the checks run
-               "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) on the deployed logits", craft, family=name,
-               objective="ce" if not cas else "final logits (APGD-CE, APGD-T, FAB-T; Square: black-box)", flags=flags)
+    job.craft, job.flags = craft, flags
+    job.settings["flags"] = flags  # filled while it runs: in the row's settings whether or not the checks run
+    return job
+
+
+def square_job(queries: int, model: nn.Module, eps: float, norm: str = "linf") -> Job:
+    """Square (``queries`` queries, margin loss) on the deployed ``model``, one seed per batch from the row's
+    generator."""
+    name = f"square{queries}"
+    attack = Attack(name=name, kind="square", eps=eps, steps=int(queries), norm=norm)
+    return attack_job(name, "black-box", attack, model, family=name)
 
 
 @dataclass
@@ -312,7 +284,8 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
     tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
     suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.threat_model`; ``input_numel``,
-    the size of one input, sets the L2 check radius)."""
+    the size of one input, sets the L2 check radius). ``device`` is unused (every row runs on its batch's device);
+    kept for callers."""
     cas_modules = find_defense_modules(model)
     has_cas = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
@@ -327,7 +300,8 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         main = is_main_row(attack, has_cas)
         role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
         kind = kind or ("white-box" if main or not has_cas else "adaptive")
-        jobs.append(gradient_job(name, kind, attack, target, family=family_of(base, name, attack, has_cas), role=role))
+        jobs.append(attack_job(name, kind, attack, target, family=family_of(base, name, attack, has_cas), role=role,
+                               defended=has_cas))
 
     if isinstance(attacks, str):
         suite = attacks
@@ -346,7 +320,8 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
                 jobs.append(apgd_job(spec, target, eps, has_cas, norm))
                 continue
             base, attack = resolve_attack(spec, eps, has_cas, n_modules)
-            add_gradient_row(base, attack, kind="white-box" if isinstance(spec, Attack) else None)
+            add_gradient_row(base, attack, kind=KIND_ROWS.get(attack.kind, "white-box") if isinstance(spec, Attack)
+                             else None)
         if adaptive and has_cas:
             for base, attack in adaptive_rows(n_modules, eps, routed):
                 add_gradient_row(base, attack)
@@ -354,47 +329,40 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     if autoattack:
         aa_class, aa_flavour = blackbox.load_autoattack()
         extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
-        jobs.append(autoattack_job(aa_class, aa_flavour, model, target, eps, seed, device, has_cas, norm))
-        jobs[-1].rank = CASCADE_RANKS["autoattack"]
+        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, has_cas, norm))
     if transfer_from is not None:
         surrogate_obj = objective_for(bool(find_defense_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
-        jobs.append(gradient_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
+        jobs.append(attack_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
                                  notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
                                        f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
                                        "model"))
         jobs[-1].iterative = False  # its iterates are scored on the surrogate: no last-iterate evidence
         jobs[-1].rank = CASCADE_RANKS["black-box"]
     if square_queries > 0:
-        jobs.append(Job(f"square{square_queries}", "black-box", eps,
-                        {"n_queries": int(square_queries), "p_init": SQUARE_P_INIT, "loss": "margin", "norm": norm,
-                         "eps_str": format_radius(eps, norm)},
-                        f"Square attack, {square_queries} queries, margin loss, p_init {SQUARE_P_INIT}",
-                        lambda x, y, b, g: square_attack(model, x, y, eps=eps, n_queries=square_queries,
-                                                         generator=g, norm=norm), family=f"square{square_queries}",
-                        rank=CASCADE_RANKS["black-box"]))
+        jobs.append(square_job(square_queries, model, eps, norm))
     if checks:
         jobs.append(noise_job(eps, norm))
     sweep_jobs = []
     for e in sorted(float(v) for v in (eps_sweep or [])):
         attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(has_cas),
                         norm=norm)
-        sweep_jobs.append(gradient_job(attack.name, "sweep", attack, target, in_worst_case=False))
+        sweep_jobs.append(attack_job(attack.name, "sweep", attack, target, in_worst_case=False))
     check_jobs = []
     if checks:
         big = large_eps(norm, input_numel) if norm != "linf" else LARGE_EPS
         attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(has_cas),
                         norm=norm)
-        check_jobs.append(gradient_job(attack.name, "check", attack, target, in_worst_case=False,
+        check_jobs.append(attack_job(attack.name, "check", attack, target, in_worst_case=False,
                                        notes="large-eps PGD-20 for the eps_monotone check", role=LARGE_EPS_ROLE))
         if has_cas:
             # Check-only references for final_logits_vs_adaptive: never rows of the report.
-            check_jobs.append(gradient_job(
+            check_jobs.append(attack_job(
                 CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce", norm=norm), target,
                 in_worst_case=False,
                 notes="check only: PGD-20 on the final logits alone (CE), predicted routing"))
             if not any(j.role == "pgd20" for j in jobs):
-                check_jobs.append(gradient_job(
+                check_jobs.append(attack_job(
                     CHECK_ADAPTIVE, "check", Attack(eps=eps, steps=20, objective="cas", norm=norm), target,
                     in_worst_case=False,
                     notes="check only: adaptive PGD-20 (CE + beta * mean auxiliary CE), as the report has none"))
