@@ -37,7 +37,7 @@ from torch import nn
 
 import casify
 from casify import attacks
-from casify.cas import CASModule
+from casify.defenses import CASModule
 from casify.losses import get_loss
 
 

@@ -4,8 +4,10 @@ from .version import __version__  # noqa: F401
 import importlib as _importlib
 
 from . import attacks, losses, models  # models registers the paper's CIFAR models with timm (cifar_resnet18, cifar_wrn34_10, cifar_vgg16)
-# the defenses' public names, including CAS's compatibility ones (defined in casify.defenses, re-exported here)
-from .defenses import CASModule, CASRoutingWarning, aux_logits, find_cas_modules
+# the defense family's public names (each defense's module, the registry, find_defense_modules, aux_logits, and the
+# compatibility names of code written before the family engine), as casify.defenses lists them
+from . import defenses
+from .defenses import *  # noqa: F401,F403
 from .config import CASConfig
 from .discovery import Layer, LayerError, Layout, list_layers
 from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
@@ -20,11 +22,11 @@ from .tracing import TraceError
 _LAZY_SUBMODULES = ("analysis", "data", "evaluate", "train")
 
 __all__ = [
-    "analysis", "attacks", "data", "evaluate", "losses", "models", "train",
-    "CASConfig", "CASModel", "CASModule", "CASRoutingWarning", "InputNormalize", "InputRangeWarning", "Layer",
-    "LayerError", "Layout",
-    "LoadError", "TraceError", "aux_logits", "find_cas_modules", "from_pretrained", "list_layers", "push_to_hub", "route",
+    "analysis", "attacks", "data", "defenses", "evaluate", "losses", "models", "train",
+    "CASConfig", "CASModel", "InputNormalize", "InputRangeWarning", "Layer", "LayerError", "Layout",
+    "LoadError", "TraceError", "from_pretrained", "list_layers", "push_to_hub", "route",
     "save_pretrained", "unwrap", "wrap", "write_hub_folder",
+    *defenses.__all__,
 ]
 
 

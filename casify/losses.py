@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks
-from .cas import aux_logits
+from .defenses import aux_logits
 from .defenses import find_defense_modules
 from .routing import TRAIN_ROUTINGS, train_route
 

@@ -106,3 +106,5 @@ class CASModule(RoutedDefense):
 
 # find_cas_modules: kept for code written before the family engine; use find_defense_modules (it finds every defense)
 find_cas_modules = find_defense_modules
+
+__all__ = ["INITS", "CASModule", "find_cas_modules"]
