@@ -95,10 +95,10 @@ def test_a_new_kind_can_decide_the_worst_case(plain):
 def test_unknown_kinds_and_options_are_clear_errors():
     with pytest.raises(ValueError, match=r"unknown attack kind 'nope'; known kinds: \[.*'apgd'.*'pgd'.*'square'"):
         Attack(kind="nope")
-    with pytest.raises(ValueError, match=r"attack kind 'square' has no options \['queries'\]; its options: "
+    with pytest.raises(ValueError, match=r"attack kind 'square' has no option 'queries' \(in options\); its options are "
                                          r"\['p_init'\]"):
         Attack(kind="square", options={"queries": 10})
-    with pytest.raises(ValueError, match=r"option p_init=2 must be a number from 0.0 to 1.0"):
+    with pytest.raises(ValueError, match=r"options.p_init = 2 is not allowed; expected a number from 0.0 to 1.0"):
         Attack(kind="square", options={"p_init": 2})
     with pytest.raises(ValueError, match=r"objective must be one of \('margin',\)"):
         Attack(kind="square", objective="cas")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple, Type
 
-from ..defenses.base import Option
+from ..defenses.base import Option, check_options
 from ..eps import format_radius
 from .constants import NORMS, ROUTINGS
 
@@ -99,18 +99,8 @@ def get_attack_kind(name: str) -> AttackKind:
 
 
 def resolve_options(kind: AttackKind, options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """``options`` over the kind's defaults, each checked; an unknown name is an error that names the known ones."""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(kind.OPTIONS))
-    if unknown:
-        raise ValueError(f"attack kind {kind.name!r} has no options {unknown}; its options: {sorted(kind.OPTIONS)}")
-    resolved = {}
-    for key, option in kind.OPTIONS.items():
-        value = options.get(key, option.default)
-        if not option.check(value):
-            raise ValueError(f"attack kind {kind.name!r}: option {key}={value!r} must be {option.allowed}")
-        resolved[key] = value
-    return resolved
+    """``options`` over the kind's defaults, each checked (:func:`casify.defenses.base.check_options`)."""
+    return check_options(f"attack kind {kind.name!r}", kind.OPTIONS, options, where="options")
 
 
 __all__ = ["ATTACK_KINDS", "AttackKind", "get_attack_kind", "register_attack_kind", "resolve_options"]

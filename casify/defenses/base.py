@@ -145,22 +145,28 @@ def get_defense(name: str) -> Type[DefenseModule]:
     return DEFENSES[name]
 
 
-def validate_options(name: str, options: Optional[Dict[str, Any]], where: str = "options") -> Dict[str, Any]:
-    """``options`` of defense ``name`` with defaults filled in; unknown keys and values outside what each option
-    allows are refused with a message that names the option and what would be right (configs are untrusted)."""
-    cls = get_defense(name)
+def check_options(owner: str, declared: Dict[str, "Option"], options: Optional[Dict[str, Any]],
+                  where: str = "options") -> Dict[str, Any]:
+    """``options`` over the defaults of ``declared``, each checked: an unknown key or a value outside what its option
+    allows is refused with a message naming ``owner`` (e.g. "defense 'cifs'"), the option and what would be right
+    (configs are untrusted). Defenses and attack kinds both declare their options this way."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(cls.OPTIONS))
+    unknown = sorted(set(options) - set(declared))
     if unknown:
-        raise ValueError(f"defense {name!r} has no option {unknown[0]!r} (in {where}); its options are "
-                         f"{sorted(cls.OPTIONS) or 'none'}")
+        raise ValueError(f"{owner} has no option {unknown[0]!r} (in {where}); its options are "
+                         f"{sorted(declared) or 'none'}")
     out = {}
-    for key, spec in cls.OPTIONS.items():
+    for key, spec in declared.items():
         value = options.get(key, spec.default)
         if not spec.check(value):
-            raise ValueError(f"defense {name!r}: {where}.{key} = {value!r} is not allowed; expected {spec.allowed}")
+            raise ValueError(f"{owner}: {where}.{key} = {value!r} is not allowed; expected {spec.allowed}")
         out[key] = value
     return out
+
+
+def validate_options(name: str, options: Optional[Dict[str, Any]], where: str = "options") -> Dict[str, Any]:
+    """``options`` of defense ``name`` with defaults filled in (:func:`check_options`)."""
+    return check_options(f"defense {name!r}", get_defense(name).OPTIONS, options, where)
 
 
 def layout_of(channel_dim: int, ndim: int) -> str:
