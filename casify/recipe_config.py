@@ -322,6 +322,10 @@ def _typed(config: dict, method: str, sources: _Sources) -> Recipe:
         validate_options(defense.name, defense.options, where="model.defense_options")
     except ValueError as e:
         raise ConfigError(f"{sources.of('model', 'defense')}: model.defense: {e}") from None
+    try:
+        hub = HubSection(**config["hub"])
+    except ConfigError as e:
+        raise ConfigError(f"{sources.of_message('hub', str(e))}: {e}") from None
     output_dir = config["output_dir"] or run_name(config, method)
     try:
         train = TrainConfig(**{**config["train"], "method": method, "output_dir": output_dir})
@@ -334,12 +338,7 @@ def _typed(config: dict, method: str, sources: _Sources) -> Recipe:
         eval_eps = train.eps if ev.pop("eps") is None else parse_eps(config["eval"]["eps"])
     except ValueError as e:
         raise ConfigError(f"{sources.of('eval', 'eps')}: eval.eps: {e}") from None
-    hub = config["hub"]
-    try:
-        hub_section = HubSection(**hub)
-    except ConfigError as e:
-        raise ConfigError(f"{sources.of_message('hub', str(e))}: {e}") from None
     return Recipe(method=method, model=ModelSection(**model), defense=defense, data=DataSection(**config["data"]),
                   train=train, attack=TrainingAttack(eps=train.eps, steps=train.attack_steps, alpha=train.attack_alpha),
-                  eval=EvalSection(eps=eval_eps, seed=train.seed, **ev), hub=hub_section, output_dir=output_dir,
+                  eval=EvalSection(eps=eval_eps, seed=train.seed, **ev), hub=hub, output_dir=output_dir,
                   resume=config["resume"], overwrite=config["overwrite"])
