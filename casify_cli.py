@@ -69,6 +69,14 @@ def _norm(p: argparse.ArgumentParser) -> None:
                    help="threat model: linf (default; eps like 8/255) or l2 (eps a Euclidean radius, e.g. 0.5)")
 
 
+def _running(p: argparse.ArgumentParser) -> None:
+    """How an evaluation runs (the same options for eval, compare and benchmark): batch, seed, device, progress."""
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error (by default: one line naming the fix)")
@@ -104,9 +112,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="radius in pixel units: 8/255 (default) under --norm linf, e.g. 0.5 under --norm l2")
     _norm(p)
     p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
+    _running(p)
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack (standard version) on the deployed logits")
     p.add_argument("--transfer-from", default=None, help="surrogate model folder / Hub id for a transfer attack")
@@ -121,7 +127,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="run every attack on every example (the full table, each attack's own accuracy); default: a "
                         "cascade, strongest attacks first, each only on the examples still robust (same worst case)")
     p.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="folder for eval_report.json and eval_report.md (new or empty; see "
                                                "--overwrite)")
     _overwrite(p)
@@ -252,11 +257,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     _norm(p)
     p.add_argument("--eps-sweep", type=radius_arg, nargs="+", default=None, metavar="EPS")
     p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    _running(p)
     p.add_argument("--per-attack", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="folder for compare_report.json / .md and robustness_curves.png")
     _overwrite(p)
     _debug(p)
@@ -284,10 +286,7 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corruptions-dir", default=None, help="read the released CIFAR-10-C .npy arrays from here")
     p.add_argument("--model-name", default=None, help="the JSON's name (default: the model folder's name)")
     p.add_argument("--model-info-dir", default=None, help="write the model-info JSON and the report under it")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    _running(p)
     _debug(p)
     p.set_defaults(command="benchmark")
     return p
