@@ -135,36 +135,19 @@ def new_model(name: str, seed: int):
 
 
 def train_one(args, name: str, seed: int, train_set, val_set) -> None:
-    from casify.train import TrainConfig, Trainer
+    from casify.train import Trainer
     out = run_dir(args, name, seed)
     if (out / "train_record.json").exists():
         return
     method, layers, beta, routing = ARMS[name][:4]
-    p = claims.PROTOCOL
-    steps = p["attack_steps"]
-    cfg = TrainConfig(method=method, cas=bool(layers), beta=beta,
-                      loss_kwargs={} if routing == "label" else {"train_routing": routing},
-                      epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
-                      schedule="multistep", milestones=tuple(p["milestones"]), eps=EPS, attack_steps=steps,
-                      attack_alpha=2.5 * EPS / steps, defaults=p["defaults"], seed=seed,
-                      val_max_examples=p["val_size"], val_attack_steps=p["val_attack_steps"],
-                      checkpoint_every_steps=40, progress=False, output_dir=str(out))
+    cfg = claims.protocol_config(method, layers, seed, out, beta=beta,
+                                 loss_kwargs={} if routing == "label" else {"train_routing": routing})
     # AT / AT+CAS keep paper_claims' run identity, so that their seeds 0-2 retrain to the committed models
     study = "claims_rescore" if name in COMMITTED_SEEDS else "cas_study"
     trainer = Trainer(new_model(name, seed), train_set, val_set, cfg, identity={"study": study, "experiment": name})
-    partial = out / "train_seconds_partial.json"
-    prior = json.loads(partial.read_text())["seconds"] if partial.exists() else 0.0
-    start = time.time()
-
-    def save_seconds(tr):
-        if tr.state.global_step % 40 == 0:
-            partial.write_text(json.dumps({"seconds": prior + time.time() - start}))
-
-    trainer.callbacks.append(save_seconds)
-    print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
-    state = trainer.train(resume=True)
+    state, seconds = claims.train_timed(trainer, out, f"{name} s{seed}")
     folder = model_folder(args, name, seed)
-    record = {"arm": name, "seed": seed, "seconds": round(prior + time.time() - start, 1), "steps": state.global_step,
+    record = {"arm": name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
               "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
               "selected_folder": folder.name, "model_sha256": claims.sha256(folder / "model.safetensors"),
               "config": cfg.to_dict(), "torch": torch.__version__, "machine": platform.machine()}

@@ -95,23 +95,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def train_one(args, name: str, seed: int, train_set, val_set) -> None:
-    from casify.train import TrainConfig, Trainer
-    out = run_dir(args, name, seed)
-    record_path = out / "train_record.json"
-    if record_path.exists():
-        print(f"[train] {name} s{seed}: done, skipped", flush=True)
-        return
-    method, layers, _ = EXPERIMENTS[name]
+def protocol_config(method: str, layers, seed: int, out: Path, beta: float = 2.0, loss_kwargs=None):
+    """The protocol's TrainConfig for one run (cas_study trains its arms with it too)."""
+    from casify.train import TrainConfig
     steps = PROTOCOL["attack_steps"]
-    cfg = TrainConfig(method=method, cas=bool(layers), epochs=PROTOCOL["epochs"], batch_size=PROTOCOL["batch_size"],
-                      lr=PROTOCOL["lr"], weight_decay=PROTOCOL["weight_decay"], schedule="multistep",
-                      milestones=tuple(PROTOCOL["milestones"]), eps=EPS, attack_steps=steps,
-                      attack_alpha=2.5 * EPS / steps, defaults=PROTOCOL["defaults"], seed=seed,
-                      val_max_examples=PROTOCOL["val_size"], val_attack_steps=PROTOCOL["val_attack_steps"],
-                      checkpoint_every_steps=40, progress=False, output_dir=str(out))
-    trainer = Trainer(new_model(name, seed), train_set, val_set, cfg,
-                      identity={"study": "claims_rescore", "experiment": name})  # the study id of the committed runs
+    return TrainConfig(method=method, cas=bool(layers), beta=beta, loss_kwargs=dict(loss_kwargs or {}),
+                       epochs=PROTOCOL["epochs"], batch_size=PROTOCOL["batch_size"], lr=PROTOCOL["lr"],
+                       weight_decay=PROTOCOL["weight_decay"], schedule="multistep",
+                       milestones=tuple(PROTOCOL["milestones"]), eps=EPS, attack_steps=steps,
+                       attack_alpha=2.5 * EPS / steps, defaults=PROTOCOL["defaults"], seed=seed,
+                       val_max_examples=PROTOCOL["val_size"], val_attack_steps=PROTOCOL["val_attack_steps"],
+                       checkpoint_every_steps=40, progress=False, output_dir=str(out))
+
+
+def train_timed(trainer, out: Path, label: str):
+    """Train (resuming from the run's checkpoints); returns the final state and the wall-clock seconds over every
+    resumption (kept in ``train_seconds_partial.json`` at each checkpoint)."""
     partial = out / "train_seconds_partial.json"
     prior = json.loads(partial.read_text())["seconds"] if partial.exists() else 0.0
     start = time.time()
@@ -121,9 +120,23 @@ def train_one(args, name: str, seed: int, train_set, val_set) -> None:
             partial.write_text(json.dumps({"seconds": prior + time.time() - start}))
 
     trainer.callbacks.append(save_seconds)
-    print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
+    print(f"[train] {label}: {trainer.total_steps} steps", flush=True)
     state = trainer.train(resume=True)
-    seconds = prior + time.time() - start
+    return state, prior + time.time() - start
+
+
+def train_one(args, name: str, seed: int, train_set, val_set) -> None:
+    from casify.train import Trainer
+    out = run_dir(args, name, seed)
+    record_path = out / "train_record.json"
+    if record_path.exists():
+        print(f"[train] {name} s{seed}: done, skipped", flush=True)
+        return
+    method, layers, _ = EXPERIMENTS[name]
+    cfg = protocol_config(method, layers, seed, out)
+    trainer = Trainer(new_model(name, seed), train_set, val_set, cfg,
+                      identity={"study": "claims_rescore", "experiment": name})  # the study id of the committed runs
+    state, seconds = train_timed(trainer, out, f"{name} s{seed}")
     folder = model_folder(args, name, seed)
     record = {"experiment": name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
               "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
