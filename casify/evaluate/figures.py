@@ -59,6 +59,17 @@ def _curve_xy(report, key: str) -> Tuple[List[float], List[float]]:
     return xs, ys
 
 
+def _finish_curve(fig, ax, report, title: str, path) -> Path:
+    """The axes every accuracy-vs-radius figure shares (the radius in the report's norm, accuracy in %), saved."""
+    ax.set_xlabel(axis_label(report.norm))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title}\n{threat_line(report)}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    return _save(fig, Path(path))
+
+
 def plot_robustness_curve(report, path: Union[str, Path]) -> Path:
     """Accuracy against eps for one evaluation: natural at eps 0, the per-example worst case (bold) and each attack
     family (thin; "<=" marks a family that is an upper bound in a cascade), at this evaluation's eps and every eps of
@@ -79,13 +90,7 @@ def plot_robustness_curve(report, path: Union[str, Path]) -> Path:
     for p in report.robustness_curve:
         if abs(p["eps"] - report.eps) < 1e-12:
             ax.axvline(axis_value(p["eps"], report.norm), color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel(axis_label(report.norm))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"Robustness of {_model_name(report)} on {report.dataset}\n{threat_line(report)}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", frameon=False)
-    return _save(fig, Path(path))
+    return _finish_curve(fig, ax, report, f"Robustness of {_model_name(report)} on {report.dataset}", path)
 
 
 def plot_attacks(report, path: Union[str, Path]) -> Path:
@@ -143,13 +148,7 @@ def plot_overlaid_curves(reports: Sequence, labels: Sequence[str], path: Union[s
         xs, ys = _curve_xy(report, "worst_case")
         ax.plot(xs, ys, "o-", color=f"C{i % 10}", linewidth=2, label=f"{label}: worst case")
         ax.scatter([0.0], [100 * report.natural_accuracy], s=60, color=f"C{i % 10}", edgecolor="black", zorder=4)
-    ax.set_xlabel(axis_label(first.norm))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"Robustness curves on {first.dataset} (clean point at eps 0)\n{threat_line(first)}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", frameon=False)
-    return _save(fig, Path(path))
+    return _finish_curve(fig, ax, first, f"Robustness curves on {first.dataset} (clean point at eps 0)", path)
 
 
 __all__ = ["ATTACKS_FILE", "CURVE_FILE", "plot_attacks", "plot_overlaid_curves", "plot_robustness_curve",
