@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)```", re.S)
 RUN = ("python", "bash", "shell", "sh")
+PNG = b"\x89PNG\r\n\x1a\n"
+# figures a page's examples promise to write (relative to the page's folder): checked once its examples have run
+FIGURES = {"results.md": ["results/a-vs-b/robustness_curves.png", "results/a/attacks.png"]}
 
 
 def blocks(page: Path):
@@ -119,3 +122,5 @@ def test_the_examples_of_a_page_run(page, tmp_path, monkeypatch, one_thread):
                 done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
                 code, out, err = done.returncode, done.stdout, done.stderr
             assert code == 0, f"{page.name}: `{command}` failed:\n{out[-2000:]}\n{err[-3000:]}"
+    for figure in FIGURES.get(page.name, []):
+        assert (tmp_path / figure).read_bytes()[:8] == PNG, f"{page.name}: its examples wrote no {figure}"
