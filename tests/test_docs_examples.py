@@ -3,9 +3,9 @@
 The blocks of one file run in order, in one fresh folder (with ``recipes/`` linked in), so a later block may use a
 folder an earlier one saved; python blocks share one namespace per file. Bash blocks run line by line with ``casify``
 and ``python`` on the PATH; a ``casify`` command runs in this process through the console script's own entry point
-(``casify_cli.main``, what the installed ``casify`` calls), which spares each command a fresh interpreter importing torch
-and timm (seconds apiece); anything else runs as a subprocess. A comment on the line just above a fence changes how its
-block runs:
+(``casify_cli.main``, what the installed ``casify`` calls), which spares each command a fresh interpreter importing
+torch and timm (seconds apiece); anything else runs as a subprocess. A comment on the line just above a fence changes
+how its block runs:
 
     <!-- docs-test: skip (reason) -->       not run: it needs real data, the network, a GPU, or hours; say which
     <!-- docs-test: append ARGS -->         run each command with ARGS appended (a smaller budget, e.g. --max_steps 2)

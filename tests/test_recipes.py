@@ -186,9 +186,10 @@ def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config, mo
         monkeypatch.setenv(key, value)
     assert cli_main(["train", "--method", method, "--config", str(config), "--output_dir", str(out),
                      "--max_steps", "1", "--set", "model.pretrained=false", *data, "--set", "train.batch_size=4",
-                     "--set", "train.num_workers=0", "--set", "train.val_max_examples=4", "--set", "eval.max_examples=4",
-                     "--set", "eval.batch_size=4", "--set", "eval.suite=quick", "--set", "train.progress=false",
-                     "--set", "train.mixed_precision=no", "--set", "train.compile=false"]) in (0, None)
+                     "--set", "train.num_workers=0", "--set", "train.val_max_examples=4",
+                     "--set", "eval.max_examples=4", "--set", "eval.batch_size=4", "--set", "eval.suite=quick",
+                     "--set", "train.progress=false", "--set", "train.mixed_precision=no",
+                     "--set", "train.compile=false"]) in (0, None)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 4
 
