@@ -164,7 +164,8 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config, monkeypatch, one_thread):
     """Each config as shipped (model, CAS layers, init, method, loss, attack), one step on generated data: nothing
-    downloaded (pretrained weights off), nothing large (batch 4, a few evaluation images, float32: bf16 on a CPU is
+    downloaded (pretrained weights off), nothing large (batch 4, two validation and two test images: the suite's
+    attacks on them are most of the test's time, and the full evaluation is tested elsewhere; float32: bf16 on a CPU is
     slow, and the ImageNet test above runs it; eager: inductor's CPU compile of a ResNet-152 takes minutes, and
     tests/test_compile_switches.py covers train.compile). In this process, through what ``recipes/finetune_<method>.py``
     runs (``casify_cli.main(["train", "--method", method, ...])``), from the repository root with the scripts'
@@ -186,12 +187,12 @@ def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config, mo
         monkeypatch.setenv(key, value)
     assert cli_main(["train", "--method", method, "--config", str(config), "--output_dir", str(out),
                      "--max_steps", "1", "--set", "model.pretrained=false", *data, "--set", "train.batch_size=4",
-                     "--set", "train.num_workers=0", "--set", "train.val_max_examples=4",
-                     "--set", "eval.max_examples=4", "--set", "eval.batch_size=4", "--set", "eval.suite=quick",
+                     "--set", "train.num_workers=0", "--set", "train.val_max_examples=2",
+                     "--set", "eval.max_examples=2", "--set", "eval.batch_size=4", "--set", "eval.suite=quick",
                      "--set", "train.progress=false", "--set", "train.mixed_precision=no",
                      "--set", "train.compile=false"]) in (0, None)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 4
+    assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 2
 
 
 def test_every_recipe_script_is_the_train_command_with_its_method(tmp_path):
