@@ -1,3 +1,6 @@
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,6 +87,27 @@ def separable_data(n: int, seed: int, num_classes: int):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return (means[y] + 0.1 * torch.randn(n, 3, 8, 8, generator=g)).clamp(0, 1), y
+
+
+@functools.lru_cache(maxsize=None)
+def _fitted_small_convnet(seed: int, steps: int, num_classes: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = SmallConvNet(num_classes)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for i in range(steps):
+        x, y = separable_data(64, 100 + i, num_classes)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def fit_small_convnet(seed: int = 0, steps: int = 60, num_classes: int = 4) -> nn.Module:
+    """A SmallConvNet seeded with ``seed`` and trained with Adam (lr 1e-2) for ``steps`` steps of 64 fresh
+    ``separable_data`` images (step i draws seed 100 + i), in eval mode. Trained once per session for each setting
+    (several test files use the same net): every call returns a fresh deep copy, so a test may change its copy."""
+    return copy.deepcopy(_fitted_small_convnet(seed, steps, num_classes))
 
 
 def natural_loss(model, x, y):

@@ -6,12 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from casify.corruptions import ALL, CORRUPTIONS, CorruptedDataset, corrupt, load_cifar10c
 from casify.evaluate import benchmark, benchmark_info, corruption_accuracy, evaluate
 from casify.evaluate.benchmark import MODEL_INFO_FIELDS
-from conftest import SmallConvNet, separable_data
+from conftest import fit_small_convnet, separable_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,16 +19,7 @@ CLASSES = 4
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    net = SmallConvNet(CLASSES)
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for i in range(60):
-        x, y = separable_data(64, 100 + i, CLASSES)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval()
+    return fit_small_convnet(seed=0, steps=60, num_classes=CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import casify
 from casify.evaluate import IncomparableReports, compare_models, evaluate, paired
-from conftest import SmallConvNet, separable_data
+from conftest import fit_small_convnet, separable_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,16 +17,7 @@ EPS = 8 / 255
 
 
 def fit(seed, steps):
-    torch.manual_seed(seed)
-    model = SmallConvNet(CLASSES)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for i in range(steps):
-        x, y = separable_data(64, 100 + i, CLASSES)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return fit_small_convnet(seed=seed, steps=steps, num_classes=CLASSES)  # trained once per session, copied
 
 
 @pytest.fixture(scope="module")

@@ -179,10 +179,16 @@ def test_pgd_lowers_accuracy_and_adaptive_rows_are_at_least_as_strong(defense):
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
     assert clean >= 0.9
-    eps = 0.3
-    x_final = casify.attacks.pgd(model, x, y, eps=eps, steps=10, objective="ce")
+    # The classes are 0.6 apart (L-inf), so eps 0.3 sits at the midpoint, where whether a whole class falls to one
+    # attack and holds against another is decided by float rounding (a machine-dependent tie, e.g. FSR's 0.25 against
+    # 0.25). So the union at eps is held against final-logit PGD in a smaller ball (eps 0.25, well inside the
+    # margin), a weaker threat: final-logit PGD already fools most of three classes there, and the union must fool
+    # every example it fools, with no tolerance.
+    eps, smaller = 0.3, 0.25
+    x_final = casify.attacks.pgd(model, x, y, eps=smaller, steps=10, objective="ce")
     with torch.no_grad():
-        final = (model(x_final).argmax(1) == y).float().mean().item()
+        fooled_by_final = model(x_final).argmax(1) != y
+    final = 1 - fooled_by_final.float().mean().item()
     assert final < clean
     straight = casify.attacks.Attack(name="pgd20", eps=eps, steps=20, objective="cas", routing="straight-through")
     report = evaluate(model, torch.utils.data.TensorDataset(x, y), attacks=["pgd20", "adaptive", straight], eps=eps,
@@ -190,7 +196,9 @@ def test_pgd_lowers_accuracy_and_adaptive_rows_are_at_least_as_strong(defense):
                       progress=False, checks=False, per_attack=True)
     adaptive = [r for r in report.attacks if r.name.startswith(("pgd20[cas", "pgd20[aux"))]
     assert any("straight-through" in r.name for r in adaptive)
-    assert report.worst_case["accuracy"] <= final + 4 / 64  # the adaptive union is no weaker than final-logit PGD
+    assert report.worst_case["accuracy"] <= final  # the adaptive union is no weaker than final-logit PGD
+    missed = [i for i, (f, s) in enumerate(zip(fooled_by_final.tolist(), report.per_example["worst_case"])) if f and s]
+    assert not missed, f"examples final-logit PGD fools in the smaller ball that the union at eps missed: {missed}"
 
 
 @pytest.mark.parametrize("defense", ALL)

@@ -2,7 +2,10 @@
 
 The blocks of one file run in order, in one fresh folder (with ``recipes/`` linked in), so a later block may use a
 folder an earlier one saved; python blocks share one namespace per file. Bash blocks run line by line with ``casify``
-and ``python`` on the PATH. A comment on the line just above a fence changes how its block runs:
+and ``python`` on the PATH; a ``casify`` command runs in this process through the console script's own entry point
+(``casify_cli.main``, what the installed ``casify`` calls), which spares each command a fresh interpreter importing
+torch and timm (seconds apiece); anything else runs as a subprocess. A comment on the line just above a fence changes
+how its block runs:
 
     <!-- docs-test: skip (reason) -->       not run: it needs real data, the network, a GPU, or hours; say which
     <!-- docs-test: append ARGS -->         run each command with ARGS appended (a smaller budget, e.g. --max_steps 2)
@@ -10,6 +13,8 @@ and ``python`` on the PATH. A comment on the line just above a fence changes how
 Examples use the embedded digits and small models, so the whole file runs in about a minute. Relative links of the
 pages must point at files that exist.
 """
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -23,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- docs-test: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>[a-z]*)\n(?P<body>.*?)```", re.S)
 RUN = ("python", "bash", "shell", "sh")
+PNG = b"\x89PNG\r\n\x1a\n"
+# figures a page's examples promise to write (relative to the page's folder): checked once its examples have run
+FIGURES = {"results.md": ["results/a-vs-b/robustness_curves.png", "results/a/attacks.png"]}
 
 
 def blocks(page: Path):
@@ -63,6 +71,23 @@ def _bin(tmp: Path) -> Path:
     return bin_dir
 
 
+def _casify_in_process(args, monkeypatch, env):
+    """``casify ARGS`` as the console script runs it (``sys.exit(casify_cli.main())``), in this process and the test's
+    folder, with the bash examples' environment: (exit status, stdout, stderr)."""
+    import casify_cli
+    with monkeypatch.context() as m:
+        for key in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE"):
+            m.setenv(key, env[key])
+        m.setattr(sys, "argv", ["casify", *args])
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = casify_cli.main(args) or 0
+            except SystemExit as e:  # argparse errors and --help, as the console script would exit
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
 def _commands(body: str):
     """The commands of a bash block: continuation lines joined, comments and blank lines dropped."""
     joined = body.replace("\\\n", " ")
@@ -91,5 +116,11 @@ def test_the_examples_of_a_page_run(page, tmp_path, monkeypatch, one_thread):
         extra = shlex.split(marker[len("append "):]) if marker else []
         for command in _commands(body):
             argv = shlex.split(command) + extra
-            done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, f"{page.name}: `{command}` failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+            if argv[0] == "casify":
+                code, out, err = _casify_in_process(argv[1:], monkeypatch, env)
+            else:
+                done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                code, out, err = done.returncode, done.stdout, done.stderr
+            assert code == 0, f"{page.name}: `{command}` failed:\n{out[-2000:]}\n{err[-3000:]}"
+    for figure in FIGURES.get(page.name, []):
+        assert (tmp_path / figure).read_bytes()[:8] == PNG, f"{page.name}: its examples wrote no {figure}"

@@ -170,11 +170,16 @@ CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config):
+def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config, monkeypatch, one_thread):
     """Each config as shipped (model, CAS layers, init, method, loss, attack), one step on generated data: nothing
-    downloaded (pretrained weights off), nothing large (batch 4, a few evaluation images, float32: bf16 on a CPU is
+    downloaded (pretrained weights off), nothing large (batch 4, two validation and two test images: the suite's
+    attacks on them are most of the test's time, and the full evaluation is tested elsewhere; float32: bf16 on a CPU is
     slow, and the ImageNet test above runs it; eager: inductor's CPU compile of a ResNet-152 takes minutes, and
-    tests/test_compile_switches.py covers train.compile)."""
+    tests/test_compile_switches.py covers train.compile). In this process, through what ``recipes/finetune_<method>.py``
+    runs (``casify_cli.main(["train", "--method", method, ...])``), from the repository root with the scripts'
+    environment: the scripts themselves run as subprocesses above, and a fresh interpreter per config would spend
+    most of the test importing torch and timm."""
+    from casify_cli import main as cli_main
     method = yaml.safe_load(config.read_text())["method"]
     data = ["--set", f"data.name={_generated_npz(tmp_path / 'data.npz')}", "--set", "data.val_size=8"]
     if config.stem.startswith("imagenet"):
@@ -184,13 +189,30 @@ def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config):
     elif config.stem.startswith("digits"):
         data = []
     out = tmp_path / "run"
-    _run([sys.executable, f"recipes/finetune_{method}.py", "--config", str(config), "--output_dir", str(out),
-          "--max_steps", "1", "--set", "model.pretrained=false", *data, "--set", "train.batch_size=4",
-          "--set", "train.num_workers=0", "--set", "train.val_max_examples=4", "--set", "eval.max_examples=4",
-          "--set", "eval.batch_size=4", "--set", "eval.suite=quick", "--set", "train.progress=false",
-          "--set", "train.mixed_precision=no", "--set", "train.compile=false"], tmp_path)
+    monkeypatch.chdir(ROOT)
+    for key, value in {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                       "ACCELERATE_CONFIG_FILE": str(tmp_path / "no-accelerate-config.yaml")}.items():
+        monkeypatch.setenv(key, value)
+    assert cli_main(["train", "--method", method, "--config", str(config), "--output_dir", str(out),
+                     "--max_steps", "1", "--set", "model.pretrained=false", *data, "--set", "train.batch_size=4",
+                     "--set", "train.num_workers=0", "--set", "train.val_max_examples=2",
+                     "--set", "eval.max_examples=2", "--set", "eval.batch_size=4", "--set", "eval.suite=quick",
+                     "--set", "train.progress=false", "--set", "train.mixed_precision=no",
+                     "--set", "train.compile=false"]) in (0, None)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 4
+    assert summary["steps"] == 1 and summary["method"] == method and summary["test"]["n"] == 2
+
+
+def test_every_recipe_script_is_the_train_command_with_its_method(tmp_path):
+    """The configs above run in this process through what each ``recipes/finetune_<method>.py`` runs; here every
+    script a config names runs as a user runs it (``--help`` answers without importing torch) and passes its method."""
+    methods = sorted({yaml.safe_load(c.read_text())["method"] for c in CONFIGS})
+    assert methods == ["at", "mart", "trades"]
+    for method in methods:
+        script = ROOT / "recipes" / f"finetune_{method}.py"
+        assert f'main(["train", "--method", "{method}", *sys.argv[1:]])' in script.read_text(), script.name
+        proc = _run([sys.executable, str(script.relative_to(ROOT)), "--help"], tmp_path)
+        assert "--config" in proc.stdout and "--max-steps" in proc.stdout
 
 
 @pytest.mark.parametrize("defense", ["cifs", "fsr"])

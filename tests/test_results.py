@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import casify
 from casify.evaluate import EvalReport, evaluate, load_report
@@ -16,7 +15,7 @@ from casify.evaluate.runner import check_threat_model
 from casify.progress import LineProgress, progress_bar
 from casify.run_table import format_run_table
 from casify.threat_model import ball_noise, distance, format_radius, parse_radius
-from conftest import SmallConvNet, separable_data
+from conftest import SmallConvNet, fit_small_convnet, separable_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,22 +23,9 @@ CLASSES = 4
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def fit(model, steps=60, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for i in range(steps):
-        x, y = separable_data(64, 100 + i, CLASSES)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return fit(SmallConvNet(CLASSES))
+    return fit_small_convnet(seed=0, steps=60, num_classes=CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +266,7 @@ def test_report_built_by_hand_still_saves(tmp_path):
 DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 
-def test_docs_python_example_runs(tmp_path, monkeypatch):
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        exec(compile(block, str(DOCS), "exec"), {"__name__": "docs_example"})
-    assert (tmp_path / "results" / "a-vs-b" / "robustness_curves.png").read_bytes()[:8] == PNG
-    assert (tmp_path / "results" / "a" / "attacks.png").read_bytes()[:8] == PNG
+# docs/results.md's python example runs (and its figures are checked) in tests/test_docs_examples.py
 
 
 def test_docs_commands_are_real_options():
