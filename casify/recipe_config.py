@@ -133,10 +133,6 @@ class Recipe:
     resume: bool = True
     overwrite: bool = False
 
-    @property
-    def wraps_a_defense(self) -> bool:
-        return bool(self.train.cas)
-
     def identity(self) -> dict:
         """What identifies the run beyond its TrainConfig (the run folder's record): the model and data settings,
         spelled as the YAML spells them, so run folders written by earlier versions resume."""
