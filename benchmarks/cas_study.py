@@ -520,6 +520,8 @@ def figure(record: dict, path: Path) -> None:
 PAPER_CLAIMS = {
     "at_cas": ("+2.4", "CAS paper Table 2, PGD-20"), "trades_cas": ("+0.1", "CAS paper Table 11, AutoAttack"),
     "mart_cas": ("+1.4", "CAS paper Table 11, AutoAttack"), "at_cas_beta5": ("larger beta helps", "CAS paper Fig. 8"),
+    # Appendix D: beta in {0, 0.5, 1, 2, 5, 10, 20}; "the models trained with larger beta are generally more robust"
+    "at_cas_beta0.5": ("grows with beta", "CAS paper Fig. 8"), "at_cas_beta1": ("grows with beta", "CAS paper Fig. 8"),
     "at_cas_predicted": ("(not in the paper)", ""), "at_cas_soft": ("(not in the paper)", ""),
     "at_cifs": ("+4.6", "CIFS authors' logs, PGD-20 51.23 vs 46.62"), "at_fsr": ("up to +8.6", "FSR abstract"),
 }
@@ -549,6 +551,7 @@ def headline_table(args, record: dict, family: dict) -> str:
                 **{c["A"]: {"worst_case": c["seed_rule"]} for c in record.get("claims_rescored", {}).values()
                    if c["A"] != "at_cas"}}
     rows = [("CAS", "AT", "at_cas", "at"), ("CAS", "TRADES", "trades_cas", "trades"), ("CAS", "MART", "mart_cas", "mart"),
+            ("CAS, beta 0.5", "AT", "at_cas_beta0.5", "at"), ("CAS, beta 1", "AT", "at_cas_beta1", "at"),
             ("CAS, beta 5", "AT", "at_cas_beta5", "at"), ("CAS, label-free routing (own argmax)", "AT",
                                                            "at_cas_predicted", "at"),
             ("CAS, label-free routing (soft)", "AT", "at_cas_soft", "at"), ("CIFS", "AT", "at_cifs", "at"),
