@@ -205,9 +205,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 # -- train -----------------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import CommandLine, load_recipe, run
+    from .recipe import CommandLine, load_recipe
+    from .recipe import run as run_recipe
 
-    run(load_recipe(args.config, CommandLine.from_args(args)))
+    run_recipe(load_recipe(args.config, CommandLine.from_args(args)))
     return 0
 
 

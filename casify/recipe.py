@@ -52,8 +52,10 @@ def build_base_model(spec: ModelSection) -> nn.Module:
     return model
 
 
-def build_model(spec: ModelSection, defense: DefenseSection = DefenseSection()) -> nn.Module:
-    """The model to fine-tune: a saved casify folder as it is, or a base model wrapped with the configured defense."""
+def build_model(spec: ModelSection, defense: Optional[DefenseSection] = None) -> nn.Module:
+    """The model to fine-tune: a saved casify folder as it is, or a base model wrapped with the configured defense
+    (default: CAS with its default options)."""
+    defense = defense or DefenseSection()
     if spec.name and Path(spec.name).is_dir() and (Path(spec.name) / "config.json").exists():
         return from_pretrained(spec.name)
     base = build_base_model(spec)

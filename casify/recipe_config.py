@@ -41,7 +41,7 @@ DEFAULTS = {
 }
 TOP_LEVEL = set(DEFAULTS) | {"method"}
 FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("model", "normalize"), ("eval", "eps")}  # checked elsewhere
-COMMAND_LINE = "the command line (--set)"
+SET_OPTION = "the command line (--set)"
 FLAGS = "the command line"  # --output_dir, --max_steps, --push_to_hub, ...
 
 
@@ -112,6 +112,8 @@ class HubSection:
     force: bool = False
 
     def __post_init__(self):
+        for name in ("push", "private", "force"):
+            object.__setattr__(self, name, bool(getattr(self, name)))  # null in the YAML: off
         if self.push and not self.model_id:
             raise ConfigError("--push_to_hub needs --hub_model_id user/name (or hub.model_id in the config)")
         if self.model_id is not None and (not isinstance(self.model_id, str) or self.model_id.count("/") != 1):
@@ -120,18 +122,29 @@ class HubSection:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole run, typed: what :func:`casify.recipe.run` trains, evaluates and publishes."""
-    method: str
+    """A whole run, typed: what :func:`casify.recipe.run` trains, evaluates and publishes. Frozen: a field is not
+    reassigned (``dataclasses.replace`` makes a changed copy); the method, the run folder and the training attack are
+    read off ``train``, so they cannot disagree with it."""
     model: ModelSection
     defense: DefenseSection
     data: DataSection
     train: TrainConfig  # method and output_dir filled in
-    attack: TrainingAttack
     eval: EvalSection
     hub: HubSection
-    output_dir: str
     resume: bool = True
     overwrite: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.train.method
+
+    @property
+    def output_dir(self) -> str:
+        return self.train.output_dir
+
+    @property
+    def attack(self) -> TrainingAttack:
+        return TrainingAttack(eps=self.train.eps, steps=self.train.attack_steps, alpha=self.train.attack_alpha)
 
     def identity(self) -> dict:
         """What identifies the run beyond its TrainConfig (the run folder's record): the model and data settings,
@@ -159,7 +172,7 @@ class CommandLine:
         """From parsed :func:`casify_cli.add_train_arguments` options."""
         return cls(overrides=tuple(args.set or ()), method=method or getattr(args, "method", None),
                    output_dir=args.output_dir, max_steps=args.max_steps, no_resume=args.no_resume,
-                   overwrite=args.overwrite, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
+                   overwrite=args.overwrite, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id or None,
                    force_push=args.force_push)
 
 
@@ -207,44 +220,26 @@ def _read_file(path: Optional[str]) -> dict:
     return data
 
 
-class _Sources:
-    """Where each setting came from, so an error names the file or the command line (the one that wrote it)."""
-
-    def __init__(self, path: Optional[str], written: dict):
-        self.path, self.written = path or "config", written  # written: key path -> who wrote it
-
-    def of(self, *key: str) -> str:
-        for w, source in self.written.items():
-            if w[:len(key)] == key or key[:len(w)] == w:  # it, a parent or a child
-                return source
-        return self.path
-
-    def of_message(self, section: str, message: str) -> str:
-        """For an error raised by a section's own checks: the command line if it wrote a setting the message names."""
-        for k, source in self.written.items():
-            if k[0] == section and len(k) > 1 and k[1] in message:
-                return source
-        return self.path
+class _Invalid(Exception):
+    """A check failed; :func:`load_recipe` adds where the setting came from (the file or the command line)."""
 
 
-def _check_keys_and_types(config: dict, sources: _Sources) -> None:
+def _check_keys_and_types(config: dict) -> None:
     """Every key known, every value of the right type: a typo is an error naming the closest known setting, not a
     silently ignored line."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "output_dir"}
     for key in config:
         if key not in TOP_LEVEL:
-            raise ConfigError(f"{sources.of(key)}: unknown setting {key!r}{_closest(key, TOP_LEVEL)} "
-                              f"(known: {sorted(TOP_LEVEL)})")
+            raise _Invalid(f"unknown setting {key!r}{_closest(key, TOP_LEVEL)} (known: {sorted(TOP_LEVEL)})")
     for section in ("model", "data", "eval", "hub", "train"):
         values = config.get(section)
         if not isinstance(values, dict):
-            raise ConfigError(f"{sources.of(section)}: {section} must be a mapping of settings, got {values!r}")
+            raise _Invalid(f"{section} must be a mapping of settings, got {values!r}")
         known = train_fields if section == "train" else set(DEFAULTS[section])
         for key, value in values.items():
-            where = sources.of(section, key)
             if key not in known:
-                raise ConfigError(f"{where}: unknown setting {section}.{key}{_closest(key, known)} "
-                                  f"(known {section} settings: {sorted(known)})")
+                raise _Invalid(f"unknown setting {section}.{key}{_closest(key, known)} "
+                               f"(known {section} settings: {sorted(known)})")
             default = None if section == "train" else DEFAULTS[section][key]
             if (section, key) in FREE_FORM or default is None or value is None:
                 continue
@@ -252,16 +247,15 @@ def _check_keys_and_types(config: dict, sources: _Sources) -> None:
             if key == "cas_layers":
                 expected = (str, list)
             if not isinstance(value, expected) or isinstance(value, bool) and not isinstance(default, bool):
-                raise ConfigError(f"{where}: {section}.{key} must be a {type(default).__name__} like {default!r}, "
-                                  f"got {value!r}")
+                raise _Invalid(f"{section}.{key} must be a {type(default).__name__} like {default!r}, got {value!r}")
     for key in ("resume", "overwrite"):
         if not isinstance(config.get(key), bool):
-            raise ConfigError(f"{sources.of(key)}: {key} must be true or false, got {config.get(key)!r}")
+            raise _Invalid(f"{key} must be true or false, got {config.get(key)!r}")
     if config.get("output_dir") is not None and not isinstance(config["output_dir"], str):
-        raise ConfigError(f"{sources.of('output_dir')}: output_dir must be a folder path, got {config['output_dir']!r}")
+        raise _Invalid(f"output_dir must be a folder path, got {config['output_dir']!r}")
     method = config.get("method")
     if method is not None and method not in METHODS:
-        raise ConfigError(f"{sources.of('method')}: method must be one of {METHODS}, got {method!r}")
+        raise _Invalid(f"method must be one of {METHODS}, got {method!r}")
 
 
 def run_name(config: dict, method: str) -> str:
@@ -275,66 +269,96 @@ def run_name(config: dict, method: str) -> str:
     return f"outputs/{method}{cas}-{model}-{data}-s{config['train'].get('seed', 0)}-{digest}"
 
 
-def _apply_command_line(config: dict, cli: CommandLine, written: dict) -> None:
+def _apply_command_line(config: dict, cli: CommandLine) -> None:
     flags = {("output_dir",): cli.output_dir, ("train", "max_steps"): cli.max_steps,
              ("resume",): False if cli.no_resume else None, ("overwrite",): True if cli.overwrite else None,
-             ("hub", "push"): True if cli.push_to_hub else None, ("hub", "model_id"): cli.hub_model_id,
+             ("hub", "push"): True if cli.push_to_hub else None, ("hub", "model_id"): cli.hub_model_id or None,
              ("hub", "force"): True if cli.force_push else None}
     for key, value in flags.items():
         if value is not None:
             node = config
             for part in key[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise _Invalid(f"{part} must be a mapping of settings, got {node.get(part)!r}")
                 node = node[part]
             node[key[-1]] = value
-            written[key] = FLAGS
 
 
-def _resolve_method(config: dict, cli: CommandLine, path: Optional[str]) -> str:
+def _checked(config: dict, method: Optional[str], sources: Dict[str, str]) -> Recipe:
+    """Check and type a merged mapping (``method``: the command's, if any); raises :class:`_Invalid` or
+    :class:`ConfigError` (a contradiction whose message says where each side came from)."""
+    _check_keys_and_types(config)
     written = config.pop("method", None)
-    if cli.method and written and cli.method != written:
-        raise ConfigError(f"{path} is a {written} config but the command asks for {cli.method}: run it with "
-                          f"recipes/finetune_{written}.py or casify train --config {path}, or drop one of the two")
-    return cli.method or written or "at"
+    if method and written and method != written:
+        where = sources.get("method", "config")
+        if where == SET_OPTION:
+            raise ConfigError(f"--set method={written} contradicts the command's method {method}; drop one of the two")
+        raise ConfigError(f"{where} says method: {written}, but the command asks for {method}: run it with "
+                          f"recipes/finetune_{written}.py or casify train --config {where}, or drop one of the two")
+    return _typed(config, method or written or "at")
 
 
 def load_recipe(path: Optional[str] = None, cli: Optional[CommandLine] = None) -> Recipe:
-    """Read, check and type a recipe in one pass: defaults < ``path`` < ``cli.overrides`` (``--set``) < the flags."""
+    """Read, check and type a recipe once: defaults < ``path`` < ``cli.overrides`` (``--set``) < the command's flags.
+
+    An error names where the bad setting came from. The mapping is checked once; only when that check fails is it
+    repeated on the file alone, then with ``--set``, and the first of those that fails the same way is named."""
     cli = cli or CommandLine()
-    config = _merge(DEFAULTS, _read_file(path))
-    written: dict = {}
+    stages = [(path or "config", _merge(DEFAULTS, _read_file(path)))]
+    config = copy.deepcopy(stages[0][1])
     for item in cli.overrides:
-        written[_set(config, item)] = COMMAND_LINE
-    _apply_command_line(config, cli, written)
-    sources = _Sources(path, written)
-    _check_keys_and_types(config, sources)
-    method = _resolve_method(config, cli, path)
-    return _typed(config, method, sources)
+        _set(config, item)
+    stages.append((SET_OPTION, copy.deepcopy(config)))
+    method_source = SET_OPTION if any(o.split("=", 1)[0].strip() == "method" for o in cli.overrides) else path
+    try:
+        _apply_command_line(config, cli)
+        return _checked(config, cli.method, {"method": method_source or "config"})
+    except _Invalid as failure:
+        message = str(failure)
+        for source, stage in stages:
+            try:
+                _checked(copy.deepcopy(stage), None, {})
+            except (_Invalid, ConfigError) as earlier:
+                if str(earlier) == message:
+                    raise ConfigError(f"{source}: {message}") from None
+            except Exception:  # a stage that fails otherwise (e.g. a flag's section is not a mapping there yet)
+                pass
+        raise ConfigError(f"{FLAGS if _has_flags(cli) else SET_OPTION}: {message}") from None
 
 
-def _typed(config: dict, method: str, sources: _Sources) -> Recipe:
+def _has_flags(cli: CommandLine) -> bool:
+    return any((cli.output_dir, cli.max_steps is not None, cli.no_resume, cli.overwrite, cli.push_to_hub,
+                cli.hub_model_id, cli.force_push))
+
+
+def _typed(config: dict, method: str) -> Recipe:
     model = dict(config["model"])
     defense = DefenseSection(name=model.pop("defense") or "cas", options=dict(model.pop("defense_options") or {}))
     try:
         validate_options(defense.name, defense.options, where="model.defense_options")
     except ValueError as e:
-        raise ConfigError(f"{sources.of('model', 'defense')}: model.defense: {e}") from None
+        raise _Invalid(f"model.defense: {e}") from None
     try:
         hub = HubSection(**config["hub"])
     except ConfigError as e:
-        raise ConfigError(f"{sources.of_message('hub', str(e))}: {e}") from None
+        raise _Invalid(str(e)) from None
     output_dir = config["output_dir"] or run_name(config, method)
     try:
         train = TrainConfig(**{**config["train"], "method": method, "output_dir": output_dir})
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{sources.of_message('train', str(e))}: {e}") from None
+        raise _Invalid(str(e)) from None
     ev = dict(config["eval"])
     if ev["suite"] not in SUITES:
-        raise ConfigError(f"{sources.of('eval', 'suite')}: eval.suite must be one of {SUITES}, got {ev['suite']!r}")
+        raise _Invalid(f"eval.suite must be one of {SUITES}, got {ev['suite']!r}")
+    eps = ev.pop("eps")
     try:
-        eval_eps = train.eps if ev.pop("eps") is None else parse_eps(config["eval"]["eps"])
+        eval_eps = train.eps if eps is None else parse_eps(eps)
     except ValueError as e:
-        raise ConfigError(f"{sources.of('eval', 'eps')}: eval.eps: {e}") from None
-    return Recipe(method=method, model=ModelSection(**model), defense=defense, data=DataSection(**config["data"]),
-                  train=train, attack=TrainingAttack(eps=train.eps, steps=train.attack_steps, alpha=train.attack_alpha),
-                  eval=EvalSection(eps=eval_eps, seed=train.seed, **ev), hub=hub, output_dir=output_dir,
-                  resume=config["resume"], overwrite=config["overwrite"])
+        raise _Invalid(f"eval.eps: {e}") from None
+    if eval_eps <= 0:
+        raise _Invalid(f"eval.eps must be above 0 (e.g. 8/255), got {eps!r}")
+    if not model.get("name"):  # last: the checks above run first, whichever source holds the name
+        raise _Invalid("model.name is required (a timm name, 'torchvision:<name>', or a casify folder)")
+    return Recipe(model=ModelSection(**model), defense=defense, data=DataSection(**config["data"]), train=train,
+                  eval=EvalSection(eps=eval_eps, seed=train.seed, **ev), hub=hub, resume=config["resume"],
+                  overwrite=config["overwrite"])

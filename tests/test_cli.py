@@ -94,6 +94,43 @@ def test_a_bad_set_names_the_command_line_not_the_yaml():
             path.unlink(missing_ok=True)
 
 
+YAML_EDITS = {  # a bad value in the file, next to an unrelated --set in the same section
+    "attack_steps": ("  attack_steps: 2", "  attack_steps: ten"),
+    "val_max_examples": ("  val_max_examples: 64", "  val_max_examples: x"),
+    "batch_size": ("  batch_size: 32", "  batch_size: 0"),
+    "hub": (None, "hub: {model_id: pushme}\n"),
+    "defense_options": ("  init: paper", "  init: paper\n  defense_options: {bogus: 1}"),
+}
+
+
+@pytest.mark.parametrize("case", [
+    # (what the YAML changes, --set overrides, flags, who must be named, a phrase of the message)
+    (None, ["model.defense_options.bogus=1"], {}, "set", "no option 'bogus'"),
+    (None, ["train={lr: 0.1, eps: 8}"], {}, "set", "eps"),
+    (None, ["hub={push: true}"], {}, "set", "--hub_model_id"),
+    ("attack_steps", ["train.eps=4/255"], {}, "file", "attack_steps"),
+    ("val_max_examples", ["train.attack_steps=3"], {}, "file", "val_max_examples"),
+    ("batch_size", ["train.grad_accum=2"], {}, "file", "batch_size"),
+    (None, [], {"hub_model_id": "pushme"}, "flags", "user/name"),
+    (None, ["train=5"], {"max_steps": 1}, "set", "train must be a mapping"),
+    ("hub", [], {"push_to_hub": True}, "file", "user/name"),
+    ("defense_options", ["model.defense=cas"], {}, "file", "no option 'bogus'"),
+])
+def test_every_error_names_the_source_that_wrote_the_bad_setting(tmp_path, case):
+    from casify.recipe import CommandLine, ConfigError, load_recipe
+    edit, overrides, flags, source, phrase = case
+    path = TINY
+    if edit:
+        old, new = YAML_EDITS[edit]
+        path = tmp_path / "bad.yaml"
+        path.write_text(TINY.read_text() + new if old is None else TINY.read_text().replace(old, new))
+    with pytest.raises(ConfigError) as caught:
+        load_recipe(str(path), CommandLine(overrides=overrides, **flags))
+    message = str(caught.value)
+    expected = {"file": f"{path}: ", "set": "the command line (--set): ", "flags": "the command line: "}[source]
+    assert message.startswith(expected) and phrase in message, message
+
+
 def test_layers_prints_a_table_of_names_shapes_and_layouts(capsys):
     assert casify_cli.main(["layers", "cifar_resnet18", "--input-size", "3", "16", "16"]) == 0
     lines = capsys.readouterr().out.splitlines()
