@@ -123,24 +123,23 @@ class HubSection:
 @dataclass(frozen=True)
 class Recipe:
     """A whole run, typed: what :func:`casify.recipe.run` trains, evaluates and publishes. Frozen: a field is not
-    reassigned (``dataclasses.replace`` makes a changed copy); the method, the run folder and the training attack are
-    read off ``train``, so they cannot disagree with it."""
+    reassigned (``dataclasses.replace`` makes a changed copy). ``method`` and ``output_dir`` are ``train``'s (a copy
+    where they disagree is refused); the training attack is read off ``train``."""
+    method: str
     model: ModelSection
     defense: DefenseSection
     data: DataSection
     train: TrainConfig  # method and output_dir filled in
     eval: EvalSection
     hub: HubSection
+    output_dir: str
     resume: bool = True
     overwrite: bool = False
 
-    @property
-    def method(self) -> str:
-        return self.train.method
-
-    @property
-    def output_dir(self) -> str:
-        return self.train.output_dir
+    def __post_init__(self):
+        if (self.method, self.output_dir) != (self.train.method, self.train.output_dir):
+            raise ValueError(f"Recipe.method / output_dir ({self.method!r}, {self.output_dir!r}) must equal train's "
+                             f"({self.train.method!r}, {self.train.output_dir!r}): replace both together")
 
     @property
     def attack(self) -> TrainingAttack:
@@ -359,6 +358,6 @@ def _typed(config: dict, method: str) -> Recipe:
         raise _Invalid(f"eval.eps must be above 0 (e.g. 8/255), got {eps!r}")
     if not model.get("name"):  # last: the checks above run first, whichever source holds the name
         raise _Invalid("model.name is required (a timm name, 'torchvision:<name>', or a casify folder)")
-    return Recipe(model=ModelSection(**model), defense=defense, data=DataSection(**config["data"]), train=train,
-                  eval=EvalSection(eps=eval_eps, seed=train.seed, **ev), hub=hub, resume=config["resume"],
-                  overwrite=config["overwrite"])
+    return Recipe(method=method, model=ModelSection(**model), defense=defense, data=DataSection(**config["data"]),
+                  train=train, eval=EvalSection(eps=eval_eps, seed=train.seed, **ev), hub=hub, output_dir=output_dir,
+                  resume=config["resume"], overwrite=config["overwrite"])
