@@ -407,8 +407,8 @@ def cmd_report(args) -> None:
     means = {}
     for r in runs:
         means.setdefault(r["arm"], []).append(r["worst_case"])
-    betas = {ARMS[n][2]: sum(v) / len(v) for n, v in means.items()
-             if ARMS[n][3] == "label" and ARMS[n][1] and len(v) >= 3}
+    betas = {ARMS[n][2]: sum(v) / len(v) for n, v in means.items()  # CAS's own arms only (the family has betas too)
+             if n in ARMS and ARMS[n][3] == "label" and ARMS[n][1] and defense_of(n) == "cas" and len(v) >= 3}
     record["best_beta"] = max(betas, key=betas.get) if betas else None
     record["budget_cpu_hours"] = round(sum((r.get("train_seconds") or 0) + (r.get("score_seconds") or 0)
                                            for r in runs) / 3600, 2)
@@ -471,9 +471,16 @@ def markdown(record: dict) -> str:
         e2 = (f"{_pct(echo['head_agreement_clean'][0])} / {_pct(echo['head_agreement_adversarial'][0])}"
               if echo else "-")
         s = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
+        if echo and r.get("retrained_sha256_matches") is False:  # the echo is a retrained model's, not this one's
+            e1, e2 = e1 + " (r)", e2 + " (r)"
         lines.append(f"| {r['arm']} | {r['seed']} | {r['beta']} | {r['train_routing']} | {_pct(r['natural'])} | "
                      f"{_pct(r['worst_case'])} | {_pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
                      f"`{r['model_sha256'][:16]}` |")
+    if any(r.get("retrained_sha256_matches") is False for r in record["runs"]):
+        lines += ["", "(r): the echo of a retrained model. The committed model of that row was retrained with the "
+                      "same seed and run identity for its echo, and the retrained weights' SHA-256 differs from the "
+                      "committed one (why is not established), so the echo describes the same recipe, not those "
+                      "weights."]
     lines += ["", f"CPU time of the runs in this table that this study trained and scored: "
                   f"{record.get('budget_cpu_hours')} h (one thread each).", ""]
     return "\n".join(lines)
