@@ -268,19 +268,23 @@ def run_name(config: dict, method: str) -> str:
     return f"outputs/{method}{cas}-{model}-{data}-s{config['train'].get('seed', 0)}-{digest}"
 
 
-def _apply_command_line(config: dict, cli: CommandLine) -> None:
+def _flag_settings(cli: CommandLine) -> Dict[tuple, Any]:
+    """The settings the command's flags write (key path -> value); a flag not given writes nothing."""
     flags = {("output_dir",): cli.output_dir, ("train", "max_steps"): cli.max_steps,
              ("resume",): False if cli.no_resume else None, ("overwrite",): True if cli.overwrite else None,
              ("hub", "push"): True if cli.push_to_hub else None, ("hub", "model_id"): cli.hub_model_id or None,
              ("hub", "force"): True if cli.force_push else None}
-    for key, value in flags.items():
-        if value is not None:
-            node = config
-            for part in key[:-1]:
-                if not isinstance(node.get(part), dict):
-                    raise _Invalid(f"{part} must be a mapping of settings, got {node.get(part)!r}")
-                node = node[part]
-            node[key[-1]] = value
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def _apply_command_line(config: dict, cli: CommandLine) -> None:
+    for key, value in _flag_settings(cli).items():
+        node = config
+        for part in key[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise _Invalid(f"{part} must be a mapping of settings, got {node.get(part)!r}")
+            node = node[part]
+        node[key[-1]] = value
 
 
 def _checked(config: dict, method: Optional[str], sources: Dict[str, str]) -> Recipe:
@@ -322,12 +326,7 @@ def load_recipe(path: Optional[str] = None, cli: Optional[CommandLine] = None) -
                     raise ConfigError(f"{source}: {message}") from None
             except Exception:  # a stage that fails otherwise (e.g. a flag's section is not a mapping there yet)
                 pass
-        raise ConfigError(f"{FLAGS if _has_flags(cli) else SET_OPTION}: {message}") from None
-
-
-def _has_flags(cli: CommandLine) -> bool:
-    return any((cli.output_dir, cli.max_steps is not None, cli.no_resume, cli.overwrite, cli.push_to_hub,
-                cli.hub_model_id, cli.force_push))
+        raise ConfigError(f"{FLAGS if _flag_settings(cli) else SET_OPTION}: {message}") from None
 
 
 def _typed(config: dict, method: str) -> Recipe:
