@@ -230,9 +230,10 @@ def score_one(args, name: str, seed: int) -> None:
         print(f"[echo] {name} s{seed}: forced {echo.forced_all:.3f} agreement {echo.head_agreement_clean}", flush=True)
 
 
-def _claim(out: Path) -> bool:
-    """Take the run for this process: an atomic mkdir; a claim left by a dead process is taken over."""
-    claim = out / ".claim"
+def _claim(out: Path, name: str = ".claim") -> bool:
+    """Take the run (or one job of it, by ``name``) for this process: an atomic mkdir; a claim left by a dead process
+    is taken over."""
+    claim = out / name
     out.mkdir(parents=True, exist_ok=True)
     try:
         claim.mkdir()
