@@ -76,7 +76,9 @@ def rule() -> dict:
                 "beta": v[0], "train_routing": v[1], "warmup": v[2], "head_gradient_scale": v[3]})
                 for k, v in ARMS.items()},
             "variant_choice": "seed 0 of every arm; the CAS variant with the highest held-out best PGD-10 accuracy "
-                              "(the trainer's selection metric) is confirmed; the test set is not read for the choice",
+                              "(the trainer's selection metric: PGD-10 on the CAS objective with the arm's own beta, the model routed "
+                              "by its prediction; not the adaptive union, which decides the verdict) is confirmed; the "
+                              "test set is not read for the choice",
             "verdict": SEED_RULE, "metric": "per-example worst case over paper_claims.attack_list (adaptive rows for "
                                             "CAS), test846, eps 8/255",
             "amended_from_standard_base_json": "the base's rule named the variants; the warm-up length, the head "
