@@ -435,12 +435,18 @@ def _plot(runs, comparisons, path: Path) -> None:
     plt.close(fig)
 
 
+# The mission's common case (a standard-trained base made robust) is its own study, issue 18 part 5(a)
+STANDARD_BASE_POINTER = ("A standard-trained (non-robust) base with a pooled linear head, made robust by AT vs AT+CAS "
+                         "fine-tuning: [retrofit_standard.md](retrofit_standard.md) (`benchmarks/retrofit_standard.py`).")
+
+
 def _markdown(args, out) -> str:
     runs = out["runs"]
     L = ["# Does CAS help when retrofitted onto a robust pretrained model?", "",
          "Base: alpha-beta-CROWN's `resnet4b` (PGD-trained at 2/255 by its authors), CAS after `layer2.0` and "
          "`layer2.1`. Four arms fine-tuned from the same weights with the same budget; scored on the 846 lossless "
          "CIFAR-10 test images with `casify.evaluate(attacks=\"standard\", eps=2/255, checks=True)`.", "",
+         STANDARD_BASE_POINTER, "",
          "```bash",
          "OMP_NUM_THREADS=1 python benchmarks/retrofit_study.py --train --score --report --seeds "
          + " ".join(map(str, out["setup"]["seeds"])) + f" --epochs {args.epochs:g} --runs-dir /tmp/retrofit_runs \\",
