@@ -63,10 +63,11 @@ PROTOCOL = {"width": 0.125, "train_size": 5000, "val_start": 45000, "val_size": 
             "attack_alpha": "2.5 * eps / 3", "defaults": "authors", "val_attack_steps": 10}
 
 
-def datasets(data_dir: Path):
+def datasets(data_dir: Path, train_size: Optional[int] = None):
+    """The protocol's training images (the first ``train_size``, default the protocol's) and its held-out split."""
     from casify.data import NpzDataset, cifar_train_transform
     train = NpzDataset(data_dir / "train.npz", transform=cifar_train_transform(),
-                       indices=list(range(PROTOCOL["train_size"])))
+                       indices=list(range(train_size or PROTOCOL["train_size"])))
     start = PROTOCOL["val_start"]
     val = NpzDataset(data_dir / "train.npz", indices=list(range(start, start + PROTOCOL["val_size"])))
     return train, val
