@@ -38,6 +38,7 @@ class Layout(str, enum.Enum):
     NCHW = "NCHW"
     NHWC = "NHWC"
     NLC = "NLC"
+    NC = "NC"  # a feature vector (an MLP's hidden layer): channels, no positions
     AMBIGUOUS = "ambiguous"
     NONE = "none"
     GIVEN = "given"
@@ -87,6 +88,8 @@ def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
 def infer_layout(shape: Sequence[int]) -> Tuple[Optional[int], Layout]:
     """Which axis holds the channels, judged from a propagated shape (the batch is axis 0), and the layout."""
     shape = tuple(shape)
+    if len(shape) == 2:
+        return 1, Layout.NC
     if len(shape) == 3:
         return (2, Layout.NLC) if shape[1] > 1 else (None, Layout.NONE)
     if len(shape) == 4:
@@ -137,14 +140,16 @@ def propagate_shapes(model: nn.Module, traced: TracedGraph, input_size) -> None:
         traced.graph.owning_module = None  # the temporary GraphModule lets go of the graph, so it can be rewritten
 
 
-def candidates(traced: TracedGraph) -> Dict[str, Layer]:
-    """Every module output and graph node with a channel axis, by name (module names first)."""
+def candidates(traced: TracedGraph, features: bool = False) -> Dict[str, Layer]:
+    """Every module output and graph node with a channel axis, by name (module names first); with ``features``, (N, C)
+    vectors too (patterns and ``"auto"`` never pick those: a vector is a head's, and only CAS accepts it)."""
+    smallest = 2 if features else 3
     layers: Dict[str, Layer] = {}
     for name, nodes in traced.module_outputs.items():
         if len(nodes) != 1:
             continue
         shape = tensor_shape(nodes[0])
-        if shape is None or len(shape) < 3:
+        if shape is None or len(shape) < smallest:
             continue
         dim, layout = infer_layout(shape)
         layers[name] = Layer(name, "module", shape, dim, layout)
@@ -152,7 +157,7 @@ def candidates(traced: TracedGraph) -> Dict[str, Layer]:
         if node.op in SKIPPED_OPS or name in layers:
             continue
         shape = tensor_shape(node)
-        if shape is None or len(shape) < 3:
+        if shape is None or len(shape) < smallest:
             continue
         dim, layout = infer_layout(shape)
         layers[name] = Layer(name, "node", shape, dim, layout)
@@ -259,10 +264,15 @@ def locate(traced: TracedGraph, name: str, channel_dims: Dict[str, int],
         raise LayerError(f"no module or graph node named {name!r}; closest names: {close} "
                          "(casify.list_layers(model) lists every candidate with its shape)")
     shape = tensor_shape(node)
-    if shape is None or len(shape) not in (3, 4):
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    if output.args and output.args[0] is node:
+        raise LayerError(f"layer {name!r} is the model's output (its logits, shape {shape}); CAS goes on features "
+                         "before the classifier: a stage's output, or an MLP head's hidden layer "
+                         "(casify.list_layers(model, features=True))")
+    if shape is None or len(shape) not in (2, 3, 4):
         got = "a non-tensor value" if shape is None else f"shape {shape}"
-        raise LayerError(f"layer {name!r} outputs {got}; CAS needs an activation with a channel axis and positions: "
-                         "(N, C, H, W), (N, H, W, C) or (N, tokens, C)")
+        raise LayerError(f"layer {name!r} outputs {got}; CAS needs an activation with a channel axis: "
+                         "(N, C, H, W), (N, H, W, C), (N, tokens, C) or (N, C) features")
     if name in channel_dims:
         dim, layout = channel_dims[name] % len(shape), Layout.GIVEN
     else:
@@ -281,16 +291,19 @@ def locate(traced: TracedGraph, name: str, channel_dims: Dict[str, int],
 
 
 def list_layers(model: nn.Module, input_size: Optional[Sequence[int]] = None, modules_only: bool = False,
-                leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = ()) -> List[Layer]:
+                leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = (),
+                features: bool = False) -> List[Layer]:
     """Every place CAS can go in ``model``, in graph order, with its output shape and channel layout.
 
     Names follow torchvision's feature-extraction naming: module names mean the module's output, node names a call site.
-    A wrapped model is read through its original, so its names are the ones ``wrap`` accepts.
+    A wrapped model is read through its original, so its names are the ones ``wrap`` accepts. ``features=True`` also
+    lists (N, C) vectors (layout ``NC``: an MLP head's hidden layer, where only CAS goes; name them explicitly).
     """
     base = base_of(model)
     traced = trace(base, training=False, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     propagate_shapes(base, traced, input_size or default_input_size(base))
-    layers = [l for l in candidates(traced).values() if l.channel_dim is not None or l.layout == Layout.AMBIGUOUS]
+    layers = [l for l in candidates(traced, features).values()
+              if l.channel_dim is not None or l.layout == Layout.AMBIGUOUS]
     if modules_only:
         layers = [l for l in layers if l.kind == "module"]
     return layers

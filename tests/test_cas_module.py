@@ -8,7 +8,7 @@ from casify import CASModule
 
 def _hand(f, weight, bias, rows, channel_dim):
     pool_dims = tuple(d for d in range(1, f.dim()) if d != channel_dim)
-    pooled = f.mean(dim=pool_dims)
+    pooled = f.mean(dim=pool_dims) if pool_dims else f  # (N, C) features: no positions to pool
     aux = pooled @ weight.T + bias
     mask = weight[rows] if rows is not None else weight[aux.argmax(1)]
     shape = [f.shape[0]] + [1] * (f.dim() - 1)
@@ -16,10 +16,11 @@ def _hand(f, weight, bias, rows, channel_dim):
     return f * mask.view(shape), aux
 
 
-@pytest.mark.parametrize("layout", ["nchw", "nhwc", "tokens"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "tokens", "features"])
 def test_output_and_aux_logits_equal_hand_computation_in_both_routing_modes(layout):
     torch.manual_seed(0)
-    shapes = {"nchw": ((4, 6, 5, 5), 1, 4), "nhwc": ((4, 5, 5, 6), 3, 4), "tokens": ((4, 7, 6), 2, 3)}
+    shapes = {"nchw": ((4, 6, 5, 5), 1, 4), "nhwc": ((4, 5, 5, 6), 3, 4), "tokens": ((4, 7, 6), 2, 3),
+              "features": ((4, 6), 1, 2)}
     shape, channel_dim, ndim = shapes[layout]
     f = torch.randn(shape)
     module = CASModule(6, 3, channel_dim=channel_dim, ndim=ndim, init="paper")
@@ -86,7 +87,7 @@ def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="init must be one of"):
         CASModule(4, 2, init="zeros")
     with pytest.raises(ValueError, match="ndim"):
-        CASModule(4, 2, ndim=2)
+        CASModule(4, 2, ndim=5)
     module = CASModule(4, 2)
     with pytest.raises(ValueError, match="4 channels on axis 1"):
         module(torch.randn(2, 5, 3, 3))

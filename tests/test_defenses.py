@@ -37,6 +37,9 @@ MODELS = [
     ("channels-last net", ChannelsLast, ["norm"], (3, 16, 16), "channels-last"),
     ("timm vit tokens", lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=3, depth=2),
      ["blocks.1"], (3, 32, 32), "tokens"),
+    ("mlp head features", lambda: torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 10)), ["4"], (3, 8, 8), "features"),
 ]
 
 

@@ -167,7 +167,7 @@ def test_bad_layers_are_explained():
     model = _resnet18()
     with pytest.raises(LayerError, match=r"no module or graph node named 'layer5'.*layer4"):
         casify.wrap(model, layers=["layer5"])
-    with pytest.raises(LayerError, match=r"'fc' outputs shape \(2, 10\).*channel axis"):
+    with pytest.raises(LayerError, match=r"'fc' is the model's output \(its logits, shape \(2, 10\)\).*features"):
         casify.wrap(model, layers=["fc"])
     with pytest.raises(LayerError, match="fully matches no layer"):
         casify.wrap(model, layers=["re:block\\d+"])
@@ -196,3 +196,27 @@ def test_untraceable_model_error_says_what_to_do_and_leaf_modules_fix_it():
         casify.wrap(Untraceable(), layers=["conv"], input_size=(3, 8, 8))
     wrapped = casify.wrap(Untraceable(), layers=["gate"], input_size=(3, 8, 8), leaf_modules=[DataDependent])
     assert wrapped.cas_layers == ["gate"]
+
+
+def test_cas_on_an_mlp_heads_feature_vector_is_listed_on_request_and_named_explicitly():
+    """(N, C) features (a flatten + MLP head's hidden layer): listed by list_layers(features=True) with layout NC, never
+    picked by a pattern or "auto"; CAS there keeps the function at identity init and masks the hidden units."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+    plain = {l.name for l in casify.list_layers(model, input_size=(3, 8, 8))}
+    listed = {l.name: l for l in casify.list_layers(model, input_size=(3, 8, 8), features=True)}
+    assert "4" not in plain and listed["4"].layout == "NC" and listed["4"].channel_dim == 1
+    assert casify.wrap(model, layers="re:\\d", normalize=None, input_size=(3, 8, 8)).cas_layers == ["0", "1"]
+    wrapped = casify.wrap(model, layers=["4"], init="identity", normalize=None, input_size=(3, 8, 8)).eval()
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), model(x))
+        hidden = model[:5](x)
+        cas = wrapped.cas_modules["4"]
+        cas.classifier.weight.uniform_(-1, 1)
+        y = torch.tensor([0, 3, 9, 1, 2])
+        with casify.route(wrapped, labels=y):
+            out = wrapped(x)
+        torch.testing.assert_close(out, model[5](hidden * cas.classifier.weight[y]))
+        torch.testing.assert_close(wrapped.cas_outputs["4"], cas.classifier(hidden))

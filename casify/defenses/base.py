@@ -15,7 +15,8 @@ hold:
   a wrong class, so pushing it away from the label is no attack and only dilutes the joint objective).
 - :meth:`set_adaptive_backward`: the defense's own straight-through / BPDA backward for the step that a plain
   gradient does not see (CAS: the argmax routing; CIFS: the detached probe gradient; FSR: the sharpened mask).
-- ``layouts``: the activation layouts it accepts (``"channels-first"``, ``"channels-last"``, ``"tokens"``).
+- ``layouts``: the activation layouts it accepts (``"channels-first"``, ``"channels-last"``, ``"tokens"``; and
+  ``"features"``, an (N, C) vector such as an MLP head's hidden layer, only for a defense that declares it).
 - ``OPTIONS``: the options ``casify.wrap(..., defense=name, **options)`` takes, each with its allowed values; a saved
   config's options are checked against it (:func:`validate_options`) before anything is built.
 
@@ -31,7 +32,10 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-LAYOUTS = ("channels-first", "channels-last", "tokens")
+LAYOUTS = ("channels-first", "channels-last", "tokens", "features")
+# What a defense accepts unless it says otherwise: activations with positions. "features" (N, C) is opt-in, since a
+# module written for maps may pool or convolve over positions that a feature vector does not have.
+DEFAULT_LAYOUTS = ("channels-first", "channels-last", "tokens")
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class DefenseModule(nn.Module):
     routed: ClassVar[bool] = False
     head_names: ClassVar[Tuple[str, ...]] = ("aux",)
     attack_heads: ClassVar[Optional[Tuple[bool, ...]]] = None  # None: every head
-    layouts: ClassVar[Tuple[str, ...]] = LAYOUTS
+    layouts: ClassVar[Tuple[str, ...]] = DEFAULT_LAYOUTS
     OPTIONS: ClassVar[Dict[str, Option]] = {}
     INITS: ClassVar[Tuple[str, ...]] = ("identity", "paper")
 
@@ -170,6 +174,8 @@ def validate_options(name: str, options: Optional[Dict[str, Any]], where: str = 
 
 
 def layout_of(channel_dim: int, ndim: int) -> str:
+    if ndim == 2:
+        return "features"
     if ndim == 3:
         return "tokens"
     return "channels-first" if channel_dim % ndim == 1 else "channels-last"

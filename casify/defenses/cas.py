@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import find_defense_modules, register_defense
+from .base import LAYOUTS, find_defense_modules, layout_of, register_defense
 from .routed import RoutedDefense
 
 INITS = ("identity", "paper")
@@ -24,7 +24,9 @@ class CASModule(RoutedDefense):
         num_channels: channels of the activation (K in the paper).
         num_classes: classes of the auxiliary classifier (the model's own class count).
         channel_dim: which axis of the activation holds the channels (1 for NCHW, -1 for NHWC and (N, tokens, C)).
-        ndim: number of dimensions of the activation including the batch (3 or 4).
+        ndim: number of dimensions of the activation including the batch (2, 3 or 4). On 2-D (N, C) features (an MLP
+            head's hidden layer) the pooling is the identity: the auxiliary classifier reads the same vector the
+            model's next layer reads.
         init: ``"identity"`` sets every weight row to one and the bias to zero, so at insertion the module passes its
             input through unchanged (a pretrained model keeps its function); ``"paper"`` keeps PyTorch's default
             ``nn.Linear`` initialisation, as the authors' code does.
@@ -34,6 +36,7 @@ class CASModule(RoutedDefense):
 
     name = "cas"
     routed = True
+    layouts = LAYOUTS  # with "features": CAS's pooling and mask are defined on an (N, C) vector too
     # suppress is the placement section's CAS switch (config.json "cas.suppress", wrap's suppress=), not an option
     OPTIONS: dict = {}
 
@@ -42,8 +45,9 @@ class CASModule(RoutedDefense):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if ndim not in (3, 4):
-            raise ValueError(f"CAS works on 3-D (N, tokens, C) or 4-D (N, C, H, W) / (N, H, W, C) activations, got ndim={ndim}")
+        if ndim not in (2, 3, 4):
+            raise ValueError(f"CAS works on 2-D (N, C) features, 3-D (N, tokens, C) or 4-D (N, C, H, W) / (N, H, W, C) "
+                             f"activations, got ndim={ndim}")
         self.num_channels = int(num_channels)
         self.num_classes = int(num_classes)
         self.ndim = int(ndim)
@@ -69,8 +73,8 @@ class CASModule(RoutedDefense):
         self.init = init
 
     def extra_repr(self) -> str:
-        layout = {1: "channels-first"}.get(self.channel_dim, "channels-last")
-        return (f"channels={self.num_channels}, classes={self.num_classes}, {layout}, ndim={self.ndim}"
+        return (f"channels={self.num_channels}, classes={self.num_classes}, "
+                f"{layout_of(self.channel_dim, self.ndim)}, ndim={self.ndim}"
                 + ("" if self.suppress else ", suppress=False"))
 
     def channel_importance(self, routing: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,7 @@ class CASModule(RoutedDefense):
         if f.dim() != self.ndim or f.shape[self.channel_dim] != self.num_channels:
             raise ValueError(f"CAS module expects a {self.ndim}-D activation with {self.num_channels} channels on axis "
                              f"{self.channel_dim}, got shape {tuple(f.shape)}")
-        pooled = f.mean(dim=self.pool_dims)
+        pooled = f.mean(dim=self.pool_dims) if self.pool_dims else f  # (N, C) features: nothing to pool
         aux_logits = self.classifier(pooled)
         self.last_aux_logits = aux_logits
         if not self.suppress:
