@@ -191,6 +191,19 @@ def _score(model, test, attacks, max_examples=None):
                     max_examples=max_examples)
 
 
+def union_record(name: str, seed: int, model, test, cas: bool, sha: str) -> dict:
+    """The union's score of one run (per-example flags kept): what score.json holds."""
+    start = time.time()
+    report = _score(model, test, claims.attack_list(cas))
+    print(f"[score] {name} s{seed}: natural {report.natural_accuracy:.3f} worst {report.worst_case['accuracy']:.3f}",
+          flush=True)
+    return {"arm": name, "seed": seed, "n": report.n_examples, "natural": report.natural_accuracy,
+            "worst_case": report.worst_case["accuracy"], "families": report.summary()["accuracy"],
+            "gradient_masking_suspected": report.gradient_masking_suspected,
+            "failed_checks": report.summary()["failed_checks"], "per_example": report.per_example,
+            "model_sha256": sha, "seconds": round(time.time() - start, 1), "versions": report.versions}
+
+
 def score_one(args, name: str, seed: int) -> None:
     """Union score (unless committed), matched-attack score, restart saturation and routing echo of one run."""
     from casify.data import NpzDataset
@@ -204,16 +217,7 @@ def score_one(args, name: str, seed: int) -> None:
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     committed = seed in COMMITTED_SEEDS.get(name, ())
     if not committed and not (out / "score.json").exists():
-        start = time.time()
-        report = _score(model, test, claims.attack_list(cas))
-        _write(out / "score.json", {
-            "arm": name, "seed": seed, "n": report.n_examples, "natural": report.natural_accuracy,
-            "worst_case": report.worst_case["accuracy"], "families": report.summary()["accuracy"],
-            "gradient_masking_suspected": report.gradient_masking_suspected,
-            "failed_checks": report.summary()["failed_checks"], "per_example": report.per_example,
-            "model_sha256": sha, "seconds": round(time.time() - start, 1), "versions": report.versions})
-        print(f"[score] {name} s{seed}: natural {report.natural_accuracy:.3f} worst {report.worst_case['accuracy']:.3f}",
-              flush=True)
+        _write(out / "score.json", union_record(name, seed, model, test, cas, sha))
     if not committed and not cas and not (out / "matched.json").exists():
         # a plain model's union is the matched list itself (the same seven rows, the same seeds): no second run
         score = json.loads((out / "score.json").read_text())

@@ -218,16 +218,7 @@ def score_one(args, arm: str, seed: int) -> None:
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     cas = ARMS[arm] is not None
     if not (out / "score.json").exists():
-        start = time.time()
-        report = cas_study._score(model, test, claims.attack_list(cas))
-        cas_study._write(out / "score.json", {
-            "arm": arm, "seed": seed, "n": report.n_examples, "natural": report.natural_accuracy,
-            "worst_case": report.worst_case["accuracy"], "families": report.summary()["accuracy"],
-            "gradient_masking_suspected": report.gradient_masking_suspected,
-            "failed_checks": report.summary()["failed_checks"], "per_example": report.per_example,
-            "model_sha256": sha, "seconds": round(time.time() - start, 1), "versions": report.versions})
-        print(f"[score] {arm} s{seed}: natural {report.natural_accuracy:.3f} worst {report.worst_case['accuracy']:.3f}",
-              flush=True)
+        cas_study._write(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
     if cas and not (out / "echo.json").exists():
         start = time.time()
         echo = routing_echo(model, test, eps=EPS, steps=cas_study.ECHO["steps"], beta=ARMS[arm][0],
