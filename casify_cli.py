@@ -184,6 +184,8 @@ def add_layers_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                    help="the input used to find shapes (default: the model's own, else 3 224 224)")
     p.add_argument("--all", action="store_true", help="graph nodes too (call sites), not only module outputs")
+    p.add_argument("--features", action="store_true",
+                   help="(N, C) feature vectors too (an MLP head's hidden layer: CAS only, named explicitly)")
     _debug(p)
     p.set_defaults(command="layers")
     return p

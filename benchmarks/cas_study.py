@@ -615,7 +615,44 @@ def headline_table(args, record: dict, family: dict) -> str:
         verdict = f"**{word}**: {_interval(c)}" if "t_ci95" in c else f"{len(seeds)} seed(s): not judged"
         lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | {diff('paper_style')} | {diff('worst_case')} "
                      f"| {verdict} | {diff('natural')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + retrofit_rows(Path(args.results_dir))) + "\n"
+
+
+def retrofit_rows(results: Path) -> list:
+    """The headline table's retrofit rows (part 5): a standard-trained base made robust by AT fine-tuning
+    (retrofit_standard.json, eps 8/255) and the robust resnet4b with CAS on its head's hidden layer
+    (retrofit_head.json, eps 2/255); means over seeds, points vs the AT arm of the same study."""
+    rows = []
+    standard = _json(results / "retrofit_standard.json")
+    if standard and standard.get("comparison", {}).get("worst_case", {}).get("t_ci95"):
+        chosen, c = standard["chosen_variant"], standard["comparison"]
+        by = {arm: [r for r in standard["runs"] if r["arm"] == arm and r["worst_case"] is not None]
+              for arm in (chosen, "at")}
+        def mean(arm, key):
+            values = [r.get(key) for r in by[arm]]
+            return None if not values or None in values else sum(values) / len(values)
+        def cell(key):
+            a, b = mean(chosen, key), mean("at", key)
+            return "-" if a is None or b is None else f"{100 * a:.1f} ({100 * (a - b):+.1f})"
+        word = {"A better": "helps", "A worse": "hurts"}.get(c["worst_case"]["verdict"], c["worst_case"]["verdict"])
+        rows.append(f"| CAS ({chosen.replace('at_cas_', '') if chosen != 'at_cas' else 'label routing'}), retrofit "
+                    f"of a standard-trained base | AT fine-tuning | (not in the paper) | {cell('paper_style')} | "
+                    f"{cell('worst_case')} | **{word}**: {_interval(c['worst_case'])} | {cell('natural')} |")
+    head = _json(results / "retrofit_head.json")
+    judged = [c for c in (head or {}).get("comparisons", []) if c.get("seed_rule")]
+    if judged:
+        c, r = judged[0], judged[0]["seed_rule"]
+        def head_cell(key):
+            a = [x["per_family"].get(key) for x in head["runs"] if x["arm"] == c["arm"]]
+            b = [x["per_family"].get(key) for x in head["runs"] if x["arm"] == "at"]
+            if not a or not b or None in a + b:
+                return "-"
+            return f"{100 * sum(a) / len(a):.1f} ({100 * (sum(a) / len(a) - sum(b) / len(b)):+.1f})"
+        word = {"A better": "helps", "A worse": "hurts"}.get(r["verdict"], r["verdict"])
+        rows.append(f"| CAS on the MLP head's hidden layer, retrofit of robust resnet4b (eps 2/255) | AT fine-tuning | "
+                    f"(not in the paper) | {head_cell('pgd20')} | {head_cell('worst_case')} | **{word}**: "
+                    f"{_interval(r)} | {head_cell('natural')} |")
+    return rows
 
 
 def family_rule() -> dict:

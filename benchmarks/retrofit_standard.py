@@ -285,6 +285,8 @@ def cmd_report(args) -> None:
                          "steps": train["steps"], "stopped_after_peak": train["stopped_after_peak"],
                          "selected_at_last_step": train["selected_at_last_step"],
                          "natural": score["natural"] if score else None,
+                         "paper_style": cas_study._row_accuracy(score["per_example"], "pgd20[cas]" if beta else "pgd20")
+                         if score else None,
                          "worst_case": score["worst_case"] if score else None,
                          "gradient_masking_suspected": score["gradient_masking_suspected"] if score else None,
                          "echo": cas_study._json(out / "echo.json"), "model_sha256": train["model_sha256"],

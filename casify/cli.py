@@ -183,7 +183,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .model_source import build_named
 
     model = build_named(args.model, args.arch)
-    layers = list_layers(model, input_size=args.input_size, modules_only=not args.all)
+    layers = list_layers(model, input_size=args.input_size, modules_only=not args.all, features=args.features)
     print(layers_table(layers))
     print(f"\n{len(layers)} places; pass names to casify.wrap(model, layers=[...]) or model.cas_layers in a recipe",
           file=sys.stderr)

@@ -140,13 +140,20 @@ def propagate_shapes(model: nn.Module, traced: TracedGraph, input_size) -> None:
         traced.graph.owning_module = None  # the temporary GraphModule lets go of the graph, so it can be rewritten
 
 
+def model_output(traced: TracedGraph) -> Optional[fx.Node]:
+    """The node whose value the model returns (its logits), or None when it returns something else (a tuple, a dict)."""
+    out = next(n for n in traced.graph.nodes if n.op == "output")
+    return out.args[0] if out.args and isinstance(out.args[0], fx.Node) else None
+
+
 def candidates(traced: TracedGraph, features: bool = False) -> Dict[str, Layer]:
     """Every module output and graph node with a channel axis, by name (module names first); with ``features``, (N, C)
     vectors too (patterns and ``"auto"`` never pick those: a vector is a head's, and only CAS accepts it)."""
     smallest = 2 if features else 3
+    logits = model_output(traced)  # the model's own output is no place for a defense (locate refuses it)
     layers: Dict[str, Layer] = {}
     for name, nodes in traced.module_outputs.items():
-        if len(nodes) != 1:
+        if len(nodes) != 1 or nodes[0] is logits:
             continue
         shape = tensor_shape(nodes[0])
         if shape is None or len(shape) < smallest:
@@ -154,7 +161,7 @@ def candidates(traced: TracedGraph, features: bool = False) -> Dict[str, Layer]:
         dim, layout = infer_layout(shape)
         layers[name] = Layer(name, "module", shape, dim, layout)
     for node, name in traced.qualnames.items():
-        if node.op in SKIPPED_OPS or name in layers:
+        if node.op in SKIPPED_OPS or name in layers or node is logits:
             continue
         shape = tensor_shape(node)
         if shape is None or len(shape) < smallest:
@@ -206,13 +213,9 @@ def auto_layer(traced: TracedGraph, num_classes: Optional[int]) -> str:
 
 def output_classes(traced: TracedGraph) -> Optional[int]:
     """The width of the model's (N, classes) output after shape propagation, or None when it is not a 2-D tensor."""
-    out = next(n for n in traced.graph.nodes if n.op == "output")
-    arg = out.args[0]
-    if isinstance(arg, fx.Node):
-        shape = tensor_shape(arg)
-        if shape is not None and len(shape) == 2:
-            return shape[1]
-    return None
+    arg = model_output(traced)
+    shape = tensor_shape(arg) if arg is not None else None
+    return shape[1] if shape is not None and len(shape) == 2 else None
 
 
 def expand_layers(traced: TracedGraph, layers: LayerSpec, num_classes: Optional[int]) -> List[str]:
@@ -264,8 +267,7 @@ def locate(traced: TracedGraph, name: str, channel_dims: Dict[str, int],
         raise LayerError(f"no module or graph node named {name!r}; closest names: {close} "
                          "(casify.list_layers(model) lists every candidate with its shape)")
     shape = tensor_shape(node)
-    output = next(n for n in traced.graph.nodes if n.op == "output")
-    if output.args and output.args[0] is node:
+    if node is model_output(traced):
         raise LayerError(f"layer {name!r} is the model's output (its logits, shape {shape}); CAS goes on features "
                          "before the classifier: a stage's output, or an MLP head's hidden layer "
                          "(casify.list_layers(model, features=True))")

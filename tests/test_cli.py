@@ -137,6 +137,11 @@ def test_layers_prints_a_table_of_names_shapes_and_layouts(capsys):
     assert lines[0].split() == ["name", "shape", "layout", "channels"]
     row = next(line.split() for line in lines if line.startswith("layer4.1 "))
     assert row == ["layer4.1", "512x2x2", "NCHW", "512"]
+    # --features adds (N, C) vectors (with --all: the pooled feature vector, a call site); never the logits
+    assert casify_cli.main(["layers", "cifar_resnet18", "--input-size", "3", "16", "16", "--all", "--features"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    vectors = [row for row in rows if row[2] == "NC"]
+    assert vectors and all(row[1] == "512" for row in vectors) and not any(row[0] == "linear" for row in rows)
 
 
 def _npz(path, classes, side=32, channels=3, n=4):
