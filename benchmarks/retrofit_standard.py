@@ -330,21 +330,23 @@ def markdown(record: dict, base: dict) -> str:
         if r["seed"] == 0:
             lines.append(f"| {r['arm']} | {pct(r['held_out_best_pgd10'])} | {r['selected_step']} / {r['steps']} | "
                          f"{'yes' if r['stopped_after_peak'] else 'no (cap' + (', selected at its last step' if r['selected_at_last_step'] else '') + ')'} |")
-    lines += ["", f"Chosen: **{record['chosen_variant']}**", "",
+    lines += ["", f"at_cas_warmup's steps count from the mask on; its {WARMUP_STEPS} steps of the heads alone come first.",
+              "", f"Chosen: **{record['chosen_variant']}**", "",
               "## Verdict (A - B, points, test846)", "",
               "| comparison | worst case (union) | verdict | natural |", "|---|---|---|---|",
               f"| {c['A']} vs {c['B']} | {cas_study._interval(c['worst_case'])} | "
               f"**{c['worst_case'].get('verdict')}** | {cas_study._interval(c['natural'])} |", "",
               "## Runs scored on test846 (%)", "",
-              "| arm | seed | natural | worst case | echo: forced routing followed | echo: final == head 0 (clean / adv) "
-              "| SHA-256 |", "|---|---|---|---|---|---|---|"]
+              "| arm | seed | natural | PGD-20 (paper-style) | worst case | echo: forced routing followed | "
+              "echo: final == head 0 (clean / adv) | SHA-256 |", "|---|---|---|---|---|---|---|---|"]
     for r in record["runs"]:
         if r["worst_case"] is None:
             continue
         echo = r.get("echo")
         e1 = f"{pct(echo['forced_all'])} (chance {pct(echo['chance'])})" if echo else "-"
         e2 = (f"{pct(echo['head_agreement_clean'][0])} / {pct(echo['head_agreement_adversarial'][0])}" if echo else "-")
-        lines.append(f"| {r['arm']} | {r['seed']} | {pct(r['natural'])} | {pct(r['worst_case'])} | {e1} | {e2} | "
+        lines.append(f"| {r['arm']} | {r['seed']} | {pct(r['natural'])} | {pct(r.get('paper_style'))} | "
+                     f"{pct(r['worst_case'])} | {e1} | {e2} | "
                      f"`{r['model_sha256'][:16]}` |")
     lines += ["", f"CPU time of these runs (training and scoring, one thread each): {record['budget_cpu_hours']} h.", ""]
     return "\n".join(lines)
