@@ -512,8 +512,13 @@ def markdown(record: dict) -> str:
     if any(r.get("retrained_sha256_matches") is False for r in record["runs"]):
         lines += ["", "(r): the echo of a retrained model. The committed model of that row was retrained with the "
                       "same seed and run identity for its echo, and the retrained weights' SHA-256 differs from the "
-                      "committed one (why is not established), so the echo describes the same recipe, not those "
-                      "weights."]
+                      "committed one, so the echo describes the same recipe, not those weights. Why: the code of the "
+                      "commit that added those models (b67fe98) retrains AT+CAS seed 0 to exactly today's weights "
+                      "(SHA-256 859a3dcf..., selected step 273, the same validation curve), not to the committed "
+                      "b07548fc... (selected step 195): the committed models were trained by code from before that "
+                      "commit, which changed training several times on 2026-11-25 (e.g. 9b60858, per-item seeded "
+                      "augmentation; e008f47, no weight decay on biases and norms). Training has not changed since "
+                      "b67fe98."]
     lines += ["", f"CPU time of the runs in this table that this study trained and scored: "
                   f"{record.get('budget_cpu_hours')} h (one thread each).", ""]
     return "\n".join(lines)
@@ -635,7 +640,10 @@ def retrofit_rows(results: Path) -> list:
             a, b = mean(chosen, key), mean("at", key)
             return "-" if a is None or b is None else f"{100 * a:.1f} ({100 * (a - b):+.1f})"
         word = {"A better": "helps", "A worse": "hurts"}.get(c["worst_case"]["verdict"], c["worst_case"]["verdict"])
-        rows.append(f"| CAS ({chosen.replace('at_cas_', '') if chosen != 'at_cas' else 'label routing'}), retrofit "
+        variant = {"at_cas": "label routing", "at_cas_predicted": "label-free routing (own argmax)",
+                   "at_cas_warmup": "heads warmed up first", "at_cas_beta0.5": "beta 0.5",
+                   "at_cas_headlr": "heads at a tenth of the rate"}.get(chosen, chosen)
+        rows.append(f"| CAS, {variant} (chosen on held-out data), retrofit "
                     f"of a standard-trained base | AT fine-tuning | (not in the paper) | {cell('paper_style')} | "
                     f"{cell('worst_case')} | **{word}**: {_interval(c['worst_case'])} | {cell('natural')} |")
     head = _json(results / "retrofit_head.json")
