@@ -10,8 +10,9 @@ The base is ``benchmarks/standard_base.py``'s (cifar_resnet18 width 1/8, pooled 
 - ``at_cas_warmup``: the same, after a warm-up of the auxiliary heads alone (backbone frozen, its batch-norm statistics
   held, ``suppress=False``: heads and their loss, no mask) for WARMUP_STEPS steps;
 - ``at_cas_beta0.5``: beta 0.5;
-- ``at_cas_headlr``: the CAS heads' loss gradient scaled by a tenth (a tenth of the learning rate for their loss term;
-  weight decay unscaled) - gradient hooks, since the Trainer builds one optimizer for the whole model;
+- ``at_cas_headlr``: the CAS heads' parameters' whole gradient scaled by a tenth (their own loss and the main loss
+  through the mask: in effect a tenth of the learning rate for the heads; weight decay unscaled) - gradient hooks,
+  since the Trainer builds one optimizer for the whole model;
 - ``at_cas_predicted``: label-free routing in training (each module routes by its own prediction, as at test time).
 
 Protocol (FINE_TUNING, fixed before the first run and written to ``results/retrofit_standard.json`` with the rule):
@@ -23,7 +24,10 @@ run). The verdict is :data:`casify.evaluate.compare.SEED_RULE` on the per-exampl
 
 "Train until the held-out curve has peaked": the rate drops tenfold at half an epoch; after the drop a run stops when
 two validations in a row are below its best, and at most 1.25 epochs (439 steps) are run. A run that reaches the cap
-with its best at the last step is reported as "selected at its last step" (not extended further: budget).
+with its best at the last step is reported as "selected at its last step" (not extended further: budget). This stop
+replaces the base's rule ("a run selected at its last step is extended"); it was fixed before the first fine-tuning run,
+and no run was selected at its last step (AT seed 2 reached the cap with its best earlier; every other run stopped
+after its peak: ``retrofit_standard.json``).
 
     OMP_NUM_THREADS=1 python benchmarks/retrofit_standard.py --work --data-dir ../shared/data/cifar10 \
         --base outputs/standard_base --runs-dir outputs/retrofit_standard      # one or two workers
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cas_study  # noqa: E402  (claims, writes, the echo settings, the seed-rule comparison)
 import paper_claims as claims  # noqa: E402  (the scoring union)
 import standard_base  # noqa: E402  (the base's protocol and record)
+from casify.train.schedule import first_step_of_epoch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 EPS = 8 / 255
@@ -140,11 +144,12 @@ def config(arm: str, seed: int, out: Path, warmup: bool = False):
 
 
 def stop_after_peak(trainer) -> None:
-    """Early stop (a Trainer callback): after the rate drop, two validations in a row below the run's best."""
-    drop = math.ceil(FINE_TUNING["milestones_epochs"][0] * trainer.steps_per_epoch)
+    """Early stop (a Trainer callback): after the rate drop, two validations in a row below the run's best. The history
+    only grows at validations, so the condition first holds at one; a run killed between that stop and its record
+    stops again one step after it resumes (no validation in between: the selected model is the same)."""
+    drop = first_step_of_epoch(FINE_TUNING["milestones_epochs"][0], trainer.steps_per_epoch)
     after = [h for h in trainer.state.history if h["step"] > drop]
-    if len(after) >= 2 and after[-1]["step"] == trainer.state.global_step and all(
-            h["val_pgd"] < trainer.state.best_metric for h in after[-2:]):
+    if len(after) >= 2 and all(h["val_pgd"] < trainer.state.best_metric for h in after[-2:]):
         trainer.stop = True
 
 
@@ -232,8 +237,9 @@ def jobs(args):
     yield from (("train", arm, 0) for arm in ARMS)
     yield from (("train", "at", s) for s in (1, 2))
     yield from (("score", "at", s) for s in CONFIRM_SEEDS)
-    while chosen_variant(args) is None:
-        time.sleep(30)  # another worker is finishing a seed-0 run
+    while chosen_variant(args) is None:  # another worker is finishing a seed-0 run; if it died, its run is taken over
+        yield from (("train", arm, 0) for arm in ARMS)
+        time.sleep(30)
     chosen = chosen_variant(args)
     yield from (("train", chosen, s) for s in (1, 2))
     yield from (("score", chosen, s) for s in CONFIRM_SEEDS)
@@ -253,9 +259,11 @@ def cmd_work(args) -> None:
         done = out / ("train_record.json" if kind == "train" else "score.json")
         if done.exists() and (kind == "train" or ARMS[arm] is None or (out / "echo.json").exists()):
             continue
-        if kind == "score" and not (out / "train_record.json").exists():
-            while not (out / "train_record.json").exists():
-                time.sleep(30)  # its training belongs to the other worker
+        while kind == "score" and not (out / "train_record.json").exists():  # its training is the other worker's
+            if cas_study._claim(out, ".claim_train"):  # ... which died: train it here
+                train_one(args, arm, seed, train_set, val_set)
+            else:
+                time.sleep(30)
         if not cas_study._claim(out, f".claim_{kind}"):
             continue
         if kind == "train":
@@ -394,6 +402,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.rule:
+        if (RESULTS / "retrofit_standard.json").exists():
+            p.error(f"{RESULTS / 'retrofit_standard.json'} exists: --rule writes the rule before the first run only "
+                    "(delete the file to start the study over)")
         cas_study._write(RESULTS / "retrofit_standard.json",
                          {"decision_rule": rule(), "base": None, "runs": []})
     if args.work:

@@ -571,6 +571,11 @@ def main(argv=None):
     p.add_argument("--notes-file", default=None, help="markdown appended to retrofit.md (the interpretation)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    head, other = bool(set(args.arms) & set(HEAD_ARMS)), bool(set(args.arms) - set(HEAD_ARMS) - {"at"})
+    if (head and args.name == "retrofit") or (other and args.name != "retrofit"):  # the name picks the rule and files
+        p.error(f"--arms {' '.join(args.arms)} with --name {args.name}: the head arms ({', '.join(HEAD_ARMS)}) are "
+                "judged by part 5(b)'s rule under --name retrofit_head; the other arms by retrofit's own rule under "
+                "--name retrofit (the default)")
     set_threads(args.threads)
     if args.train:
         cmd_train(args)

@@ -146,11 +146,17 @@ def model_output(traced: TracedGraph) -> Optional[fx.Node]:
     return out.args[0] if out.args and isinstance(out.args[0], fx.Node) else None
 
 
+def logits_node(traced: TracedGraph) -> Optional[fx.Node]:
+    """The model's output when it is (N, classes) logits: no place for a defense. A headless backbone's last feature
+    map is its output too, and stays a candidate (``wrap(..., num_classes=)`` is how such a model is wrapped)."""
+    return model_output(traced) if output_classes(traced) is not None else None
+
+
 def candidates(traced: TracedGraph, features: bool = False) -> Dict[str, Layer]:
     """Every module output and graph node with a channel axis, by name (module names first); with ``features``, (N, C)
     vectors too (patterns and ``"auto"`` never pick those: a vector is a head's, and only CAS accepts it)."""
     smallest = 2 if features else 3
-    logits = model_output(traced)  # the model's own output is no place for a defense (locate refuses it)
+    logits = logits_node(traced)  # locate refuses it
     layers: Dict[str, Layer] = {}
     for name, nodes in traced.module_outputs.items():
         if len(nodes) != 1 or nodes[0] is logits:
@@ -267,7 +273,7 @@ def locate(traced: TracedGraph, name: str, channel_dims: Dict[str, int],
         raise LayerError(f"no module or graph node named {name!r}; closest names: {close} "
                          "(casify.list_layers(model) lists every candidate with its shape)")
     shape = tensor_shape(node)
-    if node is model_output(traced):
+    if node is logits_node(traced):
         raise LayerError(f"layer {name!r} is the model's output (its logits, shape {shape}); CAS goes on features "
                          "before the classifier: a stage's output, or an MLP head's hidden layer "
                          "(casify.list_layers(model, features=True))")

@@ -246,3 +246,17 @@ def test_a_run_folder_written_before_the_typed_recipe_is_the_same_run(tmp_path, 
     changed = load_recipe(str(TINY), CommandLine(overrides=["model.defense_options={}", "data.augment=false"]))
     assert record_differences(recorded["recipe"], changed.identity()["recipe"]) == [
         "data.augment: True in the folder's run, False now"]
+
+
+def test_a_recipe_copy_whose_method_or_output_dir_disagrees_with_train_is_refused(tmp_path):
+    """Recipe.method / output_dir are train's: a copy that changes one side only would train one thing and record
+    another, so it is refused; replacing both together is the way."""
+    import dataclasses
+    recipe = load_recipe(str(TINY))
+    with pytest.raises(ValueError, match="must equal train's"):
+        dataclasses.replace(recipe, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="must equal train's"):
+        dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, method="trades"))
+    moved = dataclasses.replace(recipe, output_dir=str(tmp_path),
+                                train=dataclasses.replace(recipe.train, output_dir=str(tmp_path)))
+    assert moved.output_dir == moved.train.output_dir == str(tmp_path)

@@ -220,3 +220,18 @@ def test_cas_on_an_mlp_heads_feature_vector_is_listed_on_request_and_named_expli
             out = wrapped(x)
         torch.testing.assert_close(out, model[5](hidden * cas.classifier.weight[y]))
         torch.testing.assert_close(wrapped.cas_outputs["4"], cas.classifier(hidden))
+
+
+def test_a_headless_backbones_last_map_is_a_layer_not_refused_as_logits():
+    """A backbone whose output is its last feature map (not (N, classes) logits) keeps that map as a candidate, for
+    "auto" and by name, when the class count is given."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 3),
+                                   torch.nn.ReLU()).eval()
+    assert "3" in {l.name for l in casify.list_layers(backbone, input_size=(3, 8, 8))}
+    for layers in (["3"], "auto"):
+        wrapped = casify.wrap(backbone, layers=layers, num_classes=5, normalize=None, input_size=(3, 8, 8))
+        assert wrapped.cas_layers == ["3"]
+        with torch.no_grad():
+            wrapped.eval()(torch.rand(2, 3, 8, 8))
+            assert wrapped.cas_outputs["3"].shape == (2, 5)
