@@ -114,6 +114,8 @@ def load_base(args):
                          f"{base_record()['sha256'][:16]}...: retrain it with benchmarks/standard_base.py")
     p = standard_base.PROTOCOL
     net = timm.create_model(p["model"], num_classes=p["num_classes"], width=p["width"])
+    # not casify.unwrap(casify.from_pretrained(folder)), which builds one network fewer: the random draws of both
+    # builds precede the CAS heads' initialisation, so this order is part of what the committed runs' seeds reproduce
     net.load_state_dict(casify.from_pretrained(folder).state_dict())
     return net
 
