@@ -310,6 +310,12 @@ def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _cas_settings(name: str) -> dict:
+    """A run's beta and training routing; None for an arm without a defense (plain AT has neither)."""
+    defended = bool(ARMS[name][1])
+    return {"beta": ARMS[name][2] if defended else None, "train_routing": ARMS[name][3] if defended else None}
+
+
 def collect(args) -> list:
     """One entry per run: the new runs from --runs-dir, and paper_claims' committed seeds 0-2 of AT and AT+CAS."""
     committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
@@ -319,7 +325,7 @@ def collect(args) -> list:
             r = committed["runs"][f"{name}/s{s}"]
             echo = _json(run_dir(args, name, s) / "echo.json")
             retrained = _json(run_dir(args, name, s) / "train_record.json")
-            runs.append({"arm": name, "seed": s, "beta": ARMS[name][2], "train_routing": ARMS[name][3],
+            runs.append({"arm": name, "seed": s, **_cas_settings(name),
                          "paper_style": r["rows"].get("pgd20[cas]" if ARMS[name][1] else "pgd20"),
                          "natural": r["natural"], "worst_case": r["worst_case"], "n": r["n"],
                          "matched_worst_case": None, "saturation": None, "echo": echo,
@@ -336,7 +342,7 @@ def collect(args) -> list:
         train = _json(out / "train_record.json")
         matched = _json(out / "matched.json")
         authors = _json(out / "authors.json")
-        runs.append({"arm": name, "seed": seed, "beta": ARMS[name][2], "train_routing": ARMS[name][3],
+        runs.append({"arm": name, "seed": seed, **_cas_settings(name),
                      "defense": defense_of(name) if ARMS[name][1] else None,
                      "authors_evaluation": authors["accuracy"] if authors else None,
                      "paper_style": (authors["accuracy"] if authors else _row_accuracy(
@@ -506,7 +512,7 @@ def markdown(record: dict) -> str:
         s = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
         if echo and r.get("retrained_sha256_matches") is False:  # the echo is a retrained model's, not this one's
             e1, e2 = e1 + " (r)", e2 + " (r)"
-        lines.append(f"| {r['arm']} | {r['seed']} | {r['beta']} | {r['train_routing']} | {_pct(r['natural'])} | "
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['beta'] or '-'} | {r['train_routing'] or '-'} | {_pct(r['natural'])} | "
                      f"{_pct(r['worst_case'])} | {_pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
                      f"`{r['model_sha256'][:16]}` |")
     if any(r.get("retrained_sha256_matches") is False for r in record["runs"]):
