@@ -597,7 +597,7 @@ def headline_table(args, record: dict, family: dict) -> str:
             if c:
                 runs.setdefault(arm, []).append({"seed": s, "natural": c["natural"], "worst_case": c["worst_case"],
                                                  "paper_style": c["rows"].get("pgd20[cas]" if ref else "pgd20")})
-    verdicts = {**{c["A"]: c for c in record["comparisons"].values() if c["B"] == "at"},
+    verdicts = {**{c["A"]: c for c in record["comparisons"].values() if c["B"] == "at" or c["A"] in SCALE_ARMS},
                 **{c["A"]: c for c in family.get("comparisons", {}).values()},
                 **{c["A"]: {"worst_case": c["seed_rule"]} for c in record.get("claims_rescored", {}).values()
                    if c["A"] != "at_cas"}}
