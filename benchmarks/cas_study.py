@@ -516,7 +516,7 @@ def markdown(record: dict) -> str:
         s = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
         if echo and r.get("retrained_sha256_matches") is False:  # the echo is a retrained model's, not this one's
             e1, e2 = e1 + " (r)", e2 + " (r)"
-        lines.append(f"| {r['arm']} | {r['seed']} | {r['beta'] or '-'} | {r['train_routing'] or '-'} | {_pct(r['natural'])} | "
+        lines.append(f"| {r['arm']} | {r['seed']} | {'-' if r['beta'] is None else r['beta']} | {r['train_routing'] or '-'} | {_pct(r['natural'])} | "
                      f"{_pct(r['worst_case'])} | {_pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
                      f"`{r['model_sha256'][:16]}` |")
     if any(r.get("retrained_sha256_matches") is False for r in record["runs"]):
