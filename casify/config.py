@@ -37,7 +37,9 @@ class CASConfig:
         layers: before wrapping, names, ``"re:<regex>"`` strings, compiled patterns or ``"auto"``; resolved: the
             layer names in graph order (``[]``: no CAS, normalisation and save/load only).
         defense: the registered defense inserted at every layer (:mod:`casify.defenses`: ``"cas"``, ``"cifs"``,
-            ``"fsr"``, or a user's own); defense_options: its options (checked against the defense's ``OPTIONS``).
+            ``"fsr"``, or a user's own); defense_options: its options (checked against the defense's ``OPTIONS``);
+            layer_options: per-layer overrides of those options, ``{layer name: {option: value}}`` (CIFS as its
+            authors built it: an MLP probe on ``layer4.0``, a linear one on ``layer4.1``).
         init: ``"identity"`` (function-preserving) or ``"paper"``; None: the defense's own default (resolved).
         suppress: apply the channel mask (CAS only; False: the Table 2 ablation).
         normalize: before wrapping ``"auto"``, ``"imagenet"``, ``(mean, std)``, a dict or None; resolved: a
@@ -57,6 +59,7 @@ class CASConfig:
     suppress: bool = True
     defense: str = "cas"
     defense_options: Dict[str, Any] = field(default_factory=dict)
+    layer_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     normalize: Any = "auto"
     num_classes: Optional[int] = None
     channel_dims: Dict[str, int] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class CASConfig:
     def __post_init__(self):
         self.channel_dims = dict(self.channel_dims or {})
         self.defense_options = dict(self.defense_options or {})
+        self.layer_options = {str(k): dict(v) for k, v in (self.layer_options or {}).items()}
         self.channels = dict(self.channels or {})
         if self.input_size is not None:
             self.input_size = tuple(int(v) for v in self.input_size)
@@ -86,12 +90,20 @@ class CASConfig:
                "channel_dims": dict(self.channel_dims), "channels": dict(self.channels),
                "input_size": None if self.input_size is None else list(self.input_size)}
         out = {"base_model": copy.deepcopy(self.base_model), "cas": cas,
-               "defense": {"name": self.defense, "options": copy.deepcopy(self.defense_options)},
+               "defense": self._defense_to_json(),
                "normalize": _normalize_to_json(self.normalize),
                "class_names": None if self.class_names is None else list(self.class_names),
                "versions": copy.deepcopy(self.versions), "config_version": int(self.version)}
         for key, value in self.extra.items():
             out.setdefault(key, copy.deepcopy(value))
+        return out
+
+    def _defense_to_json(self) -> dict:
+        """The ``defense`` section; ``layer_options`` only when some layer has its own (older folders stay as they
+        were written)."""
+        out = {"name": self.defense, "options": copy.deepcopy(self.defense_options)}
+        if self.layer_options:
+            out["layer_options"] = copy.deepcopy(self.layer_options)
         return out
 
     @classmethod
@@ -110,6 +122,7 @@ class CASConfig:
         return cls(layers=list(cas.get("layers", [])), init=cas.get("init", "identity"),
                    suppress=cas.get("suppress", True), defense=defense.get("name", "cas"),
                    defense_options=copy.deepcopy(defense.get("options") or {}),
+                   layer_options=copy.deepcopy(defense.get("layer_options") or {}),
                    normalize=copy.deepcopy(data.get("normalize")),
                    num_classes=cas.get("num_classes"), channel_dims=cas.get("channel_dims") or {},
                    channels=cas.get("channels") or {}, input_size=cas.get("input_size"),

@@ -162,6 +162,15 @@ def validate_base_spec(spec: Any, source_label: str = "config.json") -> dict:
         check.require(isinstance(hub_id, str) and _REPO_ID.fullmatch(hub_id) is not None, "base_model.hf_hub_id",
                       hub_id, "a Hub repo id 'owner/name' or null")
         out["hf_hub_id"] = hub_id
+    if spec.get("pretrained_weights") is not None:  # which checkpoint the base was loaded from: metadata only
+        weights = spec["pretrained_weights"]
+        check.require(isinstance(weights, dict) and set(weights) == {"file", "sha256"}, "base_model.pretrained_weights",
+                      weights, '{"file": <a file name>, "sha256": <64 hex digits>}')
+        check.require(isinstance(weights["file"], str) and _MODEL_NAME.fullmatch(weights["file"]) is not None,
+                      "base_model.pretrained_weights.file", weights["file"], "a file name without folders")
+        check.require(isinstance(weights["sha256"], str) and _SHA256.fullmatch(weights["sha256"]) is not None,
+                      "base_model.pretrained_weights.sha256", weights["sha256"], "64 lowercase hex digits")
+        out["pretrained_weights"] = dict(weights)
     return out
 
 
@@ -212,8 +221,8 @@ def _validate_defense(defense: Any, version: int, cas: dict, check: _Check) -> d
     if version < 2:  # version 1 knew CAS only: a defense section there was not written by casify
         check.require(defense is None, "defense", defense, "no defense section in a config_version 1 file (CAS)")
         return {"name": "cas", "options": {}}
-    check.require(isinstance(defense, dict) and set(defense) <= {"name", "options"}, "defense", defense,
-                  '{"name": <a registered defense>, "options": {...}}')
+    check.require(isinstance(defense, dict) and set(defense) <= {"name", "options", "layer_options"}, "defense",
+                  defense, '{"name": <a registered defense>, "options": {...}[, "layer_options": {...}]}')
     name = defense.get("name")
     check.require(isinstance(name, str) and name in DEFENSES, "defense.name", name,
                   f"one of the registered defenses {sorted(DEFENSES)}")
@@ -224,11 +233,25 @@ def _validate_defense(defense: Any, version: int, cas: dict, check: _Check) -> d
         validate_options(name, options, where="defense.options")
     except ValueError as e:
         raise LoadError(f"{check.source}: refused {e}") from None
+    layer_options = defense.get("layer_options", {})
+    layers = cas.get("layers") or []
+    check.require(isinstance(layer_options, dict) and set(layer_options) <= set(layers), "defense.layer_options",
+                  layer_options, "a JSON object keyed by layers of cas.layers")
+    for layer, overrides in layer_options.items():
+        check.require(isinstance(overrides, dict) and 0 < len(overrides) <= 64, f"defense.layer_options.{layer}",
+                      overrides, "a JSON object of at most 64 options")
+        try:
+            validate_options(name, {**options, **overrides}, where=f"defense.layer_options.{layer}")
+        except ValueError as e:
+            raise LoadError(f"{check.source}: refused {e}") from None
     init = cas.get("init")
     check.require(init in DEFENSES[name].INITS, "cas.init", init, f"one of {list(DEFENSES[name].INITS)} for {name}")
     check.require(name == "cas" or cas.get("suppress", True) is True, "cas.suppress", cas.get("suppress"),
                   "true (suppress=False is CAS's ablation; other defenses have no such switch)")
-    return {"name": name, "options": dict(options)}
+    out = {"name": name, "options": dict(options)}
+    if layer_options:
+        out["layer_options"] = {k: dict(v) for k, v in layer_options.items()}
+    return out
 
 
 def _validate_normalize(norm: Any, check: _Check) -> Optional[dict]:

@@ -139,11 +139,15 @@ class AdversarialLoss(abc.ABC):
         train_routing: how CAS modules route in the update forward: ``"label"`` (the paper: the true label, which
             leaks the label into the mask), ``"predicted"`` (each module's own argmax) or ``"soft"`` (each module's
             softmax mixture of rows); see :data:`casify.routing.TRAIN_ROUTINGS`. Test-time routing is unchanged.
+        training_objective: the objective the training attack maximises (a :data:`casify.attacks.OBJECTIVES` name);
+            None: the method's own (the joint one when the defense's heads are trained). FSR's authors attack the
+            final logits' cross-entropy in training (their ``train.py``): ``"ce"``.
     """
     cas: bool = False
     beta: float = 2.0
     defaults: str = "paper"
     train_routing: str = "label"
+    training_objective: Optional[str] = None
 
     method: ClassVar[str] = ""
     attack_preset: ClassVar[str] = ""
@@ -153,6 +157,9 @@ class AdversarialLoss(abc.ABC):
             raise ValueError(f"defaults must be one of {sorted(DEFAULTS)}, got {self.defaults!r}")
         if self.train_routing not in TRAIN_ROUTINGS:
             raise ValueError(f"train_routing must be one of {sorted(TRAIN_ROUTINGS)}, got {self.train_routing!r}")
+        if self.training_objective is not None and self.training_objective not in attacks.OBJECTIVES:
+            raise ValueError(f"training_objective must be one of {sorted(attacks.OBJECTIVES)} (or null: the method's "
+                             f"own), got {self.training_objective!r}")
         for key, value in DEFAULTS[self.defaults].get(self.method, {}).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -178,12 +185,16 @@ class AdversarialLoss(abc.ABC):
     def training_attack(self, **overrides) -> attacks.Attack:
         """The authors' training attack for this method (see :data:`casify.attacks.PRESETS`), objective and beta
         matched to this loss."""
-        overrides = {"objective": self.attack_objective, "beta": self.beta, **overrides}
+        objective = self.training_objective or self.attack_objective
+        overrides = {"objective": objective, "beta": self.beta, **overrides}
         return attacks.get_attack(self.attack_preset, **overrides)
 
     def config(self) -> dict:
         """The resolved settings, for run configs and reports."""
-        return {"method": self.method, **dataclasses.asdict(self), "attack_objective": self.attack_objective}
+        settings = dataclasses.asdict(self)
+        if settings["training_objective"] is None:  # unused: records read as they did before the setting existed
+            del settings["training_objective"]
+        return {"method": self.method, **settings, "attack_objective": self.training_objective or self.attack_objective}
 
 
 @dataclass

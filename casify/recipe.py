@@ -6,6 +6,7 @@ sections. The scripts under ``recipes/`` only pick the method, so ``python recip
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .code_version import code_version
 from .data import build_dataset
 from .defenses import find_defense_modules
 from .hub import from_pretrained
+from .models.pretrained_weights import check_backbone, create_timm_from_checkpoint, read_checkpoint
 from .recipe_config import (CommandLine, ConfigError, DataSection, DefenseSection, EvalSection, HubSection,
                             ModelSection, Recipe, load_recipe, run_name)
 from .spec import infer_base_spec
@@ -27,29 +30,39 @@ __all__ = ["CommandLine", "ConfigError", "Recipe", "build_base_model", "build_da
            "evaluate_model", "load_recipe", "main", "run", "run_name"]
 
 
-def _load_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
 def build_base_model(spec: ModelSection) -> nn.Module:
-    """A timm (``name``) or torchvision (``torchvision:name``) model, optionally pretrained or from a local checkpoint."""
+    """The base model of :func:`_base_and_weights` (see there)."""
+    return _base_and_weights(spec)[0]
+
+
+def _base_and_weights(spec: ModelSection):
+    """A timm (``name``) or torchvision (``torchvision:name``) model, optionally pretrained or from a local checkpoint.
+
+    A timm model with ``checkpoint`` goes through timm's own loading path (``pretrained=True`` with the file as
+    ``pretrained_cfg_overlay``), after a check that the checkpoint's backbone fits: an ImageNet checkpoint loads into
+    a ``num_classes: 10`` model with only the classifier re-initialised, and one line says what was dropped
+    (:mod:`casify.models.pretrained_weights`). Returns the model and, when it came from a checkpoint, the
+    ``{"file", "sha256"}`` its model card names."""
     if not spec.name:
         raise ValueError("model.name is required (a timm name, 'torchvision:<name>', or a casify folder)")
     kwargs = dict(spec.kwargs or {})
     if spec.name.startswith("torchvision:"):
         import torchvision.models as tvm
-        weights = "DEFAULT" if spec.pretrained else None
+        weights = "DEFAULT" if spec.pretrained and not spec.checkpoint else None
         model = tvm.get_model(spec.name.split(":", 1)[1], weights=weights, **kwargs)
-    else:
-        import timm
-        model = timm.create_model(spec.name, pretrained=bool(spec.pretrained), **kwargs)
+        if spec.checkpoint:
+            state = read_checkpoint(Path(spec.checkpoint).expanduser())
+            check_backbone(model, state, spec.name, Path(spec.checkpoint))
+            model.load_state_dict(state, strict=True)
+            return model, {"file": Path(spec.checkpoint).name,
+                           "sha256": hashlib.sha256(Path(spec.checkpoint).expanduser().read_bytes()).hexdigest()}
+        return model, None
+    import timm
     if spec.checkpoint:
-        model.load_state_dict(_load_state_dict(Path(spec.checkpoint)), strict=True)
-    return model
+        model, loaded = create_timm_from_checkpoint(spec.name, spec.checkpoint, **kwargs)
+        print(f"casify: {loaded.describe()}", file=sys.stderr)
+        return model, {"file": Path(loaded.path).name, "sha256": loaded.sha256}
+    return timm.create_model(spec.name, pretrained=bool(spec.pretrained), **kwargs), None
 
 
 def build_model(spec: ModelSection, defense: Optional[DefenseSection] = None) -> nn.Module:
@@ -58,14 +71,16 @@ def build_model(spec: ModelSection, defense: Optional[DefenseSection] = None) ->
     defense = defense or DefenseSection()
     if spec.name and Path(spec.name).is_dir() and (Path(spec.name) / "config.json").exists():
         return from_pretrained(spec.name)
-    base = build_base_model(spec)
+    base, weights = _base_and_weights(spec)
     base_spec = infer_base_spec(base)
     if not spec.pretrained or spec.checkpoint:
         base_spec.pop("hf_hub_id", None)  # the weights do not come from that Hub repo: the card must not say they do
+    if weights:  # the card names the checkpoint the base came from
+        base_spec["pretrained_weights"] = weights
     layers = spec.cas_layers
     return wrap(base, layers if layers is not None else [], init=spec.init, suppress=spec.suppress,
                 normalize=spec.normalize, input_size=spec.input_size, base_spec=base_spec, defense=defense.name,
-                **defense.options)
+                layer_options=defense.layer_options, **defense.options)
 
 
 def build_datasets(spec: DataSection):
@@ -84,6 +99,17 @@ def evaluate_model(model: nn.Module, dataset, spec: EvalSection, accelerator=Non
     from .evaluate import evaluate
     return evaluate(model, dataset, attacks=spec.suite, eps=spec.eps, batch_size=spec.batch_size,
                     max_examples=spec.max_examples, seed=spec.seed, accelerator=accelerator, progress=False)
+
+
+def check_class_count(model: nn.Module, dataset, recipe: Recipe) -> None:
+    """The model's class count must be the data's, checked before anything trains: a 1000-class head on CIFAR-10
+    would train (labels 0-9 fit) and publish a model that predicts ImageNet indices."""
+    model_classes = getattr(model, "num_classes", None)
+    data_classes = getattr(dataset, "num_classes", None)
+    if model_classes and data_classes and int(model_classes) != int(data_classes):
+        raise ConfigError(f"the model has {model_classes} classes but {recipe.data.name} has {data_classes}; set "
+                          f"--set model.kwargs.num_classes={data_classes} (a pretrained checkpoint's classifier is "
+                          "then re-initialised for it)")
 
 
 def check_hub_before_training(hub: HubSection) -> None:
@@ -112,6 +138,7 @@ def run(recipe: Recipe) -> dict:
     if tcfg.cas and not find_defense_modules(model):
         raise ValueError("train.cas is true but model.cas_layers is empty; set model.cas_layers or train.cas=false")
     train_set, val_set, test_set = build_datasets(recipe.data)
+    check_class_count(model, train_set, recipe)
     trainer = Trainer(model, train_set, val_set, tcfg, identity=recipe.identity())
     state = trainer.train(resume=recipe.resume, overwrite=recipe.overwrite)
     acc = trainer.accelerator
@@ -121,7 +148,8 @@ def run(recipe: Recipe) -> dict:
     report = evaluate_model(robust, test_set, recipe.eval, accelerator=acc)
     summary = {"method": recipe.method, "cas": tcfg.cas, "output_dir": str(out), "steps": state.global_step,
                "global_batch_size": trainer.global_batch_size, "best_step": state.best_step,
-               "validation": state.history, "selected": selected.name, "test": report.summary()}
+               "validation": state.history, "selected": selected.name, "test": report.summary(),
+               "code": code_version()}
     if acc.is_main_process:
         _write_outputs(recipe, robust, report, summary, out)
     acc.wait_for_everyone()

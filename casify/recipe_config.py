@@ -29,7 +29,7 @@ from .train.config import METHODS, TrainConfig
 DEFAULTS = {
     "model": {"name": None, "pretrained": False, "checkpoint": None, "kwargs": {}, "cas_layers": "auto",
               "init": None, "suppress": True, "normalize": "auto", "input_size": None, "defense": "cas",
-              "defense_options": {}},
+              "defense_options": {}, "defense_layer_options": {}},
     "data": {"name": "digits", "root": None, "download": False, "augment": True, "val_size": None, "image_size": None,
              "test": None, "kwargs": {}},
     "train": {},
@@ -40,7 +40,8 @@ DEFAULTS = {
     "overwrite": False,
 }
 TOP_LEVEL = set(DEFAULTS) | {"method"}
-FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("model", "normalize"), ("eval", "eps")}  # checked elsewhere
+FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("model", "normalize"), ("eval", "eps"),
+             ("model", "defense_layer_options")}  # checked elsewhere
 SET_OPTION = "the command line (--set)"
 FLAGS = "the command line"  # --output_dir, --max_steps, --push_to_hub, ...
 
@@ -66,9 +67,11 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DefenseSection:
-    """Which registered defense is inserted (``model.defense``) and its options (``model.defense_options``)."""
+    """Which registered defense is inserted (``model.defense``), its options (``model.defense_options``) and
+    per-layer overrides of them (``model.defense_layer_options: {layer4.0: {probe: mlp}}``)."""
     name: str = "cas"
     options: Dict[str, Any] = field(default_factory=dict)
+    layer_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class Recipe:
         spelled as the YAML spells them, so run folders written by earlier versions resume."""
         model = {**dataclasses.asdict(self.model), "defense": self.defense.name,
                  "defense_options": dict(self.defense.options)}
+        if self.defense.layer_options:  # absent when unused: earlier run folders keep their identity
+            model["defense_layer_options"] = {k: dict(v) for k, v in self.defense.layer_options.items()}
         return {"recipe": {"model": model, "data": dataclasses.asdict(self.data)}}
 
 
@@ -260,7 +265,8 @@ def _check_keys_and_types(config: dict) -> None:
 def run_name(config: dict, method: str) -> str:
     """A default output folder named after the run: what it trains, and a hash of every setting that changes it
     (the settings as written, so the name is the one earlier versions gave the same recipe)."""
-    record = {"method": method, "model": config["model"], "data": config["data"], "train": config["train"]}
+    model = {k: v for k, v in config["model"].items() if k != "defense_layer_options" or v}  # new: absent if unused
+    record = {"method": method, "model": model, "data": config["data"], "train": config["train"]}
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = Path(str(config["model"].get("name") or "model")).name.replace(":", "-")
     data = Path(str(config["data"].get("name") or "data").split(":")[-1]).stem
@@ -331,9 +337,17 @@ def load_recipe(path: Optional[str] = None, cli: Optional[CommandLine] = None) -
 
 def _typed(config: dict, method: str) -> Recipe:
     model = dict(config["model"])
-    defense = DefenseSection(name=model.pop("defense") or "cas", options=dict(model.pop("defense_options") or {}))
+    layer_options = model.pop("defense_layer_options") or {}
+    if not isinstance(layer_options, dict) or not all(isinstance(v, dict) for v in layer_options.values()):
+        raise _Invalid(f"model.defense_layer_options must map layer names to option mappings, e.g. "
+                       f"{{layer4.0: {{probe: mlp}}}}; got {layer_options!r}")
+    defense = DefenseSection(name=model.pop("defense") or "cas", options=dict(model.pop("defense_options") or {}),
+                             layer_options={str(k): dict(v) for k, v in layer_options.items()})
     try:
         validate_options(defense.name, defense.options, where="model.defense_options")
+        for layer, overrides in defense.layer_options.items():
+            validate_options(defense.name, {**defense.options, **overrides},
+                             where=f"model.defense_layer_options[{layer!r}]")
     except ValueError as e:
         raise _Invalid(f"model.defense: {e}") from None
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import fx, nn
@@ -56,6 +56,20 @@ def defense_options(config: CASConfig) -> dict:
     return validate_options(config.defense, config.defense_options)
 
 
+def resolve_layer_options(config: CASConfig, names: List[str], options: dict) -> Dict[str, dict]:
+    """Per-layer overrides of the defense's options, keyed by resolved layer names; a key that names no wrapped layer
+    or an option the defense does not have is refused (a typo must not silently give every layer the default)."""
+    unknown = sorted(set(config.layer_options) - set(names))
+    if unknown:
+        raise LayerError(f"layer_options names {unknown}, which are not among the wrapped layers {names}; key it by "
+                         "the layer names as list_layers gives them")
+    out = {}
+    for name, overrides in config.layer_options.items():
+        validate_options(config.defense, {**options, **overrides}, where=f"layer_options[{name!r}]")
+        out[name] = dict(overrides)
+    return out
+
+
 def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = (),
             autowrap_functions: Iterable = ()) -> Rewrite:
     """Trace ``model`` in eval and train mode and insert what ``config`` asks for into both graphs.
@@ -90,6 +104,7 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
     defense = get_defense(config.defense)
     init = defense.INITS[0] if config.init is None else config.init
     options = defense_options(config)
+    layer_options = resolve_layer_options(config, names, options)
     taken: set = set()
     modules: Dict[str, DefenseModule] = {}
     keys: Dict[str, str] = {}
@@ -102,7 +117,9 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
         key = module_key(name, taken)
         keys[name] = key
         extra = {"suppress": bool(config.suppress)} if config.defense == "cas" else {}
-        modules[key] = defense.build(layer.channels, classes, layer.channel_dim, len(layer.shape), init, options,
+        own = validate_options(config.defense, {**options, **layer_options.get(name, {})}) if name in layer_options \
+            else options
+        modules[key] = defense.build(layer.channels, classes, layer.channel_dim, len(layer.shape), init, own,
                                      **factory, **extra)
 
     norm = resolve_normalize(config.normalize, model)
@@ -126,7 +143,7 @@ def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = 
 
     resolved = config.replace(
         layers=names, suppress=bool(config.suppress), num_classes=int(classes), init=init,
-        defense_options=dict(options),
+        defense_options=dict(options), layer_options=layer_options,
         channel_dims={n: targets[n][1].channel_dim for n in names},
         channels={n: targets[n][1].channels for n in names}, input_size=input_size, normalize=norm,
         versions=versions(), extra=dict(config.extra))

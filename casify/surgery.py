@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -25,7 +25,8 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
          init: Optional[str] = None, suppress: bool = True, normalize="auto",
          input_size: Optional[Sequence[int]] = None, channel_dims: Optional[Dict[str, int]] = None,
          leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = (), base_spec: Optional[dict] = None,
-         class_names: Optional[Sequence[str]] = None, defense: str = "cas", **options) -> CASModel:
+         class_names: Optional[Sequence[str]] = None, defense: str = "cas",
+         layer_options: Optional[Dict[str, Dict[str, Any]]] = None, **options) -> CASModel:
     """Insert a defense module (CAS by default) after each of ``layers`` in ``model`` and return the wrapped model.
 
     Args:
@@ -52,6 +53,8 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
         class_names: optional names of the classes, stored in the saved config.
         defense: a registered defense (:data:`casify.defenses.DEFENSES`): ``"cas"`` (default), ``"cifs"``,
             ``"fsr"``, or one registered with :func:`casify.defenses.register_defense`.
+        layer_options: per-layer overrides of ``options``, keyed by layer name, e.g. CIFS as its authors built it:
+            ``layer_options={"layer4.0": {"probe": "mlp"}}`` with ``probe="linear"`` for the others.
         **options: the defense's options (e.g. ``top_k=1`` for CIFS, ``tau=0.1`` for FSR); unknown ones and
             values outside what the defense allows are refused.
     """
@@ -59,7 +62,7 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
         raise ValueError("the model is already wrapped by casify; unwrap it first or list all layers in one wrap call")
     if isinstance(layers, CASConfig):
         given = {"num_classes": num_classes is not None, "init": init is not None, "suppress": suppress is not True,
-                 "defense": defense != "cas", "options": bool(options),
+                 "defense": defense != "cas", "options": bool(options), "layer_options": bool(layer_options),
                  "normalize": not (isinstance(normalize, str) and normalize == "auto"),
                  "input_size": input_size is not None, "channel_dims": channel_dims is not None,
                  "base_spec": base_spec is not None, "class_names": class_names is not None}
@@ -72,7 +75,8 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
         validate_options(defense, {k: v for k, v in options.items()}, where="wrap options")
         config = as_config(layers, num_classes=num_classes, init=init, suppress=suppress, normalize=normalize,
                            input_size=input_size, channel_dims=channel_dims, base_spec=base_spec,
-                           class_names=class_names, defense=defense, defense_options=options)
+                           class_names=class_names, defense=defense, defense_options=options,
+                           layer_options=layer_options or {})
     return CASModel.from_rewrite(model, rewrite(model, config, leaf_modules, autowrap_functions))
 
 

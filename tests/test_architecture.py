@@ -18,10 +18,10 @@ ROOT = Path(casify.__file__).parent
 
 LAYERS = [
     # the CAS module and everything that needs nothing else from casify
-    ("foundation", {"casify.version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
+    ("foundation", {"casify.version", "casify.code_version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
                     "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
                     "casify.cas", "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.models", "casify.models._timm",
+                    "casify.models", "casify.models._timm", "casify.models.pretrained_weights",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
     # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs

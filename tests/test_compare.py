@@ -59,3 +59,37 @@ def test_seed_rule_judges_per_seed_differences():
     assert m.pooled_mcnemar["z"] > 2  # the per-image view alone would have called it
     with pytest.raises(ValueError, match="at least 3 seeds"):
         seed_comparison(better[:2], [0, 1])
+
+
+def test_holm_adjustment_known_values_and_order():
+    from casify.evaluate.compare import holm
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([0.2]) == [0.2] and holm([]) == []
+    assert holm([0.9, 0.9, 0.9]) == pytest.approx([1.0, 1.0, 1.0])  # capped at 1
+
+
+def test_crossed_bootstrap_resamples_images_jointly_and_judges_the_family():
+    import numpy as np
+    from casify.evaluate.compare import crossed_seed_comparison, judge_family
+    rng = np.random.default_rng(0)
+    n = 400
+    hard = rng.random(n)  # per-image difficulty, shared by every seed: what makes the design crossed
+    a = np.array([rng.random(n) < 0.2 + 0.6 * hard for _ in range(4)])
+    b_worse = np.array([rng.random(n) < 0.05 + 0.6 * hard for _ in range(4)])
+    same = crossed_seed_comparison(a, a, [0, 1, 2, 3], resamples=2000)
+    assert same.mean_diff == 0 and same.verdict_unadjusted == "inconclusive" and same.p == 1.0
+    better = crossed_seed_comparison(a, b_worse, [0, 1, 2, 3], resamples=2000)
+    assert better.mean_diff > 0.1 and better.verdict_unadjusted == "A better"
+    assert better.bootstrap_ci95[0] > 0 and better.t_ci95[0] > 0 and better.image_se > 0
+    worse = crossed_seed_comparison(b_worse, a, [0, 1, 2, 3], resamples=2000)
+    assert worse.verdict_unadjusted == "A worse"
+    # a borderline p that passes alone fails once adjusted within a larger family
+    edge = crossed_seed_comparison(a, a, [0, 1, 2, 3], resamples=10)
+    edge.p, edge.mean_diff = 0.03, 0.01
+    family = judge_family({"better": better, "edge": edge, "same": same})
+    assert family["better"].verdict == "A better" and family["edge"].p_holm == pytest.approx(0.06)
+    assert family["edge"].verdict == "inconclusive" and family["same"].verdict == "inconclusive"
+    with pytest.raises(ValueError, match="at least 3 seeds"):
+        crossed_seed_comparison(a[:2], a[:2], [0, 1])
+    with pytest.raises(ValueError, match="one shape"):
+        crossed_seed_comparison(a, a[:, :10], [0, 1, 2, 3])

@@ -422,3 +422,38 @@ def test_routing_an_unrouted_defense_is_refused_clearly():
         casify.attacks.pgd(model, torch.rand(2, 3, 8, 8), torch.arange(2), steps=1, routing="clean-predicted")
     loss, _ = get_loss("at", cas=True)(model.train(), torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.arange(2))
     assert torch.isfinite(loss)  # the label routing of the losses is a no-op on an unrouted defense
+
+
+def test_per_layer_options_build_cifs_as_its_authors_did(tmp_path):
+    """CIFS's authors put an MLP probe on layer4.0 and a linear one on layer4.1: per-layer options over the defense's
+    own, saved and loaded as data; a key that names no wrapped layer, or a bad option, is refused."""
+    torch.manual_seed(0)
+    layers = ["block.0", "block.2"]
+    model = casify.wrap(TinyNet(), layers=layers, input_size=(3, 8, 8), normalize=None, defense="cifs",
+                        probe="linear", layer_options={"block.0": {"probe": "mlp", "hidden": 6}}).eval()
+    probes = [(m.probe, m.hidden) for m in casify.find_cas_modules(model)]
+    assert probes == [("mlp", 6), ("linear", 128)]
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["defense"]
+    assert saved["layer_options"] == {"block.0": {"probe": "mlp", "hidden": 6}} and saved["options"]["probe"] == "linear"
+    loaded = casify.from_pretrained(tmp_path / "m", model=TinyNet()).eval()
+    assert [(m.probe, m.hidden) for m in casify.find_cas_modules(loaded)] == probes
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # without per-layer options the config is written as before (older readers and folders unchanged)
+    plain = _wrap("cifs")
+    plain.save_pretrained(tmp_path / "plain")
+    assert "layer_options" not in json.loads((tmp_path / "plain" / "config.json").read_text())["defense"]
+    with pytest.raises(LayerError, match="not among the wrapped layers"):
+        casify.wrap(TinyNet(), layers=["block.0"], input_size=(3, 8, 8), normalize=None, defense="cifs",
+                    layer_options={"block.2": {"probe": "mlp"}})
+    with pytest.raises(ValueError, match="probe"):
+        casify.wrap(TinyNet(), layers=["block.0"], input_size=(3, 8, 8), normalize=None, defense="cifs",
+                    layer_options={"block.0": {"probe": "deep"}})
+    path = tmp_path / "m" / "config.json"
+    good = json.loads(path.read_text())
+    for bad in ({"block.9": {"probe": "mlp"}}, {"block.0": {"probe": "deep"}}, {"block.0": []}, {"block.0": {}}):
+        path.write_text(json.dumps({**good, "defense": {**good["defense"], "layer_options": bad}}))
+        with pytest.raises(casify.LoadError):
+            casify.from_pretrained(tmp_path / "m", model=TinyNet())

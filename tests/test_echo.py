@@ -43,6 +43,17 @@ def test_a_mask_the_model_ignores_is_no_echo():
     model = casify.wrap(EchoNet(), layers=["features"], input_size=(4, 2, 2), normalize=None, suppress=False)
     echo = routing_echo(model, _data(), eps=0.01, steps=2)
     assert echo.forced_all == 0.0 and not echo.echoes  # the model keeps its own (correct) answer
+    assert echo.forced_null == 0.0  # its own prediction never is the drawn wrong class: the real null, not 1/classes
+
+
+def test_the_forced_routing_null_is_the_rate_of_the_models_own_prediction():
+    """A mask-ignoring model that is always wrong in one fixed way outputs the drawn wrong class about 1/(classes-1)
+    of the time, and forced routing does no better than that null."""
+    model = casify.wrap(EchoNet(), layers=["features"], input_size=(4, 2, 2), normalize=None, suppress=False)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.eye(4).roll(1, dims=0))  # predicts (y + 1) % 4: never right
+    echo = routing_echo(model, _data(n=300), eps=0.01, steps=1, max_examples=300)
+    assert echo.forced_all == echo.forced_null and 0.2 < echo.forced_null < 0.47
 
 
 def test_unrouted_models_are_refused():

@@ -203,6 +203,12 @@ def test_attack_objectives():
     attack = get_loss("trades", cas=True, beta=3.0).training_attack()
     assert (attack.objective, attack.beta, attack.steps, attack.random_start) == ("cas_kl", 3.0, 10, "normal")
     assert get_loss("at").training_attack(steps=3).to_dict()["steps"] == 3
+    # FSR's authors craft training examples on the final logits' CE (their train.py): the attack's objective only
+    fsr = get_loss("at", cas=True, beta=3.0, training_objective="ce")
+    assert fsr.training_attack().objective == "ce" and fsr.attack_objective == "cas"
+    assert fsr.config()["attack_objective"] == "ce" and fsr.config()["training_objective"] == "ce"
+    with pytest.raises(ValueError, match="training_objective must be one of"):
+        get_loss("at", training_objective="cee")
 
 
 def test_loss_is_float32_under_bf16_autocast(cas_model, batch):

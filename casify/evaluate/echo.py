@@ -8,6 +8,11 @@ the routed class (``shared/docs/family.md``). Two measurements show it on any ro
 - **forced routing**: route every module (and each module alone, the others by their own prediction) to a random
   wrong class per example, and count how often the model then outputs that class. An echo model follows the route
   (near 100 %); a model whose later layers do not read the mask stays near chance (1 / classes) or keeps its label.
+
+The null of forced routing is **not** 1 / classes: a model that ignores its masks outputs the drawn wrong class as
+often as its own prediction happens to be that class, about (1 - accuracy) / (classes - 1) (5.5-7.5 % for the
+study's models, not 10 %). :attr:`RoutingEcho.forced_null` measures that rate on the same draws (the model's own,
+unforced prediction equals the forced class), so an echo is read against it.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ class RoutingEcho:
     forced_each: Dict[str, float] = field(default_factory=dict)
     chance: float = 0.0
     adversarial: str = ""
+    forced_null: float = 0.0  # the unforced prediction equals the drawn class: the rate of a mask-ignoring model
 
     @property
     def echoes(self) -> bool:
@@ -92,12 +98,12 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
     subset = torch.utils.data.Subset(dataset, range(n))
     agree_clean = torch.zeros(len(named))
     agree_adv = torch.zeros(len(named))
-    forced_all = 0
+    forced_all = forced_null = 0
     forced_each = torch.zeros(len(named))
     try:
         for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
-            _, clean = _agreement(model, x, [m for _, m in named])
+            own, clean = _agreement(model, x, [m for _, m in named])
             agree_clean += torch.stack([c.float().sum().cpu() for c in clean])
             x_adv = pgd(model, x, y, eps=eps, steps=steps, objective="cas", beta=beta,
                         generator=torch.Generator(device=device).manual_seed(seed))
@@ -105,6 +111,7 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
             agree_adv += torch.stack([c.float().sum().cpu() for c in adv])
             forced = _wrong_classes(y, num_classes, generator).to(device)
             forced_all += int(_forced(model, x, forced).sum())
+            forced_null += int((own == forced).sum())
             for i, (_, module) in enumerate(named):
                 forced_each[i] += float(_forced(model, x, forced, only=module).sum())
     finally:
@@ -113,5 +120,6 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
     return RoutingEcho(n=n, modules=names, head_agreement_clean=(agree_clean / n).tolist(),
                        head_agreement_adversarial=(agree_adv / n).tolist(), forced_all=forced_all / n,
                        forced_each={k: float(v) / n for k, v in zip(names, forced_each)}, chance=1 / num_classes,
+                       forced_null=forced_null / n,
                        adversarial=f"PGD-{steps} on the joint objective (final + {beta} x mean over heads), eps "
                                    f"{eps * 255:.3g}/255")

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..model import CASModel
 from ..serialization import atomic_write
+from ..code_version import code_version
 from .config import EMA_WEIGHTS, RUN_RECORD, RunMismatchError, TrainingRecord, TrainState
 
 
@@ -127,7 +128,8 @@ class RunFolder:
                       "attack": self.attack.to_dict() if self.attack else None,
                       "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
                       "global_batch_size": self.global_batch_size,
-                      "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+                      "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                      "code": code_version()}
             text = json.dumps(record, indent=1, default=str)
             atomic_write(self.output_dir / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
 
@@ -216,7 +218,8 @@ class RunFolder:
                 selected_on=(f"held-out validation split ({'robust' if self.attack else 'natural'} accuracy)"
                              if name == "best" else "last step"),
                 step=self.state.global_step,
-                weights=f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained")
+                weights=f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained",
+                code=code_version())
             (model if state is None else FullWeights(model, state)).save_pretrained(
                 folder, metrics=metrics, extra={"training": training.to_dict()})
         acc.wait_for_everyone()

@@ -173,6 +173,7 @@ class TrainingRecord:
     selected_on: str
     step: int
     weights: str
+    code: Optional[dict] = None  # casify's version and git commit (casify.code_version)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,424 @@
+"""What casify's studies share: the scoring (the adaptive union, AutoAttack and Square, matched attacks, restart
+saturation, the routing echo), the per-run records (commit, SHA-256 of the selected weights, seconds), the work queue
+(several worker processes, each run claimed by an atomic mkdir, a dead worker's claim taken over, training resumed
+from its checkpoint) and the judgement (:data:`casify.evaluate.compare.CROSSED_SEED_RULE`, Holm over the family).
+
+Why one module: every study scores and judges the same way, so a number in one study means what it means in another.
+Studies import it as ``studies._protocol`` (run them as modules from the repository root: ``python -m
+studies.<name>.study``); nothing here imports a study.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+EPS = 8 / 255  # pixel space, L-inf
+SATURATION = {"steps": 100, "restarts": 4, "seed": 1}
+ECHO = {"max_examples": 500, "steps": 20}
+AA_EXAMPLES = 200  # AutoAttack (standard) and Square on the first 200 test images
+SQUARE_QUERIES = 5000
+MATCHED_ROWS = 7  # the first seven rows of union_attacks: the families every arm gets on its own default objective
+
+
+def union_attacks(defended: bool) -> list:
+    """The adaptive union: the standard suite's rows, PGD-100 x 3 on the model's own objective and, for a defended
+    model, the defense-specific rows ("adaptive": each head alone, fixed routings), final-logit PGD-20 / CW-20, and
+    the BPDA rows (the defense's adaptive backward with the routing passed straight through) at PGD-100 x 3. A test
+    image counts as robust only if it survives every row."""
+    from casify.attacks import Attack
+    obj = "cas" if defended else "ce"
+    rows = ["fgsm", "pgd20", "cw20", "pgd100", "apgd-dlr", "apgd-t",
+            Attack(name="pgd100x3", steps=100, restarts=3, objective=obj)]
+    if defended:
+        rows += ["adaptive",
+                 Attack(name="pgd100x3", steps=100, restarts=3, objective="cas", routing="straight-through"),
+                 Attack(name="pgd20", steps=20, objective="ce"),
+                 Attack(name="cw20", kind="cw", steps=20, kappa=50.0, objective="cw")]
+    return rows
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_json(path: Path, record) -> None:
+    """Atomically: a killed worker never leaves half a record."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def claim(out: Path, name: str = ".claim") -> bool:
+    """Take the run (or one job of it) for this process: an atomic mkdir; a claim whose process is gone is taken
+    over (training then resumes from the run's last checkpoint)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    try:
+        path.mkdir()
+    except FileExistsError:
+        try:
+            pid = int((path / "pid").read_text())
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (OSError, ValueError):
+            pass
+    (path / "pid").write_text(str(os.getpid()))
+    return True
+
+
+def train_timed(trainer, out: Path) -> Tuple[object, float]:
+    """Train (resuming from the run's checkpoints); the wall-clock seconds summed over every resumption."""
+    partial = out / "train_seconds_partial.json"
+    prior = (read_json(partial) or {}).get("seconds", 0.0)
+    start = time.time()
+    every = max(1, int(trainer.config.checkpoint_every_steps or 1))
+
+    def save_seconds(tr):
+        if tr.state.global_step % every == 0:
+            write_json(partial, {"seconds": prior + time.time() - start})
+
+    trainer.callbacks.append(save_seconds)
+    state = trainer.train(resume=True)
+    return state, prior + time.time() - start
+
+
+@dataclass
+class Arm:
+    """One training arm of a study: the method, the defense (None: plain), its layers, options and loss settings."""
+    method: str = "at"
+    defense: Optional[str] = None
+    layers: List[str] = field(default_factory=list)
+    options: Dict = field(default_factory=dict)
+    layer_options: Dict = field(default_factory=dict)
+    beta: float = 2.0
+    loss_kwargs: Dict = field(default_factory=dict)
+    init: Optional[str] = None
+
+    @property
+    def defended(self) -> bool:
+        return bool(self.layers)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+def training_record(arm_name: str, seed: int, state, seconds: float, folder: Path, config) -> dict:
+    from casify.code_version import code_version
+    return {"arm": arm_name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
+            "best_step": state.best_step, "history": state.history, "selected_folder": folder.name,
+            "model_sha256": sha256(folder / "model.safetensors"), "config": config.to_dict(),
+            "code": code_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def score_union(model, test, defended: bool, sha: str) -> dict:
+    """The union's score of one run, per-example flags kept (score.json)."""
+    from casify.code_version import code_version
+    from casify.evaluate import evaluate
+    start = time.time()
+    report = evaluate(model, test, attacks=union_attacks(defended), eps=EPS, seed=0, progress=False, checks=True)
+    summary = report.summary()
+    return {"n": report.n_examples, "natural": report.natural_accuracy,
+            "worst_case": report.worst_case["accuracy"], "families": summary["accuracy"],
+            "rows": [r.name for r in report.attacks],
+            "gradient_masking_suspected": report.gradient_masking_suspected,
+            "failed_checks": summary["failed_checks"], "per_example": report.per_example, "model_sha256": sha,
+            "seconds": round(time.time() - start, 1), "code": code_version(), "versions": report.versions}
+
+
+def score_matched(model, test, defended: bool, union: dict) -> dict:
+    """Every arm under the same seven families (each on its model's own default objective); for a plain model these
+    are the union's own rows, so its union is reused."""
+    from casify.evaluate import evaluate
+    if not defended:
+        return {"rows": "the union's rows (identical for a plain model)", "worst_case": union["worst_case"],
+                "per_example": union["per_example"]["worst_case"], "seconds": 0.0}
+    start = time.time()
+    report = evaluate(model, test, attacks=union_attacks(defended)[:MATCHED_ROWS], eps=EPS, seed=0, progress=False,
+                      checks=True)
+    return {"rows": [r.name for r in report.attacks], "worst_case": report.worst_case["accuracy"],
+            "per_example": report.per_example["worst_case"], "seconds": round(time.time() - start, 1)}
+
+
+def score_saturation(model, test, defended: bool, union: dict) -> dict:
+    """How many of the union's survivors 4 more PGD-100 restarts (another seed) fool: near 0 means the union has
+    saturated."""
+    from casify.attacks import Attack
+    from casify.evaluate import evaluate
+    start = time.time()
+    robust = [i for i, ok in enumerate(union["per_example"]["worst_case"]) if ok]
+    newly = 0
+    if robust:
+        attack = Attack(name=f"pgd{SATURATION['steps']}x{SATURATION['restarts']}", steps=SATURATION["steps"],
+                        restarts=SATURATION["restarts"], objective="cas" if defended else "ce")
+        report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[attack], eps=EPS,
+                          seed=SATURATION["seed"], progress=False, checks=False)
+        newly = sum(1 for ok in report.per_example["worst_case"] if not ok)
+    return {"survivors": len(robust), "newly_fooled": newly, **SATURATION, "seconds": round(time.time() - start, 1)}
+
+
+def score_autoattack(model, test, union: dict, n: int = AA_EXAMPLES) -> dict:
+    """AutoAttack (standard version) and Square (:data:`SQUARE_QUERIES` queries) on the first ``n`` test images, and
+    the union's worst case joined with them on those images."""
+    from casify.evaluate import evaluate
+    start = time.time()
+    report = evaluate(model, test, attacks=[], eps=EPS, seed=0, progress=False, checks=False, autoattack=True,
+                      square_queries=SQUARE_QUERIES, max_examples=n)
+    rows = {r.name: r for r in report.attacks}
+    natural = report.per_example["natural"]
+    out = {"n": report.n_examples, "seconds": None, "rows": {}}
+    joined = [bool(u) for u in union["per_example"]["worst_case"][:report.n_examples]]
+    for name, row in rows.items():
+        flags = [bool(a and c) for a, c in zip(report.per_example[name], natural)]
+        out["rows"][name] = {"kind": row.kind, "accuracy": sum(flags) / len(flags), "per_example": flags,
+                             "flags": row.settings.get("flags", [])}
+        joined = [j and f for j, f in zip(joined, flags)]
+    out["union_on_these"] = sum(bool(u) for u in union["per_example"]["worst_case"][:report.n_examples]) / len(joined)
+    out["union_and_these"] = sum(joined) / len(joined)
+    out["seconds"] = round(time.time() - start, 1)
+    return out
+
+
+def score_echo(model, test, beta: float, sha: str) -> dict:
+    from casify.evaluate import routing_echo
+    start = time.time()
+    echo = routing_echo(model, test, eps=EPS, steps=ECHO["steps"], beta=beta, max_examples=ECHO["max_examples"],
+                        seed=0)
+    return {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)}
+
+
+@dataclass
+class Study:
+    """A study's design, as data its script fills in: the arms, the order runs are taken in, how a run's model, data
+    and TrainConfig are built, and which extra scores each arm gets (file name -> arms). The selected model of every
+    run is its last step (``final/``): the same selection for every arm, never a test-set choice."""
+    name: str
+    arms: Dict[str, Arm]
+    schedule: List[Tuple[str, int]]
+    build_model: Callable  # (arm, seed) -> wrapped model
+    datasets: Callable  # () -> (train, val)
+    test_set: Callable  # () -> test dataset (test846)
+    train_config: Callable  # (arm_name, arm, seed, out) -> TrainConfig
+    # file ("matched.json", "saturation.json", "autoattack.json", "echo.json") -> which (arm, seed) runs get it
+    extras: Dict[str, Callable[[str, int], bool]] = field(default_factory=dict)
+    # a study's own scores: file -> fn(model, test, union, arm name) -> record (asked for through ``extras`` too)
+    custom_jobs: Dict[str, Callable] = field(default_factory=dict)
+
+    def run_dir(self, runs_dir: Path, arm: str, seed: int) -> Path:
+        return Path(runs_dir) / f"{arm}_s{seed}"
+
+    def wanted(self, arm: str, seed: int) -> List[str]:
+        return ["train_record.json", "score.json"] + [f for f, gets in self.extras.items() if gets(arm, seed)]
+
+    def done(self, runs_dir: Path, arm: str, seed: int) -> bool:
+        out = self.run_dir(runs_dir, arm, seed)
+        return all((out / f).exists() for f in self.wanted(arm, seed))
+
+
+def train_run(study: Study, runs_dir: Path, name: str, seed: int, data) -> None:
+    from casify.train import Trainer
+    out = study.run_dir(runs_dir, name, seed)
+    if (out / "train_record.json").exists():
+        return
+    arm = study.arms[name]
+    cfg = study.train_config(name, arm, seed, out)
+    trainer = Trainer(study.build_model(arm, seed), *data, cfg, identity={"study": study.name, "arm": name})
+    print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
+    state, seconds = train_timed(trainer, out)
+    write_json(out / "train_record.json", training_record(name, seed, state, seconds, out / "final", cfg))
+    print(f"[train] {name} s{seed}: {seconds:.0f}s", flush=True)
+
+
+def score_run(study: Study, runs_dir: Path, name: str, seed: int) -> None:
+    """Every score the arm gets, each its own file (a killed worker resumes at the first one missing)."""
+    import casify
+    out = study.run_dir(runs_dir, name, seed)
+    arm = study.arms[name]
+    folder = out / "final"
+    sha = sha256(folder / "model.safetensors")
+    model = casify.from_pretrained(folder).eval()
+    test = study.test_set()
+    if not (out / "score.json").exists():
+        write_json(out / "score.json", score_union(model, test, arm.defended, sha))
+    union = read_json(out / "score.json")
+    print(f"[score] {name} s{seed}: natural {union['natural']:.3f} worst {union['worst_case']:.3f}", flush=True)
+    jobs = {"matched.json": lambda: score_matched(model, test, arm.defended, union),
+            "saturation.json": lambda: score_saturation(model, test, arm.defended, union),
+            "autoattack.json": lambda: score_autoattack(model, test, union),
+            "echo.json": lambda: score_echo(model, test, arm.beta, sha),
+            **{file: (lambda fn=fn: fn(model, test, union, name)) for file, fn in study.custom_jobs.items()}}
+    for file in study.wanted(name, seed):
+        if file in jobs and not (out / file).exists():
+            write_json(out / file, jobs[file]())
+            print(f"[score] {name} s{seed}: {file}", flush=True)
+
+
+def work(study: Study, runs_dir: Path, only: Sequence[str] = ()) -> None:
+    """One worker: take the schedule's runs in order, skipping finished ones and those another live worker holds."""
+    data = None
+    for name, seed in study.schedule:
+        if only and name not in only or study.done(runs_dir, name, seed):
+            continue
+        if not claim(study.run_dir(runs_dir, name, seed)):
+            continue
+        if data is None:
+            data = study.datasets()
+        train_run(study, runs_dir, name, seed, data)
+        score_run(study, runs_dir, name, seed)
+
+
+def collect(study: Study, runs_dir: Path) -> Dict[Tuple[str, int], dict]:
+    """One entry per scored run: accuracies, provenance, costs and (under ``_flags``) the per-image flags."""
+    runs = {}
+    for name, seed in study.schedule:
+        out = study.run_dir(runs_dir, name, seed)
+        train, score = read_json(out / "train_record.json"), read_json(out / "score.json")
+        if train is None or score is None:
+            continue
+        extra = {f[:-5]: read_json(out / f) for f in study.wanted(name, seed)[2:]}
+        matched = extra.get("matched")
+        runs[(name, seed)] = {
+            "arm": name, "seed": seed, "natural": score["natural"], "worst_case": score["worst_case"],
+            "matched_worst_case": matched["worst_case"] if matched else None, "n": score["n"],
+            "gradient_masking_suspected": score["gradient_masking_suspected"],
+            "failed_checks": score["failed_checks"], "families": score["families"],
+            "commit": train["code"]["commit"], "dirty": train["code"]["dirty"],
+            "score_commit": score["code"]["commit"], "model_sha256": score["model_sha256"],
+            "train_seconds": train["seconds"], "score_seconds": score["seconds"] + sum(
+                (e or {}).get("seconds") or 0 for e in extra.values()),
+            "steps": train["steps"], "history": train["history"],
+            **{k: {kk: vv for kk, vv in v.items() if kk != "per_example"} if isinstance(v, dict) else v
+               for k, v in extra.items() if k in ("saturation", "echo")},
+            "autoattack": ({k: {kk: vv for kk, vv in r.items() if kk != "per_example"}
+                            for k, r in extra["autoattack"]["rows"].items()} | {
+                               "union_on_these": extra["autoattack"]["union_on_these"],
+                               "union_and_these": extra["autoattack"]["union_and_these"],
+                               "n": extra["autoattack"]["n"]}) if extra.get("autoattack") else None,
+            "_flags": {"worst_case": [bool(f) for f in score["per_example"]["worst_case"]],
+                       "natural": [bool(f) for f in score["per_example"]["natural"]],
+                       "matched": [bool(f) for f in matched["per_example"]] if matched else None}}
+    return runs
+
+
+def comparison(runs: Dict[Tuple[str, int], dict], a: str, b: str, metric_key: str = "worst_case") -> dict:
+    """A vs B on the seeds both have, by the crossed rule; refused (reported, never judged) when any pair of runs
+    ran different commits or a tree with local changes."""
+    import numpy as np
+    from casify.evaluate.compare import crossed_seed_comparison
+    seeds = sorted(s for (arm, s) in runs if arm == a and (b, s) in runs)
+    out = {"A": a, "B": b, "seeds": seeds}
+    commits = {runs[(arm, s)].get("commit") for arm in (a, b) for s in seeds}
+    dirty = any(runs[(arm, s)].get("dirty") for arm in (a, b) for s in seeds)
+    if len(commits) > 1 or None in commits or dirty:
+        out["verdict"] = (f"not judged: the arms ran different code ({sorted(str(c)[:10] for c in commits)}"
+                          f"{', a tree with local changes' if dirty else ''})")
+        return out
+    if len(seeds) < 3:
+        out["verdict"] = f"not judged: {len(seeds)} paired seeds (the rule needs 3)"
+        out["per_seed_diff"] = [runs[(a, s)][metric_key] - runs[(b, s)][metric_key] for s in seeds]
+        return out
+    fa = np.array([runs[(a, s)]["_flags"][metric_key] for s in seeds])
+    fb = np.array([runs[(b, s)]["_flags"][metric_key] for s in seeds])
+    result = crossed_seed_comparison(fa, fb, seeds)
+    out.update(result.to_dict())
+    out["_result"] = result
+    return out
+
+
+def judge(comparisons: Dict[str, dict]) -> Dict[str, dict]:
+    """Holm over the comparisons that were judged; each gets ``p_holm`` and its final ``verdict``."""
+    from casify.evaluate.compare import judge_family
+    judged = {k: c["_result"] for k, c in comparisons.items() if "_result" in c}
+    judge_family(judged)
+    for k, result in judged.items():
+        comparisons[k].update(result.to_dict())
+        del comparisons[k]["_result"]
+    return comparisons
+
+
+def copy_selected_models(study: "Study", runs_dir: Path, runs: Sequence[Tuple[str, int]], dest: Path) -> dict:
+    """Copy the selected model folder (config.json + model.safetensors) of ``runs`` into ``dest/<arm>_s<seed>/``, so
+    the study's numbers can be re-scored from outside (``casify eval dest/<arm>_s<seed> ...``); returns each
+    copy's SHA-256, checked against the scored one."""
+    import shutil
+    copied = {}
+    for arm, seed in runs:
+        source = study.run_dir(runs_dir, arm, seed) / "final"
+        target = Path(dest) / f"{arm}_s{seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(source / name, target / name)
+        copied[f"{arm}_s{seed}"] = sha256(target / "model.safetensors")
+    return copied
+
+
+def study_markdown(title: str, module: str, record: dict) -> str:
+    """A study's README: its rule, the judged comparisons (Holm), and one row per run with its provenance."""
+    rule = record["decision_rule"]
+    lines = [f"# {title}", "",
+             f"`python -m {module} --work` (two workers, from a worktree pinned to one commit), then `--report`. "
+             f"Protocol: `{json.dumps(rule['protocol'])}`.", "",
+             f"Decision rule (committed before the first run): {rule['rule']}", "",
+             "## Comparisons (A - B, points of worst-case accuracy on test846, eps 8/255)", "",
+             "| comparison | worst case (union) | verdict (Holm) | matched attacks | natural |", "|---|---|---|---|---|"]
+    for name, c in record.get("comparisons", {}).items():
+        nat = record.get("natural", {}).get(name, {})
+        matched = record.get("matched", {}).get(name, {})
+        nat_text = (f"{100 * nat['mean_diff']:+.1f} (t [{100 * nat['t_ci95'][0]:+.1f}, {100 * nat['t_ci95'][1]:+.1f}])"
+                    if "t_ci95" in nat else nat.get("verdict", "-"))
+        lines.append(f"| {c['A']} vs {c['B']} | {interval(c)} | **{c.get('verdict')}** | "
+                     f"{interval(matched) if matched else '-'} | {nat_text} |")
+    authors = any(r.get("authors_evaluation") is not None for r in record.get("runs", []))
+    lines += ["", "## Runs (test846, %)", "",
+              "| arm | seed | natural | worst case | matched | saturation (newly fooled / survivors) | AutoAttack, "
+              "Square (200 images; the union on them) | echo: forced all (null) |"
+              + (" authors' evaluation |" if authors else "") + " train s | score s | commit | SHA-256 |",
+              "|---|---|---|---|---|---|---|---|" + ("---|" if authors else "") + "---|---|---|---|"]
+    for r in record.get("runs", []):
+        sat, echo, aa = r.get("saturation"), r.get("echo"), r.get("autoattack")
+        aa_text = "-"
+        if aa:
+            parts = [f"{k} {pct(v['accuracy'])}" for k, v in aa.items() if isinstance(v, dict)]
+            aa_text = ", ".join(parts) + f" (union {pct(aa['union_on_these'])})"
+        sat_text = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
+        echo_text = f"{pct(echo['forced_all'])} ({pct(echo.get('forced_null'))})" if echo else "-"
+        lines.append(f"| {r['arm']} | {r['seed']} | {pct(r['natural'])} | {pct(r['worst_case'])} | "
+                     f"{pct(r.get('matched_worst_case'))} | {sat_text} | {aa_text} | {echo_text} | "
+                     + (f"{pct(r.get('authors_evaluation'))} | " if authors else "")
+                     + f"{r['train_seconds']:.0f} | {r['score_seconds']:.0f} | `{str(r['commit'])[:10]}` | "
+                     f"`{r['model_sha256'][:16]}` |")
+    lines += ["", f"CPU time of these runs: {record.get('cpu_hours')} h (one thread each). The selected model of "
+                  "seed 0 of every arm is in `models/` (re-score it with `casify eval`).", ""]
+    return "\n".join(lines)
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def interval(c: dict) -> str:
+    if "t_ci95" not in c:
+        return c.get("verdict", "-")
+    t, b = c["t_ci95"], c["bootstrap_ci95"]
+    return (f"{100 * c['mean_diff']:+.1f} (t [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}], crossed bootstrap "
+            f"[{100 * b[0]:+.1f}, {100 * b[1]:+.1f}]; p {c['p']:.3f}, Holm {c['p_holm']:.3f}; {len(c['seeds'])} seeds)")
+
+
+__all__ = ["AA_EXAMPLES", "Arm", "ECHO", "EPS", "SATURATION", "claim", "comparison", "interval", "judge", "pct",
+           "read_json", "score_autoattack", "score_echo", "score_matched", "score_saturation", "score_union", "sha256",
+           "train_timed", "training_record", "union_attacks", "write_json"]
