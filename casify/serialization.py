@@ -29,12 +29,16 @@ def _umask() -> int:
     return mask
 
 
+TEMP_MARK = ".casify-tmp-"  # in the name of every temporary file atomic_write makes: what a killed write leaves
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path`` (never half-written).
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` (``.<name>.casify-tmp-<random>``), then rename it onto
+    ``path`` (never half-written). A kill mid-write leaves only that sibling, which the next run deletes.
 
     The file gets the permissions any new file of the user gets (0666 less the umask), not the 0600 of the
     temporary file it was written as."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
     os.close(fd)
     try:
         write(tmp)

@@ -64,7 +64,8 @@ LAYERS = [
                                  "casify.analysis.report"}),
     # training: config, schedule, metrics, the run folder, the loop
     ("training", {"casify.train", "casify.train.config", "casify.train.schedule", "casify.train.metrics",
-                  "casify.train.checkpoints", "casify.train.loop"}),
+                  "casify.train.checkpoint_files", "casify.train.run_lock", "casify.train.checkpoints",
+                  "casify.train.loop"}),
     # what users run: recipes, publishing, model sources and the CLI
     ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it

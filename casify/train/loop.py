@@ -130,10 +130,10 @@ class Trainer(RunFolder):
         self.identity["train"]["num_processes"] = self.accelerator.num_processes
         self.global_batch_size = config.batch_size * self.accelerator.num_processes * config.grad_accum
         # Not through accelerator.prepare: its AcceleratedScheduler steps num_processes times per call and holds back
-        # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count. Registered, so
-        # save_state / load_state carry its state_dict.
+        # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count.
         self.scheduler = lr_scheduler(self.optimizer.optimizer, config, self.steps_per_epoch, self.total_steps)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        # Not registered with accelerator.register_for_checkpointing either: Accelerate would unpickle its state with
+        # weights_only=False on resume. The run folder saves and loads it as data (casify.train.checkpoint_files).
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @property
@@ -187,14 +187,20 @@ class Trainer(RunFolder):
 
         ``resume``: continue from the latest checkpoint in ``output_dir`` if that folder holds this same run (same
         record in ``run_config.json``), and refuse with :class:`RunMismatchError` if it holds another. ``resume=False``
-        refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first.
+        refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first. Resuming reads
+        the newest intact checkpoint (checked against its SHA-256 manifest; a fallback to an older one is warned
+        about) and refuses when none is. The folder is locked for the run: a second process is refused.
         """
+        with self.holding_run_folder():
+            return self._train(resume, overwrite)
+
+    def _train(self, resume: bool, overwrite: bool) -> TrainState:
         from ..progress import progress_bar
 
         acc, cfg = self.accelerator, self.config
         self._check_output_dir(resume, overwrite)
         self._write_run_config()
-        latest = self.latest_checkpoint() if resume else None
+        latest = self.resume_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
         self._say_if_finished(resume, latest)
