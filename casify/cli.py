@@ -223,8 +223,9 @@ def _user_errors() -> tuple:
     from .config_validation import LoadError
     from .hub_access import HubAccessError
     from .push import PublishRefused, PushFailed
-    from .train import RunMismatchError
-    return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, ValueError,
+    from .train import RunFolderError, RunMismatchError
+    return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, RunFolderError,
+            ValueError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -208,7 +208,7 @@ class RunFolder:
                 "overwrite=True (recipes: --no_resume --overwrite), which deletes the old run")
         if problems and self.accelerator.is_main_process:
             warnings.warn(f"resuming from {chosen}, the newest intact checkpoint, not the latest: "
-                          f"{'; '.join(problems)}", stacklevel=3)
+                          f"{'; '.join(problems)}", stacklevel=4)
         return chosen
 
     def load_checkpoint(self, path: Path) -> None:
@@ -275,10 +275,10 @@ class RunFolder:
 
     def _make_output_dir(self) -> None:
         out = self.output_dir
-        if out.exists() and not out.is_dir():
-            raise RunFolderError(f"output_dir {out} is a file, not a folder: choose another output_dir, or move the "
-                                 "file away")
         with writing(out, "the run folder"):
+            if out.exists() and not out.is_dir():
+                raise RunFolderError(f"output_dir {out} is a file, not a folder: choose another output_dir, or move "
+                                     "the file away")
             out.mkdir(parents=True, exist_ok=True)
 
     def _remove_leftovers(self) -> None:
