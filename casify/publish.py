@@ -28,6 +28,12 @@ def upload_patterns(folder: Union[str, os.PathLike]) -> List[str]:
     folder = Path(folder)
     names = [p.name for p in sorted(folder.iterdir()) if p.is_file()
              and (p.name in UPLOAD_FILES or p.name.endswith(UPLOAD_SUFFIXES)) and not re.search(r"[*?\[\]]", p.name)]
+    root = folder.resolve()
+    for name in names:  # a link planted in the folder must not upload a file from elsewhere (a key, a token)
+        target = (folder / name).resolve()
+        if (folder / name).is_symlink() and root not in target.parents:
+            raise ValueError(f"{folder / name} is a symbolic link to {target}, outside {folder}: casify uploads only "
+                             "the files inside the folder; copy the file in instead of linking")
     return names
 
 

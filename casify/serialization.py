@@ -91,6 +91,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], m
     if extra:
         config.update(extra)
     config.pop("weights_sha256", None)
+    config.pop("weights_dtype", None)  # recorded below from the tensors written
     try:
         validate_config(json.loads(json.dumps(config)), "the config being saved")
     except LoadError as e:
@@ -104,6 +105,9 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], m
         if ptr is not None and ptr in seen:
             state[k] = v.clone()
         seen[ptr] = k
+    dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # what from_pretrained builds the model in, and checks the file against
+        config["weights_dtype"] = dtypes.pop()
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     # Written after the weights, so the checksum describes the file that is there.
     config["weights_sha256"] = sha256_file(out / WEIGHTS_NAME)

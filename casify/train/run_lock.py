@@ -8,6 +8,7 @@ killed process left, and the take-over is reported.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -25,6 +26,12 @@ from .config import RunFolderError
 
 LOCK_NAME = ".casify-run.lock"
 HOLDER_NAME = ".casify-run.lock.json"
+
+
+# Deleting a flock file on release would let two processes hold "the" lock (one on the old inode, one on a new file):
+# filelock 4 deletes it unless told not to; filelock 3 never deletes it on POSIX and has no such option.
+_KEEP_LOCK_FILE = {"preserve_lock_file": True} if "preserve_lock_file" in inspect.signature(FileLock.__init__).parameters \
+    else {}
 
 
 class RunFolderLocked(RunFolderError):
@@ -58,8 +65,7 @@ def run_folder_lock(folder: Path) -> Iterator[bool]:
     """Hold ``folder``'s lock for the block; yield whether this entry took it (False when this process already held
     it: the lock is re-entrant within a process, so a recipe may hold it around ``Trainer.train``, which takes it
     too). Raises :class:`RunFolderLocked` at once, naming the holder, when another process holds it."""
-    lock = FileLock(str(folder / LOCK_NAME), timeout=0, is_singleton=True, thread_local=False,
-                    preserve_lock_file=True)  # deleting a flock file on release would let two processes hold it
+    lock = FileLock(str(folder / LOCK_NAME), timeout=0, is_singleton=True, thread_local=False, **_KEEP_LOCK_FILE)
     taken = not lock.is_locked
     try:
         lock.acquire(blocking=False)
