@@ -226,20 +226,25 @@ def _wait_for(path, proc, seconds=60):
         time.sleep(0.05)
 
 
-def test_a_second_run_into_the_same_folder_is_refused_at_once_naming_the_holder(tmp_path):
+def test_a_second_run_into_the_same_folder_is_refused_at_once_naming_the_holder(tmp_path, one_thread):
+    """The first run in a subprocess, held at step 1; the second (here, in this process: one interpreter start less)
+    is refused before it trains a step, then the first finishes untouched."""
+    from casify.train import RunFolderLocked
     folder = tmp_path / "run"
     first = _start(tmp_path, folder, "wait")
     try:
         _wait_for(tmp_path / "ready", first)
-        second = _start(tmp_path, folder, "nowait")
-        out, err = second.communicate(timeout=60)
-        assert second.returncode != 0 and "TRAINED" not in out
-        assert f"in use by another casify run (PID {first.pid} on host" in err, err[-2000:]
-        assert "started 20" in err  # the holder's start time
+        second = Trainer(_model(), _data(), None, _config(folder))
+        started = time.monotonic()
+        with pytest.raises(RunFolderLocked, match=rf"in use by another casify run \(PID {first.pid} on host .*, "
+                                                  r"started 20.*run_into\.py.*choose another output_dir"):
+            second.train()
+        assert time.monotonic() - started < 5 and second.state.global_step == 0
     finally:
         (tmp_path / "go").write_text("1")
         out, err = first.communicate(timeout=120)
     assert first.returncode == 0 and "TRAINED" in out, err[-3000:]
+    assert json.loads((folder / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["global_step"] == 4
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_and_its_half_written_files_cleaned(tmp_path, one_thread):
