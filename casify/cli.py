@@ -223,9 +223,36 @@ def _user_errors() -> tuple:
     from .config_validation import LoadError
     from .hub_access import HubAccessError
     from .push import PublishRefused, PushFailed
-    from .train import RunMismatchError
-    return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, ValueError,
+    from .train import RunFolderError, RunMismatchError
+    return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, RunFolderError,
+            ValueError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def check_device(name: Optional[str]) -> None:
+    """``--device``: a device torch knows and this machine has, checked before any model is loaded (not a CUDA
+    error from deep inside the first ``.to()``)."""
+    if not name:
+        return
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name} is not a device name: use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+                             "False); use --device cpu, or leave --device out")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
+
+
+def _run_command(command, args: argparse.Namespace) -> int:
+    check_device(getattr(args, "device", None))
+    return int(command(args) or 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,9 +260,9 @@ def run(args: argparse.Namespace) -> int:
     and returns 1, with the traceback under ``--debug``."""
     command = COMMANDS[args.command]
     if getattr(args, "debug", False):
-        return int(command(args) or 0)
+        return _run_command(command, args)
     try:
-        return int(command(args) or 0)
+        return _run_command(command, args)
     except _user_errors() as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"casify {args.command}: error: {message}\n(--debug shows the traceback)", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .config_validation import CONFIG_VERSION, FORMAT, LoadError, read_config, validate_config
 
-FILE_KEYS = ("format", "weights_sha256")
+FILE_KEYS = ("format", "weights_sha256", "weights_dtype")
 """Top-level keys that describe one saved file, not the model: written at save time, never carried by a config."""
 
 CAS_KEYS = ("layers", "init", "suppress", "num_classes", "channel_dims", "channels", "input_size")

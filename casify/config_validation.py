@@ -34,6 +34,7 @@ MAX_INPUT_ELEMENTS = 3 * 2048 * 2048
 MAX_LAYERS = 512
 MAX_NAME_CHARS = 256
 MAX_CLASS_NAME_CHARS = 1000
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")  # no ':' (hf-hub:, local-dir:) and no '/'
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
@@ -299,6 +300,10 @@ def validate_config(config: Any, source: str = "config.json") -> dict:
         out["class_names"] = list(names)
     for key in ("metrics", "training", "versions"):
         check.dict(config, key, required=False)
+    dtype = config.get("weights_dtype")
+    if dtype is not None:
+        check.require(dtype in WEIGHTS_DTYPES, "weights_dtype", dtype,
+                      f"one of {', '.join(WEIGHTS_DTYPES)} (the dtype of the floating-point weights) or no such field")
     sha = config.get("weights_sha256")
     if sha is not None:
         check.require(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None, "weights_sha256", sha,

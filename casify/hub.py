@@ -107,12 +107,28 @@ def _resolve_folder(path_or_repo: Union[str, os.PathLike], revision: Optional[st
     return _hub_snapshot(text, CONFIG_NAME, revision, token), text
 
 
+def check_inside(folder: Path, path: Path) -> None:
+    """Refuse a file of a model folder that is a symbolic link to somewhere outside it: loading ``folder`` reads what
+    is in ``folder``, not a file elsewhere that a link planted there names. In a Hub cache snapshot
+    (``models--user--name/snapshots/<commit>``) the files are links into the repo's ``blobs/``, which is inside."""
+    if not path.is_symlink():
+        return
+    root = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        root = folder.parent.parent.resolve()
+    target = path.resolve()
+    if root != target and root not in target.parents:
+        raise LoadError(f"{path} is a symbolic link to {target}, outside the model folder {folder}: casify reads "
+                        "only the files inside a model folder; copy the file into it instead of linking")
+
+
 def load_config(path_or_repo, revision: Optional[str] = None, token=None) -> dict:
     """The checked config of a saved folder or Hub repo (see :func:`casify.config_validation.validate_config`)."""
     folder, _ = _resolve_folder(path_or_repo, revision, token)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise LoadError(f"{folder} has no {CONFIG_NAME}; is it a folder written by casify's save_pretrained?")
+    check_inside(folder, config_file)
     return read_config(config_file)
 
 
@@ -218,6 +234,7 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
         weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise LoadError(f"{folder} has no {WEIGHTS_NAME}")
+    check_inside(weights.parent, weights)
     verify_weights(weights, config)
     if isinstance(model, CASModel):
         raise TypeError("pass the original (un-wrapped) architecture as model=, not a wrapped one")
@@ -235,5 +252,30 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
                        {k: tuple(v.shape) for k, v in state.items()})
     if detail:
         raise _mismatch_error(weights, detail)
+    saved_dtype = config.get("weights_dtype")
+    if saved_dtype is not None:
+        _check_file_dtype(weights, state, saved_dtype)
+        wrapped = wrapped.to(getattr(torch, saved_dtype))  # the model is built in the dtype it was saved in
+    _check_dtypes(weights, wrapped.state_dict(), state)
     wrapped.load_state_dict(state, strict=True)
     return wrapped
+
+
+def _check_file_dtype(weights: Path, state: Dict[str, torch.Tensor], saved_dtype: str) -> None:
+    """The floating-point tensors of the file are in the dtype its ``config.json`` records."""
+    other = {k: v.dtype for k, v in state.items() if v.is_floating_point() and v.dtype != getattr(torch, saved_dtype)}
+    if other:
+        key, dtype = next(iter(sorted(other.items())))
+        raise LoadError(f"{weights} holds {str(dtype).replace('torch.', '')} tensors (e.g. {key}) but {CONFIG_NAME} "
+                        f"says the weights are {saved_dtype}: the file was converted or replaced after it was "
+                        "saved; save the model again (save_pretrained) rather than converting the file")
+
+
+def _check_dtypes(weights: Path, expected: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> None:
+    """load_state_dict would cast a tensor of another dtype silently (float16 into float32, int64 into int32)."""
+    differ = sorted(k for k in expected if k in state and expected[k].dtype != state[k].dtype)
+    if differ:
+        k = differ[0]
+        raise LoadError(f"{weights} holds {k} as {str(state[k].dtype).replace('torch.', '')} but the model has it as "
+                        f"{str(expected[k].dtype).replace('torch.', '')} ({len(differ)} tensor(s) differ): loading "
+                        "would cast them silently; save the model again with casify (which records its dtype)")

@@ -8,6 +8,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+class PublishRefused(RuntimeError):
+    """The model's own evaluation says it should not be published (pass ``force=True`` / ``--force``)."""
+
+
 CHANCE_Z = 3.0
 """Natural accuracy counts as chance unless it is this many binomial standard errors above 1 / classes."""
 

@@ -15,12 +15,8 @@ from .config_validation import read_config
 from .hub import verify_weights
 from .hub_access import check_hub_access
 from .publish import upload_folder
-from .publish_guard import publish_refusal
+from .publish_guard import PublishRefused, publish_refusal  # noqa: F401  (PublishRefused: re-exported)
 from .serialization import CONFIG_NAME, WEIGHTS_NAME
-
-
-class PublishRefused(RuntimeError):
-    """The model's own evaluation says it should not be published (pass ``force=True`` / ``--force``)."""
 
 
 class PushFailed(RuntimeError):

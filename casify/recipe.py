@@ -140,20 +140,22 @@ def run(recipe: Recipe) -> dict:
     train_set, val_set, test_set = build_datasets(recipe.data)
     check_class_count(model, train_set, recipe)
     trainer = Trainer(model, train_set, val_set, tcfg, identity=recipe.identity())
-    state = trainer.train(resume=recipe.resume, overwrite=recipe.overwrite)
-    acc = trainer.accelerator
-    out = Path(recipe.output_dir)
-    selected = out / "best" if (out / "best").exists() else out / "final"
-    robust = from_pretrained(selected).to(acc.device)
-    report = evaluate_model(robust, test_set, recipe.eval, accelerator=acc)
-    summary = {"method": recipe.method, "cas": tcfg.cas, "output_dir": str(out), "steps": state.global_step,
-               "global_batch_size": trainer.global_batch_size, "best_step": state.best_step,
-               "validation": state.history, "selected": selected.name, "test": report.summary(),
-               "code": code_version()}
-    if acc.is_main_process:
-        _write_outputs(recipe, robust, report, summary, out)
-    acc.wait_for_everyone()
-    return summary
+    # The run folder is locked from training to its hub/ folder and summary: a second run into it is refused.
+    with trainer.holding_run_folder():
+        state = trainer.train(resume=recipe.resume, overwrite=recipe.overwrite)
+        acc = trainer.accelerator
+        out = Path(recipe.output_dir)
+        selected = out / "best" if (out / "best").exists() else out / "final"
+        robust = from_pretrained(selected).to(acc.device)
+        report = evaluate_model(robust, test_set, recipe.eval, accelerator=acc)
+        summary = {"method": recipe.method, "cas": tcfg.cas, "output_dir": str(out), "steps": state.global_step,
+                   "global_batch_size": trainer.global_batch_size, "best_step": state.best_step,
+                   "validation": state.history, "selected": selected.name, "test": report.summary(),
+                   "code": code_version()}
+        if acc.is_main_process:
+            _write_outputs(recipe, robust, report, summary, out)
+        acc.wait_for_everyone()
+        return summary
 
 
 def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out: Path) -> None:

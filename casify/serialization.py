@@ -29,12 +29,16 @@ def _umask() -> int:
     return mask
 
 
+TEMP_MARK = ".casify-tmp-"  # in the name of every temporary file atomic_write makes: what a killed write leaves
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it onto ``path`` (never half-written).
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` (``.<name>.casify-tmp-<random>``), then rename it onto
+    ``path`` (never half-written). A kill mid-write leaves only that sibling, which the next run deletes.
 
     The file gets the permissions any new file of the user gets (0666 less the umask), not the 0600 of the
     temporary file it was written as."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
     os.close(fd)
     try:
         write(tmp)
@@ -87,6 +91,7 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], m
     if extra:
         config.update(extra)
     config.pop("weights_sha256", None)
+    config.pop("weights_dtype", None)  # recorded below from the tensors written
     try:
         validate_config(json.loads(json.dumps(config)), "the config being saved")
     except LoadError as e:
@@ -100,6 +105,9 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], m
         if ptr is not None and ptr in seen:
             state[k] = v.clone()
         seen[ptr] = k
+    dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # what from_pretrained builds the model in, and checks the file against
+        config["weights_dtype"] = dtypes.pop()
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     # Written after the weights, so the checksum describes the file that is there.
     config["weights_sha256"] = sha256_file(out / WEIGHTS_NAME)

@@ -34,7 +34,8 @@ LAYERS = [
     # sit just below it, not in the foundation)
     ("published texts", {"casify.eval_summary", "casify.model_card"}),
     # writing a folder (state dict + checksum + config.json) and the model card around it
-    ("serialization", {"casify.serialization", "casify.publish"}),
+    # (with the Hub access check and the publishing guard, which import nothing from casify: push_to_hub runs them)
+    ("serialization", {"casify.serialization", "casify.hub_access", "casify.publish_guard", "casify.publish"}),
     # the wrapped model, which owns save_pretrained / push_to_hub
     ("model", {"casify.model"}),
     # wrap / unwrap: rewrite + model
@@ -42,9 +43,9 @@ LAYERS = [
     # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
     # what an application serves that wraps nothing (dataset builders, console progress, report and run-table text,
-    # trackers, the Hub's token check, the publishing guard, seeded corruptions)
+    # trackers, seeded corruptions, output folders)
     ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
-                             "casify.hub_access", "casify.publish_guard", "casify.corruptions", "casify.output_dir"}),
+                             "casify.corruptions", "casify.output_dir"}),
     # attacks on wrapped models: objectives, the attack kinds (PGD / CW / FGSM, APGD, Square, AutoAttack), the threat
     # models
     ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",
@@ -64,7 +65,8 @@ LAYERS = [
                                  "casify.analysis.report"}),
     # training: config, schedule, metrics, the run folder, the loop
     ("training", {"casify.train", "casify.train.config", "casify.train.schedule", "casify.train.metrics",
-                  "casify.train.checkpoints", "casify.train.loop"}),
+                  "casify.train.checkpoint_files", "casify.train.run_lock", "casify.train.checkpoints",
+                  "casify.train.loop"}),
     # what users run: recipes, publishing, model sources and the CLI
     ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it

@@ -95,6 +95,13 @@ EVAL = {"eps": 8 / 255, "eps_str": "8/255", "norm": "linf", "n": 100,
         "accuracy": {"natural": 0.9, "fgsm": 0.6, "pgd20": 0.45, "cw20": 0.44}}
 
 
+def _writable_hub(monkeypatch):
+    """push_to_hub checks the token first (casify.hub_access): a token of 'someone' that can write."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "someone",
+                                                                "auth": {"accessToken": {"role": "write"}}})
+
+
 def test_push_uploads_a_loadable_folder_with_a_model_index(tmp_path, monkeypatch):
     uploaded = {}
 
@@ -106,6 +113,7 @@ def test_push_uploads_a_loadable_folder_with_a_model_index(tmp_path, monkeypatch
         _copy_as_uploaded(folder_path, tmp_path / "remote", kwargs)
         return "commit"
 
+    _writable_hub(monkeypatch)
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     model = _model()
@@ -190,6 +198,7 @@ def test_push_with_a_folder_uploads_only_the_model_card_and_reports(tmp_path, mo
         calls.append(kwargs)
         return _copy_as_uploaded(folder_path, tmp_path / "remote", kwargs)
 
+    _writable_hub(monkeypatch)
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     staging = tmp_path / "run"

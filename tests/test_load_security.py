@@ -229,3 +229,74 @@ def test_validate_config_keeps_a_good_config_and_drops_nothing_it_reads():
     checked = validate_config(copy.deepcopy(GOOD))
     assert checked["base_model"] == GOOD["base_model"] and checked["cas"]["layers"] == ["layer4.0"]
     assert checked["cas"]["channel_dims"] == {"layer4.0": 1} and checked["normalize"] is None
+
+
+# -- a model folder is its own files, in the dtype it was saved in ---------------------------------------------------
+def _tiny_folder(tmp_path, half=False):
+    from conftest import TinyNet
+    torch.manual_seed(0)
+    model = casify.wrap(TinyNet(), ["stem"], input_size=(3, 8, 8), normalize=None)
+    if half:
+        model = model.half()
+    return model, model.save_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_symlink_in_a_model_folder_that_points_outside_it_is_refused(tmp_path, name, offline):
+    from conftest import TinyNet
+    _, folder = _tiny_folder(tmp_path)
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    (folder / name).rename(outside)
+    (folder / name).symlink_to(outside)
+    with pytest.raises(LoadError, match=rf"{name} is a symbolic link to .*elsewhere.*outside the model folder"):
+        casify.from_pretrained(folder, model=TinyNet())
+
+
+def test_links_that_stay_inside_the_folder_load(tmp_path, offline):
+    from conftest import TinyNet
+    model, folder = _tiny_folder(tmp_path)
+    (folder / "model.safetensors").rename(folder / "weights-v1.safetensors")
+    (folder / "model.safetensors").symlink_to("weights-v1.safetensors")
+    (tmp_path / "link-to-folder").symlink_to(folder)  # the folder itself may be a link
+    loaded = casify.from_pretrained(tmp_path / "link-to-folder", model=TinyNet())
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_a_symlink_to_a_file_outside_is_never_uploaded(tmp_path):
+    from casify.publish import upload_patterns
+    _, folder = _tiny_folder(tmp_path)
+    (tmp_path / "secret").write_text("HF_TOKEN=hf_xxx")
+    (folder / "README.md").symlink_to(tmp_path / "secret")
+    with pytest.raises(ValueError, match="README.md is a symbolic link to .*secret, outside"):
+        upload_patterns(folder)
+
+
+def test_weights_load_in_the_dtype_they_were_saved_in_and_another_dtype_is_refused(tmp_path, offline):
+    from conftest import TinyNet
+    from casify.serialization import sha256_file
+    from safetensors.torch import load_file
+    model, folder = _tiny_folder(tmp_path, half=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["weights_dtype"] == "float16"
+    loaded = casify.from_pretrained(folder, model=TinyNet())
+    assert loaded.cas_modules.stem.classifier.weight.dtype == torch.float16  # not silently cast to float32
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    # the file converted to float32 afterwards (checksum updated too): the config says float16
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(state, folder / "model.safetensors")
+    config["weights_sha256"] = sha256_file(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"holds float32 tensors .* says the weights are float16"):
+        casify.from_pretrained(folder, model=TinyNet())
+    # a folder that records no dtype (an older casify): float16 weights into the float32 model are not cast silently
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(half, folder / "model.safetensors")
+    del config["weights_dtype"], config["weights_sha256"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"as float16 but the model has it as float32 .*cast them silently"):
+        casify.from_pretrained(folder, model=TinyNet())
+    with pytest.raises(LoadError, match="weights_dtype"):
+        validate_config({**GOOD, "weights_dtype": "int8"})

@@ -102,3 +102,46 @@ def test_a_failed_upload_keeps_the_folder_and_names_the_command(hub, tmp_path):
     with pytest.raises(PushFailed, match=f"kept at {folder}.*casify push {folder} me/tiny"):
         push_folder(folder, "me/tiny")
     assert (folder / "model.safetensors").exists()
+
+
+# -- the Python API has the same guards ------------------------------------------------------------------------------
+def _model():
+    from conftest import TinyNet
+    torch.manual_seed(0)
+    return casify.wrap(TinyNet(), ["stem"], input_size=(3, 8, 8), normalize=None)
+
+
+def _evaluation(natural=0.9, masking=False, n=200):
+    return {"eps": 8 / 255, "n": n, "accuracy": {"natural": natural, "worst_case": natural / 2},
+            "gradient_masking_suspected": masking, "failed_checks": ["eps_monotone"] if masking else []}
+
+
+def test_push_to_hub_checks_the_token_and_the_network_before_writing_or_uploading(hub, tmp_path):
+    staging = tmp_path / "staging"
+    hub.me = ConnectionError("[Errno -3] Temporary failure in name resolution")
+    with pytest.raises(HubAccessError, match="cannot reach the Hugging Face Hub"):
+        casify.push_to_hub(_model(), "me/tiny", evaluation=_evaluation(), folder=staging)
+    from huggingface_hub.errors import LocalTokenNotFoundError
+    hub.me = LocalTokenNotFoundError("no token")
+    with pytest.raises(HubAccessError, match="no Hugging Face token"):
+        _model().push_to_hub("me/tiny", evaluation=_evaluation(), folder=staging)  # the method too
+    assert not staging.exists() and hub.uploads == []
+    hub.me = WRITE
+    casify.push_to_hub(_model(), "me/tiny", evaluation=_evaluation(), folder=staging)
+    assert hub.uploads and hub.uploads[0][0] == "me/tiny"
+
+
+@pytest.mark.parametrize("evaluation, reason", [(_evaluation(natural=0.2), "at chance for 5 classes"),
+                                                (_evaluation(masking=True), "flagged gradient masking")])
+def test_push_to_hub_refuses_a_model_its_evaluation_distrusts_unless_forced(hub, tmp_path, evaluation, reason):
+    with pytest.raises(PublishRefused, match=rf"not pushing to me/tiny: its .*{reason}.*force=True"):
+        casify.push_to_hub(_model(), "me/tiny", evaluation=evaluation, folder=tmp_path / "s")
+    assert hub.uploads == [] and not (tmp_path / "s").exists()
+    casify.push_to_hub(_model(), "me/tiny", evaluation=evaluation, folder=tmp_path / "s", force=True)
+    assert len(hub.uploads) == 1
+
+
+def test_push_to_hub_without_an_evaluation_warns(hub, tmp_path):
+    with pytest.warns(UserWarning, match="without an evaluation: the model card will state no robust accuracy"):
+        casify.push_to_hub(_model(), "me/tiny", folder=tmp_path / "s")
+    assert len(hub.uploads) == 1

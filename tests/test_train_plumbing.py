@@ -95,7 +95,7 @@ def test_the_scheduler_resumes_with_the_run(tmp_path, one_thread):
     with pytest.raises(Crash):
         Trainer(_plain_net(), _data(), None, _config(tmp_path / "b", checkpoint_every_steps=2),
                 callbacks=[crash_after_step_4]).train()
-    assert (tmp_path / "b" / "checkpoints" / "step-00000004" / "custom_checkpoint_0.pkl").exists()
+    assert (tmp_path / "b" / "checkpoints" / "step-00000004" / "scheduler.bin").exists()
     resumed = Trainer(_plain_net(), _data(), None, _config(tmp_path / "b", checkpoint_every_steps=2),
                       callbacks=[lambda t: rates["b"].append(t.optimizer.param_groups[0]["lr"])])
     assert resumed.scheduler.last_epoch == 0

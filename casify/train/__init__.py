@@ -10,14 +10,19 @@ One job per file (each imports only the ones above it):
 - ``config.py``: :class:`TrainConfig` (what decides a run), :class:`TrainState`, :class:`TrainingRecord`;
 - ``schedule.py``: :func:`lr_scheduler`;
 - ``metrics.py``: the step metrics averaged on the device between logs;
+- ``checkpoint_files.py``: a checkpoint's files read as data (SHA-256 manifest, RNG states as JSON + safetensors);
+- ``run_lock.py``: one process per run folder (``filelock``);
 - ``checkpoints.py``: the run folder (atomic checkpoints, the run record compared on resume, saved models);
 - ``loop.py``: :class:`Trainer` and :func:`train`.
 """
 from .checkpoints import model_fingerprint
-from .config import (EMA_WEIGHTS, METHODS, NOT_IDENTITY, RUN_RECORD, SCHEDULES, RunMismatchError, TrainConfig,
-                     TrainingRecord, TrainState)
+from .checkpoint_files import CheckpointError
+from .config import (EMA_WEIGHTS, METHODS, NOT_IDENTITY, RUN_RECORD, SCHEDULES, RunFolderError, RunMismatchError,
+                     TrainConfig, TrainingRecord, TrainState)
+from .run_lock import RunFolderLocked
 from .loop import Trainer, train
 from .schedule import lr_scheduler
 
-__all__ = ["EMA_WEIGHTS", "METHODS", "NOT_IDENTITY", "RUN_RECORD", "SCHEDULES", "RunMismatchError", "TrainConfig",
+__all__ = ["CheckpointError", "EMA_WEIGHTS", "METHODS", "NOT_IDENTITY", "RUN_RECORD", "SCHEDULES", "RunFolderError",
+           "RunFolderLocked", "RunMismatchError", "TrainConfig",
            "TrainState", "Trainer", "TrainingRecord", "lr_scheduler", "model_fingerprint", "train"]

@@ -1,9 +1,12 @@
 """A run's folder: atomic checkpoints that resume exactly, the run record compared on resume, the saved models."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -13,9 +16,17 @@ import torch
 from torch import nn
 
 from ..model import CASModel
-from ..serialization import atomic_write
 from ..code_version import code_version
-from .config import EMA_WEIGHTS, RUN_RECORD, RunMismatchError, TrainingRecord, TrainState
+from ..serialization import TEMP_MARK, atomic_write
+from .checkpoint_files import (MODEL_WEIGHTS, OPTIMIZER_STATE, SCALER_STATE, SCHEDULER_STATE, TRAINER_STATE,
+                               CheckpointError, load_json_file, load_rng_state, load_torch_file,
+                               remove_accelerate_pickles, save_rng_state, verify_checkpoint, write_manifest)
+from .config import EMA_WEIGHTS, RUN_RECORD, RunFolderError, RunMismatchError, TrainingRecord, TrainState
+
+from .run_lock import run_folder_lock
+
+CHECKPOINT_NAME = re.compile(r"step-\d{8}")
+OLDER_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}")  # tempfile.mkstemp's name for atomic_write before TEMP_MARK
 
 
 def checkpoint_step(path: Path) -> int:
@@ -55,6 +66,40 @@ def model_fingerprint(model: nn.Module) -> dict:
     return record
 
 
+_OS_ERRORS = {errno.ENOSPC: "no space is left on the device", errno.EDQUOT: "the disk quota is exceeded",
+              errno.EROFS: "the file system is read-only", errno.EACCES: "permission is denied",
+              errno.EPERM: "permission is denied",
+              errno.ENAMETOOLONG: "a name in the path is longer than the file system allows (255 bytes a name)",
+              errno.ENOTDIR: "a part of the path is a file, not a folder",
+              errno.EEXIST: "a file is in the way of a folder"}
+
+
+def run_folder_error(e: OSError, path: Path, what: str) -> RunFolderError:
+    """One line for a file-system error while writing the run folder: what failed, where, and what to do."""
+    reason = _OS_ERRORS.get(e.errno, e.strerror or type(e).__name__)
+    fix = {errno.ENOSPC: "free space, or choose an output_dir on another disk, and rerun the same command (it resumes "
+                         "from the last intact checkpoint)",
+           errno.EDQUOT: "free space and rerun the same command (it resumes from the last intact checkpoint)",
+           errno.ENAMETOOLONG: "choose a shorter output_dir (each folder name at most 255 bytes)",
+           errno.ENOTDIR: "output_dir must be a folder (or not exist yet): choose another one, or move the file away",
+           errno.EEXIST: "output_dir must be a folder (or not exist yet): choose another one, or move the file away",
+           }.get(e.errno, "choose an output_dir you can write to")
+    where = e.filename or path
+    return RunFolderError(f"cannot write {what} to {where}: {reason}; {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str, partial: Optional[Path] = None):
+    """File-system errors while writing ``what`` become one :class:`RunFolderError` line; ``partial`` (a temporary
+    folder being written) is deleted, so a full disk is not left fuller."""
+    try:
+        yield
+    except OSError as e:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise run_folder_error(e, path, what) from e
+
+
 def atomic_replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(final.name + ".old")
@@ -76,54 +121,187 @@ class RunFolder:
         return self.output_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Atomically write ``checkpoints/step-<N>`` (accelerate state + trainer state) and point ``latest`` at it."""
+        """Atomically write ``checkpoints/step-<N>`` (model, optimizer, scheduler, RNG states, trainer state, EMA,
+        and last the SHA-256 manifest of them all) and point ``latest`` at it."""
         acc = self.accelerator
         final = self.checkpoint_root / f"step-{self.state.global_step:08d}"
         tmp = self.checkpoint_root / f".tmp-step-{self.state.global_step:08d}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        # Accelerate's save_state (and its checkpoint naming/rotation) writes in place, not atomically: hence tmp + rename.
-        acc.save_state(str(tmp), safe_serialization=True)
-        acc.wait_for_everyone()  # every process has written its part (RNG states, FSDP shards) before the rename
-        if acc.is_main_process:
-            if self.ema is not None:
-                from safetensors.torch import save_file
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()},
-                          str(tmp / EMA_WEIGHTS))
-            (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
-            atomic_replace_dir(tmp, final)
-            atomic_write(self.checkpoint_root / "latest", lambda tmp: Path(tmp).write_text(final.name))
-            kept = sorted((p for p in self.checkpoint_root.glob("step-*") if p.is_dir()), key=checkpoint_step)
-            for old in kept[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+        with writing(self.checkpoint_root, "a checkpoint", partial=tmp):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            # Accelerate's save_state (and its checkpoint naming/rotation) writes in place, not atomically: hence
+            # tmp + rename. It writes the model (safetensors), the optimizer and the fp16 scaler (torch.save, read
+            # back with weights_only=True); the RNG states go to JSON + safetensors in place of its pickle.
+            acc.save_state(str(tmp), safe_serialization=True)
+            save_rng_state(tmp, acc.process_index, acc.step)
+            remove_accelerate_pickles(tmp, acc.process_index)
+            acc.wait_for_everyone()  # every process has written its part (RNG states, FSDP shards) before the rename
+            if acc.is_main_process:
+                torch.save(self.scheduler.state_dict(), str(tmp / SCHEDULER_STATE))
+                if self.ema is not None:
+                    from safetensors.torch import save_file
+                    save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()},
+                              str(tmp / EMA_WEIGHTS))
+                (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self.state), indent=1))
+                write_manifest(tmp)
+                atomic_replace_dir(tmp, final)
+                atomic_write(self.checkpoint_root / "latest", lambda tmp: Path(tmp).write_text(final.name))
+                kept = sorted((p for p in self.checkpoint_root.glob("step-*") if p.is_dir()), key=checkpoint_step)
+                for old in kept[: -self.config.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
     def latest_checkpoint(self) -> Optional[Path]:
+        """The folder ``checkpoints/latest`` names, when it names a checkpoint folder of this run (not verified)."""
         pointer = self.checkpoint_root / "latest"
-        if not pointer.exists():
+        try:
+            name = pointer.read_text().strip()
+        except OSError:
             return None
-        path = self.checkpoint_root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        path = self.checkpoint_root / name
+        return path if CHECKPOINT_NAME.fullmatch(name) and path.is_dir() and not path.is_symlink() else None
+
+    def resume_checkpoint(self) -> Optional[Path]:
+        """The checkpoint to resume from: the one ``latest`` names when it is intact (:func:`verify_checkpoint`),
+        else the newest intact one, with a warning that says what was wrong. None for a run with no checkpoint at
+        all; :class:`CheckpointError` when checkpoints were written but none is intact (never a silent step 0)."""
+        root = self.checkpoint_root
+        pointer = root / "latest"
+        problems: List[str] = []
+        named = None
+        if pointer.exists() or pointer.is_symlink():
+            try:
+                name = pointer.read_text().strip()
+            except OSError as e:
+                name = None
+                problems.append(f"{pointer} cannot be read ({e.strerror or e})")
+            if name is not None:
+                if not name:
+                    problems.append(f"{pointer} is empty")
+                elif not CHECKPOINT_NAME.fullmatch(name):
+                    problems.append(f"{pointer} names {name[:80]!r}, not a step-<N> folder of {root}")
+                elif not (root / name).is_dir() or (root / name).is_symlink():
+                    problems.append(f"{pointer} names {name}, which is not a folder in {root}")
+                else:
+                    named = root / name
+        candidates = sorted((p for p in root.glob("step-*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()
+                             and not p.is_symlink()), key=checkpoint_step, reverse=True) if root.is_dir() else []
+        if named is None and not problems and not candidates:
+            return None  # no checkpoint was ever written: a fresh run
+        if not pointer.exists() and not pointer.is_symlink():
+            problems.append(f"{pointer} is missing")
+        chosen = None
+        for path in ([named] if named is not None else []) + [p for p in candidates if p != named]:
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            chosen = path
+            break
+        if chosen is None:
+            raise CheckpointError(
+                f"{root} holds no intact checkpoint to resume from ({'; '.join(problems)}). Training again from step "
+                "0 would not continue the run that was saved: restore the files, or start afresh with resume=False, "
+                "overwrite=True (recipes: --no_resume --overwrite), which deletes the old run")
+        if problems and self.accelerator.is_main_process:
+            warnings.warn(f"resuming from {chosen}, the newest intact checkpoint, not the latest: "
+                          f"{'; '.join(problems)}", stacklevel=4)
+        return chosen
 
     def load_checkpoint(self, path: Path) -> None:
-        if not (path / "custom_checkpoint_0.pkl").exists():
-            raise RunMismatchError(f"{path} holds no learning-rate scheduler state (written by a casify before "
-                                   "torch schedulers): resume it with that casify version, or start afresh")
-        self.accelerator.load_state(str(path))
+        """Restore model, optimizer, scheduler, RNG states, EMA and trainer state from ``path``, after checking its
+        manifest; every file is read as data (safetensors, JSON, ``torch.load(weights_only=True)``)."""
+        verify_checkpoint(path)
+        acc = self.accelerator
+        if self._sharded:  # the model and optimizer shards (torch.distributed.checkpoint), through Accelerate
+            acc.load_state(str(path), load_kwargs={"weights_only": True})
+        else:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_model
+            try:
+                load_model(self.model, str(path / MODEL_WEIGHTS), strict=True, device="cpu")
+                self.optimizer.load_state_dict(load_torch_file(path / OPTIMIZER_STATE))
+                if acc.scaler is not None:
+                    acc.scaler.load_state_dict(load_torch_file(path / SCALER_STATE))
+            except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path} does not fit this run's model and optimizer ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:300]})") from None
+        try:
+            self.scheduler.load_state_dict(load_torch_file(path / SCHEDULER_STATE))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path / SCHEDULER_STATE} is not this run's learning-rate scheduler state "
+                                  f"({type(e).__name__}: {e})") from None
+        acc.step = load_rng_state(path, acc.process_index)
         if self.ema is not None:
             from safetensors.torch import load_file
             if not (path / EMA_WEIGHTS).exists():
                 raise RunMismatchError(f"{path} has no {EMA_WEIGHTS}: the run was saved without EMA")
-            self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=str(self.accelerator.device)))
-        self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+            self.ema.load_state_dict(load_file(str(path / EMA_WEIGHTS), device=str(acc.device)))
+        record = load_json_file(path / TRAINER_STATE)
+        try:
+            self.state = TrainState(**record)
+        except TypeError as e:
+            raise CheckpointError(f"{path / TRAINER_STATE} is not a trainer state ({e})") from None
+
+    # -- the folder itself ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def holding_run_folder(self):
+        """Hold the run folder's lock for the block (:func:`~casify.train.run_lock.run_folder_lock`, taken by the
+        main process); every process raises :class:`RunFolderError` when the folder cannot be used or another run
+        holds it. On taking the lock, what a killed run left half-written is deleted. Re-entrant."""
+        acc = self.accelerator
+        with contextlib.ExitStack() as stack:
+            error = None
+            if acc.is_main_process:
+                try:
+                    self._make_output_dir()
+                    if stack.enter_context(run_folder_lock(self.output_dir)):
+                        self._remove_leftovers()
+                except RunFolderError as e:
+                    error = e
+            if acc.num_processes > 1:  # the other processes learn the main process's outcome (a collective)
+                from accelerate.utils import broadcast_object_list
+                message = broadcast_object_list([None if error is None else str(error)])[0]
+                if message is not None and error is None:
+                    error = RunFolderError(message)
+            if error is not None:
+                raise error
+            yield
+
+    def _make_output_dir(self) -> None:
+        out = self.output_dir
+        with writing(out, "the run folder"):
+            if out.exists() and not out.is_dir():
+                raise RunFolderError(f"output_dir {out} is a file, not a folder: choose another output_dir, or move "
+                                     "the file away")
+            out.mkdir(parents=True, exist_ok=True)
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a killed run leaves half-written: temporary files of atomic writes (``.<name>.casify-tmp-*``,
+        and ``.<name>.<8 characters>`` of older casify versions beside a ``<name>``), a checkpoint being written
+        (``checkpoints/.tmp-step-*``) or being replaced (``checkpoints/step-*.old``). Only under the lock: another
+        live run's temporary files are never touched."""
+        folders = [self.output_dir] + sorted(p for p in self.output_dir.iterdir() if p.is_dir() and not p.is_symlink())
+        for folder in folders:
+            for path in list(folder.iterdir()):
+                older = OLDER_TEMP.fullmatch(path.name)
+                if path.is_symlink():
+                    continue
+                if path.is_file() and (TEMP_MARK in path.name or older and (folder / older.group(1)).is_file()):
+                    path.unlink(missing_ok=True)
+                elif path.is_dir() and folder == self.checkpoint_root and (
+                        path.name.startswith(".tmp-step-") or path.name.endswith(".old")):
+                    shutil.rmtree(path, ignore_errors=True)
 
     # -- training -------------------------------------------------------------------------------------------------
     def _write_run_config(self) -> None:
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             record = {"identity": self.identity, "train": self.config.to_dict(), "loss": self.loss.config(),
                       "attack": self.attack.to_dict() if self.attack else None,
                       "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
@@ -131,7 +309,8 @@ class RunFolder:
                       "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                       "code": code_version()}
             text = json.dumps(record, indent=1, default=str)
-            atomic_write(self.output_dir / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
+            with writing(self.output_dir / RUN_RECORD, "the run record"):
+                atomic_write(self.output_dir / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
 
     def _holds_a_run(self) -> bool:
         return any((self.output_dir / name).exists() for name in (RUN_RECORD, "checkpoints", "best", "final"))
@@ -220,8 +399,9 @@ class RunFolder:
                 step=self.state.global_step,
                 weights=f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained",
                 code=code_version())
-            (model if state is None else FullWeights(model, state)).save_pretrained(
-                folder, metrics=metrics, extra={"training": training.to_dict()})
+            with writing(folder, f"the {name} model"):
+                (model if state is None else FullWeights(model, state)).save_pretrained(
+                    folder, metrics=metrics, extra={"training": training.to_dict()})
         acc.wait_for_everyone()
 
     @property

@@ -24,6 +24,11 @@ class RunMismatchError(RuntimeError):
     """An output folder holds another run than the one asked for; resuming it would reuse or mix another run."""
 
 
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked: a damaged checkpoint, a full disk, a file in its place, a name the
+    file system refuses, or another process training into it. The message is the whole story (one line)."""
+
+
 @dataclass
 
 

@@ -26,6 +26,31 @@ from .metrics import MetricWindow
 from .schedule import lr_scheduler
 
 
+def model_channels(model: nn.Module) -> Optional[int]:
+    """The number of image channels ``model`` takes: its recorded input size, else its first convolution's."""
+    size = (getattr(model, "casify_config", None) or {}).get("cas", {}).get("input_size") \
+        if isinstance(getattr(model, "casify_config", None), dict) else None
+    if size:
+        return int(size[0])
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else None
+
+
+def check_channels(model: nn.Module, data: Dataset) -> None:
+    """Grayscale images into an RGB model (or the reverse) fail deep in the first convolution, after the run folder
+    is set up: say it before, in one line."""
+    expected = model_channels(model)
+    image = data[0][0] if len(data) else None
+    if expected is None or not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] == expected:
+        return
+    have = "grayscale images (1 channel)" if image.shape[0] == 1 else f"images with {image.shape[0]} channels"
+    want = "RGB images (3 channels)" if expected == 3 else f"images with {expected} channel(s)"
+    raise ValueError(f"the training data holds {have}, shape {tuple(image.shape)}, but the model takes {want}: "
+                     + ("convert the images to RGB (repeat the gray channel) or build the model for 1 channel (e.g. "
+                        "model.kwargs: {in_chans: 1} for timm)" if image.shape[0] == 1 and expected == 3 else
+                        "give the model images with the channels it was built for"))
+
+
 class Trainer(RunFolder):
     """Adversarial fine-tuning of a (usually CAS-wrapped) model.
 
@@ -71,6 +96,7 @@ class Trainer(RunFolder):
         if config.cas and not isinstance(model, CASModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
+        check_channels(model, train_set)
         fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
         if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
             model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
@@ -130,10 +156,10 @@ class Trainer(RunFolder):
         self.identity["train"]["num_processes"] = self.accelerator.num_processes
         self.global_batch_size = config.batch_size * self.accelerator.num_processes * config.grad_accum
         # Not through accelerator.prepare: its AcceleratedScheduler steps num_processes times per call and holds back
-        # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count. Registered, so
-        # save_state / load_state carry its state_dict.
+        # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count.
         self.scheduler = lr_scheduler(self.optimizer.optimizer, config, self.steps_per_epoch, self.total_steps)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        # Not registered with accelerator.register_for_checkpointing either: Accelerate would unpickle its state with
+        # weights_only=False on resume. The run folder saves and loads it as data (casify.train.checkpoint_files).
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @property
@@ -187,14 +213,20 @@ class Trainer(RunFolder):
 
         ``resume``: continue from the latest checkpoint in ``output_dir`` if that folder holds this same run (same
         record in ``run_config.json``), and refuse with :class:`RunMismatchError` if it holds another. ``resume=False``
-        refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first.
+        refuses a folder that holds a run unless ``overwrite=True``, which deletes that run first. Resuming reads
+        the newest intact checkpoint (checked against its SHA-256 manifest; a fallback to an older one is warned
+        about) and refuses when none is. The folder is locked for the run: a second process is refused.
         """
+        with self.holding_run_folder():
+            return self._train(resume, overwrite)
+
+    def _train(self, resume: bool, overwrite: bool) -> TrainState:
         from ..progress import progress_bar
 
         acc, cfg = self.accelerator, self.config
         self._check_output_dir(resume, overwrite)
         self._write_run_config()
-        latest = self.latest_checkpoint() if resume else None
+        latest = self.resume_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
         self._say_if_finished(resume, latest)
