@@ -249,7 +249,10 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                     "Reports made on different images, eps, norm or suite are refused. A model folder is evaluated "
                     "first (needs --data). Several runs of one model (seeds): A_s0,A_s1,A_s2 B_s0,B_s1,B_s2.")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_REPORT",
-                   help="report folders, eval_report.json files or model folders; comma-separated runs of one model")
+                   help="report folders or eval_report.json files, or models as casify eval takes them (folders, Hub "
+                        "ids, weights files); comma-separated runs of one model")
+    p.add_argument("--arch", default=None, metavar="MODULE:FACTORY",
+                   help="your own architecture, for model folders and weights files of it (see casify eval)")
     p.add_argument("--labels", nargs="+", default=None, help="a name per model (default: folder names)")
     p.add_argument("--data", default=None, help="dataset to evaluate model folders on (as casify eval --data)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))

@@ -42,9 +42,10 @@ LAYERS = [
     # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
     # what an application serves that wraps nothing (dataset builders, console progress, report and run-table text,
-    # trackers, the Hub's token check, the publishing guard, seeded corruptions)
+    # trackers, the Hub's token check, the publishing guard, seeded corruptions, whether data fit a model)
     ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
-                             "casify.hub_access", "casify.publish_guard", "casify.corruptions", "casify.output_dir"}),
+                             "casify.hub_access", "casify.publish_guard", "casify.corruptions", "casify.output_dir",
+                             "casify.data_fit"}),
     # attacks on wrapped models: objectives, the attack kinds (PGD / CW / FGSM, APGD, Square, AutoAttack), the threat
     # models
     ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",

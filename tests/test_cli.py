@@ -163,9 +163,13 @@ def test_eval_takes_a_shared_weights_file_and_refuses_a_class_mismatch(tmp_path,
     data = _npz(tmp_path / "ten.npz", classes=10, n=10)
     assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", data)) == 0
     assert "| natural |" in capsys.readouterr().out
-    five = _npz(tmp_path / "five.npz", classes=5)
-    assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", five)) == 1
-    assert "10 classes" in capsys.readouterr().err
+    twelve = _npz(tmp_path / "twelve.npz", classes=12, n=12)  # labels up to 11 for a 10-class model
+    assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", twelve, "--max-examples", "12")) == 1
+    assert "labels in [0, 11] but the model has 10 classes" in capsys.readouterr().err
+    # the class count is the model's, not the largest label's: one image labelled 5 is not "6 classes"
+    one = tmp_path / "one.npz"
+    np.savez(one, x=np.zeros((1, 32, 32, 3), dtype=np.uint8), y=np.array([5]))
+    assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", str(one))) == 0, capsys.readouterr().err
     from casify.cli import check_data_fits
     from casify.data import build_dataset
     from casify.model_source import load_model

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import attacks, losses
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
+from ..data_fit import check_data_fits
 from ..model import CASModel
 from ..routing import route
 from ..surgery import wrap
@@ -71,6 +72,10 @@ class Trainer(RunFolder):
         if config.cas and not isinstance(model, CASModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
+        # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size
+        check_data_fits(model, train_set, "the training set")
+        if val_set is not None and len(val_set) > 0:
+            check_data_fits(model, val_set, "the validation set")
         fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
         if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
             model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
@@ -171,8 +176,8 @@ class Trainer(RunFolder):
                     # forward, which the check would otherwise read, sees an iterate clipped to [0, 1])
                     base.recheck_input_range()
                 with torch.no_grad(), routed:
-                    nat = model(x).argmax(1) == y
-                    adv = model(x_adv).argmax(1) == y
+                    nat = attacks.predicted_correctly(model(x), y)  # NaN / inf logits: never correct
+                    adv = attacks.predicted_correctly(model(x_adv), y)
             nat, adv = self.accelerator.gather_for_metrics((nat, adv))
             correct_nat = correct_nat.to(nat.device) + nat.sum()  # read back once, after the loop
             correct_adv = correct_adv.to(adv.device) + adv.sum()
