@@ -181,7 +181,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} holds no config.json: pass a folder written by save_pretrained / "
                          "write_hub_folder (a training run's hub/ folder)")
-    push_folder(folder, args.repo_id, private=args.private, force=args.force, commit_message=args.message)
+    push_folder(folder, args.repo_id, private=args.private, force=args.force, commit_message=args.message,
+                retry_hint=False)
     print(f"pushed {folder} to https://huggingface.co/{args.repo_id}")
     return 0
 

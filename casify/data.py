@@ -281,8 +281,10 @@ def torchvision_dataset(name: str, split: str = "train", root=None, download: bo
     except RuntimeError as exc:
         if download:
             raise
-        raise FileNotFoundError(f"{name} ({split}) is not under {root}; pass download=True on a machine with network "
-                                f"access (or set ${DATA_ENV} / root= to where it is)") from exc
+        raise FileNotFoundError(f"{name} ({split}) is not under {root}: point to where it is with --data-root DIR "
+                                f"on the command line (root= in Python, or ${DATA_ENV}), or fetch it once on a "
+                                f"machine with network access: casify.data.torchvision_dataset({name!r}, "
+                                "download=True)") from exc
     ds.num_classes = len(ds.classes) if hasattr(ds, "classes") else 10
     return ds
 

@@ -199,3 +199,23 @@ def test_eval_builds_the_users_architecture_only_when_named(tmp_path, monkeypatc
     assert casify_cli.main(_eval("weights.pth", data, "--arch", "my_nets:small")) == 0
     assert casify_cli.main(_eval("weights.pth", data)) == 1
     assert "--arch" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_says_what_is_slow(capsys):
+    """``--help`` states the defaults, warns that the standard suite on a whole dataset is slow on a CPU, says what
+    the cascade is (not "strongest attacks first") and prints no "%%" (issue 29, item 13)."""
+    texts = {}
+    for command in ("eval", "compare", "benchmark", "analyze", "train", "push", "layers"):
+        with pytest.raises(SystemExit):
+            casify_cli.main([command, "--help"])
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    for command, text in texts.items():
+        assert "%%" not in text and "strongest attacks first" not in text, command
+    eval_help = texts["eval"]
+    assert "examples per attack batch (default: 128)" in eval_help
+    assert "seed of the attacks' random starts (default: 0)" in eval_help
+    assert "(default: standard)" in eval_help and "hours on a CPU" in eval_help
+    assert "which split of --data (default: test)" in eval_help
+    assert "then the other attacks in a fixed order" in eval_help
+    assert "95 % intervals" in texts["compare"]
+    assert "(default: 1000)" in texts["analyze"] and "--n-examples 500" in texts["benchmark"]

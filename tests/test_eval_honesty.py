@@ -231,3 +231,79 @@ def test_the_markdown_points_at_eval_report_json_only_when_one_is_written(tmp_pa
     assert casify_cli.main(argv + ["--out", str(tmp_path / "out")]) == 0
     assert "per-example results in eval_report.json" in capsys.readouterr().out
     assert "per-example results in eval_report.json" in (tmp_path / "out" / "eval_report.md").read_text()
+
+
+# -- 11, 12. what a newcomer sees: names, figures, chance ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def untrained_report():
+    """An untrained CAS-wrapped timm model on digits: at chance, which every figure and text must show."""
+    import timm
+
+    from casify.data import build_dataset
+    torch.manual_seed(0)
+    base = timm.create_model("cifar_resnet18", num_classes=10, width=0.125)
+    model = casify.wrap(base, layers=["layer4.1"], input_size=(3, 16, 16), normalize=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate(model, build_dataset("digits", "test"), attacks=["fgsm"], max_examples=64, progress=False,
+                        checks=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reports_name_the_architecture_and_the_dataset_and_flag_chance(untrained_report):
+    report = untrained_report
+    assert report.model["architecture"] == "cifar_resnet18" and report.model["class"] == "CASModel"
+    assert report.dataset == "digits" and report.split == "test" and report.num_classes == 10
+    md = report.to_markdown()
+    assert "- model: cifar_resnet18 with CAS at layer4.1" in md and "- data: digits (test), 64 examples" in md
+    assert "CASModel" not in md and "TensorImageDataset" not in md
+    assert report.at_chance and "is at chance** for 10 classes" in md
+    assert report.summary()["num_classes"] == 10
+
+
+def test_the_run_table_flags_a_model_at_chance():
+    from casify.run_table import format_run_table
+    test = {"n": 359, "num_classes": 10, "eps_str": "8/255", "suite": "quick",
+            "accuracy": {"natural": 0.078, "pgd20": 0.078, "worst_case": 0.078}, "gradient_masking_suspected": False}
+    table = format_run_table({"method": "at", "cas": True, "steps": 5, "selected": "best", "test": test})
+    assert "AT CHANCE: natural 7.80 % for 10 classes" in table
+    learned = {**test, "accuracy": {"natural": 0.95, "pgd20": 0.6, "worst_case": 0.55}}
+    assert "AT CHANCE" not in format_run_table({"method": "at", "steps": 300, "selected": "best", "test": learned})
+    broken = {**learned, "nonfinite_logits": {"pgd20": 3}}
+    assert "NaN / inf logits (scored wrong): pgd20 on 3" in format_run_table({"test": broken})
+
+
+def test_figures_show_chance_full_scale_axes_whole_counts_and_no_legend_over_the_data(untrained_report, tmp_path,
+                                                                                      monkeypatch):
+    from matplotlib.figure import Figure
+
+    from casify.evaluate import figures
+    drawn = []
+    original = Figure.savefig
+
+    def record(fig, path, **kwargs):
+        result = original(fig, path, **kwargs)  # draws the figure: the artists' extents are known after
+        drawn.append(fig)
+        return result
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    figures.write_report_figures(untrained_report, tmp_path)
+    curve, attacks = drawn
+    (ax,) = curve.axes
+    assert ax.get_ylim() == (0.0, 100.0)
+    assert any(line.get_label().startswith("chance (10 %") for line in ax.lines)
+    legend = ax.get_legend()
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())  # beside the curves, not on them
+    title = ax.get_title()
+    assert "cifar_resnet18" in title and "digits, test split" in title and "CASModel" not in title
+    left, right = attacks.axes
+    assert left.get_xlim() == (0.0, 100.0)  # accuracy: never to 120 %
+    assert any(line.get_label().startswith("chance 10 %") for line in left.lines)
+    ticks = [t for t in right.get_xticks() if right.get_xlim()[0] <= t <= right.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # counts of examples: no 0.2, 0.4, ...
+    suptitle = attacks.get_suptitle()
+    assert "))" not in suptitle and "(digits, test split)" in suptitle and "cifar_resnet18" in suptitle
+    (fig_legend,) = attacks.legends
+    assert not any(fig_legend.get_window_extent().overlaps(a.get_window_extent()) for a in attacks.axes)

@@ -52,10 +52,12 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
             evaluation's). ``report.eps_sweep`` holds each point's main PGD-20 row, for the eps_monotone check.
         checks: run the gradient-masking checks (adds uniform noise, PGD-20 at 128/255, a gradient probe and, for a
             CAS model, a check-only final-logit PGD-20, plus an adaptive one when the rows have none); with
-            ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked").
+            ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked"), unless the model
+            output NaN or inf logits: those examples are wrong, ``nonfinite_logits`` names the attacks and the
+            ``finite_logits`` check fails (it costs nothing, so it always runs).
         per_attack: run every row on every example (the full table: each row's own accuracy and family). The
             default, False, is a cascade, as AutoAttack does: natural, the main FGSM and PGD-20 and the noise baseline
-            run on every example, then the other rows strongest first (:data:`CASCADE_RULE`), each only on the
+            run on every example, then the other rows in a fixed order (:data:`CASCADE_RULE`), each only on the
             examples still robust. Random draws are per example, so the per-example worst case equals the full run's
             (for rows seeded per example: not Square or AutoAttack, which draw per batch); a row that ran only on
             survivors has no accuracy of its own (None), its family is left out of the summary or, when some of its

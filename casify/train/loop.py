@@ -23,7 +23,7 @@ from ..surgery import wrap
 from ..trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState
-from .metrics import MetricWindow
+from .metrics import MetricWindow, grouped_tags
 from .schedule import lr_scheduler
 
 
@@ -283,7 +283,7 @@ class Trainer(RunFolder):
         logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
         if self.config.log_with:
-            self.accelerator.log(logged, step=self.state.global_step)
+            self.accelerator.log(grouped_tags(logged, "train"), step=self.state.global_step)
         return logged
 
     def _validate_and_select(self, logged: dict) -> None:
@@ -292,7 +292,7 @@ class Trainer(RunFolder):
         record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logged.get("loss"), **metrics}
         self.state.history.append(record)
         if self.config.log_with:
-            self.accelerator.log(metrics, step=self.state.global_step)
+            self.accelerator.log(grouped_tags(metrics, "val"), step=self.state.global_step)
         # Adversarial training selects by robust accuracy; natural training (no attack) by natural accuracy.
         metric = metrics["val_pgd"] if self.attack is not None else metrics["val_natural"]
         if metric > self.state.best_metric:
