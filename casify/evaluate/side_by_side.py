@@ -157,7 +157,8 @@ def check_comparable(reports: Sequence[EvalReport], labels: Sequence[str]) -> No
 def _label(report: EvalReport, source: Source, i: int) -> str:
     if not isinstance(source, EvalReport):
         return Path(os.fspath(source)).name or f"model {i}"
-    return Path(str(report.model.get("source") or report.model.get("class") or f"model {i}")).name
+    return Path(str(report.model.get("source") or report.model.get("architecture") or report.model.get("class")
+                    or f"model {i}")).name
 
 
 def _flags(report: EvalReport, metric: str) -> Optional[List[bool]]:
