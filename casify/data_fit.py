@@ -127,7 +127,7 @@ def check_data_fits(model: nn.Module, dataset: Dataset, data_name: str = "the da
         raise TypeError(f"{data_name} gives images of type {type(x).__name__}; casify takes tensors of float pixels "
                         "in [0, 1] (torchvision's ToTensor() makes them)")
     try:
-        check_images(x[None])
+        check_images(x[None], readable=True)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{data_name}: {e}") from None
     shape = tuple(int(d) for d in x.shape)

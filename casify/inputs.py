@@ -60,12 +60,13 @@ def check_labels(labels: torch.Tensor, num_classes: Optional[int]) -> torch.Tens
                      f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
 
 
-def check_images(x: torch.Tensor) -> None:
+def check_images(x: torch.Tensor, readable: bool = False) -> None:
     """Refuse what cannot be pixels in [0, 1]: integer images (0..255), NaN / inf values and float values clearly
     outside [0, 1] (every comparison with NaN is False, so NaN is tested for itself).
 
     Clamping such inputs to [0, 1] inside an attack would return images at a distance of up to 254 from the input,
-    every eps meaningless; so it is an error, never a warning."""
+    every eps meaningless; so it is an error, never a warning. ``readable``: read the values on the host and raise
+    the readable error even where a device-side assertion would otherwise do (a one-off check of a few images)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
@@ -74,7 +75,7 @@ def check_images(x: torch.Tensor) -> None:
     if not x.numel():
         return
     low_ok, high_ok = -PIXEL_RANGE_TOLERANCE, 1 + PIXEL_RANGE_TOLERANCE
-    if _on_device_assert(x.device):
+    if _on_device_assert(x.device) and not readable:
         low, high = x.detach().aminmax()  # a NaN anywhere makes both NaN, which fails the comparisons below
         torch._assert_async((low >= low_ok) & (high <= high_ok),
                             "attack inputs must be finite pixels in [0, 1] (0..255 pixels: divide by 255; normalised "
