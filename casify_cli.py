@@ -31,8 +31,25 @@ def version() -> str:
     return found.group(1) if found else "unknown"
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` states each option's default, as ``ArgumentDefaultsHelpFormatter`` does, except where the help text
+    already says it or there is nothing to state (no default, a flag that is off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text or nothing or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser that accepts every long option spelled with dashes and with underscores."""
+    """An ArgumentParser that accepts every long option spelled with dashes and with underscores, and whose help
+    shows the defaults (:class:`DefaultsFormatter`; subcommands' parsers are of this class too)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
         spellings = list(names)
@@ -71,10 +88,28 @@ def _norm(p: argparse.ArgumentParser) -> None:
 
 def _running(p: argparse.ArgumentParser) -> None:
     """How an evaluation runs (the same options for eval, compare and benchmark): batch, seed, device, progress."""
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="examples per attack batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: where the model is)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+SUITE_HELP = ("attacks: quick (FGSM, PGD-20, CW-20, and for CAS models straight-through PGD) or standard (quick + "
+              "PGD-100, APGD, each auxiliary head alone, fixed routings); standard on every image of a dataset takes "
+              "hours on a CPU: try {option} 500 first")
+CASCADE_HELP = ("run every attack on every example (the full table, each attack's own accuracy); default: a cascade, "
+                "as AutoAttack runs: natural, FGSM, PGD-20 and noise on every example, then the other attacks in a "
+                "fixed order (straight-through PGD, APGD, CW, PGD-100, each head, fixed routings, AutoAttack, "
+                "black-box), each only on the examples every earlier one left correct (the same worst case, faster)")
+
+
+def _suite(p: argparse.ArgumentParser, examples_option: str = "--max-examples") -> None:
+    p.add_argument("--suite", default="standard", choices=SUITES, help=SUITE_HELP.format(option=examples_option))
+
+
+def _max_examples(p: argparse.ArgumentParser, default: Optional[int] = None) -> None:
+    p.add_argument("--max-examples", type=int, default=default,
+                   help="use the first N examples" + ("" if default else " (default: all)"))
 
 
 def _debug(p: argparse.ArgumentParser) -> None:
@@ -105,13 +140,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                     "deployed model (eval mode, predicted routing).")
     _model(p)
     p.add_argument("--data", required=True, help="dataset name or path (digits, cifar10, imagefolder:<root>, x.npz)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split of --data")
     p.add_argument("--data-root", default=None, help="where named datasets live (default $CASIFY_DATA or ./data)")
-    p.add_argument("--suite", default="standard", choices=SUITES)
+    _suite(p)
     p.add_argument("--eps", type=radius_arg, default="8/255",
                    help="radius in pixel units: 8/255 (default) under --norm linf, e.g. 0.5 under --norm l2")
     _norm(p)
-    p.add_argument("--max-examples", type=int, default=None)
+    _max_examples(p)
     _running(p)
     p.add_argument("--autoattack", action="store_true",
                    help="also run AutoAttack (standard version) on the deployed logits")
@@ -123,9 +158,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model once for the whole evaluation")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights (faster convolutions on GPUs/CPUs)")
-    p.add_argument("--per-attack", action="store_true",
-                   help="run every attack on every example (the full table, each attack's own accuracy); default: a "
-                        "cascade, strongest attacks first, each only on the examples still robust (same worst case)")
+    p.add_argument("--per-attack", action="store_true", help=CASCADE_HELP)
     p.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     p.add_argument("--out", default=None, help="folder for eval_report.json and eval_report.md (new or empty; see "
                                                "--overwrite)")
@@ -146,7 +179,7 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     _model(p)
     p.add_argument("--data", required=True,
                    help="dataset: digits, cifar10, cifar100, svhn, imagefolder:<root>, or an .npz file")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split of --data")
     p.add_argument("--data-root", default=None, help="where torchvision datasets live")
     p.add_argument("--layer", help="module or graph-node name (casify layers MODEL lists them); default: the last "
                                    "CAS layer, else the last feature stage")
@@ -159,15 +192,15 @@ def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eps", type=eps_arg, default="8/255", help="L-inf radius in pixels, e.g. 8/255 (default)")
     p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--objective", default="auto", help="attack objective; auto: cas on CAS models, else ce")
-    p.add_argument("--max-examples", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=128)
+    _max_examples(p, 1000)
+    p.add_argument("--batch-size", type=int, default=128, help="examples per batch")
     p.add_argument("--tsne", action="store_true", help="also write tsne.png (penultimate features, Figure 9)")
-    p.add_argument("--tsne-examples", type=int, default=500)
+    p.add_argument("--tsne-examples", type=int, default=500, help="examples in the t-SNE plot")
     p.add_argument("--out", required=True, help="output folder for the PNGs, channel_report.json and "
                                                 "channel_report.md (new or empty; see --overwrite)")
     _overwrite(p)
     p.add_argument("--device", help="e.g. cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack's random start and the t-SNE")
     _debug(p)
     p.set_defaults(command="analyze")
     return p
@@ -245,22 +278,26 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
         "compare", help="put models (or their eval reports) side by side: one table, paired statistics, curves",
         description="Compare saved models or report folders (casify eval --out) on the same images, eps and suite: "
                     "one table (natural, each attack family, worst case), paired per-image statistics of every "
-                    "model against the first (McNemar, 95 %% intervals) and the robustness curves overlaid. "
+                    "model against the first (McNemar, 95 % intervals) and the robustness curves overlaid. "
                     "Reports made on different images, eps, norm or suite are refused. A model folder is evaluated "
                     "first (needs --data). Several runs of one model (seeds): A_s0,A_s1,A_s2 B_s0,B_s1,B_s2.")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_REPORT",
-                   help="report folders, eval_report.json files or model folders; comma-separated runs of one model")
+                   help="report folders or eval_report.json files, or models as casify eval takes them (folders, Hub "
+                        "ids, weights files); comma-separated runs of one model")
+    p.add_argument("--arch", default=None, metavar="MODULE:FACTORY",
+                   help="your own architecture, for model folders and weights files of it (see casify eval)")
     p.add_argument("--labels", nargs="+", default=None, help="a name per model (default: folder names)")
     p.add_argument("--data", default=None, help="dataset to evaluate model folders on (as casify eval --data)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--suite", default="standard", choices=SUITES)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split of --data")
+    p.add_argument("--data-root", default=None, help="where named datasets live (default $CASIFY_DATA or ./data)")
+    _suite(p)
     p.add_argument("--eps", type=radius_arg, default="8/255", help="radius for model folders (default 8/255)")
     _norm(p)
-    p.add_argument("--eps-sweep", type=radius_arg, nargs="+", default=None, metavar="EPS")
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--eps-sweep", type=radius_arg, nargs="+", default=None, metavar="EPS",
+                   help="radii of the robustness curves (as casify eval --eps-sweep)")
+    _max_examples(p)
     _running(p)
-    p.add_argument("--per-attack", action="store_true")
+    p.add_argument("--per-attack", action="store_true", help=CASCADE_HELP)
     p.add_argument("--out", default=None, help="folder for compare_report.json / .md and robustness_curves.png")
     _overwrite(p)
     _debug(p)
@@ -278,12 +315,14 @@ def add_benchmark_parser(subparsers) -> argparse.ArgumentParser:
                     "<dir>/<data>/<threat model>/<name>.json with RobustBench's field names plus casify's.")
     p.add_argument("model", help="folder written by save_pretrained, or a Hub repo id")
     p.add_argument("--data", default="cifar10", help="dataset name or path (default cifar10)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--threat-model", default="Linf", choices=("Linf", "L2", "corruptions"))
+    p.add_argument("--data-root", default=None, help="where named datasets live (default $CASIFY_DATA or ./data)")
+    p.add_argument("--threat-model", default="Linf", choices=("Linf", "L2", "corruptions"),
+                   help="Linf or L2 (casify's adaptive worst case), or corruptions (mean corruption accuracy)")
     p.add_argument("--eps", type=radius_arg, default=None, help="default: the leaderboard's (8/255 Linf, 0.5 L2)")
-    p.add_argument("--n-examples", type=int, default=10000)
-    p.add_argument("--suite", default="standard", choices=SUITES)
-    p.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (autoattack_acc is then null)")
+    p.add_argument("--n-examples", type=int, default=10000, help="the first N test images, as RobustBench takes them")
+    _suite(p, "--n-examples")
+    p.add_argument("--no-autoattack", action="store_true",
+                   help="skip AutoAttack: robust accuracy is then the suite's worst case alone, and autoattack_acc null")
     p.add_argument("--corruptions", nargs="+", default=None, help="corruption names (default: casify's 10)")
     p.add_argument("--corruptions-dir", default=None, help="read the released CIFAR-10-C .npy arrays from here")
     p.add_argument("--model-name", default=None, help="the JSON's name (default: the model folder's name)")

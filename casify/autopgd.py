@@ -30,7 +30,7 @@ from torch import nn
 
 # the submodules, not the package: the package registers the APGD kinds (casify/attacks/apgd.py), which import this
 from .attacks.context import attack_context
-from .attacks.objectives import class_mask, cw_margin
+from .attacks.objectives import class_mask, cw_margin, predicted_correctly
 from .attacks.pgd import AttackInfo
 from .attacks.steps import Generators, draw_noise
 from .defenses import attack_aux_logits, find_defense_modules, routed_modules
@@ -162,7 +162,7 @@ def _run(attack, x: torch.Tensor, y: torch.Tensor, eps: float, generator: Genera
         x_init = _start(x[todo], eps, [generator[i] for i in todo.tolist()] if isinstance(generator, list)
                         else generator, norm)
         x_best, _, _, x_best_adv = attack.attack_single_run(x[todo], y[todo], x_init=x_init)
-        now = adapter.predict(x_best_adv).argmax(dim=1) != y[todo]
+        now = ~predicted_correctly(adapter.predict(x_best_adv), y[todo])  # NaN / inf logits: fooled
         best[todo] = torch.where(now.view(-1, *([1] * (x.dim() - 1))), x_best_adv, x_best)
         fooled[todo] = now
     return best, fooled
@@ -226,8 +226,9 @@ def _finish(adapter: ObjectiveAdapter, x_adv: torch.Tensor, y: torch.Tensor, foo
     x_adv = x_adv.detach()
     if not return_info:
         return x_adv
-    margin = cw_margin(adapter.predict(x_adv), y)
-    info = AttackInfo(fooled=margin > 0, margin=margin, fooled_last=fooled.clone(), fooled_any=fooled.clone(),
+    logits = adapter.predict(x_adv)
+    margin = cw_margin(logits, y)
+    info = AttackInfo(fooled=~predicted_correctly(logits, y), margin=margin, fooled_last=fooled.clone(), fooled_any=fooled.clone(),
                       first_fooled=torch.where(fooled, torch.zeros_like(y), torch.full_like(y, -1)))
     return x_adv, info
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import casify_cli
 
+from .data_fit import check_data_fits
 from .output_dir import OutputDirError, output_dir, prepare_output_dir
 
 
@@ -34,23 +34,6 @@ def _check_radii(command: str, norm: str, *radii) -> None:
 
 
 # -- eval ------------------------------------------------------------------------------------------------------------
-def check_data_fits(model, dataset, data_name: str) -> None:
-    """Refuse a dataset with another class count than the model (its accuracy would be meaningless: 0.00 %), and
-    warn when its images have another size than the one the model was wrapped for."""
-    cas = model.casify_config.get("cas", {})
-    model_classes, data_classes = cas.get("num_classes"), getattr(dataset, "num_classes", None)
-    if model_classes and data_classes and int(model_classes) != int(data_classes):
-        raise ValueError(f"the model has {model_classes} classes but {data_name} has {data_classes}: evaluate it on "
-                         f"a dataset of its own classes")
-    expected = cas.get("input_size")
-    if expected and len(dataset):
-        shape = tuple(dataset[0][0].shape)
-        if tuple(expected) != shape:
-            warnings.warn(f"{data_name} has images of shape {shape} but the model was wrapped for {tuple(expected)}; "
-                          "its accuracy may not mean what it does at its own size (resize the data, e.g. "
-                          "imagefolder data with --data-root, or check the dataset)", stacklevel=2)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -63,8 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prepare_output_dir(args.out, args.overwrite)  # refuse before the evaluation, not after it
     model = load_model(args.model, args.arch)
     source = model
-    dataset = build_dataset(args.data, args.split, root=args.data_root)
-    check_data_fits(model, dataset, args.data)
+    dataset = build_dataset(args.data, args.split, root=args.data_root)  # evaluate() checks that it fits the model
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:  # attacks, routing and scoring all run through the one compiled module
@@ -77,8 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.model["source"] = args.model
     report.model["class"] = type(source).__name__
     report.model.update(compiled=bool(args.compile), channels_last=bool(args.channels_last))
-    report.dataset = f"{args.data} ({args.split})"
-    print(report.to_markdown())
+    print(report.to_markdown(json_beside=bool(args.out)))
     if args.out:
         with output_dir(args.out, args.overwrite, command="eval", argv=getattr(args, "argv", None)) as staging:
             report.save(staging)
@@ -106,7 +87,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         kwargs = {"size": int(input_size[-1]), "channels": int(input_size[0])}
     dataset = build_dataset(args.data, args.split, root=args.data_root,
                             image_size=int(input_size[-1]) if input_size else None, **kwargs)
-    check_data_fits(model, dataset, args.data)
+    check_data_fits(model, dataset, f"--data {args.data} (--split {args.split})")
     with output_dir(args.out, args.overwrite, command="analyze", argv=getattr(args, "argv", None)) as staging:
         report = run_analysis(model, dataset, args.layer, staging, tsne=args.tsne, tsne_examples=args.tsne_examples,
                               eps=args.eps, steps=args.steps, attack_objective=args.objective,
@@ -134,9 +115,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       eps=args.eps, norm=args.norm, eps_sweep=args.eps_sweep, max_examples=args.max_examples,
                       batch_size=args.batch_size, seed=args.seed, device=args.device, per_attack=args.per_attack,
                       progress=not args.no_progress)
+    from .model_source import load_model
     arms = [m.split(",") if "," in m else m for m in args.models]
-    try:
-        result = compare_models(arms, labels=args.labels, **kwargs)
+    try:  # a model is loaded as casify eval loads it: folders, Hub ids, weights files, --arch
+        result = compare_models(arms, labels=args.labels, load_model=lambda name: load_model(name, args.arch),
+                                **kwargs)
     except (IncomparableReports, ValueError) as e:
         print(f"casify compare: error: {e}", file=sys.stderr)
         return 1
@@ -198,7 +181,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} holds no config.json: pass a folder written by save_pretrained / "
                          "write_hub_folder (a training run's hub/ folder)")
-    push_folder(folder, args.repo_id, private=args.private, force=args.force, commit_message=args.message)
+    push_folder(folder, args.repo_id, private=args.private, force=args.force, commit_message=args.message,
+                retry_hint=False)
     print(f"pushed {folder} to https://huggingface.co/{args.repo_id}")
     return 0
 

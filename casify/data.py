@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 __all__ = [
     "DATA_ENV", "DATASET_NAMES", "EpochSeededDataset", "NpzDataset", "TensorImageDataset", "build_dataset", "cifar_train_transform",
     "data_root", "digits_dataset", "imagefolder_dataset", "imagenet_eval_transform", "imagenet_train_transform",
-    "to_image_tensor", "torchvision_dataset", "train_val_split",
+    "dataset_name", "short_name", "to_image_tensor", "torchvision_dataset", "train_val_split",
 ]
 
 DATA_ENV = "CASIFY_DATA"
@@ -113,7 +113,10 @@ class TensorImageDataset(Dataset):
         if len(images) != len(labels):
             raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
         self.images, self.labels, self.transform = images, np.asarray(labels).astype(np.int64), transform
-        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.num_classes = len(classes) if classes is not None else int(self.labels.max()) + 1 if len(self.labels) else 0
+        # without class names the count is only the largest label + 1 (a 1-image file would read "6 classes"):
+        # a guess that the model's class count overrides (casify.data_fit), never a statement to hold it to
+        self.num_classes_from_labels = classes is None
         self.classes = list(classes) if classes is not None else [str(i) for i in range(self.num_classes)]
 
     def __len__(self) -> int:
@@ -278,8 +281,10 @@ def torchvision_dataset(name: str, split: str = "train", root=None, download: bo
     except RuntimeError as exc:
         if download:
             raise
-        raise FileNotFoundError(f"{name} ({split}) is not under {root}; pass download=True on a machine with network "
-                                f"access (or set ${DATA_ENV} / root= to where it is)") from exc
+        raise FileNotFoundError(f"{name} ({split}) is not under {root}: point to where it is with --data-root DIR "
+                                f"on the command line (root= in Python, or ${DATA_ENV}), or fetch it once on a "
+                                f"machine with network access: casify.data.torchvision_dataset({name!r}, "
+                                "download=True)") from exc
     ds.num_classes = len(ds.classes) if hasattr(ds, "classes") else 10
     return ds
 
@@ -367,8 +372,39 @@ def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = os.fspath(name_or_path)
-    train_aug = augment and split == "train"
+    return _named(_build_dataset(name, split, root=root, download=download, train_aug=augment and split == "train",
+                                 transform=transform, val_size=val_size, val_seed=val_seed, image_size=image_size,
+                                 **kwargs), short_name(name), split)
 
+
+def short_name(name_or_path: Union[str, os.PathLike]) -> str:
+    """What a report, a card and a figure call a dataset: ``cifar10`` for a named one (RobustBench's spelling), the
+    folder's name for ``imagefolder:<root>`` and the file's stem for an ``.npz``: never a path."""
+    name = os.fspath(name_or_path)
+    if name.startswith("imagefolder:"):
+        return Path(name[len("imagefolder:"):]).expanduser().resolve().name or name
+    if name.endswith(".npz"):
+        return Path(name).stem
+    return name
+
+
+def dataset_name(dataset: Dataset) -> Tuple[Optional[str], Optional[str]]:
+    """(name, split) that :func:`build_dataset` gave ``dataset`` (through ``Subset``s), else (None, None)."""
+    while dataset is not None:
+        name = getattr(dataset, "casify_name", None)
+        if isinstance(name, str):
+            return name, getattr(dataset, "casify_split", None)
+        dataset = getattr(dataset, "dataset", None) if isinstance(dataset, Subset) else None
+    return None, None
+
+
+def _named(ds: Dataset, name: str, split: str) -> Dataset:
+    ds.casify_name, ds.casify_split = name, split
+    return ds
+
+
+def _build_dataset(name: str, split: str, *, root, download: bool, train_aug: bool, transform, val_size, val_seed,
+                   image_size, **kwargs) -> Dataset:
     if name == "digits":
         if train_aug and transform is None:
             size = kwargs.get("size", 16)
@@ -413,7 +449,8 @@ def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *
                 raise ValueError(f"{path} has keys {keys}; for split='test' expected 'x_test'/'y_test' or 'x'/'y'")
             return NpzDataset(path, None, tf)
         base = NpzDataset(path, "train" if "x_train" in keys else None, tf)
-        return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, None, base.num_classes, name)
+        return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, None, base.num_classes, name,
+                         from_labels=base.num_classes_from_labels)
 
     raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASET_NAMES)}")
 
@@ -427,7 +464,8 @@ def _existing(path: Path, root: Path) -> Path:
     return path
 
 
-def _held_out(base: Dataset, split: str, val_size, seed, default_seed, num_classes: int, name: str) -> Dataset:
+def _held_out(base: Dataset, split: str, val_size, seed, default_seed, num_classes: int, name: str,
+              from_labels: bool = False) -> Dataset:
     """The "train" or "val" part of ``base`` after holding out ``val_size`` items."""
     seed = default_seed if seed == "default" else seed
     if not val_size:
@@ -435,9 +473,10 @@ def _held_out(base: Dataset, split: str, val_size, seed, default_seed, num_class
             raise ValueError(f"{name} has no validation split and val_size=0 holds none out; pass val_size=")
         return base
     train, val = train_val_split(base, val_size, seed)
-    return _with_classes(train if split == "train" else val, num_classes)
+    return _with_classes(train if split == "train" else val, num_classes, from_labels)
 
 
-def _with_classes(ds: Dataset, num_classes: int) -> Dataset:
+def _with_classes(ds: Dataset, num_classes: int, from_labels: bool = False) -> Dataset:
     ds.num_classes = num_classes
+    ds.num_classes_from_labels = from_labels
     return ds

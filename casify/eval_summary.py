@@ -39,6 +39,15 @@ class EvalSummary:
     gradient_masking_suspected: Optional[bool] = None
     failed_checks: Optional[List[str]] = None
     routing_echo_forced: Optional[float] = None  # a routed defense: how often a forced wrong route is followed
+    # attack -> examples on which the model's logits held a NaN or inf (counted wrong); empty when none did
+    nonfinite_logits: Dict[str, int] = field(default_factory=dict)
+    num_classes: Optional[int] = None  # the model's class count: chance accuracy is 1 / num_classes
+
+    @property
+    def at_chance(self) -> Optional[bool]:
+        """Is the natural accuracy no better than guessing (:func:`at_chance`)? None when it cannot be told."""
+        natural = self.accuracy.get("natural")
+        return None if natural is None else at_chance(natural, self.num_classes, self.n)
 
     def to_dict(self) -> dict:
         """The dict ``EvalReport.summary()`` returns (fresh containers: editing it leaves the record alone)."""
@@ -85,7 +94,26 @@ class EvalSummary:
             failed_checks=None if failed is None else check.names(failed, "failed_checks"),
             routing_echo_forced=(None if data.get("routing_echo_forced") is None
                                  else check.fraction(data["routing_echo_forced"], "routing_echo_forced")),
+            nonfinite_logits={name: check.count(count, f"nonfinite_logits.{name}") for name, count
+                              in check.mapping(data.get("nonfinite_logits") or {}, "nonfinite_logits").items()},
+            num_classes=check.optional_count(data.get("num_classes"), "num_classes"),
         )
+
+
+CHANCE_Z = 3.0
+"""Natural accuracy counts as chance unless it is this many binomial standard errors above 1 / classes."""
+
+
+def at_chance(natural: float, num_classes: Optional[int], n: Optional[int]) -> Optional[bool]:
+    """Is a natural accuracy no better than guessing among ``num_classes``: within ``CHANCE_Z`` binomial standard
+    errors of ``1 / num_classes`` on ``n`` examples (half of chance when ``n`` is unknown), or below it? None when the
+    class count is unknown. Why a test and not ``natural <= 1 / classes``: a model at chance reads a little above it
+    on a few hundred images half the time."""
+    if not num_classes or num_classes < 2:
+        return None
+    chance = 1.0 / num_classes
+    margin = CHANCE_Z * math.sqrt(chance * (1 - chance) / n) if n else 0.5 * chance
+    return natural <= chance + margin
 
 
 def _copy(value):
@@ -116,6 +144,11 @@ class _Checker:
 
     def optional_string(self, value, name: str) -> Optional[str]:
         return None if value is None else self.string(value, name)
+
+    def count(self, value, name: str) -> int:
+        if value is None:
+            self.fail(name, value, "a count of examples (an integer >= 0)")
+        return self.optional_count(value, name)
 
     def optional_count(self, value, name: str) -> Optional[int]:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

@@ -60,25 +60,32 @@ def check_labels(labels: torch.Tensor, num_classes: Optional[int]) -> torch.Tens
                      f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
 
 
-def check_images(x: torch.Tensor) -> None:
-    """Refuse what cannot be pixels in [0, 1]: integer images (0..255) and float values clearly outside [0, 1].
+def check_images(x: torch.Tensor, readable: bool = False) -> None:
+    """Refuse what cannot be pixels in [0, 1]: integer images (0..255), NaN / inf values and float values clearly
+    outside [0, 1] (every comparison with NaN is False, so NaN is tested for itself).
 
     Clamping such inputs to [0, 1] inside an attack would return images at a distance of up to 254 from the input,
-    every eps meaningless; so it is an error, never a warning."""
+    every eps meaningless; so it is an error, never a warning. ``readable``: read the values on the host and raise
+    the readable error even where a device-side assertion would otherwise do (a one-off check of a few images)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
-        raise TypeError(f"images have dtype {x.dtype}; attacks take float pixels in [0, 1]: pass x.float() / 255 "
-                        "(torchvision's ToTensor() does this)")
+        raise TypeError(f"images have dtype {x.dtype}; attacks take float pixels in [0, 1]: divide by 255, "
+                        "x.float() / 255 (torchvision's ToTensor() does this)")
     if not x.numel():
         return
     low_ok, high_ok = -PIXEL_RANGE_TOLERANCE, 1 + PIXEL_RANGE_TOLERANCE
-    if _on_device_assert(x.device):
-        low, high = x.detach().aminmax()
+    if _on_device_assert(x.device) and not readable:
+        low, high = x.detach().aminmax()  # a NaN anywhere makes both NaN, which fails the comparisons below
         torch._assert_async((low >= low_ok) & (high <= high_ok),
-                            "attack inputs must be pixels in [0, 1] (0..255 pixels: divide by 255; normalised data: "
-                            "drop the Normalize transform, the wrapped model normalises)")
+                            "attack inputs must be finite pixels in [0, 1] (0..255 pixels: divide by 255; normalised "
+                            "data: drop the Normalize transform, the wrapped model normalises; NaN / inf: fix the data)")
         return
+    finite = torch.isfinite(x.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(dim=1).sum()) if x.dim() > 1 else int((~finite).sum())
+        raise ValueError(f"images contain NaN or inf values ({bad} of {x.shape[0]} images): attacks and accuracy "
+                         "need finite pixels in [0, 1]; fix or drop those images")
     low, high = (float(v) for v in x.detach().aminmax())
     if low < low_ok or high > high_ok:
         raise ValueError(range_message(low, high, "attacks clamp to [0, 1] and eps is in pixel units")

@@ -98,7 +98,7 @@ def joint_aux_term(model: nn.Module, aux: List[torch.Tensor], loss_fn: Callable[
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(dim=1) == y).float().mean().detach()
+    return attacks.predicted_correctly(logits, y).float().mean().detach()
 
 
 def trades_kl(nat_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:

@@ -138,8 +138,11 @@ def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict,
     ``evaluation``: an ``EvalReport.summary()`` (or its :class:`EvalSummary`); a malformed one, like a malformed
     ``training`` in the config, raises ValueError naming the field. ``figures``: figure kind (``robustness_curve``,
     ``attacks``) -> file name beside the card, shown under the evaluation. ``folder``: where the card is written,
-    named by its loading line when ``model_name`` is not a Hub repo id."""
+    named by its loading line when ``model_name`` is not a Hub repo id. ``dataset_name`` defaults to
+    ``dataset_type`` when only that is given."""
     summary = _summary(evaluation)
+    if dataset_name in (None, "", "unknown") and dataset_type not in (None, "", "unknown"):
+        dataset_name = dataset_type  # write_hub_folder(..., dataset_type="digits") names the data too
     training = TrainingView.from_dict(config.get("training"))
     cas = config.get("cas") or {}
     data = ModelCardData(model_name=model_name, library_name="casify", license=license, pipeline_tag="image-classification",

@@ -61,17 +61,19 @@ def _holds_cwd(path: Path) -> bool:
 
 
 def prepare_output_dir(path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
-    """Check that a new report may go to ``path`` and return it (absolute, symlinks resolved). Changes nothing.
+    """Check that a new report may go to ``path`` and return it (absolute, symlinks resolved). Changes nothing (a
+    probe folder is made and removed).
 
     A missing or empty folder passes. A non-empty one raises :class:`OutputDirError` naming a few of its files, unless
     ``overwrite`` is true and the folder carries casify's marker (:data:`MARKER`): then it passes and is replaced,
     as a whole, when the new report is committed (:func:`output_dir`). Without the marker it is refused even with
-    ``overwrite``.
+    ``overwrite``. A folder that cannot be written (nor its parent) is refused too.
     """
     raw = Path(path).expanduser()
     target = raw.resolve()
     if target.exists() and not target.is_dir():
         raise OutputDirError(f"--out {raw} is a file, not a folder; choose a folder for the report")
+    _check_writable(raw, target)
     if not target.exists() or not any(target.iterdir()):
         return target
     files = _listing(target)
@@ -91,6 +93,24 @@ def prepare_output_dir(path: Union[str, os.PathLike], overwrite: bool = False) -
         raise OutputDirError(f"--out {raw} is (or contains) the current directory; casify will not replace it, "
                              "choose another --out")
     return target
+
+
+def _check_writable(raw: Path, target: Path) -> None:
+    """The report is staged beside ``target`` and renamed onto it: make and remove a probe folder where the staging
+    folder will go (the nearest folder that exists), so an unwritable ``--out`` fails now, not after the evaluation.
+    A probe, not ``os.access``: root passes every permission test, yet cannot write to a read-only file system."""
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(f"--out {raw} lies under {existing}, which is a file, not a folder; choose another --out")
+    probe = _sibling(existing / target.name, "casify-write-probe")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise OutputDirError(f"--out {raw} cannot be written ({e.strerror or e} in {existing}); choose a folder you "
+                             "can write to") from None
 
 
 def _sibling(target: Path, kind: str) -> Path:

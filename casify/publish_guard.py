@@ -5,15 +5,13 @@ overstates it, and a model at chance "robust accuracy" is no model; both are pus
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
+
+from .eval_summary import CHANCE_Z, at_chance  # noqa: F401  (CHANCE_Z: where it was defined before)
+
 
 class PublishRefused(RuntimeError):
     """The model's own evaluation says it should not be published (pass ``force=True`` / ``--force``)."""
-
-
-CHANCE_Z = 3.0
-"""Natural accuracy counts as chance unless it is this many binomial standard errors above 1 / classes."""
 
 
 def publish_refusal(metrics: Optional[dict], num_classes: Optional[int]) -> Optional[str]:
@@ -30,8 +28,7 @@ def publish_refusal(metrics: Optional[dict], num_classes: Optional[int]) -> Opti
         return None
     chance = 1.0 / num_classes
     n = metrics.get("n")
-    margin = CHANCE_Z * math.sqrt(chance * (1 - chance) / n) if n else 0.5 * chance
-    if natural <= chance + margin:
+    if at_chance(natural, num_classes, n):
         return (f"its natural accuracy {100 * natural:.1f} % is at chance for {num_classes} classes "
                 f"({100 * chance:.1f} %{f' on {n} examples' if n else ''})")
     return None

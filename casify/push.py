@@ -40,13 +40,17 @@ def check_publishable(folder: Union[str, os.PathLike], repo_id: str, force: bool
 
 
 def push_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = False, force: bool = False,
-                token=None, commit_message: str = "Upload robust model trained with casify"):
-    """Check the model (:func:`check_publishable`) and the Hub access, then upload the folder's model files."""
+                token=None, commit_message: str = "Upload robust model trained with casify", retry_hint: bool = True):
+    """Check the model (:func:`check_publishable`) and the Hub access, then upload the folder's model files.
+    ``retry_hint``: a failed upload names the ``casify push`` command that retries it (``casify push`` itself passes
+    False: the advice would be the command just run)."""
     check_publishable(folder, repo_id, force)
-    check_hub_access(repo_id, token)
+    check_hub_access(repo_id, token, later=None)  # the folder exists already: "publish it later" is this very call
     try:
         return upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        retry = (f"Push it later with: {push_command(folder, repo_id, force)}" if retry_hint
+                 else "Nothing was uploaded; run the same command again once the Hub answers")
         raise PushFailed(f"the upload to {repo_id} failed ({type(e).__name__}: {first}); the folder is kept at "
-                         f"{folder}. Push it later with: {push_command(folder, repo_id, force)}") from e
+                         f"{folder}. {retry}") from e

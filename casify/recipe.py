@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .code_version import code_version
-from .data import build_dataset
+from .data import build_dataset, short_name
 from .defenses import find_defense_modules
 from .hub import from_pretrained
 from .models.pretrained_weights import check_backbone, create_timm_from_checkpoint, read_checkpoint
@@ -165,8 +165,9 @@ def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out
     defended = "-cas" if recipe.train.cas else ""
     model_id = recipe.hub.model_id or f"casify-{recipe.method}{defended}"
     report.save(out / "hub")  # report + figures first: the card shows the figures, push_to_hub uploads them
-    write_hub_folder(robust, out / "hub", model_id, evaluation=report.summary(), dataset_name=recipe.data.name,
-                     dataset_type=recipe.data.name, split=recipe.eval.split, figures=report.figures)
+    name = short_name(recipe.data.name)  # cifar10, or a file's / folder's name: never a path
+    write_hub_folder(robust, out / "hub", model_id, evaluation=report.summary(), dataset_name=name,
+                     dataset_type=name, split=recipe.eval.split, figures=report.figures)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if recipe.hub.push:
         label = f"casify {recipe.method}{'+CAS' if recipe.train.cas else ''}"

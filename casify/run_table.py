@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+from .eval_summary import at_chance
+
 
 def _pct(value) -> str:
     return "   n/a" if value is None else f"{100 * value:6.2f} %"
@@ -13,7 +15,8 @@ def _pct(value) -> str:
 def format_run_table(summary: dict) -> str:
     """``summary``: what :func:`casify.recipe.run` returns (``method``, ``cas``, ``output_dir``, ``steps``,
     ``best_step``, ``selected`` and ``test``, an ``EvalReport.summary()``). Natural, worst case and each attack
-    family, then the checks and the folders."""
+    family, a flag when the natural accuracy is at chance or some logits were NaN / inf, then the checks and the
+    folders."""
     test = summary.get("test") or {}
     accuracy = dict(test.get("accuracy") or {})
     out = Path(str(summary.get("output_dir", ".")))
@@ -31,6 +34,13 @@ def format_run_table(summary: dict) -> str:
     for name, value in accuracy.items():
         label = ("<= " if name in upper else "") + name
         lines.append(f"  {label:<28}{_pct(value)}")
+    natural, classes = (test.get("accuracy") or {}).get("natural"), test.get("num_classes")
+    if natural is not None and at_chance(natural, classes, test.get("n")):
+        lines.append(f"  AT CHANCE: natural {100 * natural:.2f} % for {classes} classes (chance "
+                     f"{100 / classes:.1f} %): the model has not learned the task; its robust numbers mean nothing")
+    if test.get("nonfinite_logits"):
+        lines.append("  NaN / inf logits (scored wrong): " + ", ".join(
+            f"{name} on {count}" for name, count in test["nonfinite_logits"].items()))
     suspected = test.get("gradient_masking_suspected")
     lines.append("  gradient masking: " + ("not checked" if suspected is None else
                                            f"SUSPECTED (failed: {', '.join(test.get('failed_checks') or [])})"

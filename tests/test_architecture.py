@@ -43,9 +43,9 @@ LAYERS = [
     # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
     # what an application serves that wraps nothing (dataset builders, console progress, report and run-table text,
-    # trackers, seeded corruptions, output folders)
+    # trackers, seeded corruptions, output folders, whether data fit a model)
     ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
-                             "casify.corruptions", "casify.output_dir"}),
+                             "casify.corruptions", "casify.output_dir", "casify.data_fit"}),
     # attacks on wrapped models: objectives, the attack kinds (PGD / CW / FGSM, APGD, Square, AutoAttack), the threat
     # models
     ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",

@@ -55,6 +55,9 @@ def test_l2_benchmark_needs_an_eps_off_the_leaderboards(model, data):
                           autoattack=False, progress=False)
     assert info["casify"]["threat_model"] == "L2" and info["autoattack_acc"] is None
     assert info["casify"]["eps_str"] == "0.5" and 0 <= info["casify"]["robust_acc"] <= info["casify"]["clean_acc"]
+    # --no-autoattack: robust accuracy is the suite's alone, and says so
+    definition = info["casify"]["robust_acc_definition"]
+    assert "AutoAttack not run" in definition and "and AutoAttack" not in definition
 
 
 def test_corruptions_are_seeded_per_image_and_stay_images():
@@ -134,4 +137,6 @@ def test_cli_benchmark_writes_the_model_info(tmp_path, capsys):
                  "--model-info-dir", str(tmp_path / "info")]) == 0
     info = json.loads((tmp_path / "info" / "test8" / "corruptions" / "net.json").read_text())
     assert info["name"] == "net" and info["casify"]["n_examples"] == 8
+    # RobustBench's fields name the architecture and the dataset, not casify's wrapper class or a path
+    assert info["architecture"] == "cifar_resnet18" and info["dataset"] == "test8"
     assert f"clean {100 * info['casify']['clean_acc']:.2f} %" in capsys.readouterr().out

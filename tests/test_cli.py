@@ -163,9 +163,13 @@ def test_eval_takes_a_shared_weights_file_and_refuses_a_class_mismatch(tmp_path,
     data = _npz(tmp_path / "ten.npz", classes=10, n=10)
     assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", data)) == 0
     assert "| natural |" in capsys.readouterr().out
-    five = _npz(tmp_path / "five.npz", classes=5)
-    assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", five)) == 1
-    assert "10 classes" in capsys.readouterr().err
+    twelve = _npz(tmp_path / "twelve.npz", classes=12, n=12)  # labels up to 11 for a 10-class model
+    assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", twelve, "--max-examples", "12")) == 1
+    assert "labels in [0, 11] but the model has 10 classes" in capsys.readouterr().err
+    # the class count is the model's, not the largest label's: one image labelled 5 is not "6 classes"
+    one = tmp_path / "one.npz"
+    np.savez(one, x=np.zeros((1, 32, 32, 3), dtype=np.uint8), y=np.array([5]))
+    assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", str(one))) == 0, capsys.readouterr().err
     from casify.cli import check_data_fits
     from casify.data import build_dataset
     from casify.model_source import load_model
@@ -195,3 +199,23 @@ def test_eval_builds_the_users_architecture_only_when_named(tmp_path, monkeypatc
     assert casify_cli.main(_eval("weights.pth", data, "--arch", "my_nets:small")) == 0
     assert casify_cli.main(_eval("weights.pth", data)) == 1
     assert "--arch" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_says_what_is_slow(capsys):
+    """``--help`` states the defaults, warns that the standard suite on a whole dataset is slow on a CPU, says what
+    the cascade is (not "strongest attacks first") and prints no "%%" (issue 29, item 13)."""
+    texts = {}
+    for command in ("eval", "compare", "benchmark", "analyze", "train", "push", "layers"):
+        with pytest.raises(SystemExit):
+            casify_cli.main([command, "--help"])
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    for command, text in texts.items():
+        assert "%%" not in text and "strongest attacks first" not in text, command
+    eval_help = texts["eval"]
+    assert "examples per attack batch (default: 128)" in eval_help
+    assert "seed of the attacks' random starts (default: 0)" in eval_help
+    assert "(default: standard)" in eval_help and "hours on a CPU" in eval_help
+    assert "which split of --data (default: test)" in eval_help
+    assert "then the other attacks in a fixed order" in eval_help
+    assert "95 % intervals" in texts["compare"]
+    assert "(default: 1000)" in texts["analyze"] and "--n-examples 500" in texts["benchmark"]

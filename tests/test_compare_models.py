@@ -105,3 +105,24 @@ def test_cli_compare_evaluates_model_folders_and_refuses_a_mismatch(folders, tmp
     assert main(["compare", str(folders[0]), str(tmp_path / "m1"), "--data", str(tmp_path / "data.npz"),
                  "--suite", "quick", "--no-progress"]) == 1
     assert "casify compare: error: cannot compare" in capsys.readouterr().err
+
+
+def test_cli_compare_takes_weights_files_as_casify_eval_does(tmp_path, capsys):
+    """``casify compare A.pth B.pth`` failed with "'utf-8' codec can't decode": a file was read as a report."""
+    from casify.cli import main
+    from casify.models import resnet2b
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save({"state_dict": resnet2b().state_dict()}, tmp_path / f"resnet2b_{seed}.pth")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ten.npz", x=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y=np.arange(4))
+    weights = [str(tmp_path / "resnet2b_0.pth"), str(tmp_path / "resnet2b_1.pth")]
+    assert main(["compare", *weights, "--data", str(tmp_path / "ten.npz"), "--suite", "quick", "--max-examples",
+                 "2", "--batch-size", "2", "--no-progress"]) == 0, capsys.readouterr().err
+    assert "| resnet2b_0.pth | 1 |" in capsys.readouterr().out
+    # a file that is neither a report nor a model: one line, no decode error
+    (tmp_path / "junk.json").write_bytes(b"\x80\x81 not json")
+    assert main(["compare", str(tmp_path / "junk.json"), weights[0], "--data", str(tmp_path / "ten.npz"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "is not an evaluation report" in err and "codec" not in err

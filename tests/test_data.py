@@ -166,6 +166,7 @@ def test_build_dataset_digits_and_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn"])
 def test_torchvision_missing_files_do_not_download(tmp_path, name):
-    with pytest.raises(FileNotFoundError, match="pass download=True"):  # offline-ok: asserts nothing downloads
+    with pytest.raises(FileNotFoundError, match="download=True") as caught:  # offline-ok: asserts nothing downloads
         torchvision_dataset(name, "train", root=tmp_path)
+    assert "--data-root" in str(caught.value)  # the CLI's words too: its users have no root= to pass
     assert not any(tmp_path.iterdir())  # nothing was created, let alone downloaded

@@ -9,6 +9,8 @@ how its block runs:
 
     <!-- docs-test: skip (reason) -->       not run: it needs real data, the network, a GPU, or hours; say which
     <!-- docs-test: append ARGS -->         run each command with ARGS appended (a smaller budget, e.g. --max_steps 2)
+    <!-- docs-test: replace OLD with NEW --> run a python block with the text OLD replaced by NEW (a smaller budget:
+                                            the page shows what learns, the test runs what is fast)
 
 Examples use the embedded digits and small models, so the whole file runs in about a minute. Relative links of the
 pages must point at files that exist.
@@ -44,7 +46,11 @@ def test_every_marker_is_known_and_skips_say_why():
             if marker is None:
                 continue
             assert lang in RUN, f"{page.name}: a docs-test marker above a ```{lang} block"
-            assert re.fullmatch(r"skip \(.{10,}\)|append .+", marker), f"{page.name}: bad marker {marker!r}"
+            assert re.fullmatch(r"skip \(.{10,}\)|append .+|replace \S+ with \S+", marker), \
+                f"{page.name}: bad marker {marker!r}"
+            if marker.startswith("replace "):
+                old = marker.split()[1]
+                assert lang == "python" and old in body, f"{page.name}: {marker!r} replaces nothing in its block"
     skipped = sum(1 for page in PAGES for _, _, marker in blocks(page) if marker and marker.startswith("skip"))
     run = sum(1 for page in PAGES for lang, _, marker in blocks(page) if lang in RUN and not
               (marker and marker.startswith("skip")))
@@ -97,6 +103,25 @@ def _commands(body: str):
             yield line
 
 
+def test_the_quickstart_trains_long_enough_to_learn():
+    """The README quickstart's run must beat chance (5 steps left a model at 8 % on 10 classes, which its card then
+    published): its TrainConfig asks for 300 steps or more, and its epochs allow them (test runs replace the step
+    count, see the marker above the block)."""
+    import ast
+    import math
+
+    from casify.data import build_dataset
+    from casify.train import TrainConfig
+    lang, body, marker = next(b for b in blocks(ROOT / "README.md") if b[0] == "python" and "TrainConfig(" in b[1])
+    call = next(node for node in ast.walk(ast.parse(body))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TrainConfig")
+    config = TrainConfig(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
+    steps_per_epoch = len(build_dataset("digits", "train")) // config.batch_size
+    steps = min(math.ceil(config.epochs * steps_per_epoch), config.max_steps or math.inf)
+    assert steps >= 300, f"the quickstart trains {steps} steps"
+    assert marker and marker.startswith("replace max_steps="), "the docs test must shorten the quickstart's run"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_the_examples_of_a_page_run(page, tmp_path, monkeypatch, one_thread):
     runnable = [(lang, body, marker) for lang, body, marker in blocks(page)
@@ -111,9 +136,12 @@ def test_the_examples_of_a_page_run(page, tmp_path, monkeypatch, one_thread):
     namespace = {"__name__": f"docs:{page.name}"}
     for lang, body, marker in runnable:
         if lang == "python":
+            if marker and marker.startswith("replace "):
+                _, old, _, new = marker.split()
+                body = body.replace(old, new)
             exec(compile(body, f"{page.name} example", "exec"), namespace)
             continue
-        extra = shlex.split(marker[len("append "):]) if marker else []
+        extra = shlex.split(marker[len("append "):]) if marker and marker.startswith("append ") else []
         for command in _commands(body):
             argv = shlex.split(command) + extra
             if argv[0] == "casify":

@@ -178,7 +178,7 @@ def test_honest_model_passes_every_check(report):
         "eps_monotone": True, "more_steps_do_not_help": True, "black_box_not_stronger": True,
         "pgd_beats_noise": True, "nonzero_gradients": True, "iterative_beats_single_step": True,
         "final_logits_vs_adaptive": True, "best_vs_last_iterate": True, "worst_case_near_single_attacks": True,
-        "autoattack_flags": None}  # skipped: AutoAttack not asked for
+        "autoattack_flags": None, "finite_logits": True}  # autoattack_flags skipped: AutoAttack not asked for
     assert report.gradient_masking_suspected is False
     assert report.summary()["gradient_masking_suspected"] is False and report.summary()["failed_checks"] == []
     assert report.check("eps_monotone").evidence["accuracy_at_large_eps"] < ev.LARGE_EPS_MAX_ACCURACY
@@ -417,7 +417,7 @@ def test_cli_eval_writes_the_report(tmp_path, capsys):
                  "--no-progress", "--per-attack"])
     assert code == 0
     d = json.loads((out / "eval_report.json").read_text())
-    assert d["eps_str"] == "8/255" and d["n_examples"] == 8 and d["dataset"] == "digits (test)"
+    assert d["eps_str"] == "8/255" and d["n_examples"] == 8 and d["dataset"] == "digits" and d["split"] == "test"
     assert d["model"]["cas_layers"] == ["layer4.0", "layer4.1"] and d["model"]["source"] == str(tmp_path / "model")
     assert [r["name"] for r in d["eps_sweep"]] == ["pgd20@4/255", "pgd20@16/255"]
     printed = capsys.readouterr().out

@@ -169,7 +169,11 @@ def test_validation_data_outside_the_pixel_range_stops_the_run(as_on_a_gpu):
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(method="at", cas=True, epochs=1, batch_size=8, attack_steps=1, progress=False,
                              output_dir=out, val_max_examples=None)
-        trainer = Trainer(cas_model(), TensorDataset(x, y), TensorDataset(255 * x, y), config)
+        with pytest.raises(ValueError, match="divide by 255"):  # the Trainer reads the first image: refused at once
+            Trainer(cas_model(), TensorDataset(x, y), TensorDataset(255 * x, y), config)
+        later = x.clone()
+        later[8:] *= 255  # past the first image: the attack's input check stops the run
+        trainer = Trainer(cas_model(), TensorDataset(x, y), TensorDataset(later, y), config)
         with pytest.raises(RuntimeError, match=r"pixels in \[0, 1\]"):
             trainer.train()
 

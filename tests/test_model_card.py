@@ -65,6 +65,7 @@ EXPECTED_SUMMARY = {
                 {"row": "pgd20[cas,straight-through]", "attacked": 5, "newly_fooled": 1, "robust_after": 4,
                  "every_example": False}],
     "gradient_masking_suspected": None, "failed_checks": None, "routing_echo_forced": None,
+    "nonfinite_logits": {}, "num_classes": None,  # added by issue 29 (NaN / inf logits; chance = 1 / num_classes)
 }
 
 
@@ -110,6 +111,9 @@ def test_from_dict_reads_a_hand_written_summary_and_ignores_unknown_keys():
     (lambda d: d.update(mode="fast"), "evaluation.mode = 'fast'"),
     (lambda d: d.update(cascade={"row": "x"}), "evaluation.cascade = "),
     (lambda d: d["cascade"][1].update(attacked="5"), "evaluation.cascade[1].attacked = '5'"),
+    (lambda d: d.update(nonfinite_logits={"pgd20": -2}), "evaluation.nonfinite_logits.pgd20 = -2"),
+    (lambda d: d.update(nonfinite_logits=[1]), "evaluation.nonfinite_logits = [1]"),
+    (lambda d: d.update(num_classes="10"), "evaluation.num_classes = '10'"),
 ])
 def test_a_malformed_summary_is_a_value_error_naming_the_field(edit, field):
     data = json.loads(json.dumps(EXPECTED_SUMMARY))
@@ -258,3 +262,14 @@ def test_the_cards_loading_line_works_and_names_known_datasets(tmp_path, monkeyp
     digits = casify.write_hub_folder(model, tmp_path / "digits", "me/model", dataset_type="sklearn-digits")
     text = (digits / "README.md").read_text()
     assert 'casify.from_pretrained("me/model")' in text and "datasets:" not in text.split("---")[1]
+
+
+def test_a_card_given_only_the_dataset_type_names_the_dataset(tmp_path, tiny_net):
+    """The README quickstart passes dataset_type="digits" alone; its card said "examples of unknown"."""
+    model = casify.wrap(tiny_net, layers=["block"], input_size=(3, 8, 8), normalize=None)
+    evaluation = {"eps": 8 / 255, "n": 200, "accuracy": {"natural": 0.21, "worst_case": 0.1}, "num_classes": 5}
+    folder = casify.write_hub_folder(model, tmp_path / "hub", "me/m", evaluation=evaluation, dataset_type="digits")
+    card = (folder / "README.md").read_text()
+    assert "unknown" not in card and "examples of digits (test)" in card
+    # 21 % for 5 classes on 200 images is chance: the card says so
+    assert "natural accuracy is at chance for 5 classes" in card

@@ -145,3 +145,22 @@ def test_push_to_hub_without_an_evaluation_warns(hub, tmp_path):
     with pytest.warns(UserWarning, match="without an evaluation: the model card will state no robust accuracy"):
         casify.push_to_hub(_model(), "me/tiny", folder=tmp_path / "s")
     assert len(hub.uploads) == 1
+
+
+def test_casify_push_never_advises_running_casify_push(hub, tmp_path, capsys):
+    """A refusal of ``casify push`` once said "... publish the run's hub/ folder later with `casify push FOLDER
+    REPO_ID`": the very command that failed. Before a training run that advice stays (train now, push later)."""
+    folder = _folder(tmp_path)
+    hub.me = ConnectionError("no network")
+    assert casify_cli.main(["push", str(folder), "me/tiny"]) == 1
+    err = capsys.readouterr().err
+    advice = err.split("error:", 1)[1]  # the message after "casify push: error:"
+    assert "cannot reach the Hugging Face Hub" in advice and "casify push" not in advice
+    with pytest.raises(HubAccessError, match="casify push FOLDER REPO_ID"):  # before training: still advised
+        check_hub_access("me/tiny")
+    hub.me = WRITE
+    hub.fail_upload = ConnectionError("connection reset")
+    assert casify_cli.main(["push", str(folder), "me/tiny"]) == 1
+    err = capsys.readouterr().err
+    advice = err.split("error:", 1)[1]
+    assert "upload to me/tiny failed" in advice and "casify push" not in advice and "same command again" in advice

@@ -43,4 +43,6 @@ def test_a_run_logs_to_tensorboard_and_the_event_file_reads_back(tmp_path):
         acc = EventAccumulator(str(event_file))
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
-    assert {"loss", "lr", "val_pgd", "val_natural"} <= scalars, scalars
+    # grouped: TensorBoard shows a "train" and a "val" section, not one flat list
+    assert {"train/loss", "train/lr", "val/pgd", "val/natural"} <= scalars, scalars
+    assert not any("/" not in tag for tag in scalars), scalars

@@ -97,6 +97,10 @@ def test_bad_config_is_explained(tmp_path):
         TrainConfig(eps=8)
     with pytest.raises(ValueError, match="schedule must be one of"):
         TrainConfig(schedule="step")
+    with pytest.raises(TypeError, match="TrainConfig has no setting 'methd'; did you mean 'method'"):
+        TrainConfig(methd="at")
+    with pytest.raises(TypeError, match="no setting 'zzz'; the settings are: method, cas"):
+        TrainConfig(zzz=1)
     from conftest import TinyNet
     with pytest.raises(ValueError, match="needs a CAS-wrapped model"):
         Trainer(TinyNet(), _data(), None, _config(tmp_path, cas=True))

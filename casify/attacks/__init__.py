@@ -53,8 +53,8 @@ one file per further kind.
 from .constants import (KEEPS, KINDS, NORMS, ROUTINGS, Routing, STARTS, STRAIGHT_THROUGH_TEMPERATURE)
 from .objectives import (NEEDS_CLEAN, OBJECTIVES, Objective, ObjectiveInput, aux_mean, aux_objective,
                          cas_kl_objective, cas_objective, ce_objective, class_mask, cw_cas_objective, cw_margin,
-                         cw_objective, get_objective, kl_objective, kl_per_example, objective_tag, register_objective,
-                         sees_aux)
+                         cw_objective, get_objective, kl_objective, kl_per_example, objective_tag, predicted_correctly,
+                         register_objective, sees_aux)
 from .context import (StraightThrough, attack_context, attack_target, clean_routing, deployed_routing, forward_logits,
                       is_low_precision)
 from .steps import (Generators, draw_noise, input_grad_direction, output_grads, owned_float32, project, project_,
@@ -73,5 +73,6 @@ _input_grad_direction, _output_grads = input_grad_direction, output_grads
 
 __all__ = ["ATTACK_KINDS", "Attack", "AttackInfo", "AttackKind", "KEEPS", "OBJECTIVES", "ObjectiveInput", "PRESETS",
            "ROUTINGS", "attack_context", "clean_routing", "cw_inf", "cw_margin", "fgsm", "get_attack",
-           "get_attack_kind", "get_objective", "kl_per_example", "objective_tag", "pgd", "register_attack_kind",
+           "get_attack_kind", "get_objective", "kl_per_example", "objective_tag", "pgd", "predicted_correctly",
+           "register_attack_kind",
            "register_objective", "resolve_alpha", "sees_aux"]

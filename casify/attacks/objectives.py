@@ -54,6 +54,13 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return others.amax(dim=1) - true
 
 
+def predicted_correctly(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example: ``argmax == y`` and every logit finite. ``argmax`` over a NaN row returns 0, so without the
+    second condition a model that outputs NaN would be credited with every class-0 example: a broken output is
+    never a correct one."""
+    return (logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1)
+
+
 def kl_per_example(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """``KL(softmax(p) || softmax(q))`` per example, summed over classes (TRADES' ``kl_div(log q, p)``)."""
     return F.kl_div(F.log_softmax(q_logits, dim=1), F.softmax(p_logits, dim=1), reduction="none").sum(dim=1)

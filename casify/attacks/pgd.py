@@ -13,7 +13,7 @@ from ..inputs import check_attack_inputs
 from .constants import KEEPS, NORMS, Routing
 from .context import attack_context, attack_target, clean_routing, deployed_routing, forward_logits, is_low_precision
 from .kinds import AttackKind, register_attack_kind
-from .objectives import Objective, cw_margin, get_objective, sees_aux
+from .objectives import Objective, cw_margin, get_objective, predicted_correctly, sees_aux
 from .steps import (Generators, input_grad_direction, output_grads, project_, random_start_point, resolve_alpha,
                     select_rows_, start_kind, step_)
 
@@ -132,7 +132,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
             with torch.no_grad(), deployed_routing(model, has_cas):
                 logits = model(x_in.to(x.dtype)).float()
         logits = logits.detach()
-        return cw_margin(logits, y), logits.argmax(dim=1) != y
+        return cw_margin(logits, y), ~predicted_correctly(logits, y)  # NaN / inf logits: fooled
 
     with attack_context(model, routing, y), torch.enable_grad():
         if needs_clean:

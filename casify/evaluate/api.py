@@ -12,9 +12,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..defenses import find_defense_modules
+from ..data_fit import check_data_fits
 from ..inputs import check_eps
 from ..threat_model import check_norm, format_radius
-from .checks import LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks
+from .checks import (LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs,
+                     check_finite_logits, nonfinite_counts, run_checks)
 from .deployed import InputTied, describe_model, unwrap_parallel
 from .plan import CASCADE_RULE, LARGE_EPS, AttackSpec, objective_for, plan_rows
 from .examples import DATA_HASH, data_sha256, encode, family_flags
@@ -50,10 +52,12 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
             evaluation's). ``report.eps_sweep`` holds each point's main PGD-20 row, for the eps_monotone check.
         checks: run the gradient-masking checks (adds uniform noise, PGD-20 at 128/255, a gradient probe and, for a
             CAS model, a check-only final-logit PGD-20, plus an adaptive one when the rows have none); with
-            ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked").
+            ``checks=False`` the report's ``gradient_masking_suspected`` is None ("not checked"), unless the model
+            output NaN or inf logits: those examples are wrong, ``nonfinite_logits`` names the attacks and the
+            ``finite_logits`` check fails (it costs nothing, so it always runs).
         per_attack: run every row on every example (the full table: each row's own accuracy and family). The
             default, False, is a cascade, as AutoAttack does: natural, the main FGSM and PGD-20 and the noise baseline
-            run on every example, then the other rows strongest first (:data:`CASCADE_RULE`), each only on the
+            run on every example, then the other rows in a fixed order (:data:`CASCADE_RULE`), each only on the
             examples still robust. Random draws are per example, so the per-example worst case equals the full run's
             (for rows seeded per example: not Square or AutoAttack, which draw per batch); a row that ran only on
             survivors has no accuracy of its own (None), its family is left out of the summary or, when some of its
@@ -88,9 +92,14 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     if transfer_from is not None:
         transfer_from = unwrap_parallel(transfer_from).to(device)
 
-    data, data_name = _as_dataset(dataset)
+    data, data_name, split = _as_dataset(dataset)
     if max_examples is not None:
+        if int(max_examples) < 1:
+            raise ValueError(f"max_examples must be at least 1 (None: every example), got {max_examples}")
         data = Subset(data, range(min(int(max_examples), len(data))))
+    # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size
+    fit = check_data_fits(model, data, "the data" if data_name == "tensors" else
+                          f"the {data_name}{f' {split}' if split else ''} data")
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)  # "8/255" as the README writes radii; an L-inf eps=8 is an error suggesting /255
     eps_sweep = None if eps_sweep is None else [check_eps(e, norm=norm) for e in eps_sweep]
@@ -109,7 +118,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     families = family_flags(counts.per_example, counts.families)
     here = curve_point(eps, norm, rows[0].accuracy, counts.worst_case["accuracy"], counts.families,
                        counts.per_example["worst_case"], "this evaluation")
-    curve, sweep = [here], []
+    curve, sweep, sweep_broken = [here], [], {}
     for e in sorted({float(v) for v in (eps_sweep or [])}):
         if abs(e - eps) < 1e-12:  # the point at eps is this evaluation's: one number per eps, never two
             sweep += [sweep_result(rows, e, norm, "this evaluation")]
@@ -120,28 +129,33 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         curve.append(curve_point(e, norm, sub.natural_accuracy, sub.worst_case["accuracy"], sub.families,
                                  sub.per_example["worst_case"], "sweep evaluation"))
         sweep.append(sweep_result(sub.attacks, e, norm, "sweep evaluation", seconds=sub.elapsed_seconds))
+        sweep_broken.update({f"{name}@{format_radius(e, norm)}": c for name, c in sub.nonfinite_logits.items()})
     curve.sort(key=lambda p: p["eps"])
     sweep = [r for r in sweep if r is not None]
-    check_list = (run_checks(CheckInputs(counts.results + sweep, plan.all, len(plan.rows), flags.correct,
-                                         flags.correct_last, flags.correct_best, [flags.zero_grad], n, eps, has_cas,
-                                         ran=flags.ran, norm=norm))
-                  if checks else [])
+    inputs = CheckInputs(counts.results + sweep, plan.all, len(plan.rows), flags.correct, flags.correct_last,
+                         flags.correct_best, [flags.zero_grad], n, eps, has_cas, ran=flags.ran, norm=norm,
+                         nonfinite=flags.nonfinite, nonfinite_elsewhere=sweep_broken)
+    check_list = run_checks(inputs) if checks else []
+    broken = {**nonfinite_counts(plan.all, flags.nonfinite), **sweep_broken}
+    if not checks and broken:  # costs nothing, and a broken model must never read as "not checked"
+        check_list = [check_finite_logits(inputs)]
     indices = list(data.indices) if isinstance(data, Subset) else list(range(n))
     return EvalReport(
-        model=describe_model(model, source), dataset=data_name, n_examples=n, eps=eps,
+        model=describe_model(model, source), dataset=data_name, split=split, n_examples=n, eps=eps,
         eps_str=format_radius(eps, norm), norm=norm, suite=plan.suite, seed=seed,
         seeds={job.name: job.seed for job in plan.all},
         batch_size=batch_size, device=str(device),
         world_size=accelerator.num_processes if accelerator is not None else 1,
         natural_accuracy=rows[0].accuracy, attacks=rows, worst_case=counts.worst_case,
         eps_sweep=sweep, checks=check_list,
-        gradient_masking_suspected=any(c.passed is False for c in check_list) if checks else None,
+        gradient_masking_suspected=any(c.passed is False for c in check_list) if checks or check_list else None,
         protocol=protocol(has_cas, per_attack, max_examples), versions=_versions(plan.versions),
         elapsed_seconds=round(time.perf_counter() - start_time, 3), families=counts.families,
         per_attack=bool(per_attack), cascade=counts.cascade, per_example=counts.per_example,
         per_example_families=families, robustness_curve=curve,
         data={"sha256": data_sha256(flags.digests), "hash": DATA_HASH, "n": n, "indices": indices},
-        routing_echo=_routing_echo(model, data, eps, norm, seed) if checks and echo else None)
+        routing_echo=_routing_echo(model, data, eps, norm, seed) if checks and echo else None,
+        nonfinite_logits=broken, num_classes=fit.num_classes)
 
 
 def _routing_echo(model, data, eps: float, norm: str, seed: int) -> Optional[dict]:
@@ -177,7 +191,8 @@ def sweep_result(rows, eps: float, norm: str, source: str, seconds: float = 0.0)
 def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> dict:
     """How the numbers were made, in words and constants, for the report."""
     return {
-        "scoring": "eval mode, every CAS module routed by its own prediction, model(x_adv).argmax(1) == y",
+        "scoring": "eval mode, every CAS module routed by its own prediction, model(x_adv).argmax(1) == y; a NaN or "
+                   "inf logit is never correct",
         "crafting": "eval mode; predicted routing unless a row says otherwise",
         "iterates": "best iterate per example (one that fools the deployed model if any step did; restarts: the "
                     "worst over restarts); the last-iterate accuracy is kept as evidence",
@@ -196,13 +211,22 @@ def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> di
     }
 
 
-def _as_dataset(dataset) -> Tuple[Dataset, str]:
+GENERIC_DATASETS = ("TensorImageDataset", "TensorDataset", "Subset", "NpzDataset")
+"""Dataset classes whose name says nothing about the data: a report calls such data "tensors"."""
+
+
+def _as_dataset(dataset) -> Tuple[Dataset, str, Optional[str]]:
+    """The dataset, its name as reports show it (``cifar10``: never a path or a container class) and its split."""
+    from ..data import build_dataset, dataset_name
     if isinstance(dataset, (str, os.PathLike)):
-        from ..data import build_dataset
-        return build_dataset(dataset, "test"), f"{os.fspath(dataset)} (test)"
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(torch.is_tensor(t) for t in dataset):
-        return TensorDataset(dataset[0], dataset[1]), "tensors"
-    return dataset, type(dataset).__name__
+        dataset = build_dataset(dataset, "test")
+    elif isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(torch.is_tensor(t) for t in dataset):
+        return TensorDataset(dataset[0], dataset[1]), "tensors", None
+    name, split = dataset_name(dataset)
+    if name is None:
+        name = type(dataset).__name__
+        name = "tensors" if name in GENERIC_DATASETS else name
+    return dataset, name, split
 
 
 def _default_device(model: nn.Module, device) -> torch.device:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..serialization import atomic_write
+from .deployed import architecture_name
 from ..threat_model import format_radius
 
 THREAT_MODELS = ("Linf", "L2", "corruptions")
@@ -52,12 +53,14 @@ def _data(dataset, n_examples: int, data_dir) -> Tuple[Dataset, str]:
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(torch.is_tensor(t) for t in dataset):
         data, name = TensorDataset(dataset[0], dataset[1]), "tensors"
     elif isinstance(dataset, (str, os.PathLike)):
-        from ..data import build_dataset
+        from ..data import build_dataset, short_name
         name = os.fspath(dataset)
         data = build_dataset("imagefolder:" + os.fspath(data_dir) if name == "imagenet" and data_dir else name,
                              "test", root=data_dir)
+        name = short_name(name)  # cifar10, or a file's stem: RobustBench's dataset names, never a path
     else:
-        data, name = dataset, type(dataset).__name__
+        from ..data import dataset_name
+        data, name = dataset, dataset_name(dataset)[0] or type(dataset).__name__
     return Subset(data, range(min(int(n_examples), len(data)))), name
 
 
@@ -133,7 +136,7 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
         model = model.to(device)
     data, data_name = _data(dataset, n_examples, data_dir)
     info = {f: None for f in MODEL_INFO_FIELDS}
-    info.update(name=model_name, dataset=data_name, architecture=type(model).__name__)
+    info.update(name=model_name, dataset=data_name, architecture=architecture_name(model))  # not "CASModel"
     casify_info: dict = {"threat_model": tm, "n_examples": len(data)}
     report = None
     if tm == "corruptions":
@@ -172,8 +175,10 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
         casify_info.update(
             eps_str=format_radius(eps, norm), clean_acc=clean_acc, robust_acc=robust_acc,
             robust_acc_percent=_percent(robust_acc),
-            robust_acc_definition="per example, correct under every row of the suite and AutoAttack (adaptive "
-                                  "worst case); autoattack_acc is AutoAttack alone",
+            robust_acc_definition=("per example, correct under every row of the suite and AutoAttack (adaptive "
+                                   "worst case); autoattack_acc is AutoAttack alone" if autoattack else
+                                   "per example, correct under every row of the suite (adaptive worst case; "
+                                   "AutoAttack not run)"),
             autoattack_minus_adaptive_points=None if aa_acc is None else round(100 * (aa_acc - robust_acc), 2),
             suite_worst_case=report.worst_case["accuracy"], families=summary["accuracy"],
             gradient_masking_suspected=report.gradient_masking_suspected,

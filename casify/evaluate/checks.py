@@ -22,6 +22,9 @@ evidence). Any failure sets the report's ``gradient_masking_suspected``.
 - ``worst_case_near_single_attacks``: the worst case is no more than twice the tolerance below the strongest single
   attack: attacks that each miss many examples another one finds are unreliable one by one.
 - ``autoattack_flags``: AutoAttack's own reliability flags (its ``warnings``), passed through: any flag fails.
+- ``finite_logits``: no attack (row, sweep or check-only) made the deployed model output a NaN or inf logit. Such an
+  example is scored wrong (``argmax`` over NaN returns 0, which would credit a broken model with class 0); the check
+  fails, so the masking flag rises, and it runs even with ``checks=False`` since it costs nothing.
 
 Tolerance: two binomial standard errors of the reference accuracy, ``2 * sqrt(max(p (1 - p), 1 / n) / n)``, and at
 least one percentage point.
@@ -78,6 +81,8 @@ class CheckInputs:
     cas: bool
     ran: Optional[torch.Tensor] = None
     norm: str = "linf"
+    nonfinite: Optional[torch.Tensor] = None  # per example and job: NaN / inf logits on the deployed model
+    nonfinite_elsewhere: Dict[str, int] = field(default_factory=dict)  # the eps sweep's: attack@eps -> examples
     by_name: Dict[str, Tuple[int, AttackResult]] = field(init=False)
     by_role: Dict[str, Tuple[int, AttackResult]] = field(init=False)
 
@@ -319,10 +324,27 @@ def check_autoattack_flags(e: CheckInputs) -> Check:
                  {"flags": flags})
 
 
+def nonfinite_counts(jobs: List[Job], nonfinite: Optional[torch.Tensor]) -> Dict[str, int]:
+    """Job name -> the examples on which it made the model output NaN / inf logits, for the jobs with any."""
+    if nonfinite is None:
+        return {}
+    counts = nonfinite.sum(dim=0).tolist()
+    return {job.name: int(c) for job, c in zip(jobs, counts) if c}
+
+
+def check_finite_logits(e: CheckInputs) -> Check:
+    """The deployed model's logits stay finite under every attack: a NaN or inf output is a broken model, and an
+    evaluation that scored it by argmax would credit it with class 0."""
+    counts = {**nonfinite_counts(e.jobs, e.nonfinite), **e.nonfinite_elsewhere}
+    examples = int(e.nonfinite.any(dim=1).sum()) if e.nonfinite is not None and e.nonfinite.numel() else 0
+    return Check("finite_logits", not counts, "no attack makes the model output a NaN or inf logit (such examples "
+                 "are scored wrong)", {"examples": examples, "by_attack": counts})
+
+
 CHECKS: Tuple[Callable[[CheckInputs], Check], ...] = (
     check_eps_monotone, check_more_steps_do_not_help, check_black_box_not_stronger, check_pgd_beats_noise,
     check_nonzero_gradients, check_iterative_beats_single_step, check_final_logits_vs_adaptive,
-    check_best_vs_last_iterate, check_worst_case_near_single_attacks, check_autoattack_flags)
+    check_best_vs_last_iterate, check_worst_case_near_single_attacks, check_autoattack_flags, check_finite_logits)
 
 
 def run_checks(inputs: CheckInputs) -> List[Check]:

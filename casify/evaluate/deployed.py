@@ -4,12 +4,12 @@ mask). Also the clean-input probes the checks and the fixed-routing attacks need
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..attacks import attack_context, clean_routing, cw_margin
+from ..attacks import attack_context, clean_routing, cw_margin, predicted_correctly
 from ..defenses import DefenseModule, find_defense_modules
 
 
@@ -33,12 +33,31 @@ class InputTied(nn.Module):
         return out + (0.0 * x.flatten(1).sum(dim=1, keepdim=True)).to(out.dtype)
 
 
+def architecture_name(model: nn.Module) -> str:
+    """The base architecture's name (``cifar_resnet18``, ``resnet50``), which is what a reader wants to know, not the
+    wrapper's class (``CASModel``): the saved config's ``base_model``, else timm's ``pretrained_cfg``, else the
+    class of the model inside the wrapper."""
+    model = unwrap_parallel(model)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    config = getattr(model, "casify_config", None)
+    if isinstance(config, dict):
+        base = config.get("base_model") or {}
+        if isinstance(base, dict) and isinstance(base.get("name"), str) and base["name"]:
+            return base["name"].split(":")[-1]
+    from ..model import CASModel
+    inner = model.base_model if isinstance(model, CASModel) else model
+    pretrained = getattr(inner, "pretrained_cfg", None)
+    if isinstance(pretrained, dict) and isinstance(pretrained.get("architecture"), str):
+        return pretrained["architecture"]
+    return type(inner).__name__
+
+
 def describe_model(model: nn.Module, source: Optional[str] = None) -> dict:
-    """Class, size and CAS placement of ``model``, for the report."""
+    """Class, base architecture, size and CAS placement of ``model``, for the report."""
     model = unwrap_parallel(model)
     cas = find_defense_modules(model)
-    d = {"class": type(model).__name__, "parameters": int(sum(p.numel() for p in model.parameters())),
-         "cas_modules": len(cas)}
+    d = {"class": type(model).__name__, "architecture": architecture_name(model),
+         "parameters": int(sum(p.numel() for p in model.parameters())), "cas_modules": len(cas)}
     config = getattr(model, "casify_config", None)
     if isinstance(config, dict):
         d["cas_layers"] = list(config.get("cas", {}).get("layers", []))
@@ -54,10 +73,19 @@ def describe_model(model: nn.Module, source: Optional[str] = None) -> dict:
 
 
 @torch.no_grad()
-def deployed_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``model(x).argmax(1) == y`` in eval mode with every CAS module routed by its own prediction."""
+def deployed_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per example (correct, finite): ``model(x).argmax(1) == y`` in eval mode with every CAS module routed by its
+    own prediction, False where a logit is NaN or inf (:func:`casify.attacks.predicted_correctly`); and whether
+    every logit was finite, so the report can count and name the rows where the model broke."""
     with attack_context(model):
-        return model(x).argmax(dim=1) == y
+        logits = model(x)
+    return predicted_correctly(logits, y), torch.isfinite(logits).all(dim=1)
+
+
+def deployed_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``model(x).argmax(1) == y`` in eval mode with every CAS module routed by its own prediction; NaN or inf
+    logits are never correct."""
+    return deployed_scores(model, x, y)[0]
 
 
 def clean_routings(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:

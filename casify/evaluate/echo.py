@@ -89,6 +89,8 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
     if not named:
         raise ValueError("routing_echo needs a model with routed defense modules (CAS, CIFS: "
                          "casify.wrap(model, layers=[...], defense='cas')); this model routes by nothing")
+    if len(dataset) == 0 or max_examples < 1:
+        raise ValueError(f"routing_echo needs at least one example; got {len(dataset)} (max_examples={max_examples})")
     was_training = model.training
     model.eval()
     num_classes = named[0][1].num_classes

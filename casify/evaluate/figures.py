@@ -2,7 +2,10 @@
 eps: the clean point at eps 0, then the worst case and each attack family), the per-attack chart (each row's accuracy
 and how many examples it newly fooled) and robustness curves of several models overlaid (``casify compare``).
 
-Every figure says its threat model, the number of images and the unit of eps in its title and axes. Drawn with
+Every figure says its threat model, the number of images and the unit of eps in its title and axes; accuracy axes
+run from 0 to 100 %, count axes have whole-number ticks, legends sit outside the plotted data, and a dotted line marks
+chance (1 / classes, when the report knows the model's class count), so a model at chance never looks flat and
+"robust". Drawn with
 matplotlib's Agg canvas without pyplot (no global backend is switched in the caller's process) and written
 atomically: a reader never finds a half-written PNG under its final name. Nothing here imports the report class: a
 report is read through its fields, so a report loaded from JSON draws the same figures.
@@ -10,7 +13,7 @@ report is read through its fields, so a report loaded from JSON draws the same f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..serialization import atomic_write
 from ..threat_model import axis_label, axis_value
@@ -43,9 +46,23 @@ def threat_line(report) -> str:
 
 
 def _model_name(report) -> str:
+    """The base architecture (``cifar_resnet18``: never the wrapper's class), and the folder it was loaded from."""
     model = report.model or {}
-    name = model.get("source") or model.get("class") or "model"
-    return Path(str(name)).name or str(name)
+    arch = model.get("architecture") or model.get("class") or "model"
+    source = Path(str(model["source"])).name if model.get("source") else ""
+    return f"{arch} ({source})" if source and source != arch else arch
+
+
+def _data_name(report) -> str:
+    """``digits, test split``: the dataset's name and, when known, its split (no nested parentheses)."""
+    split = getattr(report, "split", None)
+    return f"{report.dataset}, {split} split" if split else str(report.dataset)
+
+
+def _chance(report) -> Optional[float]:
+    """Chance accuracy in %, when the report knows the model's class count."""
+    classes = getattr(report, "num_classes", None)
+    return 100.0 / classes if isinstance(classes, int) and classes >= 2 else None
 
 
 def _curve_xy(report, key: str) -> Tuple[List[float], List[float]]:
@@ -63,10 +80,16 @@ def _finish_curve(fig, ax, report, title: str, path) -> Path:
     """The axes every accuracy-vs-radius figure shares (the radius in the report's norm, accuracy in %), saved."""
     ax.set_xlabel(axis_label(report.norm))
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
+    ax.set_ylim(0, 100)
+    for line in ax.lines + ax.collections:  # points at 0 % and 100 % are drawn whole on the axis limits
+        line.set_clip_on(False)
+    chance = _chance(report)
+    if chance is not None:
+        ax.axhline(chance, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"chance ({chance:.3g} %: 1 / {report.num_classes} classes)")
     ax.grid(alpha=0.3)
     ax.set_title(f"{title}\n{threat_line(report)}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", frameon=False)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the curves
     return _save(fig, Path(path))
 
 
@@ -90,7 +113,7 @@ def plot_robustness_curve(report, path: Union[str, Path]) -> Path:
     for p in report.robustness_curve:
         if abs(p["eps"] - report.eps) < 1e-12:
             ax.axvline(axis_value(p["eps"], report.norm), color="grey", linewidth=0.8, linestyle=":")
-    return _finish_curve(fig, ax, report, f"Robustness of {_model_name(report)} on {report.dataset}", path)
+    return _finish_curve(fig, ax, report, f"Robustness of {_model_name(report)} on {_data_name(report)}", path)
 
 
 def plot_attacks(report, path: Union[str, Path]) -> Path:
@@ -109,23 +132,34 @@ def plot_attacks(report, path: Union[str, Path]) -> Path:
     for y, c in zip(ys, entries):
         r = by_name[c["row"]]
         if r.accuracy is not None:
-            left.barh(y, 100 * r.accuracy, color="tab:blue")
-            left.text(100 * r.accuracy + 1, y, f"{100 * r.accuracy:.1f}", va="center", fontsize=7)
+            value, text, style = 100 * r.accuracy, f"{100 * r.accuracy:.1f}", dict(color="tab:blue")
         else:
-            after = 100 * c["robust_after"] / n
-            left.barh(y, after, color="white", edgecolor="tab:blue", hatch="//")
-            left.text(after + 1, y, f"{after:.1f} robust after (ran on survivors)", va="center", fontsize=7)
+            value = 100 * c["robust_after"] / n
+            text, style = f"{value:.1f} robust after (ran on survivors)", dict(color="white", edgecolor="tab:blue",
+                                                                              hatch="//")
+        left.barh(y, value, **style)
+        inside = value > 80  # the label goes inside a long bar, so the axis can stop at 100 %
+        left.text(value - 1 if inside else value + 1, y, text, va="center", ha="right" if inside else "left",
+                  fontsize=7, color="white" if inside and r.accuracy is not None else "black")
         right.barh(y, c["newly_fooled"], color="tab:red")
         right.text(c["newly_fooled"], y, f" {c['newly_fooled']}", va="center", fontsize=7)
-    left.axvline(100 * report.worst_case["accuracy"], color="black", linestyle="--", linewidth=1)
+    left.axvline(100 * report.worst_case["accuracy"], color="black", linestyle="--", linewidth=1,
+                 label=f"worst case {100 * report.worst_case['accuracy']:.1f} %")
+    chance = _chance(report)
+    if chance is not None:
+        left.axvline(chance, color="tab:red", linestyle=":", linewidth=1.2,
+                     label=f"chance {chance:.3g} % (1 / {report.num_classes} classes)")
     left.set_yticks(ys)
     left.set_yticklabels(names, fontsize=8)
-    left.set_xlim(0, 125)
-    left.set_xlabel(f"accuracy under the row (%); dashed: worst case {100 * report.worst_case['accuracy']:.1f} %")
+    left.set_xlim(0, 100)
+    left.set_xlabel("accuracy under the row (%)")
     right.set_xlabel(f"examples newly fooled (of {report.n_examples}; natural: misclassified)")
     right.set_xlim(0, max([c["newly_fooled"] for c in entries] + [1]) * 1.25)
-    fig.suptitle(f"Attacks on {_model_name(report)} ({report.dataset}), in the order they ran\n{threat_line(report)}",
-                 fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of examples: whole numbers only
+    fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Attacks on {_model_name(report)} ({_data_name(report)}), in the order they ran\n"
+                 f"{threat_line(report)}", fontsize=10)
     return _save(fig, Path(path))
 
 
@@ -148,7 +182,7 @@ def plot_overlaid_curves(reports: Sequence, labels: Sequence[str], path: Union[s
         xs, ys = _curve_xy(report, "worst_case")
         ax.plot(xs, ys, "o-", color=f"C{i % 10}", linewidth=2, label=f"{label}: worst case")
         ax.scatter([0.0], [100 * report.natural_accuracy], s=60, color=f"C{i % 10}", edgecolor="black", zorder=4)
-    return _finish_curve(fig, ax, first, f"Robustness curves on {first.dataset} (clean point at eps 0)", path)
+    return _finish_curve(fig, ax, first, f"Robustness curves on {_data_name(first)} (clean point at eps 0)", path)
 
 
 __all__ = ["ATTACKS_FILE", "CURVE_FILE", "plot_attacks", "plot_overlaid_curves", "plot_robustness_curve",

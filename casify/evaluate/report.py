@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from ..eval_summary import EvalSummary
+from ..eval_summary import EvalSummary, at_chance
 from ..serialization import atomic_write
 from . import examples
 
@@ -34,7 +34,8 @@ class AttackResult:
     ``attacked``, the examples the row was run on (``n`` when it ran on every example); ``newly_fooled``, the
     examples it fooled that every earlier row had left correct; ``robust_after``, the examples correct under it and
     every earlier row. A row that ran only on the cascade's survivors (``per_attack=False``) has no accuracy of its
-    own: ``accuracy``, ``n_correct`` and ``last_iterate_accuracy`` are None."""
+    own: ``accuracy``, ``n_correct`` and ``last_iterate_accuracy`` are None. ``nonfinite``: the examples on which the
+    deployed model's logits held a NaN or inf under this row; they count as wrong, never as class 0."""
     name: str
     kind: str
     accuracy: Optional[float]
@@ -51,6 +52,7 @@ class AttackResult:
     attacked: Optional[int] = None
     newly_fooled: Optional[int] = None
     robust_after: Optional[int] = None
+    nonfinite: int = 0  # examples whose logits held a NaN or inf under this row (scored wrong)
 
 
 @dataclass
@@ -104,6 +106,10 @@ class EvalReport:
     robustness_curve: List[dict] = field(default_factory=list)
     figures: Dict[str, str] = field(default_factory=dict)
     routing_echo: Optional[dict] = None  # RoutingEcho.to_dict() for a routed defense (casify.evaluate.echo)
+    split: Optional[str] = None  # the dataset's split (test, val, train) when known; ``dataset`` is its name
+    # attack (row, sweep or check-only) -> examples whose logits held a NaN or inf (scored wrong); only those with any
+    nonfinite_logits: Dict[str, int] = field(default_factory=dict)
+    num_classes: Optional[int] = None  # the model's class count (chance is 1 / num_classes)
 
     def accuracy(self, name: str) -> Optional[float]:
         """Accuracy under the attack (or sweep point) called ``name``; ``"worst_case"`` for the worst case. None for a
@@ -152,7 +158,8 @@ class EvalReport:
                            upper_bounds=[name for name, f in self.families.items() if f.get("upper_bound")],
                            cascade=[dict(c) for c in self.cascade],
                            gradient_masking_suspected=self.gradient_masking_suspected, failed_checks=failed,
-                           routing_echo_forced=None if not self.routing_echo else self.routing_echo["forced_all"])
+                           routing_echo_forced=None if not self.routing_echo else self.routing_echo["forced_all"],
+                           nonfinite_logits=dict(self.nonfinite_logits), num_classes=self.num_classes)
 
     def check(self, name: str) -> Check:
         for c in self.checks:
@@ -206,18 +213,33 @@ class EvalReport:
             atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
         return text
 
-    def to_markdown(self) -> str:
-        model = self.model.get("class", "model")
+    @property
+    def at_chance(self) -> Optional[bool]:
+        """Is the natural accuracy no better than guessing among the model's classes? None when the class count
+        is unknown (:func:`casify.eval_summary.at_chance`)."""
+        return at_chance(self.natural_accuracy, self.num_classes, self.n_examples)
+
+    def to_markdown(self, json_beside: bool = False) -> str:
+        """The report as markdown; ``json_beside``: it is written next to ``eval_report.json`` (:meth:`save`), so it
+        may point there for the per-example results."""
+        model = self.model.get("architecture") or self.model.get("class", "model")
         if self.model.get("cas_layers"):
             model += f" with CAS at {', '.join(self.model['cas_layers'])}"
         lines = [
             "# Robustness evaluation", "",
             f"- model: {model}" + (f" ({self.model['source']})" if self.model.get("source") else ""),
-            f"- data: {self.dataset}, {self.n_examples} examples",
+            f"- data: {self.dataset}" + (f" ({self.split})" if self.split else "") + f", {self.n_examples} examples",
             f"- threat model: {'L-inf' if self.norm == 'linf' else 'L2 (Euclidean radius)'}, eps = {self.eps_str} "
             f"({self.eps:.5f}) in [0, 1] pixel units",
-            *([f"- images: SHA-256 {self.data['sha256'][:16]}... of the {self.n_examples} images and labels "
-               "(per-example results in eval_report.json)"] if self.data.get("sha256") else []),
+            *([f"- images: SHA-256 {self.data['sha256'][:16]}... of the {self.n_examples} images and labels"
+               + (" (per-example results in eval_report.json)" if json_beside else "")]
+              if self.data.get("sha256") else []),
+            *([f"- **natural accuracy {100 * self.natural_accuracy:.2f} % is at chance** for {self.num_classes} "
+               f"classes ({100 / self.num_classes:.1f} %): this model has not learned the task, and its robust "
+               "accuracy means nothing"] if self.at_chance else []),
+            *([f"- **non-finite logits**: the model output NaN or inf on "
+               + ", ".join(f"{count} examples under {name}" for name, count in self.nonfinite_logits.items())
+               + "; those are scored wrong and gradient masking is flagged"] if self.nonfinite_logits else []),
             f"- scored on the deployed model: {self.protocol['scoring']}",
             f"- iterates: {self.protocol.get('iterates', 'last iterate')}",
             f"- suite: {self.suite}; seed {self.seed}; {self.elapsed_seconds:.1f} s on {self.device}"
@@ -309,7 +331,7 @@ class EvalReport:
             from .figures import write_report_figures
             self.figures = write_report_figures(self, out)
         self.to_json(out / REPORT_JSON, per_example=True)
-        text = self.to_markdown()
+        text = self.to_markdown(json_beside=True)
         atomic_write(out / REPORT_MD, lambda tmp: Path(tmp).write_text(text))
         return out
 
@@ -325,7 +347,15 @@ def load_report(path: Union[str, os.PathLike]) -> EvalReport:
         path = path / REPORT_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation report at {path} (casify eval --out DIR writes {REPORT_JSON})")
-    return EvalReport.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not an evaluation report ({REPORT_JSON} is JSON; this file is not: "
+                         f"{type(e).__name__}); a model's weights or folder is evaluated instead when data are "
+                         "given") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not an evaluation report: it holds a JSON {type(data).__name__}, not an object")
+    return EvalReport.from_dict(data)
 
 
 def _short(value) -> str:

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..eps import format_eps
 from ..threat_model import check_norm, distance
-from .deployed import deployed_correct, zero_input_gradient
+from ..inputs import check_images
+from .deployed import deployed_scores, zero_input_gradient
 from .examples import example_digests
 from .plan import CASCADE_RANKS, Job, Plan
 
@@ -51,7 +52,8 @@ class Flags:
     ``ran`` (False where the cascade skipped the example), ``correct_last`` / ``correct_best`` (the last and the best
     iterate as the attack scored them, for iterative rows; else ``correct``), ``zero_grad`` per example (the
     gradient probe). ``order``: the order the rows ran; ``every[i]``: job ``i`` ran on every example; ``digests``:
-    (N, 32) uint8, each example's SHA-256 (:func:`casify.evaluate.examples.example_digests`)."""
+    (N, 32) uint8, each example's SHA-256 (:func:`casify.evaluate.examples.example_digests`); ``nonfinite``: per
+    example and job, whether the deployed model's logits held a NaN or inf (then ``correct`` is False)."""
     correct: torch.Tensor
     ran: torch.Tensor
     correct_last: torch.Tensor
@@ -60,6 +62,7 @@ class Flags:
     order: List[int]
     every: List[bool]
     digests: Optional[torch.Tensor] = None
+    nonfinite: Optional[torch.Tensor] = None
 
 
 def check_threat_model(job: Job, x: torch.Tensor, x_adv: torch.Tensor) -> None:
@@ -68,9 +71,13 @@ def check_threat_model(job: Job, x: torch.Tensor, x_adv: torch.Tensor) -> None:
     if x_adv.shape != x.shape:
         raise RuntimeError(f"attack {job.name!r} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
     norm = check_norm(job.settings.get("norm", "linf"))
+    if x.numel() and not bool(torch.isfinite(x_adv).all()):
+        raise RuntimeError(f"attack {job.name!r} returned NaN or inf pixels: it left the threat model (a finite "
+                           "image in the eps-ball)")
     dist = float(distance(x_adv, x, norm).max()) if x.numel() else 0.0
     slack = 1e-5 if norm == "linf" else 1e-4 * max(1.0, job.eps)  # L2: float32 rounding of a sum over every pixel
-    if dist > job.eps + slack or float(x_adv.min()) < -1e-6 or float(x_adv.max()) > 1 + 1e-6:
+    low, high = (float(x_adv.min()), float(x_adv.max())) if x.numel() else (0.0, 1.0)
+    if not (dist <= job.eps + slack and low >= -1e-6 and high <= 1 + 1e-6):  # "not <=": NaN never passes
         raise RuntimeError(f"attack {job.name!r} left the threat model: {norm} distance {dist:.5f} vs eps "
                            f"{job.eps:.5f}, range [{float(x_adv.min()):.4f}, {float(x_adv.max()):.4f}]")
 
@@ -99,7 +106,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
     n = len(data)
     correct = torch.zeros(n, len(all_jobs), dtype=torch.bool)
     flags_all = Flags(correct, correct.clone(), correct.clone(), correct.clone(), torch.zeros(n, dtype=torch.bool),
-                      order, every, torch.zeros(n, 32, dtype=torch.uint8))
+                      order, every, torch.zeros(n, 32, dtype=torch.uint8), correct.clone())
     worst_cols = [i for i, job in enumerate(jobs) if job.in_worst_case]
     main_process = accelerator is None or accelerator.is_main_process
     modes = [(m, m.training) for m in model.modules()]
@@ -115,13 +122,14 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
         bar = progress_bar(loader, desc=desc, disable=not (progress and main_process), leave=False)
         col_index = torch.tensor(cols, dtype=torch.long)
         for x, y, index in bar:
+            check_images(x)  # uint8 / 0..255 images ("divide by 255"), NaN or inf pixels: one clear error
             digests = example_digests(x, y) if indices is None else None  # the first pass covers every example
             x = x.to(device).float()
             y = torch.as_tensor(y).to(device).long()
             index = torch.as_tensor(index).to(device)
             idx = index.tolist()
             flags = torch.zeros(x.shape[0], len(cols), dtype=torch.bool, device=x.device)
-            last_flags, best_flags = flags.clone(), flags.clone()
+            last_flags, best_flags, broken = flags.clone(), flags.clone(), flags.clone()
             for c, i in enumerate(cols):
                 job = all_jobs[i]
                 t0 = time.perf_counter()
@@ -131,12 +139,13 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
                 out = job.craft(x, y, {"index": idx}, generator)
                 x_adv, info = out if isinstance(out, tuple) else (out, None)
                 check_threat_model(job, x, x_adv)
-                correct_now = deployed_correct(model, x_adv, y)
+                correct_now, finite = deployed_scores(model, x_adv, y)
                 flags[:, c] = correct_now
+                broken[:, c] = ~finite
                 # last- and best-iterate correctness, where the attack scored its iterates on this model
                 scored = info is not None and job.iterative
-                last_flags[:, c] = ~info.fooled_last if scored else correct_now
-                best_flags[:, c] = ~info.fooled_any if scored else correct_now
+                last_flags[:, c] = (~info.fooled_last & finite) if scored else correct_now
+                best_flags[:, c] = (~info.fooled_any & finite) if scored else correct_now
                 job.seconds += time.perf_counter() - t0
             pos = _gather(accelerator, index).cpu().long()
             rows_at = (pos.unsqueeze(1), col_index.unsqueeze(0))
@@ -144,6 +153,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
             flags_all.ran[rows_at] = True
             flags_all.correct_last[rows_at] = _gather(accelerator, last_flags).cpu()
             flags_all.correct_best[rows_at] = _gather(accelerator, best_flags).cpu()
+            flags_all.nonfinite[rows_at] = _gather(accelerator, broken).cpu()
             if digests is not None:
                 flags_all.digests[pos] = _gather(accelerator, digests.to(x.device)).cpu()
             if with_probe:

@@ -15,7 +15,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+from torch import nn
 
 from .compare import SEED_RULE, paired, pooled, seed_comparison, welch
 from .report import REPORT_JSON, EvalReport, load_report
@@ -97,24 +99,34 @@ class ModelComparison:
         return out
 
 
-def _is_model_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and not (path / REPORT_JSON).is_file()
+def is_report(source: Source) -> bool:
+    """Is ``source`` a saved report (a ``.json`` file, or a folder holding ``eval_report.json``), not a model?"""
+    if isinstance(source, EvalReport):
+        return True
+    path = Path(source)
+    return (path.is_file() and path.suffix == ".json") or (path.is_dir() and (path / REPORT_JSON).is_file())
 
 
-def resolve(source: Source, evaluate_kwargs: dict) -> EvalReport:
-    """A report from a report folder / JSON file / EvalReport, or by evaluating a model folder (or Hub id)."""
+def resolve(source: Source, evaluate_kwargs: dict,
+            load_model: Optional[Callable[[str], nn.Module]] = None) -> EvalReport:
+    """A report from a report folder / JSON file / EvalReport, or by evaluating a model: a folder or Hub id
+    (:func:`casify.from_pretrained`), or whatever ``load_model`` loads (``casify compare`` passes the loader of
+    ``casify eval``, so weights files and ``--arch`` work alike)."""
     if isinstance(source, EvalReport):
         return source
     path = Path(source)
-    if path.is_file() or (path.is_dir() and (path / REPORT_JSON).is_file()):
+    if is_report(source):
         return load_report(path)
     if "dataset" not in evaluate_kwargs or evaluate_kwargs["dataset"] is None:
-        raise ValueError(f"{source} is not a report folder (no {REPORT_JSON}); to evaluate it as a model, give the "
-                         "data (casify compare --data ..., compare_models(..., dataset=...))")
+        raise ValueError(f"{source} is not a report ({REPORT_JSON} or its folder); to evaluate it as a model, give "
+                         "the data (casify compare --data ..., compare_models(..., dataset=...))")
     from .api import evaluate
     kwargs = dict(evaluate_kwargs)
     dataset = kwargs.pop("dataset")
-    return evaluate(os.fspath(source) if _is_model_folder(path) or not path.exists() else source, dataset, **kwargs)
+    model = load_model(os.fspath(source)) if load_model is not None else os.fspath(source)
+    report = evaluate(model, dataset, **kwargs)
+    report.model["source"] = os.fspath(source)
+    return report
 
 
 def check_comparable(reports: Sequence[EvalReport], labels: Sequence[str]) -> None:
@@ -145,7 +157,8 @@ def check_comparable(reports: Sequence[EvalReport], labels: Sequence[str]) -> No
 def _label(report: EvalReport, source: Source, i: int) -> str:
     if not isinstance(source, EvalReport):
         return Path(os.fspath(source)).name or f"model {i}"
-    return Path(str(report.model.get("source") or report.model.get("class") or f"model {i}")).name
+    return Path(str(report.model.get("source") or report.model.get("architecture") or report.model.get("class")
+                    or f"model {i}")).name
 
 
 def _flags(report: EvalReport, metric: str) -> Optional[List[bool]]:
@@ -166,7 +179,8 @@ def _accuracy(report: EvalReport, metric: str) -> Optional[float]:
 
 
 def compare_models(sources: Sequence[Union[Source, Sequence[Source]]], *, labels: Optional[Sequence[str]] = None,
-                   out: Optional[Union[str, os.PathLike]] = None, **evaluate_kwargs) -> ModelComparison:
+                   out: Optional[Union[str, os.PathLike]] = None,
+                   load_model: Optional[Callable[[str], nn.Module]] = None, **evaluate_kwargs) -> ModelComparison:
     """Compare models (or their saved reports) on the same images, eps and suite, each against the first.
 
     Args:
@@ -176,6 +190,7 @@ def compare_models(sources: Sequence[Union[Source, Sequence[Source]]], *, labels
             are passed to :func:`casify.evaluate.evaluate`); or a list of those: several runs (training seeds) of
             one model, paired run by run with the other models' runs.
         labels: a name per model (default: the folder names).
+        load_model: how a model source (not a report) becomes a model; default :func:`casify.from_pretrained`.
         out: also write ``compare_report.json``, ``compare_report.md`` and ``robustness_curves.png`` there.
 
     Raises :class:`IncomparableReports` when the reports were made on different images, eps, norm or suite.
@@ -185,7 +200,7 @@ def compare_models(sources: Sequence[Union[Source, Sequence[Source]]], *, labels
     arms = [list(s) if isinstance(s, (list, tuple)) else [s] for s in sources]
     if len({len(a) for a in arms}) != 1:
         raise ValueError(f"every model needs the same number of runs (seeds) to pair them: {[len(a) for a in arms]}")
-    reports = [[resolve(s, evaluate_kwargs) for s in arm] for arm in arms]
+    reports = [[resolve(s, evaluate_kwargs, load_model) for s in arm] for arm in arms]
     names = list(labels) if labels else [_label(arm_reports[0], arm[0], i)
                                          for i, (arm_reports, arm) in enumerate(zip(reports, arms))]
     if len(names) != len(arms):
@@ -259,4 +274,4 @@ def _sentence(entry: dict) -> str:
 
 
 __all__ = ["COMPARE_JSON", "COMPARE_MD", "CURVES_FILE", "IncomparableReports", "ModelComparison", "SIGNIFICANCE",
-           "check_comparable", "compare_models", "resolve"]
+           "check_comparable", "compare_models", "is_report", "resolve"]

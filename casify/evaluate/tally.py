@@ -39,7 +39,8 @@ def tally(plan: Plan, flags: Flags) -> Tally:
         results.append(AttackResult(job.name, job.kind, (c / n if n else 0.0) if whole else None, c if whole else None,
                                     n, round(job.seconds, 4), job.eps, job.settings, job.notes, job.in_worst_case,
                                     family=job.family or job.name, objective=job.objective,
-                                    last_iterate_accuracy=last, attacked=int(flags.ran[:, i].sum())))
+                                    last_iterate_accuracy=last, attacked=int(flags.ran[:, i].sum()),
+                                    nonfinite=int(flags.nonfinite[:, i].sum()) if flags.nonfinite is not None else 0))
     worst_idx = [i for i, job in enumerate(jobs) if job.in_worst_case]
     worst_flags = correct[:, worst_idx].all(dim=1) if n else torch.zeros(0, dtype=torch.bool)
     worst = {"accuracy": int(worst_flags.sum()) / n if n else 0.0, "n_correct": int(worst_flags.sum()),

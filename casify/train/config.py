@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -152,6 +154,29 @@ class TrainConfig:
     def identity(self) -> dict:
         """The settings that change what a run computes (everything but where and how it is logged)."""
         return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
+
+def _suggesting_init(cls):
+    """Wrap a dataclass's ``__init__`` so that an unknown keyword names the closest field (``TrainConfig(methd=...)``:
+    did you mean ``method``?) instead of Python's bare "unexpected keyword argument"."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"the settings are: {', '.join(names)}"
+            raise TypeError(f"{cls.__name__} has no setting {key!r}; {hint}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+_suggesting_init(TrainConfig)
 
 
 @dataclass

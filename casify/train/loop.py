@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 from .. import attacks, losses
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
+from ..data_fit import check_data_fits
 from ..model import CASModel
 from ..routing import route
 from ..surgery import wrap
 from ..trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState
-from .metrics import MetricWindow
+from .metrics import MetricWindow, grouped_tags
 from .schedule import lr_scheduler
 
 
@@ -96,6 +97,10 @@ class Trainer(RunFolder):
         if config.cas and not isinstance(model, CASModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
+        # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size
+        check_data_fits(model, train_set, "the training set")
+        if val_set is not None and len(val_set) > 0:
+            check_data_fits(model, val_set, "the validation set")
         check_channels(model, train_set)
         fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
         if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
@@ -197,8 +202,8 @@ class Trainer(RunFolder):
                     # forward, which the check would otherwise read, sees an iterate clipped to [0, 1])
                     base.recheck_input_range()
                 with torch.no_grad(), routed:
-                    nat = model(x).argmax(1) == y
-                    adv = model(x_adv).argmax(1) == y
+                    nat = attacks.predicted_correctly(model(x), y)  # NaN / inf logits: never correct
+                    adv = attacks.predicted_correctly(model(x_adv), y)
             nat, adv = self.accelerator.gather_for_metrics((nat, adv))
             correct_nat = correct_nat.to(nat.device) + nat.sum()  # read back once, after the loop
             correct_adv = correct_adv.to(adv.device) + adv.sum()
@@ -310,7 +315,7 @@ class Trainer(RunFolder):
         logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
         bar.set_postfix(loss=f"{logged['loss']:.3f}", lr=f"{lr:.3g}")
         if self.config.log_with:
-            self.accelerator.log(logged, step=self.state.global_step)
+            self.accelerator.log(grouped_tags(logged, "train"), step=self.state.global_step)
         return logged
 
     def _validate_and_select(self, logged: dict) -> None:
@@ -319,7 +324,7 @@ class Trainer(RunFolder):
         record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logged.get("loss"), **metrics}
         self.state.history.append(record)
         if self.config.log_with:
-            self.accelerator.log(metrics, step=self.state.global_step)
+            self.accelerator.log(grouped_tags(metrics, "val"), step=self.state.global_step)
         # Adversarial training selects by robust accuracy; natural training (no attack) by natural accuracy.
         metric = metrics["val_pgd"] if self.attack is not None else metrics["val_natural"]
         if metric > self.state.best_metric:

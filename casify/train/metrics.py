@@ -1,4 +1,4 @@
-"""Step metrics averaged on the device between two logs (one host read per log)."""
+"""Step metrics averaged on the device between two logs (one host read per log), and their tracker tags."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -36,3 +36,11 @@ class MetricWindow:
         out = {**self.other, **dict(zip(self.names, means))}
         self.sums, self.count, self.other = None, 0, {}
         return out
+
+
+def grouped_tags(values: dict, group: str) -> dict:
+    """``values`` as tracker tags in one group: ``loss`` -> ``train/loss``, ``val_pgd`` -> ``val/pgd``. TensorBoard
+    (and W&B) file scalars by the part of the tag before the ``/``, so training and validation curves sit in two
+    sections instead of one flat list; ``step`` is the x axis, not a scalar."""
+    prefix = group + "_"
+    return {f"{group}/{k[len(prefix):] if k.startswith(prefix) else k}": v for k, v in values.items() if k != "step"}

@@ -1,0 +1,130 @@
+"""A pretrained checkpoint loads into a task-sized timm model the timm way: every backbone tensor kept, only a
+classifier of another class count re-initialised and named; a checkpoint that does not fit is refused before
+anything is built. A tiny generated timm checkpoint stands in for ImageNet weights (offline)."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from casify.models.pretrained_weights import CheckpointError, create_timm_from_checkpoint
+from casify.recipe import CommandLine, ConfigError, build_base_model, load_recipe, run
+from casify.recipe_config import ModelSection
+
+ROOT = Path(__file__).resolve().parents[1]
+LITE0 = ROOT / "recipes" / "configs" / "cifar10_efficientnet_lite0_at.yaml"
+
+
+@pytest.fixture(scope="module")
+def imagenet_like(tmp_path_factory):
+    """A 1000-class test_efficientnet checkpoint under timm's names (what the shared Lite0 file is, in small)."""
+    torch.manual_seed(1)
+    state = {k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict().items()
+             if not k.endswith("num_batches_tracked")}  # as checkpoints saved without torch's metadata omit them
+    path = tmp_path_factory.mktemp("ckpt") / "test_efficientnet_in1k.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_backbone_kept_classifier_reinitialised_and_named(imagenet_like, capsys):
+    path, state = imagenet_like
+    model, loaded = create_timm_from_checkpoint("test_efficientnet", path, num_classes=10)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("classifier."))
+    assert model.classifier.weight.shape[0] == 10
+    assert set(loaded.dropped) == {"classifier.weight", "classifier.bias"}
+    assert loaded.dropped["classifier.weight"][0] == 1000 and loaded.num_classes == 10
+    assert model.pretrained_cfg["mean"] == timm.create_model("test_efficientnet").pretrained_cfg["mean"]
+    # the recipe's path says it in one line
+    build_base_model(ModelSection(name="test_efficientnet", checkpoint=str(path), kwargs={"num_classes": 10}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "re-initialised the classifier for 10 classes" in err[0] and "(1000," in err[0]
+    # same class count: the classifier is loaded too, nothing dropped
+    same, loaded = create_timm_from_checkpoint("test_efficientnet", path)
+    assert not loaded.dropped and torch.equal(same.classifier.weight, state["classifier.weight"])
+
+
+def test_checkpoints_that_do_not_fit_are_refused_naming_the_first_mismatches(imagenet_like, tmp_path):
+    path, state = imagenet_like
+    missing = dict(state)
+    del missing["conv_stem.weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing 1 of the model's tensors \(conv_stem.weight\)"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "missing.safetensors", num_classes=10)
+    extra = {**state, "head.extra": torch.zeros(3)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 tensors the model does not have \(head.extra\)"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "extra.safetensors", num_classes=10)
+    other = {k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}
+    save_file(other, str(tmp_path / "resnet.safetensors"))
+    with pytest.raises(CheckpointError, match="does not fit test_efficientnet's backbone: missing"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "resnet.safetensors", num_classes=10)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "nope.safetensors")
+    (tmp_path / "notes.txt").write_text("weights")
+    with pytest.raises(CheckpointError, match="not a weights file"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "notes.txt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="cannot be read as a safetensors file"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "garbage.safetensors")
+    with pytest.raises(CheckpointError, match="not a timm architecture"):
+        create_timm_from_checkpoint("no_such_net", path)
+
+
+def _tiny_cifar(folder: Path, n: int, classes: int = 10) -> Path:
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % classes
+    x = (rng.random((n, 32, 32, 3)) * 60 + 18 * y[:, None, None, None]).clip(0, 255).astype(np.uint8)
+    path = folder / f"cifar_like_{n}.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _lite0_sets(ckpt, train_npz, test_npz, *extra):
+    return ["model.name=test_efficientnet", f"model.checkpoint={ckpt}", f"data.name={train_npz}",
+            f"data.test={test_npz}", "data.val_size=20", "train.batch_size=8", "train.val_max_examples=16",
+            "eval.max_examples=8", "eval.suite=quick", *extra]
+
+
+def test_lite0_recipe_runs_one_step_from_a_generated_checkpoint(imagenet_like, tmp_path):
+    """The shipped EfficientNet-Lite0 recipe, with another timm architecture and its weights swapped in by --set."""
+    ckpt, _ = imagenet_like
+    train, test = _tiny_cifar(tmp_path, 60), _tiny_cifar(tmp_path, 12)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}
+    proc = subprocess.run([sys.executable, "-m", "casify_cli", "train", "--config", str(LITE0),
+                           *[a for s in _lite0_sets(ckpt, train, test) for a in ("--set", s)],
+                           "--output_dir", str(out), "--max_steps", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "re-initialised the classifier for 10 classes" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["test"]["n"] == 8
+    assert summary["code"]["casify_version"] and "commit" in summary["code"]
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["code"] == summary["code"]
+    config = json.loads((out / "hub" / "config.json").read_text())
+    assert config["base_model"]["name"] == "test_efficientnet" and config["training"]["code"] == summary["code"]
+    digest = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+    assert config["base_model"]["pretrained_weights"] == {"file": Path(ckpt).name, "sha256": digest}
+    card = (out / "hub" / "README.md").read_text()
+    assert f"pretrained weights `{Path(ckpt).name}` (SHA-256 `{digest}`)" in card
+
+
+def test_a_class_count_the_data_does_not_have_is_refused_before_training(imagenet_like, tmp_path):
+    ckpt, _ = imagenet_like
+    train, test = _tiny_cifar(tmp_path, 60, classes=10), _tiny_cifar(tmp_path, 12)
+    out = tmp_path / "run"
+    sets = _lite0_sets(ckpt, train, test, "model.kwargs.num_classes=7")
+    recipe = load_recipe(str(LITE0), CommandLine(overrides=tuple(sets), output_dir=str(out), max_steps=1))
+    with pytest.raises(ConfigError, match="the model has 7 classes but .* has 10; set --set model.kwargs.num_classes=10"):
+        run(recipe)
+    assert not (out / "checkpoints").exists()
