@@ -221,4 +221,7 @@ class TrainingRecord:
     overfitting: Optional[dict] = None  # the guard's record, when the run overfitted catastrophically
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["overfitting"] is None:  # a run without a collapse: the record reads as before the guard existed
+            del d["overfitting"]
+        return d
