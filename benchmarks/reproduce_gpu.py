@@ -3,6 +3,8 @@
 
     python benchmarks/reproduce_gpu.py --runs-dir runs/gpu --seeds 0 --budget-minutes 8     # repeat until done
     python benchmarks/reproduce_gpu.py --smoke --runs-dir /tmp/repro_smoke --budget-minutes 0.1   # CPU pipeline test
+    python benchmarks/reproduce_gpu.py --arms at_pgd3 at_n_fgsm at_fgsm_rs --runs-dir runs/gpu_fast --seeds 0 1 2 \
+        --budget-minutes 8                              # single-step AT (N-FGSM, FGSM-RS) vs PGD-3 AT, same schedule
 
 What runs (per seed, in this order; each invocation continues where the last one stopped):
 
@@ -14,6 +16,14 @@ What runs (per seed, in this order; each invocation continues where the last one
    gradient-masking checks; ``--autoattack`` adds AutoAttack when the package is installed)
 5. write ``benchmarks/results/reproduce_gpu.json`` + ``.md``: per run natural / worst case / per family, train
    minutes, device; the paired comparison AT+CAS vs AT on the same test images (difference with a 95 % CI, McNemar z).
+
+ARMS (``--arms``, default ``at at_cas``, the two above). The single-step arms train the AT recipe with another training
+attack, everything else equal: ``at_pgd3`` (PGD-3, step 2.5 eps / 3: the cheap multi-step reference),
+``at_n_fgsm`` (``train.attack: n_fgsm``: noise of 2 eps, one step of eps, no projection to the eps-ball) and
+``at_fgsm_rs`` (``train.attack: fgsm_rs``: a uniform start, one step of 1.25 eps). With them the results add, per
+single-step arm and seed, the paired comparison against ``at_pgd3`` (worst case and natural) and the ratio of their
+training minutes on the same device (the issue's goal: not worse than PGD-3 AT at <= 0.6x its training time), and each
+run's catastrophic-overfitting record (``casify.train.overfit_guard``) when the guard fired.
 
 Both arms use the paper's protocol as the recipes encode it (shared/docs/cas-reference.md): inputs in [0, 1] without
 normalisation, pad-4 crop + flip, batch 128, SGD momentum 0.9, lr 0.1, weight decay 2e-4, PGD-10 at eps 8/255 with
@@ -62,10 +72,20 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"at": REPO / "recipes/configs/cifar10_resnet18_at.yaml",
-           "at_cas": REPO / "recipes/configs/cifar10_resnet18_at_cas.yaml"}
-ARMS = ("at", "at_cas")
-LABEL = {"at": "AT", "at_cas": "AT+CAS"}
+AT_CONFIG = REPO / "recipes/configs/cifar10_resnet18_at.yaml"
+CONFIGS = {"at": AT_CONFIG, "at_cas": REPO / "recipes/configs/cifar10_resnet18_at_cas.yaml",
+           "at_pgd3": AT_CONFIG, "at_n_fgsm": AT_CONFIG, "at_fgsm_rs": AT_CONFIG}
+# what each arm changes in its recipe (after --smoke's settings, before --set); the single-step attacks take their
+# paper's step (attack_alpha null) and one step
+ARM_OVERRIDES = {"at": [], "at_cas": [],
+                 "at_pgd3": ["train.attack=pgd", "train.attack_steps=3", f"train.attack_alpha={2.5 * 8 / 255 / 3}"],
+                 "at_n_fgsm": ["train.attack=n_fgsm", "train.attack_steps=1", "train.attack_alpha=null"],
+                 "at_fgsm_rs": ["train.attack=fgsm_rs", "train.attack_steps=1", "train.attack_alpha=null"]}
+ARMS = tuple(CONFIGS)
+DEFAULT_ARMS = ("at", "at_cas")
+SINGLE_STEP_ARMS = ("at_n_fgsm", "at_fgsm_rs")
+SINGLE_STEP_REFERENCE = "at_pgd3"
+LABEL = {"at": "AT", "at_cas": "AT+CAS", "at_pgd3": "PGD-3 AT", "at_n_fgsm": "N-FGSM AT", "at_fgsm_rs": "FGSM-RS AT"}
 STATE = "state.json"
 
 
@@ -78,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--test", default="../shared/data/cifar10/test846.npz", help="test .npz (never used for selection)")
     p.add_argument("--runs-dir", default="runs/gpu", help="run folders + state.json live here")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS),
+                   help="which arms to train and score (default: at at_cas; single-step: at_pgd3 at_n_fgsm at_fgsm_rs)")
     p.add_argument("--epochs", type=float, default=None, help="default 30 (smoke: 2)")
     p.add_argument("--schedule", choices=("multistep", "cosine"), default="multistep",
                    help="multistep: lr /10 at 0.75 and 0.90 of the epochs (the paper's 75/90 of 100, scaled)")
@@ -104,10 +126,13 @@ def parse_args(argv=None):
 
 def settings_of(args) -> dict:
     """What decides the results (a runs dir holds one setting; seeds may be added)."""
-    return {"data": os.path.abspath(args.data), "test": os.path.abspath(args.test), "epochs": args.epochs,
-            "schedule": args.schedule, "select": args.select, "compile": bool(args.compile),
-            "autoattack": bool(args.autoattack), "max_test": args.max_test, "set": list(args.set),
-            "smoke": bool(args.smoke)}
+    settings = {"data": os.path.abspath(args.data), "test": os.path.abspath(args.test), "epochs": args.epochs,
+                "schedule": args.schedule, "select": args.select, "compile": bool(args.compile),
+                "autoattack": bool(args.autoattack), "max_test": args.max_test, "set": list(args.set),
+                "smoke": bool(args.smoke)}
+    if tuple(args.arms) != DEFAULT_ARMS:  # recorded only when not the default: runs dirs written before --arms match
+        settings["arms"] = list(args.arms)
+    return settings
 
 
 def arm_config(args, arm: str, seed: int, device: str):
@@ -123,6 +148,7 @@ def arm_config(args, arm: str, seed: int, device: str):
     if args.smoke:
         overrides += ["model.kwargs.width=0.125", "train.batch_size=64", "train.attack_steps=2",
                       "train.attack_alpha=4/255", "train.val_max_examples=64", "train.val_attack_steps=2"]
+    overrides += ARM_OVERRIDES[arm]
     overrides += list(args.set)
     return load_recipe(str(CONFIGS[arm]), CommandLine(overrides=overrides, method="at"))
 
@@ -159,8 +185,8 @@ def plan(args) -> list:
     """The units of work in order: (kind, arm, seed)."""
     units = []
     for seed in args.seeds:
-        units += [("train", "at", seed), ("train", "at_cas", seed)]
-        units += [("score", "at", seed), ("score", "at_cas", seed)]
+        units += [("train", arm, seed) for arm in args.arms]
+        units += [("score", arm, seed) for arm in args.arms]
     return units
 
 
@@ -230,7 +256,8 @@ def train_unit(args, state, arm: str, seed: int, device: str, deadline, runs_dir
         run["train_devices"].append(name)
     run.update(steps=result.global_step, total_steps=trainer.total_steps, best_step=result.best_step,
                steps_per_epoch=trainer.steps_per_epoch, output_dir=str(out), validation=result.history,
-               global_batch_size=trainer.global_batch_size)
+               global_batch_size=trainer.global_batch_size, overfitting=result.overfitting,
+               training_attack=trainer.attack.to_dict() if trainer.attack is not None else None)
     if steps_done > 0:
         run.setdefault("throughput", []).append(
             {"device": name, "steps": steps_done, "seconds": round(seconds, 2),
@@ -287,7 +314,8 @@ def score_unit(args, state, arm: str, seed: int, device: str, runs_dir: Path) ->
 
 # -- results ----------------------------------------------------------------------------------------------------------
 def paired(a: list, b: list) -> dict:
-    """B vs A on the same examples: difference of accuracies (B - A), 95 % CI (paired normal approximation) and
+    """B vs A on the same examples (A: the reference arm, under the keys *_at; B: the compared arm, *_at_cas, the
+    names of the first comparison): difference of accuracies (B - A), 95 % CI (paired normal approximation) and
     McNemar's z (discordant pairs only, no continuity correction; with it in ``mcnemar_z_cc``)."""
     n = len(a)
     only_b = sum(1 for x, y in zip(a, b) if y and not x)   # B right, A wrong
@@ -316,13 +344,50 @@ def build_results(args, state: dict) -> dict:
                      "train_minutes": round(run["train_seconds"] / 60, 2),
                      "train_invocations": run.get("train_invocations"), "train_devices": run.get("train_devices"),
                      "throughput": run.get("throughput"), "score_minutes": round(run["score_seconds"] / 60, 2),
-                     "score_device": run.get("score_device"), "autoattack": run.get("autoattack")}
+                     "score_device": run.get("score_device"), "autoattack": run.get("autoattack"),
+                     "overfitting": run.get("overfitting")}
+    comparison = {}
+    if "at" in args.arms and "at_cas" in args.arms:
+        comparison = compare_arms(args, state, "at", "at_cas")
+    single_step = {}
+    if SINGLE_STEP_REFERENCE in args.arms:
+        for arm in SINGLE_STEP_ARMS:
+            if arm in args.arms:
+                single_step[arm] = {**compare_arms(args, state, SINGLE_STEP_REFERENCE, arm),
+                                    "train_time_ratio": train_time_ratios(args, state, SINGLE_STEP_REFERENCE, arm)}
+    return {"benchmark": f"reproduce_gpu: {', '.join(LABEL[a] for a in args.arms)}, CIFAR-10 cifar_resnet18 (full "
+                         "width unless overridden)",
+            "settings": state["settings"], "seeds": args.seeds, "arms": list(args.arms),
+            "schedule": schedule_text(args), "protocol": protocol_text(args),
+            "devices": sorted({i["device"] for i in state["invocations"]}),
+            "versions": versions(), "runs": runs, "comparison": comparison,
+            "single_step_vs_pgd3": single_step,
+            "notes": ["CI: paired normal approximation over test images (sampling of the test set only; seed-to-seed "
+                      "variation is in seed_sd_difference when several seeds ran).",
+                      "McNemar z = (c - b) / sqrt(b + c), b / c = images only the reference / only the arm gets "
+                      "right; |z| > 1.96 ~ p < 0.05 two-sided.",
+                      "Worst case: per image, correct under every attack of the suite (casify's cascade).",
+                      "Train time ratio: the arm's training minutes over PGD-3 AT's, same seed (compare only runs "
+                      "trained on the same device; train_devices says which)."]}
+
+
+def train_time_ratios(args, state: dict, reference: str, arm: str) -> dict:
+    """Per seed, the arm's training seconds over the reference's."""
+    out = {}
+    for seed in args.seeds:
+        ref = state["runs"][f"{reference}/s{seed}"]["train_seconds"]
+        out[f"s{seed}"] = state["runs"][f"{arm}/s{seed}"]["train_seconds"] / ref if ref else None
+    return out
+
+
+def compare_arms(args, state: dict, reference: str, arm: str) -> dict:
+    """``arm`` vs ``reference`` on the same test images, per seed (and pooled, with the seeds' spread)."""
     comparison = {}
     for metric in ("natural", "worst_case"):
         per_seed, pool_a, pool_b = {}, [], []
         for seed in args.seeds:
-            a = state["runs"][f"at/s{seed}"]["per_example"][metric]
-            b = state["runs"][f"at_cas/s{seed}"]["per_example"][metric]
+            a = state["runs"][f"{reference}/s{seed}"]["per_example"][metric]
+            b = state["runs"][f"{arm}/s{seed}"]["per_example"][metric]
             per_seed[f"s{seed}"] = paired(a, b)
             pool_a += a
             pool_b += b
@@ -334,16 +399,7 @@ def build_results(args, state: dict) -> dict:
             entry["seed_mean_difference"] = mean
             entry["seed_sd_difference"] = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
         comparison[metric] = entry
-    return {"benchmark": "reproduce_gpu: AT vs AT+CAS, CIFAR-10 cifar_resnet18 (full width unless overridden)",
-            "settings": state["settings"], "seeds": args.seeds,
-            "schedule": schedule_text(args), "protocol": protocol_text(args),
-            "devices": sorted({i["device"] for i in state["invocations"]}),
-            "versions": versions(), "runs": runs, "comparison": comparison,
-            "notes": ["CI: paired normal approximation over test images (sampling of the test set only; seed-to-seed "
-                      "variation is in seed_sd_difference when several seeds ran).",
-                      "McNemar z = (c - b) / sqrt(b + c), b / c = images only AT / only AT+CAS gets right; |z| > 1.96 "
-                      "~ p < 0.05 two-sided.",
-                      "Worst case: per image, correct under every attack of the suite (casify's cascade)."]}
+    return comparison
 
 
 def versions() -> dict:
@@ -363,7 +419,8 @@ def protocol_text(args) -> str:
         return ("SMOKE: width 0.125, 512 training images, batch 64, PGD-2 training attack, quick suite, "
                 "CPU: tests the pipeline, the numbers mean nothing")
     return ("recipes/configs/cifar10_resnet18_at{,_cas}.yaml: SGD 0.9, lr 0.1, wd 2e-4, batch 128, PGD-10 eps 8/255 "
-            "step 2/255 (adaptive CE + 2 * mean aux CE for AT+CAS), bf16 + channels_last on CUDA; selection on the "
+            "step 2/255 (adaptive CE + 2 * mean aux CE for AT+CAS; the single-step arms: the AT recipe with PGD-3 "
+            "(step 2.5 eps / 3), N-FGSM or FGSM-RS), bf16 + channels_last on CUDA; selection on the "
             "last 5,000 training images (PGD-10 on 1,000); scored with evaluate(attacks='standard', eps=8/255, "
             "checks=True), default cascade")
 
@@ -373,7 +430,7 @@ def write_results(args, state: dict, results_dir: Path) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "reproduce_gpu.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = ["# AT vs AT+CAS, CIFAR-10 ResNet-18 (reproduce_gpu.py)", "",
+    lines = [f"# {' vs '.join(LABEL[a] for a in args.arms)}, CIFAR-10 ResNet-18 (reproduce_gpu.py)", "",
              f"Schedule: {res['schedule']}.  ", f"Protocol: {res['protocol']}.  ",
              f"Devices: {', '.join(res['devices'])}. Versions: {res['versions']}.", "",
              "| run | natural | worst case | families | scored | train min | device | masking suspected |",
@@ -385,18 +442,31 @@ def write_results(args, state: dict, results_dir: Path) -> Path:
                      f"{', '.join(r['train_devices'] or [])} | {r['gradient_masking_suspected']} |")
     lines += ["", "Families marked as upper bounds (rows that ran only on the cascade's survivors): "
               + "; ".join(f"{k}: {r['upper_bounds']}" for k, r in res["runs"].items()), "",
-              "## Paired comparison AT+CAS - AT (same test images)", "",
-              "| metric | seed | AT | AT+CAS | difference | 95 % CI | only AT / only AT+CAS | McNemar z |",
-              "|---|---|---|---|---|---|---|---|"]
-    for metric, entry in res["comparison"].items():
-        items = list(entry["per_seed"].items()) + ([("pooled", entry["pooled"])] if "pooled" in entry else [])
-        for seed, p in items:
-            lines.append(f"| {metric} | {seed} | {pct(p['acc_at'])} | {pct(p['acc_at_cas'])} | "
-                         f"{100 * p['difference']:+.2f} | [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] | "
-                         f"{p['at_only_correct']} / {p['at_cas_only_correct']} | {p['mcnemar_z']:+.2f} |")
-        if "seed_sd_difference" in entry:
-            lines.append(f"| {metric} | mean over seeds | | | {100 * entry['seed_mean_difference']:+.2f} "
-                         f"(sd {100 * entry['seed_sd_difference']:.2f}) | | | |")
+              ]
+    tables = ([("AT", "AT+CAS", res["comparison"])] if res["comparison"] else []) + [
+        (LABEL[SINGLE_STEP_REFERENCE], LABEL[arm], entry) for arm, entry in res["single_step_vs_pgd3"].items()]
+    for ref_label, arm_label, comparison in tables:
+        lines += [f"## Paired comparison {arm_label} - {ref_label} (same test images)", "",
+                  f"| metric | seed | {ref_label} | {arm_label} | difference | 95 % CI | only {ref_label} / only "
+                  f"{arm_label} | McNemar z |", "|---|---|---|---|---|---|---|---|"]
+        for metric in ("natural", "worst_case"):
+            entry = comparison[metric]
+            items = list(entry["per_seed"].items()) + ([("pooled", entry["pooled"])] if "pooled" in entry else [])
+            for seed, p in items:
+                lines.append(f"| {metric} | {seed} | {pct(p['acc_at'])} | {pct(p['acc_at_cas'])} | "
+                             f"{100 * p['difference']:+.2f} | [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] | "
+                             f"{p['at_only_correct']} / {p['at_cas_only_correct']} | {p['mcnemar_z']:+.2f} |")
+            if "seed_sd_difference" in entry:
+                lines.append(f"| {metric} | mean over seeds | | | {100 * entry['seed_mean_difference']:+.2f} "
+                             f"(sd {100 * entry['seed_sd_difference']:.2f}) | | | |")
+        if "train_time_ratio" in comparison:
+            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in comparison["train_time_ratio"].items() if v is not None)
+            lines += ["", f"Training time of {arm_label} over {ref_label}: {ratios}."]
+        lines.append("")
+    overfit = [f"{k}: {r['overfitting'].get('rule', '')} at step {r['overfitting'].get('step')}"
+               for k, r in res["runs"].items() if r.get("overfitting")]
+    lines += ["Catastrophic overfitting (casify.train.overfit_guard): " + ("; ".join(overfit) if overfit else
+                                                                          "not detected in any run")]
     lines += [""] + [f"- {n}" for n in res["notes"]]
     lines += ["", "The paper (Table 5, last epoch of 100, its own PGD-20 / CW): AT 84.27 natural / 46.50 PGD-20, "
               "AT+CAS 86.79 / 48.88; casify's worst case is over a stronger, adaptive suite, so it is expected lower "

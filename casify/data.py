@@ -26,7 +26,10 @@ __all__ = [
 ]
 
 DATA_ENV = "CASIFY_DATA"
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder:<root>", "<path>.npz")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "svhn", "imagefolder:<root>", "<path>.npz",
+                 "hfds:<Hub id or save_to_disk folder>", "wds:<tar shard pattern>")
+RECORD_SOURCES = ("hfds", "wds")  # Hugging Face datasets, WebDataset shards (timm's prefixes; hfds/ and wds/ work too)
+RECORD_KWARGS = ("image_key", "label_key", "num_classes")
 SPLITS = ("train", "val", "test")
 
 
@@ -362,8 +365,14 @@ def build_dataset(name_or_path: Union[str, os.PathLike], split: str = "train", *
     as "test" is taken whole.
 
     ``image_size`` resizes every image of a cifar10/cifar100/svhn/.npz dataset to that square size (before
-    augmentation), e.g. 128 to retrofit an ImageNet backbone whose last stage would otherwise be 1x1; for image folders
-    it is the crop size.
+    augmentation), e.g. 128 to retrofit an ImageNet backbone whose last stage would otherwise be 1x1; for image folders,
+    Hugging Face datasets and WebDataset shards it is the crop size (default 224).
+
+    ``"hfds:<Hub id or folder>"`` (:mod:`casify.hf_dataset`: a folder written by ``save_to_disk``, or a Hub dataset
+    fetched with ``download=True``) and ``"wds:<shard pattern>"`` (:mod:`casify.webdataset_shards`: tar shards,
+    brace-expanded and globbed) read records by position, so runs on them resume exactly; ``kwargs`` may name the
+    ``image_key`` / ``label_key`` fields and ``num_classes``. Their libraries are extras (``casify-robust[hf]``,
+    ``casify-robust[wds]``); a missing one is a one-line error naming it.
 
     ``augment=True`` applies training augmentation to the "train" split only (the paper's pad-crop-flip for 32x32
     data, size/8 padding for digits; RandomResizedCrop(image_size) + flip for image folders); ``transform`` replaces
@@ -433,6 +442,22 @@ def _build_dataset(name: str, split: str, *, root, download: bool, train_aug: bo
         base = imagefolder_dataset(_existing(folder / "train", folder), tf)
         return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, 0, base.num_classes, name)
 
+    prefix, ref = record_source(name)
+    if prefix is not None:
+        unknown = sorted(set(kwargs) - set(RECORD_KWARGS))
+        if unknown:
+            raise ValueError(f"{name}: data.kwargs {unknown} are not settings of this source; it takes "
+                             f"{list(RECORD_KWARGS)}")
+        size = image_size or 224
+        tf = transform or (imagenet_train_transform(size) if train_aug else imagenet_eval_transform(size))
+        if prefix == "wds":
+            from .webdataset_shards import tar_shard_dataset
+            base = tar_shard_dataset(ref, tf, **kwargs)
+            if split == "test":  # one pattern is one split: the test set whole (point data.test at its shards)
+                return base
+            return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, 0, base.num_classes, name)
+        return _hf_split(ref, name, split, tf, download, root, val_size, val_seed, **kwargs)
+
     if name.endswith(".npz"):
         path = Path(name)
         if not path.is_file():
@@ -453,6 +478,41 @@ def _build_dataset(name: str, split: str, *, root, download: bool, train_aug: bo
                          from_labels=base.num_classes_from_labels)
 
     raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASET_NAMES)}")
+
+
+def record_source(name: str) -> Tuple[Optional[str], str]:
+    """``("hfds" | "wds", reference)`` for a record-based source (``hfds:<ref>``, or timm's ``hfds/<ref>``), else
+    ``(None, name)``."""
+    for prefix in RECORD_SOURCES:
+        for sep in (":", "/"):
+            if name.startswith(prefix + sep) and len(name) > len(prefix) + 1:
+                return prefix, name[len(prefix) + 1:]
+    return None, name
+
+
+def _hf_split(ref: str, name: str, split: str, tf: Callable, download: bool, root, val_size, val_seed,
+              image_key: Optional[str] = None, label_key: Optional[str] = None, num_classes=None) -> Dataset:
+    """One split of a Hugging Face dataset (the split rule: :mod:`casify.hf_dataset`)."""
+    from .hf_dataset import ALL, has_labels, hf_image_dataset, hf_splits
+    parts = hf_splits(ref, download=download, root=root)
+    make = lambda part: hf_image_dataset(parts[part], name, tf, image_key, label_key)  # noqa: E731
+    val_part = next((p for p in ("validation", "val") if p in parts), None)
+    labelled_test = "test" in parts and has_labels(parts["test"], label_key, name)
+    if split == "test":
+        if labelled_test:
+            return make("test")
+        if val_part is not None:  # ImageNet: the official validation set is everyone's test set
+            return make(val_part)
+        if ALL in parts:
+            return make(ALL)
+        raise ValueError(f"{name} has splits {sorted(parts)}: none is a labelled test or validation split")
+    if labelled_test and val_part is not None:
+        return make("train" if split == "train" else val_part)
+    train_part = "train" if "train" in parts else ALL if ALL in parts else None
+    if train_part is None:
+        raise ValueError(f"{name} has splits {sorted(parts)}; expected a 'train' split")
+    base = make(train_part)
+    return _held_out(base, split, 0.1 if val_size is None else val_size, val_seed, 0, base.num_classes, name)
 
 
 def _existing(path: Path, root: Path) -> Path:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attacks
+from .attacks.constants import SINGLE_STEP_ATTACKS
 from .defenses import aux_logits
 from .defenses import find_defense_modules
 from .routing import TRAIN_ROUTINGS, train_route
@@ -182,12 +183,25 @@ class AdversarialLoss(abc.ABC):
         """The :mod:`casify.attacks` objective that this method's training attack maximises."""
         return "cas" if self.cas else "ce"
 
-    def training_attack(self, **overrides) -> attacks.Attack:
-        """The authors' training attack for this method (see :data:`casify.attacks.PRESETS`), objective and beta
-        matched to this loss."""
+    def training_attack(self, attack: str = "pgd", **overrides) -> attacks.Attack:
+        """The training attack for this method, objective and beta matched to this loss: ``"pgd"``, the authors'
+        multi-step attack (see :data:`casify.attacks.PRESETS`), or a single-step one
+        (:data:`casify.attacks.constants.SINGLE_STEP_ATTACKS`: ``"fgsm"`` without a random start, ``"fgsm_rs"``,
+        ``"n_fgsm"``) with its paper's start and step (``alpha=None``) on this method's objective. A single-step attack
+        with ``steps`` above 1 is refused."""
         objective = self.training_objective or self.attack_objective
         overrides = {"objective": objective, "beta": self.beta, **overrides}
-        return attacks.get_attack(self.attack_preset, **overrides)
+        if attack == "pgd":
+            return attacks.get_attack(self.attack_preset, **overrides)
+        if attack not in SINGLE_STEP_ATTACKS:
+            raise ValueError(f"unknown training attack {attack!r}; choose from {('pgd',) + SINGLE_STEP_ATTACKS}")
+        steps = overrides.pop("steps", 1)
+        if steps != 1:
+            raise ValueError(f"{attack} is a single-step attack; got steps={steps} (use attack='pgd' for several)")
+        overrides.setdefault("alpha", None)  # None: the kind's own step (eps, or 1.25 eps for fgsm_rs)
+        start = "none" if attack == "fgsm" else "uniform"
+        return attacks.Attack(**{"name": f"{self.method}-train-{attack}", "kind": attack, "steps": 1,
+                                 "random_start": start, "keep": "last", **overrides})
 
     def config(self) -> dict:
         """The resolved settings, for run configs and reports."""
@@ -230,7 +244,7 @@ class StandardLoss(ATLoss):
     def compute(self, model, x_nat, x_adv, y):
         return self._cross_entropy(model, x_nat, y, "nat")
 
-    def training_attack(self, **overrides):
+    def training_attack(self, attack: str = "pgd", **overrides):
         return None
 
 

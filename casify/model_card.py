@@ -70,6 +70,8 @@ class TrainingView:
     eps: Optional[float]
     selected_on: Optional[str]
     record_json: str
+    attack: Optional[str] = None  # the training attack, in words (recorded by runs since train.attack)
+    overfitting: Optional[str] = None  # the catastrophic-overfitting guard's record, in words, when it fired
 
     @classmethod
     def from_dict(cls, training, source: str = "training") -> Optional["TrainingView"]:
@@ -101,9 +103,42 @@ class TrainingView:
         if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
                                 or not 0 <= eps <= 1):
             fail("config.eps", eps, "a number in [0, 1] (pixel units) or null")
+        overfitting = training.get("overfitting")
+        if overfitting is not None and not isinstance(overfitting, dict):
+            fail("overfitting", overfitting, "a dict (the guard's record) or null")
         return cls(method=(method or "unknown").upper() + ("+CAS" if cas else ""), natural=method == "standard",
                    eps=None if eps is None else float(eps), selected_on=training.get("selected_on"),
-                   record_json=json.dumps(training, indent=1, default=str))
+                   record_json=json.dumps(training, indent=1, default=str),
+                   attack=_attack_words(training.get("attack")), overfitting=_overfitting_words(overfitting))
+
+
+ATTACK_NAMES = {"pgd": "PGD", "fgsm": "FGSM (no random start)",
+                "fgsm_rs": "FGSM with a random start (FGSM-RS, Wong et al. 2020)",
+                "n_fgsm": "N-FGSM (de Jorge et al. 2022: noise of {noise:g} eps, no projection to the eps-ball)"}
+
+
+def _attack_words(attack) -> Optional[str]:
+    """The training attack of a record, in words (None when the record has none or it is malformed: the JSON below
+    the card still shows it)."""
+    if not isinstance(attack, dict) or not isinstance(attack.get("kind"), str):
+        return None
+    kind = attack["kind"]
+    name = ATTACK_NAMES.get(kind, kind).format(noise=(attack.get("options") or {}).get("noise", 2.0))
+    steps, alpha = attack.get("steps"), attack.get("alpha")
+    budget = (f"{steps} step{'s' if steps != 1 else ''}" if isinstance(steps, int) else "")
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        budget += f" of {alpha * 255:.3g}/255"
+    return f"{name}, {budget}" if budget else name
+
+
+def _overfitting_words(record: Optional[dict]) -> Optional[str]:
+    if not record:
+        return None
+    def pct(key):
+        value = record.get(key)
+        return f"{100 * value:.1f} %" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+    return (f"detected at step {record.get('step')} (held-out PGD accuracy {pct('val_pgd')}, best {pct('best_pgd')} "
+            f"at step {record.get('best_pgd_step')}; FGSM accuracy {pct('val_fgsm')}). {record.get('selection', '')}")
 
 
 def _summary(evaluation: Union[None, dict, EvalSummary]) -> Optional[EvalSummary]:

@@ -150,7 +150,8 @@ def run(recipe: Recipe) -> dict:
         report = evaluate_model(robust, test_set, recipe.eval, accelerator=acc)
         summary = {"method": recipe.method, "cas": tcfg.cas, "output_dir": str(out), "steps": state.global_step,
                    "global_batch_size": trainer.global_batch_size, "best_step": state.best_step,
-                   "validation": state.history, "selected": selected.name, "test": report.summary(),
+                   "validation": state.history, "selected": selected.name, "overfitting": state.overfitting,
+                   "test": report.summary(),
                    "code": code_version()}
         if acc.is_main_process:
             _write_outputs(recipe, robust, report, summary, out)

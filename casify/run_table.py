@@ -45,6 +45,11 @@ def format_run_table(summary: dict) -> str:
     lines.append("  gradient masking: " + ("not checked" if suspected is None else
                                            f"SUSPECTED (failed: {', '.join(test.get('failed_checks') or [])})"
                                            if suspected else "no check failed"))
+    overfit = summary.get("overfitting")
+    if isinstance(overfit, dict):  # the Trainer's catastrophic-overfitting guard fired (casify.train.overfit_guard)
+        lines.append(f"  CATASTROPHIC OVERFITTING at step {overfit.get('step')}: held-out PGD accuracy "
+                     f"{_pct(overfit.get('val_pgd')).strip()}, FGSM {_pct(overfit.get('val_fgsm')).strip()}; "
+                     f"{overfit.get('selection', '')}")
     lines += [f"model:   {out / str(summary.get('selected', 'best'))}",
               f"card, report and figures: {out / 'hub'}",
               f"summary: {out / 'summary.json'}"]

@@ -43,14 +43,16 @@ LAYERS = [
     # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
     # what an application serves that wraps nothing (dataset builders, console progress, report and run-table text,
-    # trackers, seeded corruptions, output folders, whether data fit a model)
-    ("application support", {"casify.data", "casify.progress", "casify.run_table", "casify.trackers",
+    # trackers, seeded corruptions, output folders, whether data fit a model, Hugging Face / WebDataset sources)
+    ("application support", {"casify.image_records", "casify.hf_dataset", "casify.webdataset_shards",
+                             "casify.data", "casify.progress", "casify.run_table", "casify.trackers",
                              "casify.corruptions", "casify.output_dir", "casify.data_fit"}),
     # attacks on wrapped models: objectives, the attack kinds (PGD / CW / FGSM, APGD, Square, AutoAttack), the threat
     # models
     ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",
                  "casify.attacks.steps", "casify.attacks.kinds", "casify.attacks.pgd", "casify.attacks.spec",
-                 "casify.attacks.apgd", "casify.attacks.square", "casify.attacks.autoattack", "casify.attacks",
+                 "casify.attacks.apgd", "casify.attacks.square", "casify.attacks.autoattack",
+                 "casify.attacks.fgsm_rs", "casify.attacks.n_fgsm", "casify.attacks",
                  "casify.threat_model", "casify.autopgd"}),
     # the training losses (they call the attacks' presets)
     ("losses", {"casify.losses"}),
@@ -66,7 +68,7 @@ LAYERS = [
     # training: config, schedule, metrics, the run folder, the loop
     ("training", {"casify.train", "casify.train.config", "casify.train.schedule", "casify.train.metrics",
                   "casify.train.checkpoint_files", "casify.train.run_lock", "casify.train.checkpoints",
-                  "casify.train.loop"}),
+                  "casify.train.overfit_guard", "casify.train.loop"}),
     # what users run: recipes, publishing, model sources and the CLI
     ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
     # the package facade (casify/__init__.py) and scripts that use it

@@ -262,3 +262,33 @@ def test_a_recipe_copy_whose_method_or_output_dir_disagrees_with_train_is_refuse
     moved = dataclasses.replace(recipe, output_dir=str(tmp_path),
                                 train=dataclasses.replace(recipe.train, output_dir=str(tmp_path)))
     assert moved.output_dir == moved.train.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "fgsm_rs", "n_fgsm"])
+def test_each_single_step_training_attack_runs_a_recipe_step(tmp_path, one_thread, attack):
+    """train.attack as a user sets it: one step of the tiny AT+CAS recipe (the defended arm: the attack runs on the
+    adaptive objective), recorded in run_config.json's identity, the saved model's training record and its card."""
+    out = tmp_path / attack
+    main("at", ["--config", str(TINY), "--output_dir", str(out), "--max_steps", "1", "--set", f"train.attack={attack}",
+                "--set", "train.attack_steps=1", "--set", "train.attack_alpha=null", "--set", "eval.max_examples=4",
+                "--set", "train.val_max_examples=8", "--set", "train.progress=false"])
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["identity"]["train"]["attack"] == attack and run["attack"]["kind"] == attack
+    assert run["attack"]["objective"] == "cas" and run["attack"]["steps"] == 1
+    assert run["attack"]["alpha"] == pytest.approx((1.25 if attack == "fgsm_rs" else 1.0) * 8 / 255)
+    assert "val_fgsm" in json.loads((out / "summary.json").read_text())["validation"][0]
+    training = json.loads((out / "final" / "config.json").read_text())["training"]
+    assert training["attack"]["kind"] == attack and training["config"]["attack"] == attack
+    card = (out / "hub" / "README.md").read_text()
+    assert "**Training attack:** " + {"fgsm": "FGSM (no random start)", "fgsm_rs": "FGSM with a random start",
+                                      "n_fgsm": "N-FGSM"}[attack] in card
+
+
+def test_bad_training_attack_settings_are_refused():
+    with pytest.raises(ConfigError, match=r"train.attack 'n-fgsm' is not a training attack; did you mean 'n_fgsm'\?"):
+        load_config(str(TINY), ["train.attack=n-fgsm"])
+    # the tiny recipe writes attack_steps: 2 -- a single-step attack refuses it instead of ignoring it
+    with pytest.raises(ConfigError, match=r"single-step attack but train.attack_steps is 2: set attack_steps to 1"):
+        load_config(str(TINY), ["train.attack=fgsm_rs"])
+    recipe = load_config(str(TINY), ["train.attack=n_fgsm", "train.attack_steps=1"])
+    assert recipe.train.attack == "n_fgsm" and recipe.attack.steps == 1

@@ -82,7 +82,7 @@ def test_selection_uses_validation_and_saves_hub_ready_folders(tmp_path):
     assert len(state.history) == 2 and state.best_step in (6, 12)
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["training"]["selected_on"].startswith("held-out validation")
-    assert set(config["metrics"]) == {"val_natural", "val_pgd", "val_count"}
+    assert set(config["metrics"]) == {"val_natural", "val_pgd", "val_count", "val_fgsm"}  # FGSM: the CO guard
     run = json.loads((tmp_path / "run_config.json").read_text())
     assert run["loss"]["method"] == "at" and run["attack"]["objective"] == "cas"
     from conftest import TinyNet

@@ -40,9 +40,10 @@ Routings (``routing=``) for crafting; scoring always uses the deployed routing:
 
 **Attack kinds.** ``Attack(kind=...)`` runs through a registry (:data:`ATTACK_KINDS`, :func:`register_attack_kind`):
 ``pgd``, ``fgsm`` and ``cw`` (``pgd.py``), ``apgd`` and ``apgd-t`` (``apgd.py``: AutoAttack's APGD on casify's
-objectives, :mod:`casify.autopgd`), ``square`` (``square.py``) and ``autoattack`` (``autoattack.py``). The evaluation
-builds every row from an :class:`Attack` through the same registry, so a new kind is one file
-(``docs/architecture.md``).
+objectives, :mod:`casify.autopgd`), ``square`` (``square.py``), ``autoattack`` (``autoattack.py``), and the
+single-step training attacks ``fgsm_rs`` (``fgsm_rs.py``: FGSM with a random start) and ``n_fgsm`` (``n_fgsm.py``:
+N-FGSM, whose examples leave the eps-ball by design, so the evaluation refuses it). The evaluation builds every row
+from an :class:`Attack` through the same registry, so a new kind is one file (``docs/architecture.md``).
 
 One job per file (each imports only the ones before it): ``constants.py`` (norms, starts, routings),
 ``objectives.py`` (the objectives and their registry), ``context.py`` (eval mode and routings while attacking, the
@@ -67,6 +68,9 @@ from .spec import (Attack, PRESETS, get_attack)
 from .apgd import APGD, APGDTargeted
 from .square import SQUARE_P_INIT, Square, load_square, square_attack
 from .autoattack import AutoAttack, load_autoattack
+# the single-step training attacks (FGSM with a random start, N-FGSM): casify.train's `train.attack`
+from .fgsm_rs import FGSMRandomStart
+from .n_fgsm import NFGSM
 
 # formerly private helpers, kept under their old names for code that reached into the module
 _input_grad_direction, _output_grads = input_grad_direction, output_grads

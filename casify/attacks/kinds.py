@@ -6,8 +6,9 @@ up here when the spec is made (an unknown kind is an error that names the known 
 file: a subclass of :class:`AttackKind` decorated with :func:`register_attack_kind` (see ``docs/architecture.md``).
 
 Built in: ``pgd`` / ``fgsm`` / ``cw`` (``pgd.py``; CW is PGD on a margin objective), ``apgd`` / ``apgd-t``
-(``apgd.py``, AutoAttack's APGD on casify's objectives), ``square`` (``square.py``) and ``autoattack``
-(``autoattack.py``).
+(``apgd.py``, AutoAttack's APGD on casify's objectives), ``square`` (``square.py``), ``autoattack``
+(``autoattack.py``) and the single-step training attacks ``fgsm_rs`` (``fgsm_rs.py``) and ``n_fgsm``
+(``n_fgsm.py``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class AttackKind:
     - ``objectives``: the objective names it accepts (None: any objective of :data:`casify.attacks.OBJECTIVES`);
     - ``routings``: the crafting routings it accepts besides None (the deployed routing); ``norms``: the balls;
     - ``per_example_seed``: True if it draws its randomness from one generator per example (then an example's result
-      does not depend on its batch); False if it takes one generator for the batch.
+      does not depend on its batch); False if it takes one generator for the batch;
+    - ``stays_in_ball``: False for a kind whose examples may leave the eps-ball by design (N-FGSM's noise of 2 eps,
+      a training attack): the evaluation refuses it, since its accuracy would be measured outside the threat model.
     """
     name: str = ""
     OPTIONS: Dict[str, Option] = {}
@@ -38,6 +41,7 @@ class AttackKind:
     routings: Tuple[str, ...] = ROUTINGS
     norms: Tuple[str, ...] = NORMS
     per_example_seed: bool = True
+    stays_in_ball: bool = True
 
     def prepare(self, attack: Spec) -> None:
         """Adjust the spec before it is checked (e.g. FGSM forces one step); runs once, in ``Attack.__post_init__``."""

@@ -77,7 +77,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
         steps: int = 10, norm: str = "linf", objective: Union[str, Objective] = "ce",
         random_start: Union[bool, str] = True, restarts: int = 1, beta: float = 2.0, kappa: float = 50.0,
         start_std: float = 0.001, routing: Routing = None, generator: Generators = None,
-        keep: str = "best", return_info: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, AttackInfo]]:
+        keep: str = "best", return_info: bool = False, start_eps: Optional[float] = None,
+        project_eps: Optional[float] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, AttackInfo]]:
     """Projected gradient ascent on ``objective`` within the ``norm`` ball of radius ``eps`` around ``x`` (pixels).
 
     Args:
@@ -97,6 +98,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
             closest to fooling it (see the module doc); ``"last"``: the last iterate (with restarts, the first restart
             whose last iterate fools, else the one with the largest margin).
         return_info: also return an :class:`AttackInfo` (costs one scoring forward per iterate where it is not free).
+        start_eps: the radius of the uniform random start (default ``eps``); project_eps: the radius of the ball each
+            iterate is projected back into (default ``eps``; ``math.inf``: only into [0, 1]). Single-step training
+            attacks set them (N-FGSM: noise of 2 eps, no projection to the eps-ball; ``casify/attacks/n_fgsm.py``).
 
     Returns the adversarial examples, detached, with ``x``'s dtype (and the :class:`AttackInfo` if asked for).
     """
@@ -112,6 +116,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
     objective_fn, needs_clean = get_objective(objective)
     start = start_kind(random_start)
     alpha = resolve_alpha(eps, steps, alpha)
+    start_eps = eps if start_eps is None else float(start_eps)
+    project_eps = eps if project_eps is None else float(project_eps)
+    if not (start_eps >= 0 and project_eps > 0):
+        raise ValueError(f"start_eps must be >= 0 and project_eps > 0, got {start_eps}, {project_eps}")
     model = attack_target(model)
     has_cas = bool(find_defense_modules(model))
     low_precision = is_low_precision(model, x)
@@ -143,7 +151,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
         lasts = None  # fed the last iterate of each restart: keep="last" with restarts
         x_adv = None
         for r in range(restarts):
-            x_adv = random_start_point(x_nat, eps, norm, start, start_std, generator)
+            x_adv = random_start_point(x_nat, start_eps, norm, start, start_std, generator)
             if track_every and every is None:
                 every = BestIterate(x_adv)
             # Memory: besides the model's activations, a step holds the iterate, the best iterate (keep="best") and
@@ -164,7 +172,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
                 with torch.no_grad():
                     step_(x_adv, direction, alpha, norm)
                     del direction
-                    project_(x_adv, x_nat, eps, norm)
+                    project_(x_adv, x_nat, project_eps, norm)
             if track_every or restarts > 1:
                 # The final iterate has had no forward yet: scoring it costs one no-grad forward per restart, which
                 # is why keep="best" takes ~3% longer than a last-iterate PGD (10 steps; benchmarks/cost_ratios.py).

@@ -165,6 +165,10 @@ def resolve_attack(spec: AttackSpec, eps: float, cas: bool, num_modules: int = 1
     """A list entry as ``(base name, Attack)`` at the evaluation's eps: an Attack (its eps must not exceed it), a
     suite name, or an :data:`casify.attacks.PRESETS` name (eps set to ``eps``, alpha scaled with it)."""
     if isinstance(spec, Attack):
+        if not get_attack_kind(spec.kind).stays_in_ball:
+            raise ValueError(f"attack {spec.name!r} (kind {spec.kind!r}) leaves the eps-ball by design: it is a "
+                             "training attack, and an accuracy under it would be measured outside the threat model; "
+                             "evaluate with kind 'pgd', 'fgsm' or 'apgd'")
         if spec.eps > eps + 1e-9:
             raise ValueError(f"attack {spec.name!r} has eps {spec.eps:.5f} > the evaluation's eps {eps:.5f}: the worst "
                              "case would mix threat models; evaluate it with eps= its own radius")

@@ -398,10 +398,23 @@ class RunFolder:
                              if name == "best" else "last step"),
                 step=self.state.global_step,
                 weights=f"EMA (decay {self.config.ema_decay})" if self.ema is not None else "trained",
-                code=code_version())
+                code=code_version(), overfitting=self.state.overfitting)
             with writing(folder, f"the {name} model"):
                 (model if state is None else FullWeights(model, state)).save_pretrained(
                     folder, metrics=metrics, extra={"training": training.to_dict()})
+        acc.wait_for_everyone()
+
+    def _note_overfitting_in_saved_model(self, name: str) -> None:
+        """Add the guard's record to the training record of a model saved before the collapse (its config.json, whose
+        checksum covers the weights only), so its card says what happened to the run after it was selected."""
+        acc = self.accelerator
+        path = self.output_dir / name / "config.json"
+        if acc.is_main_process and path.is_file():
+            config = json.loads(path.read_text())
+            if isinstance(config.get("training"), dict):
+                config["training"]["overfitting"] = self.state.overfitting
+                text = json.dumps(config, indent=2) + "\n"
+                atomic_write(path, lambda tmp: Path(tmp).write_text(text))
         acc.wait_for_everyone()
 
     @property

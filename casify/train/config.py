@@ -9,15 +9,21 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 
+from ..attacks.constants import SINGLE_STEP_ATTACKS, TRAINING_ATTACKS
 from ..eps import parse_eps
 from ..trackers import check_log_with
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
-OPTIONAL_FIELDS = ("compile_mode", "ema_decay", "attack_alpha", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
+OPTIONAL_FIELDS = ("compile_mode", "ema_decay", "attack_alpha", "attack_steps", "max_steps", "val_every_steps", "val_max_examples", "checkpoint_every_steps", "log_with")
 # TrainConfig fields that say where and how a run is logged, not what it computes: a rerun may change them.
 NOT_IDENTITY = ("output_dir", "progress", "log_with", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                 "num_workers", "cudnn_benchmark")
+# Settings added after run folders existed, with the value every earlier run had: left out of the identity at that value,
+# so a folder written before them resumes (the full config, with them, is still in run_config.json's "train").
+ADDED_LATER = {"attack": "pgd", "overfit_guard": True}
+PGD_ALPHA = 2 / 255  # the PGD step when train.attack_alpha is not set (what every run before train.attack used)
+PGD_STEPS = 10
 RUN_RECORD = "run_config.json"
 EMA_WEIGHTS = "ema.safetensors"
 
@@ -46,8 +52,12 @@ class TrainConfig:
     defaults: str = "paper"
     loss_kwargs: Dict = field(default_factory=dict)
     eps: float = 8 / 255
-    attack_steps: int = 10
-    attack_alpha: Optional[float] = 2 / 255
+    # The training attack: "pgd" (attack_steps steps, default 10, of attack_alpha, default 2/255), or a single-step
+    # one: "fgsm" (no random start), "fgsm_rs" (Wong et al. 2020) or "n_fgsm" (de Jorge et al. 2022), each with its
+    # paper's step unless attack_alpha is set (fgsm and n_fgsm: eps; fgsm_rs: 1.25 eps); attack_steps must then be 1
+    attack: str = "pgd"
+    attack_steps: Optional[int] = None
+    attack_alpha: Optional[float] = None
     epochs: float = 1.0
     max_steps: Optional[int] = None
     batch_size: int = 128
@@ -65,6 +75,9 @@ class TrainConfig:
     val_every_steps: Optional[int] = None
     val_attack_steps: int = 10
     val_max_examples: Optional[int] = 1000
+    # Catastrophic overfitting (casify.train.overfit_guard): the collapse is always detected, warned about and recorded;
+    # true: best/ then stays the checkpoint selected before the collapse; false: selection goes on by PGD accuracy
+    overfit_guard: bool = True
     compile: bool = False  # torch.compile the model once for the update and once for the attacks
     compile_mode: Optional[str] = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune"
     compile_backend: str = "inductor"
@@ -86,6 +99,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_types()
+        self._resolve_attack()
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -146,6 +160,34 @@ class TrainConfig:
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)):
             raise ValueError(f"train.max_steps must be an integer or null, got {self.max_steps!r}")
 
+    def _resolve_attack(self) -> None:
+        """The training attack's name and budget: an unknown name is refused with the closest one, a single-step
+        attack with more than one step is refused (not run as one step), and unset settings take the attack's own."""
+        if not isinstance(self.attack, str) or self.attack not in TRAINING_ATTACKS:
+            close = difflib.get_close_matches(str(self.attack), TRAINING_ATTACKS, n=1, cutoff=0.5)
+            raise ValueError(f"train.attack {self.attack!r} is not a training attack"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (known: {', '.join(TRAINING_ATTACKS)})")
+        if self.method == "standard" and self.attack != "pgd":
+            raise ValueError(f"train.attack {self.attack!r} with method standard: natural training runs no attack; "
+                             "choose method at, trades or mart, or leave train.attack out")
+        steps = self.attack_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"train.attack_steps must be an integer >= 1 (or null: the attack's own), got {steps!r}")
+        if self.attack in SINGLE_STEP_ATTACKS:
+            if steps is not None and steps != 1:
+                raise ValueError(f"train.attack {self.attack!r} is a single-step attack but train.attack_steps is "
+                                 f"{steps}: set attack_steps to 1 (or leave it out), or use attack: pgd for "
+                                 f"{steps} steps")
+            self.attack_steps = 1
+        else:
+            self.attack_steps = PGD_STEPS if steps is None else steps
+            if self.attack_alpha is None:
+                self.attack_alpha = PGD_ALPHA
+        if self.attack_alpha is not None and not self.attack_alpha > 0:
+            raise ValueError(f"train.attack_alpha must be above 0 (e.g. 2/255), or null for the attack's own step; "
+                             f"got {self.attack_alpha!r}")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["milestones"] = list(self.milestones)
@@ -153,7 +195,8 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The settings that change what a run computes (everything but where and how it is logged)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in NOT_IDENTITY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def _suggesting_init(cls):
@@ -190,6 +233,7 @@ class TrainState:
     best_metric: float = -1.0
     best_step: int = -1
     history: List[dict] = field(default_factory=list)
+    overfitting: Optional[dict] = None  # the guard's record of a catastrophic overfitting (casify.train.overfit_guard)
 
 
 @dataclass
@@ -204,6 +248,10 @@ class TrainingRecord:
     step: int
     weights: str
     code: Optional[dict] = None  # casify's version and git commit (casify.code_version)
+    overfitting: Optional[dict] = None  # the guard's record, when the run overfitted catastrophically
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["overfitting"] is None:  # a run without a collapse: the record reads as before the guard existed
+            del d["overfitting"]
+        return d

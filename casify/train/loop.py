@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
@@ -24,6 +25,7 @@ from ..trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState
 from .metrics import MetricWindow, grouped_tags
+from .overfit_guard import collapse_record, describe, fgsm_check_attack
 from .schedule import lr_scheduler
 
 
@@ -105,10 +107,13 @@ class Trainer(RunFolder):
         fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
         if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
             model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
-        self.attack = self.loss.training_attack(eps=config.eps, steps=config.attack_steps,
+        self.attack = self.loss.training_attack(config.attack, eps=config.eps, steps=config.attack_steps,
                                                 **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
         self.val_attack = attacks.Attack(name="val-pgd", eps=config.eps, steps=config.val_attack_steps,
                                          objective="cas" if config.cas else "ce", beta=config.beta)
+        # the catastrophic-overfitting guard's single-step check, beside PGD on the same held-out batches
+        self.guard_attack = (fgsm_check_attack(config.eps, self.val_attack.objective, config.beta)
+                             if self.attack is not None else None)
         self.callbacks = list(callbacks)
         self.state = TrainState()
         self.stop = False
@@ -181,7 +186,8 @@ class Trainer(RunFolder):
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last and x.dim() == 4 else x
 
     def validate(self) -> Dict[str, float]:
-        """Natural and PGD accuracy on the held-out split, gathered over processes (of the EMA weights when kept)."""
+        """Natural and PGD accuracy on the held-out split, gathered over processes (of the EMA weights when kept);
+        with a training attack also FGSM accuracy (``val_fgsm``), for the catastrophic-overfitting guard."""
         base = self.eval_model
         if self.ema is None:
             model = self.attack_model
@@ -189,12 +195,13 @@ class Trainer(RunFolder):
             model = self._compiled_eval.setdefault(id(base), self._compiled(base))
         was_training = base.training
         model.eval()
-        correct_nat = correct_adv = torch.zeros((), dtype=torch.long)
+        correct_nat = correct_adv = correct_fgsm = torch.zeros((), dtype=torch.long)
         count = 0
         for i, (x, y) in enumerate(self.val_loader):
             x = self._to_format(x)
             with self.accelerator.autocast():
                 x_adv = self.val_attack(model, x, y)
+                x_fgsm = self.guard_attack(model, x, y) if self.guard_attack is not None else None
                 # the routing the attack ran with (predicted, explicitly), so the scoring reuses one compiled graph
                 routed = route(model, labels=None) if routed_modules(model) else contextlib.nullcontext()
                 if i == 0 and isinstance(base, CASModel):
@@ -204,13 +211,18 @@ class Trainer(RunFolder):
                 with torch.no_grad(), routed:
                     nat = attacks.predicted_correctly(model(x), y)  # NaN / inf logits: never correct
                     adv = attacks.predicted_correctly(model(x_adv), y)
-            nat, adv = self.accelerator.gather_for_metrics((nat, adv))
+                    fgsm = attacks.predicted_correctly(model(x_fgsm), y) if x_fgsm is not None else adv
+            nat, adv, fgsm = self.accelerator.gather_for_metrics((nat, adv, fgsm))
             correct_nat = correct_nat.to(nat.device) + nat.sum()  # read back once, after the loop
             correct_adv = correct_adv.to(adv.device) + adv.sum()
+            correct_fgsm = correct_fgsm.to(fgsm.device) + fgsm.sum()
             count += nat.numel()
         base.train(was_training)
-        return {"val_natural": int(correct_nat) / max(1, count), "val_pgd": int(correct_adv) / max(1, count),
-                "val_count": count}
+        metrics = {"val_natural": int(correct_nat) / max(1, count), "val_pgd": int(correct_adv) / max(1, count),
+                   "val_count": count}
+        if self.guard_attack is not None:
+            metrics["val_fgsm"] = int(correct_fgsm) / max(1, count)
+        return metrics
 
     # -- training -------------------------------------------------------------------------------------------------
     def train(self, resume: bool = True, overwrite: bool = False) -> TrainState:
@@ -322,15 +334,37 @@ class Trainer(RunFolder):
         metrics = self.validate()
         # "loss": the mean training loss over the steps since the previous log (train.log_every_steps)
         record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": logged.get("loss"), **metrics}
+        collapse = collapse_record(self.state.history, record) if self.attack is not None else None
         self.state.history.append(record)
         if self.config.log_with:
             self.accelerator.log(grouped_tags(metrics, "val"), step=self.state.global_step)
-        # Adversarial training selects by robust accuracy; natural training (no attack) by natural accuracy.
+        if collapse is not None and self.state.overfitting is None:  # the first collapse: warned about once
+            self._record_collapse(collapse)
+        # Adversarial training selects by robust accuracy; natural training (no attack) by natural accuracy. After a
+        # collapse the guard keeps the checkpoint selected before it (train.overfit_guard).
         metric = metrics["val_pgd"] if self.attack is not None else metrics["val_natural"]
-        if metric > self.state.best_metric:
+        protected = self.state.overfitting is not None and self.config.overfit_guard
+        if metric > self.state.best_metric and not protected:
             self.state.best_metric = metric
             self.state.best_step = self.state.global_step
             self._save_model("best", metrics)
+
+
+    def _record_collapse(self, collapse: dict) -> None:
+        """Record the first catastrophic overfitting in the run's state and in the selected model's training record,
+        and warn (once: the record is in the state, which a resumed run restores)."""
+        if self.config.overfit_guard and self.state.best_step >= 0:
+            collapse["selection"] = (f"best/ stays the checkpoint of step {self.state.best_step}, selected before the "
+                                     "collapse (train.overfit_guard)")
+        elif self.config.overfit_guard:
+            collapse["selection"] = "no checkpoint was selected before the collapse"
+        else:
+            collapse["selection"] = "train.overfit_guard is off: selection goes on by held-out PGD accuracy"
+        self.state.overfitting = collapse
+        if self.accelerator.is_main_process:
+            warnings.warn(f"casify: {describe(collapse)}. Single-step training overfitted; N-FGSM (train.attack: "
+                          "n_fgsm), a smaller eps or PGD (train.attack: pgd) avoid it", stacklevel=3)
+        self._note_overfitting_in_saved_model("best")
 
 
 def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig, **kwargs) -> Trainer:

@@ -1,0 +1,63 @@
+"""The catastrophic-overfitting guard: single-step adversarial training (FGSM, FGSM-RS, N-FGSM) can collapse within an
+epoch, robust accuracy against multi-step attacks falling towards zero while accuracy against the single-step attack
+it trains on soars (Wong et al. 2020, section 5; de Jorge et al. 2022). Nothing in the training loss shows it.
+
+On the held-out batches the Trainer already validates on, each validation measures accuracy under PGD (``val_pgd``)
+and under one FGSM step of eps from the clean input (``val_fgsm``, no random start, the step the authors of GradAlign
+monitor). A validation shows a **collapse** when both hold:
+
+- PGD accuracy is more than :data:`PGD_DROP` (20 points) below its best at an earlier validation of the run (the
+  threshold of Wong et al.'s early stop, locuslab/fast_adversarial's train_fgsm.py), and
+- FGSM accuracy is more than :data:`FGSM_GAP` (20 points) above PGD accuracy: the single-step attack no longer finds
+  what PGD finds. A run that simply diverges loses both and is not called catastrophic overfitting.
+
+The first collapse is warned about once and recorded (:func:`collapse_record`) in the run's state (``TrainState
+.overfitting``, in ``summary.json`` and every saved model's training record, hence the model card). By default
+(``train.overfit_guard: true``) the checkpoint selected before the collapse stays the selected one: a later validation
+whose PGD accuracy climbs back above it cannot replace it, since PGD on a few hundred held-out images is a weak check of
+a model that has learned to mask single-step gradients. ``overfit_guard: false`` keeps selecting by PGD accuracy (the
+collapse is still detected, warned about and recorded)."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from .. import attacks
+
+PGD_DROP = 0.20
+FGSM_GAP = 0.20
+
+
+def fgsm_check_attack(eps: float, objective: str, beta: float) -> attacks.Attack:
+    """The guard's single-step attack: one step of eps from the clean input, the last (only) iterate."""
+    return attacks.Attack(name="val-fgsm", kind="fgsm", eps=eps, alpha=eps, random_start="none", objective=objective,
+                          beta=beta, keep="last")
+
+
+def collapse_record(history: List[dict], current: dict) -> Optional[dict]:
+    """The collapse that validation ``current`` shows against the earlier validations in ``history`` (each with
+    ``step``, ``val_pgd`` and ``val_fgsm``), or None. The record names both validations and the thresholds."""
+    if current.get("val_fgsm") is None or current.get("val_pgd") is None:
+        return None
+    earlier = [h for h in history if h.get("val_pgd") is not None]
+    if not earlier:
+        return None
+    best = max(earlier, key=lambda h: h["val_pgd"])  # the first of equal bests: the earliest such checkpoint
+    drop = best["val_pgd"] - current["val_pgd"]
+    gap = current["val_fgsm"] - current["val_pgd"]
+    if not (drop > PGD_DROP and gap > FGSM_GAP):
+        return None
+    return {"step": current["step"], "epoch": current.get("epoch"), "val_pgd": current["val_pgd"],
+            "val_fgsm": current["val_fgsm"], "val_natural": current.get("val_natural"),
+            "best_pgd": best["val_pgd"], "best_pgd_step": best["step"], "pgd_drop": drop, "fgsm_minus_pgd": gap,
+            "rule": f"PGD accuracy more than {PGD_DROP:.0%} below its best so far and FGSM accuracy more than "
+                    f"{FGSM_GAP:.0%} above PGD accuracy"}
+
+
+def describe(record: dict) -> str:
+    """One line for the warning, the run table and the model card."""
+    return (f"catastrophic overfitting at step {record['step']}: held-out PGD accuracy {record['val_pgd']:.1%} "
+            f"(best {record['best_pgd']:.1%} at step {record['best_pgd_step']}) while FGSM accuracy is "
+            f"{record['val_fgsm']:.1%}; {record.get('selection', '')}").rstrip("; ")
+
+
+__all__ = ["FGSM_GAP", "PGD_DROP", "collapse_record", "describe", "fgsm_check_attack"]
