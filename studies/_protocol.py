@@ -367,6 +367,69 @@ def copy_selected_models(study: "Study", runs_dir: Path, runs: Sequence[Tuple[st
     return copied
 
 
+def write_rule(results: Path, rule: dict) -> Path:
+    """``results/study.json`` with the decision rule, written once, before the first run (refused afterwards)."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "study.json"
+    if path.exists():
+        raise SystemExit(f"{path} exists: the rule is written once, before the first run")
+    write_json(path, {"decision_rule": rule})
+    return path
+
+
+def report(study: "Study", runs_dir: Path, results: Path, models: Path, comparisons: Dict[str, Tuple[str, str]],
+           title: str, module: str, annotate: Optional[Callable] = None) -> dict:
+    """Judge the family on the worst case (and the matched attacks, where every run has them), report natural
+    accuracy beside it, and write ``results/study.json``, the study's README and the seed-0 models.
+    ``annotate(run_dir, run)`` may add a study's own columns to a run."""
+    runs = collect(study, runs_dir)
+    if annotate is not None:
+        for (name, seed), run in runs.items():
+            annotate(study.run_dir(runs_dir, name, seed), run)
+    path = results / "study.json"
+    record = read_json(path)
+    record["comparisons"] = judge({k: comparison(runs, a, b) for k, (a, b) in comparisons.items()})
+    if all(r["_flags"]["matched"] is not None for r in runs.values()):
+        record["matched"] = judge({k: comparison(runs, a, b, "matched") for k, (a, b) in comparisons.items()})
+    record["natural"] = {k: {kk: vv for kk, vv in comparison(runs, a, b, "natural").items() if kk != "_result"}
+                         for k, (a, b) in comparisons.items()}
+    record["runs"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs.values()]
+    record["per_example_worst_case"] = {f"{r['arm']}/s{r['seed']}": "".join("1" if f else "0"
+                                                                           for f in r["_flags"]["worst_case"])
+                                        for r in runs.values()}
+    record["cpu_hours"] = round(sum(r["train_seconds"] + r["score_seconds"] for r in runs.values()) / 3600, 2)
+    record["committed_models"] = copy_selected_models(study, runs_dir, [(arm, 0) for arm in study.arms
+                                                                        if (arm, 0) in runs], models)
+    write_json(path, record)
+    (results.parent / "README.md").write_text(study_markdown(title, module, record))
+    print(f"wrote {path} ({len(runs)} runs)")
+    return record
+
+
+def cli(argv, description: str, make_study: Callable, rule: Callable, *, results: Path, models: Path,
+        comparisons: Dict[str, Tuple[str, str]], title: str, module: str, runs_dir: str,
+        extra_args: Sequence[Tuple[str, dict]] = (), annotate: Optional[Callable] = None) -> None:
+    """A study script's command line: ``--init`` (the rule), ``--work`` (one worker), ``--report``."""
+    import argparse
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--init", action="store_true", help="write the decision rule (once, before the first run)")
+    p.add_argument("--work", action="store_true", help="be one worker of the study's queue")
+    p.add_argument("--report", action="store_true", help="judge what exists and write the report")
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
+    p.add_argument("--runs-dir", default=runs_dir)
+    p.add_argument("--only", nargs="*", default=(), help="work on these arms only")
+    for flag, kwargs in extra_args:
+        p.add_argument(flag, **kwargs)
+    args = p.parse_args(argv)
+    if args.init:
+        print(f"wrote {write_rule(results, rule())}")
+    if args.work:
+        torch.set_num_threads(1)
+        work(make_study(args), Path(args.runs_dir), args.only)
+    if args.report:
+        report(make_study(args), Path(args.runs_dir), results, models, comparisons, title, module, annotate)
+
+
 def study_markdown(title: str, module: str, record: dict) -> str:
     """A study's README: its rule, the judged comparisons (Holm), and one row per run with its provenance."""
     rule = record["decision_rule"]

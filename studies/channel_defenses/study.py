@@ -22,8 +22,6 @@ own prediction) for CAS and CIFS.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -147,57 +145,17 @@ def decision_rule() -> dict:
             "protocol": PROTOCOL, "arms": {k: a.to_dict() for k, a in ARMS.items()}, "schedule": SCHEDULE}
 
 
-def cmd_init(args) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "study.json"
-    if path.exists():
-        raise SystemExit(f"{path} exists: the rule is written once, before the first run")
-    protocol.write_json(path, {"decision_rule": decision_rule()})
-    print(f"wrote {path}")
-
-
-def cmd_report(args) -> None:
-    runs = protocol.collect(study(args), Path(args.runs_dir))
-    path = RESULTS / "study.json"
-    record = json.loads(path.read_text())
-    record["comparisons"] = protocol.judge({k: protocol.comparison(runs, a, b) for k, (a, b) in COMPARISONS.items()})
-    record["matched"] = protocol.judge({k: protocol.comparison(runs, a, b, "matched")
-                                        for k, (a, b) in COMPARISONS.items()})
-    record["natural"] = {k: {kk: vv for kk, vv in protocol.comparison(runs, a, b, "natural").items()
-                             if kk != "_result"} for k, (a, b) in COMPARISONS.items()}
-    for (name, seed), r in runs.items():
-        authors = protocol.read_json(study(args).run_dir(Path(args.runs_dir), name, seed) / "authors.json")
-        r["authors_evaluation"] = authors["accuracy"] if authors else None
-    record["runs"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs.values()]
-    record["per_example_worst_case"] = {f"{r['arm']}/s{r['seed']}": "".join("1" if f else "0"
-                                                                           for f in r["_flags"]["worst_case"])
-                                        for r in runs.values()}
-    record["cpu_hours"] = round(sum(r["train_seconds"] + r["score_seconds"] for r in runs.values()) / 3600, 2)
-    record["committed_models"] = protocol.copy_selected_models(
-        study(args), Path(args.runs_dir), [(arm, 0) for arm in ARMS if (arm, 0) in runs], MODELS)
-    protocol.write_json(path, record)
-    (HERE / "README.md").write_text(protocol.study_markdown(
-        "Channel-wise defenses at one commit: AT vs CAS, CIFS (its authors' probes) and FSR (its authors' training "
-        "attack)", "studies.channel_defenses.study", record))
-    print(f"wrote {path} ({len(runs)} runs)")
+def annotate(run_dir: Path, run: dict) -> None:
+    """The authors' own evaluation beside casify's union (CIFS and FSR)."""
+    authors = protocol.read_json(run_dir / "authors.json")
+    run["authors_evaluation"] = authors["accuracy"] if authors else None
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--init", action="store_true")
-    p.add_argument("--work", action="store_true")
-    p.add_argument("--report", action="store_true")
-    p.add_argument("--data-dir", default="../shared/data/cifar10")
-    p.add_argument("--runs-dir", default="outputs/channel_defenses")
-    p.add_argument("--only", nargs="*", default=())
-    args = p.parse_args(argv)
-    if args.init:
-        cmd_init(args)
-    if args.work:
-        torch.set_num_threads(1)
-        protocol.work(study(args), Path(args.runs_dir), args.only)
-    if args.report:
-        cmd_report(args)
+    protocol.cli(argv, __doc__.splitlines()[0], study, decision_rule, results=RESULTS, models=MODELS,
+                 comparisons=COMPARISONS, module="studies.channel_defenses.study", runs_dir="outputs/channel_defenses",
+                 title="Channel-wise defenses at one commit: AT vs CAS, CIFS (its authors' probes) and FSR (its "
+                       "authors' training attack)", annotate=annotate)
 
 
 if __name__ == "__main__":

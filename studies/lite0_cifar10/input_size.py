@@ -5,9 +5,9 @@ fine-tuned naturally (no attack) for one epoch on the first 10,000 training imag
 its natural accuracy on 1,000 held-out training images (45,000-45,999; never the test set), the seconds per
 standard step and the seconds per PGD-3 AT step (what the study's runs pay), one torch thread.
 
-    OMP_NUM_THREADS=1 python studies/lite0_cifar10/input_size.py --size 32 --data-dir ../shared/data/cifar10 \
+    OMP_NUM_THREADS=1 python -m studies.lite0_cifar10.input_size --size 32 --data-dir ../shared/data/cifar10 \
         --checkpoint ../shared/models/efficientnet_lite0_imagenet.safetensors
-    python studies/lite0_cifar10/input_size.py --report     # results/input_size.json -> the table
+    python -m studies.lite0_cifar10.input_size --report     # results/input_size.json -> the table
 
 Each size writes results/input_size_<size>.json; --report joins them into results/input_size.json.
 """
@@ -35,13 +35,8 @@ def build(size: int, checkpoint: str):
 
 
 def datasets(data_dir: Path, size: int):
-    from casify.data import NpzDataset, ResizeTensor, _Then, cifar_train_transform
-    path = data_dir / "train.npz"
-    train = NpzDataset(path, transform=_Then(ResizeTensor(size), cifar_train_transform(size, padding=size // 8)),
-                       indices=list(range(SETTINGS["train_images"])))
-    start = SETTINGS["val_start"]
-    val = NpzDataset(path, transform=ResizeTensor(size), indices=list(range(start, start + SETTINGS["val_size"])))
-    return train, val
+    from studies.lite0_cifar10.study import datasets as study_datasets
+    return study_datasets(data_dir, size, SETTINGS["train_images"], SETTINGS["val_size"])
 
 
 def measure(size: int, args) -> dict:

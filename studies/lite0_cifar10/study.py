@@ -19,10 +19,8 @@ arms whose commits differ).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -77,14 +75,19 @@ def build_model(arm: Arm, seed: int, checkpoint: str):
                        layer_options=arm.layer_options, **arm.options)
 
 
-def datasets(data_dir: Path):
+def datasets(data_dir: Path, size: Optional[int] = None, train_images: Optional[int] = None,
+             val_size: Optional[int] = None):
+    """The first ``train_images`` of train.npz (pad-crop-flip at ``size``) and ``val_size`` held-out ones from
+    45,000 on, both upsampled to ``size`` (bilinear, antialiased); the protocol's values by default."""
     from casify.data import NpzDataset, ResizeTensor, _Then, cifar_train_transform
-    size = PROTOCOL["image_size"]
+    size = size or PROTOCOL["image_size"]
+    train_images = train_images or PROTOCOL["train_images"]
+    val_size = val_size or PROTOCOL["val_size"]
     path = data_dir / "train.npz"
     train = NpzDataset(path, transform=_Then(ResizeTensor(size), cifar_train_transform(size, padding=size // 8)),
-                       indices=list(range(PROTOCOL["train_images"])))
+                       indices=list(range(train_images)))
     start = PROTOCOL["val_start"]
-    val = NpzDataset(path, transform=ResizeTensor(size), indices=list(range(start, start + PROTOCOL["val_size"])))
+    val = NpzDataset(path, transform=ResizeTensor(size), indices=list(range(start, start + val_size)))
     return train, val
 
 
@@ -135,54 +138,13 @@ def decision_rule() -> dict:
                      "weights_sha256": "384371dbd49f5bd24d4e89f607c22e2b1babbdb5c58d86a1cf3279ac1d490191"}}
 
 
-def cmd_init(args) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "study.json"
-    if path.exists():
-        raise SystemExit(f"{path} exists: the rule is written once, before the first run")
-    protocol.write_json(path, {"decision_rule": decision_rule()})
-    print(f"wrote {path}")
-
-
-def cmd_report(args) -> None:
-    runs = protocol.collect(study(args), Path(args.runs_dir))
-    path = RESULTS / "study.json"
-    record = json.loads(path.read_text())
-    comparisons = {k: protocol.comparison(runs, a, b) for k, (a, b) in COMPARISONS.items()}
-    record["comparisons"] = protocol.judge(comparisons)
-    record["natural"] = {k: {kk: vv for kk, vv in protocol.comparison(runs, a, b, "natural").items()
-                             if kk != "_result"} for k, (a, b) in COMPARISONS.items()}
-    record["runs"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs.values()]
-    record["per_example_worst_case"] = {f"{r['arm']}/s{r['seed']}": "".join("1" if f else "0"
-                                                                           for f in r["_flags"]["worst_case"])
-                                        for r in runs.values()}
-    record["cpu_hours"] = round(sum(r["train_seconds"] + r["score_seconds"] for r in runs.values()) / 3600, 2)
-    record["committed_models"] = protocol.copy_selected_models(
-        study(args), Path(args.runs_dir), [(arm, 0) for arm in ARMS if (arm, 0) in runs], MODELS)
-    protocol.write_json(path, record)
-    (HERE / "README.md").write_text(protocol.study_markdown(
-        "ImageNet-pretrained EfficientNet-Lite0 made robust on CIFAR-10, with and without each channel-wise defense",
-        "studies.lite0_cifar10.study", record))
-    print(f"wrote {path} ({len(runs)} runs)")
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--init", action="store_true")
-    p.add_argument("--work", action="store_true")
-    p.add_argument("--report", action="store_true")
-    p.add_argument("--data-dir", default="../shared/data/cifar10")
-    p.add_argument("--checkpoint", default="../shared/models/efficientnet_lite0_imagenet.safetensors")
-    p.add_argument("--runs-dir", default="outputs/lite0_cifar10")
-    p.add_argument("--only", nargs="*", default=())
-    args = p.parse_args(argv)
-    if args.init:
-        cmd_init(args)
-    if args.work:
-        torch.set_num_threads(1)
-        protocol.work(study(args), Path(args.runs_dir), args.only)
-    if args.report:
-        cmd_report(args)
+    protocol.cli(argv, __doc__.splitlines()[0], study, decision_rule, results=RESULTS, models=MODELS,
+                 comparisons=COMPARISONS, module="studies.lite0_cifar10.study", runs_dir="outputs/lite0_cifar10",
+                 title="ImageNet-pretrained EfficientNet-Lite0 made robust on CIFAR-10, with and without each "
+                       "channel-wise defense",
+                 extra_args=[("--checkpoint", {"default": "../shared/models/efficientnet_lite0_imagenet.safetensors",
+                                               "help": "the ImageNet-1k weights under timm's keys"})])
 
 
 if __name__ == "__main__":
