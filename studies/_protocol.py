@@ -126,22 +126,22 @@ def training_record(arm_name: str, seed: int, state, seconds: float, folder: Pat
             "threads": torch.get_num_threads()}
 
 
-def score_union(model, test, defended: bool, sha: str) -> dict:
+def score_union(model, test, defended: bool, sha: str, eps: float = EPS) -> dict:
     """The union's score of one run, per-example flags kept (score.json)."""
     from casify.code_version import code_version
     from casify.evaluate import evaluate
     start = time.time()
-    report = evaluate(model, test, attacks=union_attacks(defended), eps=EPS, seed=0, progress=False, checks=True)
+    report = evaluate(model, test, attacks=union_attacks(defended), eps=eps, seed=0, progress=False, checks=True)
     summary = report.summary()
     return {"n": report.n_examples, "natural": report.natural_accuracy,
             "worst_case": report.worst_case["accuracy"], "families": summary["accuracy"],
             "rows": [r.name for r in report.attacks],
             "gradient_masking_suspected": report.gradient_masking_suspected,
             "failed_checks": summary["failed_checks"], "per_example": report.per_example, "model_sha256": sha,
-            "seconds": round(time.time() - start, 1), "code": code_version(), "versions": report.versions}
+            "seconds": round(time.time() - start, 1), "code": code_version(), "versions": report.versions, "eps": eps}
 
 
-def score_matched(model, test, defended: bool, union: dict) -> dict:
+def score_matched(model, test, defended: bool, union: dict, eps: float = EPS) -> dict:
     """Every arm under the same seven families (each on its model's own default objective); for a plain model these
     are the union's own rows, so its union is reused."""
     from casify.evaluate import evaluate
@@ -149,13 +149,13 @@ def score_matched(model, test, defended: bool, union: dict) -> dict:
         return {"rows": "the union's rows (identical for a plain model)", "worst_case": union["worst_case"],
                 "per_example": union["per_example"]["worst_case"], "seconds": 0.0}
     start = time.time()
-    report = evaluate(model, test, attacks=union_attacks(defended)[:MATCHED_ROWS], eps=EPS, seed=0, progress=False,
+    report = evaluate(model, test, attacks=union_attacks(defended)[:MATCHED_ROWS], eps=eps, seed=0, progress=False,
                       checks=True)
     return {"rows": [r.name for r in report.attacks], "worst_case": report.worst_case["accuracy"],
             "per_example": report.per_example["worst_case"], "seconds": round(time.time() - start, 1)}
 
 
-def score_saturation(model, test, defended: bool, union: dict) -> dict:
+def score_saturation(model, test, defended: bool, union: dict, eps: float = EPS) -> dict:
     """How many of the union's survivors 4 more PGD-100 restarts (another seed) fool: near 0 means the union has
     saturated."""
     from casify.attacks import Attack
@@ -166,18 +166,18 @@ def score_saturation(model, test, defended: bool, union: dict) -> dict:
     if robust:
         attack = Attack(name=f"pgd{SATURATION['steps']}x{SATURATION['restarts']}", steps=SATURATION["steps"],
                         restarts=SATURATION["restarts"], objective="cas" if defended else "ce")
-        report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[attack], eps=EPS,
+        report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[attack], eps=eps,
                           seed=SATURATION["seed"], progress=False, checks=False)
         newly = sum(1 for ok in report.per_example["worst_case"] if not ok)
     return {"survivors": len(robust), "newly_fooled": newly, **SATURATION, "seconds": round(time.time() - start, 1)}
 
 
-def score_autoattack(model, test, union: dict, n: int = AA_EXAMPLES) -> dict:
+def score_autoattack(model, test, union: dict, n: int = AA_EXAMPLES, eps: float = EPS) -> dict:
     """AutoAttack (standard version) and Square (:data:`SQUARE_QUERIES` queries) on the first ``n`` test images, and
     the union's worst case joined with them on those images."""
     from casify.evaluate import evaluate
     start = time.time()
-    report = evaluate(model, test, attacks=[], eps=EPS, seed=0, progress=False, checks=False, autoattack=True,
+    report = evaluate(model, test, attacks=[], eps=eps, seed=0, progress=False, checks=False, autoattack=True,
                       square_queries=SQUARE_QUERIES, max_examples=n)
     rows = {r.name: r for r in report.attacks}
     natural = report.per_example["natural"]
@@ -194,10 +194,10 @@ def score_autoattack(model, test, union: dict, n: int = AA_EXAMPLES) -> dict:
     return out
 
 
-def score_echo(model, test, beta: float, sha: str) -> dict:
+def score_echo(model, test, beta: float, sha: str, eps: float = EPS) -> dict:
     from casify.evaluate import routing_echo
     start = time.time()
-    echo = routing_echo(model, test, eps=EPS, steps=ECHO["steps"], beta=beta, max_examples=ECHO["max_examples"],
+    echo = routing_echo(model, test, eps=eps, steps=ECHO["steps"], beta=beta, max_examples=ECHO["max_examples"],
                         seed=0)
     return {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)}
 
@@ -210,14 +210,16 @@ class Study:
     name: str
     arms: Dict[str, Arm]
     schedule: List[Tuple[str, int]]
-    build_model: Callable  # (arm, seed) -> wrapped model
-    datasets: Callable  # () -> (train, val)
-    test_set: Callable  # () -> test dataset (test846)
-    train_config: Callable  # (arm_name, arm, seed, out) -> TrainConfig
+    build_model: Callable  # (arm name, arm, seed) -> wrapped model
+    datasets: Callable  # (arm name) -> (train, val); built once per data_key
+    test_set: Callable  # (arm name) -> test dataset (test846)
+    train_config: Callable  # (arm name, arm, seed, out) -> TrainConfig
     # file ("matched.json", "saturation.json", "autoattack.json", "echo.json") -> which (arm, seed) runs get it
     extras: Dict[str, Callable[[str, int], bool]] = field(default_factory=dict)
     # a study's own scores: file -> fn(model, test, union, arm name) -> record (asked for through ``extras`` too)
     custom_jobs: Dict[str, Callable] = field(default_factory=dict)
+    eps: Callable[[str], float] = lambda name: EPS  # the radius an arm is trained and scored at (pixels, L-inf)
+    data_key: Callable[[str], str] = lambda name: "data"  # arms with one key share one (train, val) pair
 
     def run_dir(self, runs_dir: Path, arm: str, seed: int) -> Path:
         return Path(runs_dir) / f"{arm}_s{seed}"
@@ -237,7 +239,7 @@ def train_run(study: Study, runs_dir: Path, name: str, seed: int, data) -> None:
         return
     arm = study.arms[name]
     cfg = study.train_config(name, arm, seed, out)
-    trainer = Trainer(study.build_model(arm, seed), *data, cfg, identity={"study": study.name, "arm": name})
+    trainer = Trainer(study.build_model(name, arm, seed), *data, cfg, identity={"study": study.name, "arm": name})
     print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
     state, seconds = train_timed(trainer, out)
     write_json(out / "train_record.json", training_record(name, seed, state, seconds, out / "final", cfg))
@@ -252,15 +254,16 @@ def score_run(study: Study, runs_dir: Path, name: str, seed: int) -> None:
     folder = out / "final"
     sha = sha256(folder / "model.safetensors")
     model = casify.from_pretrained(folder).eval()
-    test = study.test_set()
+    test = study.test_set(name)
+    eps = study.eps(name)
     if not (out / "score.json").exists():
-        write_json(out / "score.json", score_union(model, test, arm.defended, sha))
+        write_json(out / "score.json", score_union(model, test, arm.defended, sha, eps))
     union = read_json(out / "score.json")
     print(f"[score] {name} s{seed}: natural {union['natural']:.3f} worst {union['worst_case']:.3f}", flush=True)
-    jobs = {"matched.json": lambda: score_matched(model, test, arm.defended, union),
-            "saturation.json": lambda: score_saturation(model, test, arm.defended, union),
-            "autoattack.json": lambda: score_autoattack(model, test, union),
-            "echo.json": lambda: score_echo(model, test, arm.beta, sha),
+    jobs = {"matched.json": lambda: score_matched(model, test, arm.defended, union, eps),
+            "saturation.json": lambda: score_saturation(model, test, arm.defended, union, eps),
+            "autoattack.json": lambda: score_autoattack(model, test, union, eps=eps),
+            "echo.json": lambda: score_echo(model, test, arm.beta, sha, eps),
             **{file: (lambda fn=fn: fn(model, test, union, name)) for file, fn in study.custom_jobs.items()}}
     for file in study.wanted(name, seed):
         if file in jobs and not (out / file).exists():
@@ -270,15 +273,16 @@ def score_run(study: Study, runs_dir: Path, name: str, seed: int) -> None:
 
 def work(study: Study, runs_dir: Path, only: Sequence[str] = ()) -> None:
     """One worker: take the schedule's runs in order, skipping finished ones and those another live worker holds."""
-    data = None
+    data = {}
     for name, seed in study.schedule:
         if only and name not in only or study.done(runs_dir, name, seed):
             continue
         if not claim(study.run_dir(runs_dir, name, seed)):
             continue
-        if data is None:
-            data = study.datasets()
-        train_run(study, runs_dir, name, seed, data)
+        key = study.data_key(name)
+        if key not in data:
+            data[key] = study.datasets(name)
+        train_run(study, runs_dir, name, seed, data[key])
         score_run(study, runs_dir, name, seed)
 
 
@@ -324,9 +328,11 @@ def comparison(runs: Dict[Tuple[str, int], dict], a: str, b: str, metric_key: st
     out = {"A": a, "B": b, "seeds": seeds}
     commits = {runs[(arm, s)].get("commit") for arm in (a, b) for s in seeds}
     dirty = any(runs[(arm, s)].get("dirty") for arm in (a, b) for s in seeds)
-    if len(commits) > 1 or None in commits or dirty:
-        out["verdict"] = (f"not judged: the arms ran different code ({sorted(str(c)[:10] for c in commits)}"
-                          f"{', a tree with local changes' if dirty else ''})")
+    if len(commits) > 1 or None in commits:
+        out["verdict"] = f"not judged: the arms ran different code ({sorted(str(c)[:10] for c in commits)})"
+        return out
+    if dirty:
+        out["verdict"] = f"not judged: runs of a tree with local changes (commit {str(next(iter(commits)))[:10]})"
         return out
     if len(seeds) < 3:
         out["verdict"] = f"not judged: {len(seeds)} paired seeds (the rule needs 3)"
@@ -378,10 +384,11 @@ def write_rule(results: Path, rule: dict) -> Path:
 
 
 def report(study: "Study", runs_dir: Path, results: Path, models: Path, comparisons: Dict[str, Tuple[str, str]],
-           title: str, module: str, annotate: Optional[Callable] = None) -> dict:
+           title: str, module: str, annotate: Optional[Callable] = None, extend: Optional[Callable] = None) -> dict:
     """Judge the family on the worst case (and the matched attacks, where every run has them), report natural
     accuracy beside it, and write ``results/study.json``, the study's README and the seed-0 models.
-    ``annotate(run_dir, run)`` may add a study's own columns to a run."""
+    ``annotate(run_dir, run)`` may add a study's own columns to a run; ``extend(record, runs)`` may add the
+    study's own results to the record and returns markdown lines for the README."""
     runs = collect(study, runs_dir)
     if annotate is not None:
         for (name, seed), run in runs.items():
@@ -400,15 +407,17 @@ def report(study: "Study", runs_dir: Path, results: Path, models: Path, comparis
     record["cpu_hours"] = round(sum(r["train_seconds"] + r["score_seconds"] for r in runs.values()) / 3600, 2)
     record["committed_models"] = copy_selected_models(study, runs_dir, [(arm, 0) for arm in study.arms
                                                                         if (arm, 0) in runs], models)
+    extra = extend(record, runs) if extend is not None else []
     write_json(path, record)
-    (results.parent / "README.md").write_text(study_markdown(title, module, record))
+    (results.parent / "README.md").write_text(study_markdown(title, module, record, extra))
     print(f"wrote {path} ({len(runs)} runs)")
     return record
 
 
 def cli(argv, description: str, make_study: Callable, rule: Callable, *, results: Path, models: Path,
         comparisons: Dict[str, Tuple[str, str]], title: str, module: str, runs_dir: str,
-        extra_args: Sequence[Tuple[str, dict]] = (), annotate: Optional[Callable] = None) -> None:
+        extra_args: Sequence[Tuple[str, dict]] = (), annotate: Optional[Callable] = None,
+        extend: Optional[Callable] = None) -> None:
     """A study script's command line: ``--init`` (the rule), ``--work`` (one worker), ``--report``."""
     import argparse
     p = argparse.ArgumentParser(description=description)
@@ -427,15 +436,15 @@ def cli(argv, description: str, make_study: Callable, rule: Callable, *, results
         torch.set_num_threads(1)
         work(make_study(args), Path(args.runs_dir), args.only)
     if args.report:
-        report(make_study(args), Path(args.runs_dir), results, models, comparisons, title, module, annotate)
+        report(make_study(args), Path(args.runs_dir), results, models, comparisons, title, module, annotate, extend)
 
 
-def study_markdown(title: str, module: str, record: dict) -> str:
+def study_markdown(title: str, module: str, record: dict, extra: Sequence[str] = ()) -> str:
     """A study's README: its rule, the judged comparisons (Holm), and one row per run with its provenance."""
     rule = record["decision_rule"]
     lines = [f"# {title}", "",
              f"`python -m {module} --work` (two workers, from a worktree pinned to one commit), then `--report`. "
-             f"Protocol: `{json.dumps(rule['protocol'])}`.", "",
+             f"Protocol: `{json.dumps(rule.get('protocol') or rule.get('protocols'))}`.", "",
              f"Decision rule (committed before the first run): {rule['rule']}", "",
              "## Comparisons (A - B, points of worst-case accuracy on test846, eps 8/255)", "",
              "| comparison | worst case (union) | verdict (Holm) | matched attacks | natural |", "|---|---|---|---|---|"]
@@ -467,7 +476,7 @@ def study_markdown(title: str, module: str, record: dict) -> str:
                      f"`{r['model_sha256'][:16]}` |")
     lines += ["", f"CPU time of these runs: {record.get('cpu_hours')} h (one thread each). The selected model of "
                   "seed 0 of every arm is in `models/` (re-score it with `casify eval`).", ""]
-    return "\n".join(lines)
+    return "\n".join(list(extra) + [""] + lines if extra else lines)
 
 
 def pct(x) -> str:

@@ -119,8 +119,9 @@ def study(args) -> Study:
     data_dir = Path(args.data_dir)
     routed = {n for n, a in ARMS.items() if a.defense in ("cas", "cifs")}
     return Study(
-        name="channel_defenses", arms=ARMS, schedule=SCHEDULE, build_model=build_model,
-        datasets=lambda: datasets(data_dir), test_set=lambda: test_set(data_dir), train_config=train_config,
+        name="channel_defenses", arms=ARMS, schedule=SCHEDULE,
+        build_model=lambda name, arm, seed: build_model(arm, seed),
+        datasets=lambda name: datasets(data_dir), test_set=lambda name: test_set(data_dir), train_config=train_config,
         extras={"matched.json": lambda arm, seed: True, "saturation.json": lambda arm, seed: True,
                 "autoattack.json": lambda arm, seed: seed == 0, "echo.json": lambda arm, seed: arm in routed,
                 "authors.json": lambda arm, seed: authors_row(arm) is not None},

@@ -113,8 +113,8 @@ def study(args) -> Study:
     routed = {n for n, a in ARMS.items() if a.defense in ("cas", "cifs")}
     return Study(
         name="lite0_cifar10", arms=ARMS, schedule=SCHEDULE,
-        build_model=lambda arm, seed: build_model(arm, seed, args.checkpoint),
-        datasets=lambda: datasets(data_dir), test_set=lambda: test_set(data_dir), train_config=train_config,
+        build_model=lambda name, arm, seed: build_model(arm, seed, args.checkpoint),
+        datasets=lambda name: datasets(data_dir), test_set=lambda name: test_set(data_dir), train_config=train_config,
         # the CPU budget: the union on every run; saturation, AutoAttack and Square on seed 0 of every arm
         extras={"saturation.json": lambda arm, seed: seed == 0, "autoattack.json": lambda arm, seed: seed == 0,
                 "echo.json": lambda arm, seed: arm in routed})
