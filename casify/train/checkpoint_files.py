@@ -9,7 +9,7 @@ and nothing in it is unpickled as code.
   a pickle it reads back silently ignoring errors (a resume with fresh random state); casify deletes that file.
 - ``scheduler.bin``: the learning-rate scheduler's ``state_dict`` (numbers, lists and a ``Counter``), read with
   ``torch.load(weights_only=True)``. Accelerate would keep it (``register_for_checkpointing``) in
-  ``custom_checkpoint_0.pkl``, which it reads with ``weights_only=False``: a planted pickle would run.
+  ``custom_checkpoint_0.pkl``, which it unpickles in full (weights_only off): a planted pickle would run.
 - ``optimizer.bin``, ``scaler.pt``: written by Accelerate, read here with ``weights_only=True``; ``model.safetensors``
   cannot carry code.
 """

@@ -168,8 +168,8 @@ class Trainer(RunFolder):
         # Not through accelerator.prepare: its AcceleratedScheduler steps num_processes times per call and holds back
         # on steps the fp16 scaler skipped, whereas the rate here follows the optimizer step count.
         self.scheduler = lr_scheduler(self.optimizer.optimizer, config, self.steps_per_epoch, self.total_steps)
-        # Not registered with accelerator.register_for_checkpointing either: Accelerate would unpickle its state with
-        # weights_only=False on resume. The run folder saves and loads it as data (casify.train.checkpoint_files).
+        # Not registered with accelerator.register_for_checkpointing either: Accelerate would unpickle its state in
+        # full (weights_only off) on resume. The run folder saves and loads it as data (casify.train.checkpoint_files).
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @property
