@@ -20,7 +20,7 @@ LAYERS = [
     # the CAS module and everything that needs nothing else from casify
     ("foundation", {"casify.version", "casify.code_version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
                     "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
-                    "casify.cas", "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
+                    "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
                     "casify.models", "casify.models._timm", "casify.models.pretrained_weights",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
@@ -53,7 +53,7 @@ LAYERS = [
                  "casify.attacks.steps", "casify.attacks.kinds", "casify.attacks.pgd", "casify.attacks.spec",
                  "casify.attacks.apgd", "casify.attacks.square", "casify.attacks.autoattack",
                  "casify.attacks.fgsm_rs", "casify.attacks.n_fgsm", "casify.attacks",
-                 "casify.threat_model", "casify.autopgd"}),
+                 "casify.attacks.threat_model", "casify.attacks.autopgd"}),
     # the training losses (they call the attacks' presets)
     ("losses", {"casify.losses"}),
     # evaluation and analysis: beside training, never importing it

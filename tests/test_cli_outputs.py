@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import casify
-from casify import cli
+import casify_cli as cli  # what the installed `casify` command runs
 from casify.output_dir import MARKER, OutputDirError, output_dir, prepare_output_dir, read_marker
 
 

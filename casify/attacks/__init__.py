@@ -40,7 +40,7 @@ Routings (``routing=``) for crafting; scoring always uses the deployed routing:
 
 **Attack kinds.** ``Attack(kind=...)`` runs through a registry (:data:`ATTACK_KINDS`, :func:`register_attack_kind`):
 ``pgd``, ``fgsm`` and ``cw`` (``pgd.py``), ``apgd`` and ``apgd-t`` (``apgd.py``: AutoAttack's APGD on casify's
-objectives, :mod:`casify.autopgd`), ``square`` (``square.py``), ``autoattack`` (``autoattack.py``), and the
+objectives, :mod:`casify.attacks.autopgd`), ``square`` (``square.py``), ``autoattack`` (``autoattack.py``), and the
 single-step training attacks ``fgsm_rs`` (``fgsm_rs.py``: FGSM with a random start) and ``n_fgsm`` (``n_fgsm.py``:
 N-FGSM, whose examples leave the eps-ball by design, so the evaluation refuses it). The evaluation builds every row
 from an :class:`Attack` through the same registry, so a new kind is one file (``docs/architecture.md``).
@@ -64,16 +64,13 @@ from .steps import (Generators, draw_noise, input_grad_direction, output_grads, 
 from .kinds import ATTACK_KINDS, AttackKind, get_attack_kind, register_attack_kind, resolve_options
 from .pgd import (AttackInfo, BestIterate, CW_OBJECTIVES, cw_inf, fgsm, is_cw_objective, pgd, resolve_routing)
 from .spec import (Attack, PRESETS, get_attack)
-# the kinds beyond the PGD family (after spec: they import casify.autopgd and casify.threat_model, which import it)
+# the kinds beyond the PGD family (after spec: they import autopgd.py and threat_model.py, which import it)
 from .apgd import APGD, APGDTargeted
 from .square import SQUARE_P_INIT, Square, load_square, square_attack
 from .autoattack import AutoAttack, load_autoattack
 # the single-step training attacks (FGSM with a random start, N-FGSM): casify.train's `train.attack`
 from .fgsm_rs import FGSMRandomStart
 from .n_fgsm import NFGSM
-
-# formerly private helpers, kept under their old names for code that reached into the module
-_input_grad_direction, _output_grads = input_grad_direction, output_grads
 
 __all__ = ["ATTACK_KINDS", "Attack", "AttackInfo", "AttackKind", "KEEPS", "OBJECTIVES", "ObjectiveInput", "PRESETS",
            "ROUTINGS", "attack_context", "clean_routing", "cw_inf", "cw_margin", "fgsm", "get_attack",

@@ -1,9 +1,9 @@
-"""AutoAttack's APGD and APGD-T as attack kinds (``"apgd"``, ``"apgd-t"``): :mod:`casify.autopgd` behind an
+"""AutoAttack's APGD and APGD-T as attack kinds (``"apgd"``, ``"apgd-t"``): :mod:`casify.attacks.autopgd` behind an
 :class:`~casify.attacks.Attack` spec, so the evaluation's APGD rows and ``Attack(kind="apgd")(model, x, y)`` are the
 same code. ``steps`` are APGD's iterations (per target for APGD-T); random starts come from per-example generators."""
 from __future__ import annotations
 
-from ..autopgd import LOSSES, apgd, apgd_targeted
+from .autopgd import LOSSES, apgd, apgd_targeted
 from ..defenses.base import integer
 from ..eps import format_radius
 from .kinds import AttackKind, register_attack_kind

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cas import aux_logits
+from ..defenses.base import aux_logits
 from ..defenses import attack_aux_logits, find_defense_modules, routed_modules
 from ..routing import route
 from .constants import ROUTINGS, Routing, STRAIGHT_THROUGH_TEMPERATURE

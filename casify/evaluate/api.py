@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ..defenses import find_defense_modules
 from ..data_fit import check_data_fits
 from ..inputs import check_eps
-from ..threat_model import check_norm, format_radius
+from ..attacks.threat_model import check_norm, format_radius
 from .checks import (LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs,
                      check_finite_logits, nonfinite_counts, run_checks)
 from .deployed import InputTied, describe_model, unwrap_parallel
@@ -33,7 +33,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
              eps_sweep: Optional[Sequence[float]] = None, checks: bool = True, per_attack: bool = False,
              norm: str = "linf", echo: bool = True) -> EvalReport:
     """Evaluate ``model``'s robustness in the ``norm`` ball of radius ``eps`` (pixels in [0, 1]; ``norm``: ``"linf"``
-    or ``"l2"``, see :mod:`casify.threat_model`).
+    or ``"l2"``, see :mod:`casify.attacks.threat_model`).
 
     Args:
         model: an ``nn.Module`` (moved to ``device``), or a folder / Hub id for :func:`casify.from_pretrained`.

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..serialization import atomic_write
 from .deployed import architecture_name
-from ..threat_model import format_radius
+from ..attacks.threat_model import format_radius
 
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 DEFAULT_EPS = {("cifar10", "Linf"): 8 / 255, ("cifar100", "Linf"): 8 / 255, ("imagenet", "Linf"): 4 / 255,

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..attacks import PRESETS, Attack, get_attack_kind, objective_tag
 from ..defenses import attack_head_count, find_defense_modules
-from ..threat_model import ball_noise, format_radius, large_eps, with_norm
+from ..attacks.threat_model import ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
 from .deployed import InputTied
 
@@ -217,7 +217,7 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool, norm: str = "l
     """``"apgd-dlr"``: AutoAttack's APGD on the joint DLR (final logits + beta * mean over the heads; the final
     logits' DLR on a plain model); ``"apgd-t"``: APGD-T on the targeted DLR of the final and auxiliary logits for the
     top-:data:`APGD_TARGETS` targets, with every CAS module routed to the target while crafting (see
-    :mod:`casify.autopgd`). Named ``apgd-dlr[cas]`` / ``apgd-t3[cas,target-routing]`` on a CAS model."""
+    :mod:`casify.attacks.autopgd`). Named ``apgd-dlr[cas]`` / ``apgd-t3[cas,target-routing]`` on a CAS model."""
     if base == "apgd-dlr":
         name = "apgd-dlr[cas]" if cas else "apgd-dlr"  # on a plain model: APGD on the final logits' DLR
         attack = Attack(name=name, kind="apgd", eps=eps, steps=APGD_STEPS, objective="dlr_cas", norm=norm)
@@ -287,7 +287,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
               norm: str = "linf", input_numel: int = 0) -> Plan:
     """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
     tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
-    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.threat_model`; ``input_numel``,
+    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.attacks.threat_model`; ``input_numel``,
     the size of one input, sets the L2 check radius). ``device`` is unused (every row runs on its batch's device);
     kept for callers."""
     cas_modules = find_defense_modules(model)

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the submodules, not the package: the package registers the APGD kinds (casify/attacks/apgd.py), which import this
-from .attacks.context import attack_context
-from .attacks.objectives import class_mask, cw_margin, predicted_correctly
-from .attacks.pgd import AttackInfo
-from .attacks.steps import Generators, draw_noise
-from .defenses import attack_aux_logits, find_defense_modules, routed_modules
+from ..defenses import attack_aux_logits, find_defense_modules, routed_modules
+# the submodules, not the package: the package registers the APGD kinds (apgd.py), which import this module
+from .context import attack_context
+from .objectives import class_mask, cw_margin, predicted_correctly
+from .pgd import AttackInfo
+from .steps import Generators, draw_noise
 from .threat_model import autoattack_norm, ball_noise, check_norm
 
 APGD_INSTALL = "pip install pyautoattack"
