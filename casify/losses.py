@@ -71,7 +71,11 @@ def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return logits, [a.float() for a in aux_logits(model)]
 
 
-def _mean(terms: List[torch.Tensor]) -> torch.Tensor:
+def _mean(terms: List[torch.Tensor], model: nn.Module) -> torch.Tensor:
+    """The mean of the heads' terms; 0 (on the model's device) for a defense without auxiliary heads."""
+    if not terms:
+        parameter = next(model.parameters(), None)
+        return torch.zeros((), device=parameter.device if parameter is not None else None)
     return torch.stack(terms).mean()
 
 
@@ -95,7 +99,7 @@ def joint_aux_term(model: nn.Module, aux: List[torch.Tensor], loss_fn: Callable[
     for i, (head, target, weight) in enumerate(zip(aux, targets, weights)):
         term = loss_fn(others[i], head) if others is not None else loss_fn(head, target)
         terms.append(term if weight == 1.0 else weight * term)
-    return _mean(terms)
+    return _mean(terms, model)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

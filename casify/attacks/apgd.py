@@ -19,6 +19,7 @@ class APGD(AttackKind):
     the deployed routing or ``routing="straight-through"``; ``restarts`` on the examples not yet fooled."""
     objectives = LOSSES
     routings = ("straight-through",)
+    cascade = "apgd"
 
     def craft(self, attack, model, x, y, *, routing=None, generator=None, return_info=False):
         return apgd(model, x, y, eps=attack.eps, steps=attack.steps, loss=attack.objective,
@@ -60,6 +61,7 @@ class APGDTargeted(AttackKind):
     consistent); None crafts with the deployed routing."""
     objectives = ("targeted_dlr_cas",)
     routings = ("target",)
+    cascade = "apgd"
     OPTIONS = {"targets": integer(3, 1, 100_000)}
 
     def prepare(self, attack) -> None:

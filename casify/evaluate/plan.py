@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..attacks import PRESETS, Attack, get_attack_kind, objective_tag
+from ..attacks import CASCADE_GROUPS, PRESETS, Attack, get_attack_kind, objective_tag
 from ..defenses import attack_head_count, find_defense_modules
 from ..attacks.threat_model import ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
@@ -60,8 +60,7 @@ class Job:
 # adaptive objective, APGD (joint DLR) and routing-consistent APGD-T, CW on the joint objective, other rows with the
 # deployed routing (PGD-100, custom attacks), each auxiliary head alone, the fixed routings, AutoAttack, and the
 # black-box attacks (transfer, Square).
-CASCADE_RANKS = {"every example": 0, "straight-through": 1, "apgd": 2, "cw20": 3, "deployed routing": 4,
-                 "one head": 5, "fixed routing": 6, "autoattack": 7, "black-box": 8}
+CASCADE_RANKS = {group: rank for rank, group in enumerate(CASCADE_GROUPS)}
 CASCADE_RULE = ("rows run in this order, each after the first group only on the examples that every earlier row left "
                 "correct: (0) on every example: natural, the main FGSM and PGD-20, uniform noise; then (1) straight-"
                 "through PGD, (2) APGD on the joint DLR and routing-consistent APGD-T, (3) CW-20 on the joint "
@@ -70,16 +69,13 @@ CASCADE_RULE = ("rows run in this order, each after the first group only on the 
 APGD_STEPS = 100  # AutoAttack's own budget for APGD and APGD-T
 APGD_TARGETS = 3  # top-k targets of the targeted row (AutoAttack's standard version uses 9 with 1 restart each)
 APGD_ROWS = ("apgd-dlr", "apgd-t")
-# where the kinds beyond the PGD family run in the cascade, and what kind of row an Attack of that kind makes in a
-# custom list (a kind not named here ranks and reads as the PGD rows do: by its routing and objective)
-KIND_RANKS = {"apgd": "apgd", "apgd-t": "apgd", "autoattack": "autoattack", "square": "black-box"}
-KIND_ROWS = {"autoattack": "autoattack", "square": "black-box"}
 PGD_FAMILY = ("pgd", "fgsm", "cw")
 
 
 def cascade_rank(attack: Attack, role: Optional[str]) -> int:
-    if attack.kind in KIND_RANKS:
-        return CASCADE_RANKS[KIND_RANKS[attack.kind]]
+    group = get_attack_kind(attack.kind).cascade  # a kind beyond the PGD family says where it runs
+    if group is not None:
+        return CASCADE_RANKS[group]
     if role in ("fgsm", "pgd20"):
         return CASCADE_RANKS["every example"]
     if isinstance(attack.routing, str) and attack.routing == "straight-through":
@@ -324,7 +320,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
                 jobs.append(apgd_job(spec, target, eps, has_cas, norm))
                 continue
             base, attack = resolve_attack(spec, eps, has_cas, n_modules)
-            add_gradient_row(base, attack, kind=KIND_ROWS.get(attack.kind, "white-box") if isinstance(spec, Attack)
+            add_gradient_row(base, attack, kind=get_attack_kind(attack.kind).row_kind if isinstance(spec, Attack)
                              else None)
         if adaptive and has_cas:
             for base, attack in adaptive_rows(n_modules, eps, routed):
