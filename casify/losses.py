@@ -171,8 +171,8 @@ class AdversarialLoss(abc.ABC):
 
     def __call__(self, model: nn.Module, x_nat: Optional[torch.Tensor], x_adv: torch.Tensor,
                  y: torch.Tensor) -> Tuple[torch.Tensor, Metrics]:
-        has_cas = bool(find_defense_modules(model))
-        if self.cas and not has_cas:
+        defended = bool(find_defense_modules(model))
+        if self.cas and not defended:
             raise ValueError(f"{type(self).__name__}(cas=True) needs a model with CAS modules; wrap it with "
                              "casify.wrap(model, layers=...) or use cas=False")
         return self.compute(model, x_nat, x_adv, y)

@@ -24,11 +24,11 @@ LAYERS = [
                     "casify.models", "casify.models._timm", "casify.models.pretrained_weights",
                     "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
                     "casify.models.wide_resnet"}),
-    # what a saved config.json is and how it is checked: CASConfig, validation, base-model specs
+    # what a saved config.json is and how it is checked: DefenseConfig, validation, base-model specs
     ("config", {"casify.config_validation", "casify.spec", "casify.config"}),
     # tracing and layer discovery (layouts, shapes, candidates, "auto")
     ("discovery", {"casify.tracing", "casify.discovery"}),
-    # the fx rewrite: returns graphs, CAS modules and the resolved CASConfig; knows no model class
+    # the fx rewrite: returns graphs, CAS modules and the resolved DefenseConfig; knows no model class
     ("rewrite", {"casify.rewrite"}),
     # the texts a published model carries: the evaluation summary and the model card (they serve publishing, so they
     # sit just below it, not in the foundation)

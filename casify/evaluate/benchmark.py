@@ -136,7 +136,7 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
         model = model.to(device)
     data, data_name = _data(dataset, n_examples, data_dir)
     info = {f: None for f in MODEL_INFO_FIELDS}
-    info.update(name=model_name, dataset=data_name, architecture=architecture_name(model))  # not "CASModel"
+    info.update(name=model_name, dataset=data_name, architecture=architecture_name(model))  # not "DefendedModel"
     casify_info: dict = {"threat_model": tm, "n_examples": len(data)}
     report = None
     if tm == "corruptions":

@@ -287,7 +287,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     the size of one input, sets the L2 check radius). ``device`` is unused (every row runs on its batch's device);
     kept for callers."""
     cas_modules = find_defense_modules(model)
-    has_cas = bool(cas_modules)
+    defended = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
                             rank=CASCADE_RANKS["every example"])]
     n_modules = attack_head_count(model)  # auxiliary heads the attacks see (CAS and CIFS: one per module)
@@ -296,19 +296,19 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
         if not (kind == "white-box" and attack.norm != "linf"):  # a caller's own L2 Attack stays as it is
             attack = with_norm(attack, norm)
-        name = row_name(base, attack, has_cas)
-        main = is_main_row(attack, has_cas)
+        name = row_name(base, attack, defended)
+        main = is_main_row(attack, defended)
         role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
-        kind = kind or ("white-box" if main or not has_cas else "adaptive")
-        jobs.append(attack_job(name, kind, attack, target, family=family_of(base, name, attack, has_cas), role=role,
-                               defended=has_cas))
+        kind = kind or ("white-box" if main or not defended else "adaptive")
+        jobs.append(attack_job(name, kind, attack, target, family=family_of(base, name, attack, defended), role=role,
+                               defended=defended))
 
     if isinstance(attacks, str):
         suite = attacks
-        for name, attack in suite_attacks(attacks, eps, has_cas, n_modules, routed).items():
+        for name, attack in suite_attacks(attacks, eps, defended, n_modules, routed).items():
             add_gradient_row(name.split("[")[0], attack)
         if suite == "standard":
-            jobs.extend(apgd_job(base, target, eps, has_cas, norm) for base in APGD_ROWS)
+            jobs.extend(apgd_job(base, target, eps, defended, norm) for base in APGD_ROWS)
     else:
         suite = "custom"
         adaptive = False
@@ -317,19 +317,19 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
                 adaptive = True
                 continue
             if isinstance(spec, str) and spec in APGD_ROWS:
-                jobs.append(apgd_job(spec, target, eps, has_cas, norm))
+                jobs.append(apgd_job(spec, target, eps, defended, norm))
                 continue
-            base, attack = resolve_attack(spec, eps, has_cas, n_modules)
+            base, attack = resolve_attack(spec, eps, defended, n_modules)
             add_gradient_row(base, attack, kind=get_attack_kind(attack.kind).row_kind if isinstance(spec, Attack)
                              else None)
-        if adaptive and has_cas:
+        if adaptive and defended:
             for base, attack in adaptive_rows(n_modules, eps, routed):
                 add_gradient_row(base, attack)
     extra_versions: Dict[str, str] = {}
     if autoattack:
         aa_class, aa_flavour = blackbox.load_autoattack()
         extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
-        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, has_cas, norm))
+        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, defended, norm))
     if transfer_from is not None:
         surrogate_obj = objective_for(bool(find_defense_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
@@ -345,17 +345,17 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         jobs.append(noise_job(eps, norm))
     sweep_jobs = []
     for e in sorted(float(v) for v in (eps_sweep or [])):
-        attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(has_cas),
+        attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(defended),
                         norm=norm)
         sweep_jobs.append(attack_job(attack.name, "sweep", attack, target, in_worst_case=False))
     check_jobs = []
     if checks:
         big = large_eps(norm, input_numel) if norm != "linf" else LARGE_EPS
-        attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(has_cas),
+        attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(defended),
                         norm=norm)
         check_jobs.append(attack_job(attack.name, "check", attack, target, in_worst_case=False,
                                        notes="large-eps PGD-20 for the eps_monotone check", role=LARGE_EPS_ROLE))
-        if has_cas:
+        if defended:
             # Check-only references for final_logits_vs_adaptive: never rows of the report.
             check_jobs.append(attack_job(
                 CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce", norm=norm), target,
