@@ -156,7 +156,7 @@ def interleave(variants: Dict[str, Callable[[], float]], rounds: int, on_error: 
 
 # --------------------------------------------------------------------------------------------- part 1 and 2: training
 
-def build_model(width: float, seed: int) -> casify.CASModel:
+def build_model(width: float, seed: int) -> casify.DefendedModel:
     torch.manual_seed(seed)
     base = timm.create_model("cifar_resnet18", num_classes=10, width=width)
     return casify.wrap(base, ["layer4.0", "layer4.1"], init="paper", normalize=None, input_size=(3, 32, 32))

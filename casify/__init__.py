@@ -8,14 +8,17 @@ from . import attacks, losses, models  # models registers the paper's CIFAR mode
 # compatibility names of code written before the family engine), as casify.defenses lists them
 from . import defenses
 from .defenses import *  # noqa: F401,F403
-from .config import CASConfig
+from .config import DefenseConfig
 from .discovery import Layer, LayerError, Layout, list_layers
 from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
-from .model import CASModel
+from .model import DefendedModel
 from .normalize import InputNormalize, InputRangeWarning
 from .routing import route
 from .surgery import unwrap, wrap
 from .tracing import TraceError
+
+# 0.1.0's names of the generic wrapper and its config (CHANGELOG.md): any defense, not only CAS
+CASModel, CASConfig = DefendedModel, DefenseConfig
 
 # Imported on first access (PEP 562), so `import casify` stays fast: the training loop, the evaluation suite, the
 # analysis and the datasets pull in accelerate, matplotlib, scikit-learn and friends.
@@ -23,7 +26,7 @@ _LAZY_SUBMODULES = ("analysis", "data", "evaluate", "train")
 
 __all__ = [
     "analysis", "attacks", "data", "defenses", "evaluate", "losses", "models", "train",
-    "CASConfig", "CASModel", "InputNormalize", "InputRangeWarning", "Layer", "LayerError", "Layout",
+    "CASConfig", "CASModel", "DefendedModel", "DefenseConfig", "InputNormalize", "InputRangeWarning", "Layer", "LayerError", "Layout",
     "LoadError", "TraceError", "from_pretrained", "list_layers", "push_to_hub", "route",
     "save_pretrained", "unwrap", "wrap", "write_hub_folder",
     *defenses.__all__,

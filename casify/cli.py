@@ -1,5 +1,6 @@
 """The ``casify`` commands. The options are declared in :mod:`casify_cli` (outside the package, so ``casify --help``
-imports no torch); here each subcommand's ``cmd_<name>`` runs it with the library's plain functions.
+imports no torch), which calls :func:`run` once a subcommand is parsed; here each subcommand's ``cmd_<name>`` runs
+it with the library's plain functions. Nothing here imports :mod:`casify_cli` back: the launcher is the top.
 
     casify train --config recipes/configs/digits_tiny_at_cas.yaml
     casify eval MODEL --data digits --split test --suite standard --eps 8/255 --max-examples 1000 --out runs/eval
@@ -17,9 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
-
-import casify_cli
+from typing import Callable, Dict, Optional
 
 from .data_fit import check_data_fits
 from .output_dir import OutputDirError, output_dir, prepare_output_dir
@@ -251,33 +250,3 @@ def run(args: argparse.Namespace) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"casify {args.command}: error: {message}\n(--debug shows the traceback)", file=sys.stderr)
         return 1
-
-
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = casify_cli.add_eval_parser(subparsers)
-    p.set_defaults(func=cmd_eval)
-    return p
-
-
-def add_analyze_parser(subparsers) -> argparse.ArgumentParser:
-    p = casify_cli.add_analyze_parser(subparsers)
-    p.set_defaults(func=cmd_analyze)
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return casify_cli.build_parser()
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``casify ...`` (:func:`casify_cli.main`)."""
-    return casify_cli.main(argv)
-
-
-def eval_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``casify eval`` with ``argv`` as its arguments (what ``recipes/evaluate.py`` runs)."""
-    return main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,17 @@
-"""``CASConfig``: everything that decides what a wrapped model is, as one typed, versioned value.
+"""``DefenseConfig``: everything that decides what a wrapped model is, as one typed, versioned value.
 
 The same value flows both ways (the pattern of PEFT's ``PeftConfig``): ``casify.wrap(model, config)`` builds a model
 from it, the rewrite returns it *resolved* (layer names instead of patterns / ``"auto"``, the channel axis and count
 of every layer, the class count, the normalisation's mean and std), ``save_pretrained`` writes its
-:meth:`CASConfig.to_dict` as ``config.json``, and ``from_pretrained`` reads it back with :meth:`CASConfig.from_dict`
+:meth:`DefenseConfig.to_dict` as ``config.json``, and ``from_pretrained`` reads it back with :meth:`DefenseConfig.from_dict`
 and calls ``wrap`` with it: one path for a fresh wrap and for a load.
 
 The wire format is the JSON casify has always written (``{"base_model", "cas": {...}, "defense": {"name",
 "options"}, "normalize", "class_names", "versions"}``); ``config_version`` (see
 :data:`casify.config_validation.CONFIG_VERSION`) says which layout a dict has: 2 added the ``defense`` section, and
 a dict without one (version 1, or no version at all) is read as CAS. Untrusted dicts are checked by
-:func:`casify.config_validation.validate_config` before they become a ``CASConfig`` (``from_dict(d, validate=True)``,
-:meth:`CASConfig.from_json_file`).
+:func:`casify.config_validation.validate_config` before they become a ``DefenseConfig`` (``from_dict(d, validate=True)``,
+:meth:`DefenseConfig.from_json_file`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ CAS_KEYS = ("layers", "init", "suppress", "num_classes", "channel_dims", "channe
 
 
 @dataclass
-class CASConfig:
+class DefenseConfig:
     """What to wrap and how; resolved by ``wrap`` (see the module docstring).
 
     Attributes:
@@ -107,7 +107,7 @@ class CASConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict, *, validate: bool = False, source: str = "config") -> "CASConfig":
+    def from_dict(cls, data: dict, *, validate: bool = False, source: str = "config") -> "DefenseConfig":
         """Read a dict written by :meth:`to_dict` (or any casify's ``config.json``, older layouts included).
 
         ``validate=True`` first checks it as untrusted data (:func:`casify.config_validation.validate_config`);
@@ -131,11 +131,11 @@ class CASConfig:
                    extra={k: copy.deepcopy(v) for k, v in data.items() if k not in known and v is not None})
 
     @classmethod
-    def from_json_file(cls, path) -> "CASConfig":
+    def from_json_file(cls, path) -> "DefenseConfig":
         """A saved ``config.json``, read and checked as untrusted data (bounded size, strict JSON, every field)."""
         return cls.from_dict(read_config(path))
 
-    def replace(self, **changes) -> "CASConfig":
+    def replace(self, **changes) -> "DefenseConfig":
         """A copy with ``changes`` (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
@@ -175,12 +175,12 @@ def _normalize_to_json(normalize):
     return copy.deepcopy(normalize)
 
 
-def as_config(layers: Any = "auto", **settings) -> CASConfig:
-    """A :class:`CASConfig` from ``wrap``'s keyword form (``base_spec`` is the config's ``base_model``)."""
+def as_config(layers: Any = "auto", **settings) -> DefenseConfig:
+    """A :class:`DefenseConfig` from ``wrap``'s keyword form (``base_spec`` is the config's ``base_model``)."""
     if "base_spec" in settings:
         settings["base_model"] = settings.pop("base_spec")
     if isinstance(layers, (str, re.Pattern)):
         layers = [layers] if not (isinstance(layers, str) and layers == "auto") else "auto"
     elif isinstance(layers, Sequence):
         layers = list(layers)
-    return CASConfig(layers=layers, **settings)
+    return DefenseConfig(layers=layers, **settings)

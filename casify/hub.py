@@ -2,7 +2,7 @@
 for saving and publishing too.
 
 Nothing is ever unpickled: weights are safetensors, the config is JSON, and the architecture is rebuilt from its name
-(timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.config.CASConfig`
+(timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.config.DefenseConfig`
 through the same ``casify.wrap`` a fresh model goes through. From the Hub, ``huggingface_hub.snapshot_download``
 fetches ``config.json`` alone, then, once it was checked, ``model.safetensors`` of the same commit; nothing else in
 the repo. Writing lives below the model class (:mod:`casify.serialization`, :mod:`casify.publish`) and is re-exported
@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import CASConfig
+from .config import DefenseConfig
 from .config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
-from .model import CASModel
+from .model import DefendedModel
 from .publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
 from .serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
                             sha256_file)
@@ -174,7 +174,7 @@ def _mismatch_error(weights: Path, detail: List[str]) -> LoadError:
                      "Was the folder written by another model, or is model= not the saved architecture?")
 
 
-def _check_sizes_on_meta(spec: dict, config: dict, weights: Path, cas_config: CASConfig, trace_kwargs: dict) -> None:
+def _check_sizes_on_meta(spec: dict, config: dict, weights: Path, cas_config: DefenseConfig, trace_kwargs: dict) -> None:
     """Refuse a config whose sizes disagree with the weights file before anything is allocated.
 
     The base is built and wrapped on the meta device (shapes, no memory) and compared with the tensor shapes in the
@@ -219,7 +219,7 @@ def _build_base(spec: dict) -> nn.Module:
 
 def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
                     revision: Optional[str] = None, token=None, map_location="cpu", leaf_modules: Sequence[type] = (),
-                    autowrap_functions: Sequence = ()) -> CASModel:
+                    autowrap_functions: Sequence = ()) -> DefendedModel:
     """Rebuild a wrapped model from a folder (offline) or a Hub repo id and load its weights strictly.
 
     ``model`` is the original (un-wrapped) architecture, needed only when the base is not a timm or torchvision model.
@@ -236,11 +236,11 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
         raise LoadError(f"{folder} has no {WEIGHTS_NAME}")
     check_inside(weights.parent, weights)
     verify_weights(weights, config)
-    if isinstance(model, CASModel):
+    if isinstance(model, DefendedModel):
         raise TypeError("pass the original (un-wrapped) architecture as model=, not a wrapped one")
-    # The same path as a fresh wrap: the saved CASConfig, resolved names only. Fields that describe the file
+    # The same path as a fresh wrap: the saved DefenseConfig, resolved names only. Fields that describe the file
     # (format, weights_sha256) stay behind; metrics, training and other saved fields come along as inert data.
-    cas_config = CASConfig.from_dict(config, source=str(folder / CONFIG_NAME))
+    cas_config = DefenseConfig.from_dict(config, source=str(folder / CONFIG_NAME))
     trace_kwargs = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     if model is None:
         if cas_config.base_model["source"] != "custom":

@@ -71,7 +71,11 @@ def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return logits, [a.float() for a in aux_logits(model)]
 
 
-def _mean(terms: List[torch.Tensor]) -> torch.Tensor:
+def _mean(terms: List[torch.Tensor], model: nn.Module) -> torch.Tensor:
+    """The mean of the heads' terms; 0 (on the model's device) for a defense without auxiliary heads."""
+    if not terms:
+        parameter = next(model.parameters(), None)
+        return torch.zeros((), device=parameter.device if parameter is not None else None)
     return torch.stack(terms).mean()
 
 
@@ -95,7 +99,7 @@ def joint_aux_term(model: nn.Module, aux: List[torch.Tensor], loss_fn: Callable[
     for i, (head, target, weight) in enumerate(zip(aux, targets, weights)):
         term = loss_fn(others[i], head) if others is not None else loss_fn(head, target)
         terms.append(term if weight == 1.0 else weight * term)
-    return _mean(terms)
+    return _mean(terms, model)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -167,8 +171,8 @@ class AdversarialLoss(abc.ABC):
 
     def __call__(self, model: nn.Module, x_nat: Optional[torch.Tensor], x_adv: torch.Tensor,
                  y: torch.Tensor) -> Tuple[torch.Tensor, Metrics]:
-        has_cas = bool(find_defense_modules(model))
-        if self.cas and not has_cas:
+        defended = bool(find_defense_modules(model))
+        if self.cas and not defended:
             raise ValueError(f"{type(self).__name__}(cas=True) needs a model with CAS modules; wrap it with "
                              "casify.wrap(model, layers=...) or use cas=False")
         return self.compute(model, x_nat, x_adv, y)

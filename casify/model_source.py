@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .hub import from_pretrained
-from .model import CASModel
+from .model import DefendedModel
 from .models import SHARED_MODELS, load_shared_model
 from .surgery import wrap
 
@@ -66,7 +66,7 @@ def _state_dict(path: Path) -> dict:
     return state
 
 
-def _from_weights_file(path: Path, arch: Optional[str]) -> CASModel:
+def _from_weights_file(path: Path, arch: Optional[str]) -> DefendedModel:
     """A weights file: into ``--arch``'s model, or one of casify's shared models by file name; wrapped without CAS."""
     if arch is None:
         try:
@@ -85,7 +85,7 @@ def _from_weights_file(path: Path, arch: Optional[str]) -> CASModel:
     return wrap(base.eval(), [])
 
 
-def load_model(name: str, arch: Optional[str] = None) -> CASModel:
+def load_model(name: str, arch: Optional[str] = None) -> DefendedModel:
     """The wrapped model ``name`` stands for (see the module doc), in eval mode."""
     path = Path(os.path.expanduser(name))
     if path.is_file():

@@ -1,6 +1,6 @@
 """Publishing a wrapped model: ``save_pretrained`` plus a model card, and the upload of exactly those files.
 
-Below the model class (like :mod:`casify.serialization`), so ``CASModel.push_to_hub`` needs nothing above it.
+Below the model class (like :mod:`casify.serialization`), so ``DefendedModel.push_to_hub`` needs nothing above it.
 """
 from __future__ import annotations
 

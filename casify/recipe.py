@@ -10,7 +10,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -191,12 +191,3 @@ def _publish(folder: Path, hub: HubSection, message: str) -> bool:
         return False
     print(f"casify: pushed {folder} to https://huggingface.co/{hub.model_id}")
     return True
-
-
-def main(method: str, argv: Optional[Sequence[str]] = None) -> dict:
-    """``recipes/finetune_<method>.py``'s entry point as a function: parse the options, read the recipe once, run."""
-    from casify_cli import Parser, add_train_arguments
-    parser = Parser(description=f"Adversarial fine-tuning with {method.upper()} (optionally with a defense)")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    return run(load_recipe(args.config, CommandLine.from_args(args, method=method)))

@@ -1,9 +1,9 @@
 """The graph rewrite: trace a model in both modes, insert a CAS node after each chosen layer (and input normalisation
 after the input), and return the pieces a wrapped model is made of.
 
-One job, no model class: :func:`rewrite` takes the original and a :class:`~casify.config.CASConfig`, and returns a
+One job, no model class: :func:`rewrite` takes the original and a :class:`~casify.config.DefenseConfig`, and returns a
 :class:`Rewrite` (the two rewritten fx graphs, the CAS modules, the normalisation module, fx's captured constants, and
-the config resolved). :class:`casify.model.CASModel` is built from it; ``casify.wrap`` does both steps.
+the config resolved). :class:`casify.model.DefendedModel` is built from it; ``casify.wrap`` does both steps.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from .defenses import DefenseModule, get_defense, layout_of, validate_options
-from .config import CASConfig
+from .config import DefenseConfig
 from .discovery import (LayerError, default_input_size, expand_layers, locate, output_classes, probe_shape,
                         propagate_shapes, resolve_node)
 from .normalize import InputNormalize, resolve_normalize
@@ -30,11 +30,11 @@ NORMALIZE_ATTR = "input_normalize"
 
 @dataclass
 class Rewrite:
-    """What :func:`rewrite` returns: everything :class:`casify.model.CASModel` is built from."""
+    """What :func:`rewrite` returns: everything :class:`casify.model.DefendedModel` is built from."""
     graphs: Dict[bool, fx.Graph]                      # training mode -> rewritten graph
     cas_modules: Dict[str, DefenseModule]             # module key -> defense module, in graph order
     normalize: Optional[nn.Module]
-    config: CASConfig                                 # resolved
+    config: DefenseConfig                                 # resolved
     constants: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -48,7 +48,7 @@ def module_key(name: str, taken: set) -> str:
     return key
 
 
-def defense_options(config: CASConfig) -> dict:
+def defense_options(config: DefenseConfig) -> dict:
     """The options the config's defense is built with, checked against the defense's ``OPTIONS``. CAS's
     ``suppress`` is not one of them: it lives in the placement section (``config.suppress``), in one place only."""
     if config.defense != "cas" and config.suppress is not True:
@@ -56,7 +56,7 @@ def defense_options(config: CASConfig) -> dict:
     return validate_options(config.defense, config.defense_options)
 
 
-def resolve_layer_options(config: CASConfig, names: List[str], options: dict) -> Dict[str, dict]:
+def resolve_layer_options(config: DefenseConfig, names: List[str], options: dict) -> Dict[str, dict]:
     """Per-layer overrides of the defense's options, keyed by resolved layer names; a key that names no wrapped layer
     or an option the defense does not have is refused (a typo must not silently give every layer the default)."""
     unknown = sorted(set(config.layer_options) - set(names))
@@ -70,7 +70,7 @@ def resolve_layer_options(config: CASConfig, names: List[str], options: dict) ->
     return out
 
 
-def rewrite(model: nn.Module, config: CASConfig, leaf_modules: Iterable[type] = (),
+def rewrite(model: nn.Module, config: DefenseConfig, leaf_modules: Iterable[type] = (),
             autowrap_functions: Iterable = ()) -> Rewrite:
     """Trace ``model`` in eval and train mode and insert what ``config`` asks for into both graphs.
 

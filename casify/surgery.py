@@ -1,8 +1,8 @@
 """The two entry points of model surgery: ``wrap`` (original -> wrapped model) and ``unwrap`` (and back).
 
 ``wrap`` is two steps, each in its own layer: :func:`casify.rewrite.rewrite` turns the original and a
-:class:`~casify.config.CASConfig` into rewritten graphs, CAS modules and the resolved config, and
-:class:`casify.model.CASModel` is built from them. Layer discovery (``list_layers``, ``Layer``, ``LayerError``,
+:class:`~casify.config.DefenseConfig` into rewritten graphs, CAS modules and the resolved config, and
+:class:`casify.model.DefendedModel` is built from them. Layer discovery (``list_layers``, ``Layer``, ``LayerError``,
 ``default_input_size``) lives in :mod:`casify.discovery` and is re-exported here for old imports.
 """
 from __future__ import annotations
@@ -11,22 +11,22 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from .config import CASConfig, as_config
+from .config import DefenseConfig, as_config
 from .defenses import validate_options
 from .discovery import (Layer, LayerError, LayerSpec, Layout, default_input_size,  # noqa: F401  (re-exported)
                         list_layers)
-from .model import CASModel
+from .model import DefendedModel
 from .rewrite import rewrite
 
 __all__ = ["wrap", "unwrap", "list_layers", "Layer", "LayerError", "Layout", "default_input_size"]
 
 
-def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_classes: Optional[int] = None,
+def wrap(model: nn.Module, layers: Union[LayerSpec, DefenseConfig] = "auto", *, num_classes: Optional[int] = None,
          init: Optional[str] = None, suppress: bool = True, normalize="auto",
          input_size: Optional[Sequence[int]] = None, channel_dims: Optional[Dict[str, int]] = None,
          leaf_modules: Iterable[type] = (), autowrap_functions: Iterable = (), base_spec: Optional[dict] = None,
          class_names: Optional[Sequence[str]] = None, defense: str = "cas",
-         layer_options: Optional[Dict[str, Dict[str, Any]]] = None, **options) -> CASModel:
+         layer_options: Optional[Dict[str, Dict[str, Any]]] = None, **options) -> DefendedModel:
     """Insert a defense module (CAS by default) after each of ``layers`` in ``model`` and return the wrapped model.
 
     Args:
@@ -34,9 +34,9 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
         layers: module names (their output), graph-node names (a call site), ``"re:<regex>"`` or compiled patterns
             (full match, module names first), or ``"auto"`` (the last feature stage). See :func:`list_layers`.
             An empty list gives a model without CAS that still has normalisation inside and casify's save/load
-            (the plain-AT baseline of a comparison). Or a :class:`~casify.config.CASConfig` holding every setting
+            (the plain-AT baseline of a comparison). Or a :class:`~casify.config.DefenseConfig` holding every setting
             below except ``leaf_modules`` / ``autowrap_functions`` (then pass none of the others):
-            ``casify.wrap(model, CASConfig(layers=["layer4"], init="paper"))``; ``from_pretrained`` takes this path
+            ``casify.wrap(model, DefenseConfig(layers=["layer4"], init="paper"))``; ``from_pretrained`` takes this path
             with the saved config.
         num_classes: classes of the auxiliary classifiers; by default the model's own output width.
         init: ``"identity"`` (the wrapped model computes what the original did at insertion) or ``"paper"``
@@ -58,9 +58,9 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
         **options: the defense's options (e.g. ``top_k=1`` for CIFS, ``tau=0.1`` for FSR); unknown ones and
             values outside what the defense allows are refused.
     """
-    if isinstance(model, CASModel):
+    if isinstance(model, DefendedModel):
         raise ValueError("the model is already wrapped by casify; unwrap it first or list all layers in one wrap call")
-    if isinstance(layers, CASConfig):
+    if isinstance(layers, DefenseConfig):
         given = {"num_classes": num_classes is not None, "init": init is not None, "suppress": suppress is not True,
                  "defense": defense != "cas", "options": bool(options), "layer_options": bool(layer_options),
                  "normalize": not (isinstance(normalize, str) and normalize == "auto"),
@@ -68,7 +68,7 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
                  "base_spec": base_spec is not None, "class_names": class_names is not None}
         clash = sorted(k for k, v in given.items() if v)
         if clash:
-            raise TypeError(f"casify.wrap got a CASConfig and also {clash}; set them in the config "
+            raise TypeError(f"casify.wrap got a DefenseConfig and also {clash}; set them in the config "
                             "(config.replace(...)) instead")
         config = layers
     else:
@@ -77,7 +77,7 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, CASConfig] = "auto", *, num_
                            input_size=input_size, channel_dims=channel_dims, base_spec=base_spec,
                            class_names=class_names, defense=defense, defense_options=options,
                            layer_options=layer_options or {})
-    return CASModel.from_rewrite(model, rewrite(model, config, leaf_modules, autowrap_functions))
+    return DefendedModel.from_rewrite(model, rewrite(model, config, leaf_modules, autowrap_functions))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,7 +85,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     The result shares its modules and parameters with ``model``; ``copy.deepcopy`` it for an independent copy.
     """
-    if not isinstance(model, CASModel):
+    if not isinstance(model, DefendedModel):
         raise TypeError(f"casify.unwrap expects a model returned by casify.wrap, got {type(model).__name__}")
     base = model.base_model
     for name in base._modules:

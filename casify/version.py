@@ -1,2 +1,2 @@
 """casify's version, in a module of its own so that any layer can read it without importing the package facade."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

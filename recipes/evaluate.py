@@ -4,7 +4,7 @@
 """
 import sys
 
-from casify.cli import eval_main
+from casify_cli import main
 
 if __name__ == "__main__":
-    sys.exit(eval_main())
+    sys.exit(main(["eval", *sys.argv[1:]]))

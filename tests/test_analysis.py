@@ -1,6 +1,5 @@
 """Channel-wise activation analysis: hand-checked statistics, capture at modules / nodes / CAS layers, the end-to-end
 report with its figures, t-SNE and the command line."""
-import argparse
 import json
 import math
 import warnings
@@ -325,19 +324,18 @@ def test_tsne_plot_of_penultimate_features(tiny_net, tmp_path):
 def test_cli_analyze_on_a_saved_model(tmp_path, capsys):
     import timm
 
+    import casify_cli
     from casify import cli
     torch.manual_seed(0)
     base = timm.create_model("cifar_resnet18", num_classes=10, width=0.125)
     casify.wrap(base, layers=["layer4.1"], input_size=(3, 16, 16), init="paper").save_pretrained(tmp_path / "model")
-    parser = argparse.ArgumentParser(prog="casify")
-    cli.add_analyze_parser(parser.add_subparsers(dest="command"))
     argv = ["analyze", str(tmp_path / "model"), "--data", "digits", "--out", str(tmp_path / "out"),
             "--eps", "4/255", "--steps", "1", "--max-examples", "12", "--device", "cpu"]
-    args = parser.parse_args(argv)
-    assert args.func is cli.cmd_analyze and args.eps == pytest.approx(4 / 255)
+    args = casify_cli.build_parser().parse_args(argv)
+    assert cli.COMMANDS[args.command] is cli.cmd_analyze and args.eps == pytest.approx(4 / 255)
     assert args.cas_side == "before" and not args.overwrite
     assert not hasattr(A, "add_analyze_parser") and not hasattr(A, "analyze_main")  # the CLI owns the parsing
-    assert cli.main(argv) == 0
+    assert casify_cli.main(argv) == 0
     report = json.loads((tmp_path / "out" / "channel_report.json").read_text())
     assert report["layer"] == "layer4.1" and report["channels"] == 64 and report["num_examples"] == 12
     assert report["capture_point"] == "before CAS mask (input of cas_modules.layer4_1)"

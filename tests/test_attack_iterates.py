@@ -145,8 +145,8 @@ def test_logits_that_depend_on_aux_logits_get_the_exact_gradient(objective, rout
     x_in = x.clone().requires_grad_(True)
     with attack_context(model, routing), torch.enable_grad():
         outputs = [model(x_in).float()] + [a.float() for a in casify.aux_logits(model)]
-        _, grads = attacks._output_grads(fn, outputs, dict(y=y))
-        direction = attacks._input_grad_direction(outputs, grads, x_in, low_precision=False)
+        _, grads = attacks.output_grads(fn, outputs, dict(y=y))
+        direction = attacks.input_grad_direction(outputs, grads, x_in, low_precision=False)
     true = _true_input_grad(model, x, y, objective, routing)
 
     def unit(g):

@@ -149,7 +149,7 @@ def test_the_suites_rows_run_through_the_registry(plain, monkeypatch):
 
 def test_built_in_kinds_equal_their_functions(plain):
     pytest.importorskip("pyautoattack")
-    from casify.autopgd import apgd, apgd_targeted
+    from casify.attacks.autopgd import apgd, apgd_targeted
     from casify.attacks import square_attack
     x, y = make_data(8, 6)
 

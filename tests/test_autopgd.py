@@ -1,9 +1,9 @@
-"""AutoAttack's APGD / APGD-T on casify's objectives (casify.autopgd): they stay in the ball, find what the masked
+"""AutoAttack's APGD / APGD-T on casify's objectives (casify.attacks.autopgd): they stay in the ball, find what the masked
 final-logit objective misses, draw per example (batch-independent) and leave the global random state alone."""
 import pytest
 import torch
 
-from casify.autopgd import ObjectiveAdapter, apgd, apgd_targeted, dlr, dlr_targeted
+from casify.attacks.autopgd import ObjectiveAdapter, apgd, apgd_targeted, dlr, dlr_targeted
 from casify.evaluate import deployed_correct
 from test_attacks import cas_net, make_data, train
 

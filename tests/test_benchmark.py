@@ -126,7 +126,7 @@ def test_cli_benchmark_writes_the_model_info(tmp_path, capsys):
     import timm
 
     import casify
-    from casify.cli import main
+    from casify_cli import main
     torch.manual_seed(0)
     base = timm.create_model("cifar_resnet18", num_classes=CLASSES, width=0.125)
     casify.wrap(base, layers=[], input_size=(3, 8, 8), normalize=None).save_pretrained(tmp_path / "net")

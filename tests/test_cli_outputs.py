@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import casify
-from casify import cli
+import casify_cli as cli  # what the installed `casify` command runs
 from casify.output_dir import MARKER, OutputDirError, output_dir, prepare_output_dir, read_marker
 
 
@@ -188,6 +188,6 @@ def test_eval_compiled_channels_last_gives_the_same_report(saved, tmp_path):
     assert cli.main(eval_argv(saved, tmp_path / "fast", "--compile", "--compile-backend", "eager", "--channels-last")) == 0
     plain = json.loads((tmp_path / "plain" / "eval_report.json").read_text())
     fast = json.loads((tmp_path / "fast" / "eval_report.json").read_text())
-    assert fast["model"]["compiled"] and fast["model"]["channels_last"] and fast["model"]["class"] == "CASModel"
+    assert fast["model"]["compiled"] and fast["model"]["channels_last"] and fast["model"]["class"] == "DefendedModel"
     assert fast["natural_accuracy"] == plain["natural_accuracy"] and fast["worst_case"] == plain["worst_case"]
     assert fast["cascade"] == plain["cascade"]  # every row attacked and fooled the same examples

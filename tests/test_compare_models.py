@@ -88,7 +88,7 @@ def test_several_seeds_per_model_use_the_seed_rule(data):
 def test_cli_compare_evaluates_model_folders_and_refuses_a_mismatch(folders, tmp_path, capsys):
     import timm
 
-    from casify.cli import main
+    from casify_cli import main
     for seed in (0, 1):
         torch.manual_seed(seed)
         base = timm.create_model("cifar_resnet18", num_classes=CLASSES, width=0.125)
@@ -109,7 +109,7 @@ def test_cli_compare_evaluates_model_folders_and_refuses_a_mismatch(folders, tmp
 
 def test_cli_compare_takes_weights_files_as_casify_eval_does(tmp_path, capsys):
     """``casify compare A.pth B.pth`` failed with "'utf-8' codec can't decode": a file was read as a report."""
-    from casify.cli import main
+    from casify_cli import main
     from casify.models import resnet2b
     for seed in (0, 1):
         torch.manual_seed(seed)

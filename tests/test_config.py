@@ -1,4 +1,4 @@
-"""CASConfig: one typed, versioned config for wrap and from_pretrained; the public homes of what used to be private."""
+"""DefenseConfig: one typed, versioned config for wrap and from_pretrained; the public homes of what used to be private."""
 import copy
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import casify
-from casify import CASConfig, LoadError, Layout
+from casify import DefenseConfig, LoadError, Layout
 from casify.config_validation import CONFIG_VERSION
 from casify.discovery import auto_layer_of, infer_layout, resolve_node, traced_with_shapes
 
@@ -19,7 +19,7 @@ def test_wrap_with_a_config_equals_the_keyword_form(tiny_net):
     keyword = casify.wrap(copy.deepcopy(tiny_net), layers=["block"], init="paper", input_size=(3, 8, 8),
                           normalize="imagenet", class_names=list("abcde"))
     torch.manual_seed(0)
-    typed = casify.wrap(copy.deepcopy(tiny_net), CASConfig(layers=["block"], init="paper", input_size=(3, 8, 8),
+    typed = casify.wrap(copy.deepcopy(tiny_net), DefenseConfig(layers=["block"], init="paper", input_size=(3, 8, 8),
                                                            normalize="imagenet", class_names=list("abcde")))
     assert _settings(typed.casify_config) == _settings(keyword.casify_config)
     typed.load_state_dict(keyword.state_dict())
@@ -31,18 +31,18 @@ def test_wrap_with_a_config_equals_the_keyword_form(tiny_net):
 def test_the_resolved_config_round_trips_and_rebuilds_the_model(tiny_net):
     wrapped = casify.wrap(copy.deepcopy(tiny_net), layers="re:block", input_size=(3, 8, 8), normalize=None)
     config = wrapped.cas_config
-    assert isinstance(config, CASConfig) and config.is_resolved
+    assert isinstance(config, DefenseConfig) and config.is_resolved
     assert config.layers == ["block"] and config.channel_dims == {"block": 1} and config.channels == {"block": 16}
     assert config.num_classes == 5 and config.input_size == (3, 8, 8) and config.version == CONFIG_VERSION
     assert config.to_dict() == wrapped.casify_config
-    assert CASConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert DefenseConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     again = casify.wrap(copy.deepcopy(tiny_net), config)
     assert _settings(again.casify_config) == _settings(wrapped.casify_config)
 
 
 def test_a_config_and_keywords_together_are_refused(tiny_net):
     with pytest.raises(TypeError, match="init"):
-        casify.wrap(tiny_net, CASConfig(layers=["block"]), init="paper")
+        casify.wrap(tiny_net, DefenseConfig(layers=["block"]), init="paper")
 
 
 def test_saved_config_is_versioned_and_a_newer_version_is_refused(tmp_path, tiny_net):
@@ -51,7 +51,7 @@ def test_saved_config_is_versioned_and_a_newer_version_is_refused(tmp_path, tiny
     wrapped.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config_version"] == CONFIG_VERSION and config["format"] == "casify"
-    assert CASConfig.from_json_file(tmp_path / "config.json").layers == ["block"]
+    assert DefenseConfig.from_json_file(tmp_path / "config.json").layers == ["block"]
     config["config_version"] = CONFIG_VERSION + 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError, match="config_version"):
@@ -62,14 +62,14 @@ def test_a_config_without_a_version_reads_as_version_1_and_upgrades_to_cas():
     old = {"base_model": {"source": "custom", "name": "x.Net", "kwargs": {}},
            "cas": {"layers": ["block"], "init": "identity", "suppress": True, "num_classes": 5}, "normalize": None,
            "metrics": {"accuracy": 0.5}, "format": "casify", "weights_sha256": "0" * 64}
-    config = CASConfig.from_dict(old, validate=True)
+    config = DefenseConfig.from_dict(old, validate=True)
     # version 1 (no config_version) knew one defense: it upgrades to the current layout as CAS
     assert config.version == CONFIG_VERSION == 2 and config.layers == ["block"] and config.input_size is None
     assert config.defense == "cas" and config.defense_options == {}
-    assert CASConfig.from_dict({**old, "config_version": 1}, validate=True).defense == "cas"
+    assert DefenseConfig.from_dict({**old, "config_version": 1}, validate=True).defense == "cas"
     assert config.extra == {"metrics": {"accuracy": 0.5}}  # file fields (format, checksum) stay with the file
     with pytest.raises(LoadError, match="cas.num_classes"):
-        CASConfig.from_dict({**old, "cas": {**old["cas"], "num_classes": -1}}, validate=True)
+        DefenseConfig.from_dict({**old, "cas": {**old["cas"], "num_classes": -1}}, validate=True)
 
 
 def test_layout_is_a_string_enum():

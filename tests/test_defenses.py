@@ -391,8 +391,8 @@ def test_non_default_options_and_suppress_round_trip(defense, options, tmp_path)
     assert {k: getattr(module, k) for k in options} == options
     if defense == "cas":
         assert module.suppress is False and loaded.casify_config["defense"]["options"] == {}
-        with pytest.raises(ValueError, match="no option 'suppress'"):  # one place for it: CASConfig.suppress
-            casify.wrap(TinyNet(), casify.CASConfig(layers=["block"], input_size=(3, 8, 8), normalize=None,
+        with pytest.raises(ValueError, match="no option 'suppress'"):  # one place for it: DefenseConfig.suppress
+            casify.wrap(TinyNet(), casify.DefenseConfig(layers=["block"], input_size=(3, 8, 8), normalize=None,
                                                     defense_options={"suppress": False}))
 
 

@@ -254,11 +254,11 @@ def untrained_report():
 
 def test_reports_name_the_architecture_and_the_dataset_and_flag_chance(untrained_report):
     report = untrained_report
-    assert report.model["architecture"] == "cifar_resnet18" and report.model["class"] == "CASModel"
+    assert report.model["architecture"] == "cifar_resnet18" and report.model["class"] == "DefendedModel"
     assert report.dataset == "digits" and report.split == "test" and report.num_classes == 10
     md = report.to_markdown()
     assert "- model: cifar_resnet18 with CAS at layer4.1" in md and "- data: digits (test), 64 examples" in md
-    assert "CASModel" not in md and "TensorImageDataset" not in md
+    assert "DefendedModel" not in md and "TensorImageDataset" not in md
     assert report.at_chance and "is at chance** for 10 classes" in md
     assert report.summary()["num_classes"] == 10
 
@@ -297,7 +297,7 @@ def test_figures_show_chance_full_scale_axes_whole_counts_and_no_legend_over_the
     legend = ax.get_legend()
     assert not legend.get_window_extent().overlaps(ax.get_window_extent())  # beside the curves, not on them
     title = ax.get_title()
-    assert "cifar_resnet18" in title and "digits, test split" in title and "CASModel" not in title
+    assert "cifar_resnet18" in title and "digits, test split" in title and "DefendedModel" not in title
     left, right = attacks.axes
     assert left.get_xlim() == (0.0, 100.0)  # accuracy: never to 120 %
     assert any(line.get_label().startswith("chance 10 %") for line in left.lines)

@@ -406,7 +406,7 @@ def test_eps_text():
 def test_cli_eval_writes_the_report(tmp_path, capsys):
     import timm
 
-    from casify.cli import main
+    from casify_cli import main
     torch.manual_seed(0)
     base = timm.create_model("cifar_resnet18", num_classes=10, width=0.125)
     casify.wrap(base, layers=["layer4.0", "layer4.1"], input_size=(3, 16, 16), normalize=None).save_pretrained(

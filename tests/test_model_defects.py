@@ -17,7 +17,7 @@ from torch import nn
 
 import casify
 import casify.host_sync
-from casify import CASModel, InputRangeWarning
+from casify import DefendedModel, InputRangeWarning
 from conftest import TinyNet
 
 
@@ -167,7 +167,7 @@ def test_deepcopy_after_a_routed_training_forward_and_backward(tiny_imagenet_nor
     with casify.route(model, labels=y):
         model(x)  # the live aux logits carry an autograd graph
         twin = copy.deepcopy(model)
-    assert isinstance(twin, CASModel) and twin.cas_modules.block.last_aux_logits is None
+    assert isinstance(twin, DefendedModel) and twin.cas_modules.block.last_aux_logits is None
     with pytest.raises(RuntimeError, match="no auxiliary logits yet"):
         twin.cas_outputs
     assert all(m._route is None for m in casify.find_cas_modules(twin))  # the copy is outside the route context
@@ -184,7 +184,7 @@ def test_timm_model_ema_v3_after_training_forward(tiny_imagenet_norm):
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     _trained_step(model, x, y)
     ema = ModelEmaV3(model, decay=0.9)
-    assert isinstance(ema.module, CASModel) and not ema.module.training
+    assert isinstance(ema.module, DefendedModel) and not ema.module.training
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5)

@@ -68,12 +68,12 @@ def test_access_is_checked_with_what_to_do(hub, monkeypatch):
         check_hub_access("me/model")
 
 
-def test_a_run_without_the_hub_fails_before_training(hub, tmp_path):
-    from casify.recipe import main
+def test_a_run_without_the_hub_fails_before_training(hub, tmp_path, capsys):
     hub.me = ConnectionError("no network")
     out = tmp_path / "run"
-    with pytest.raises(HubAccessError, match="cannot reach"):
-        main("at", ["--config", str(TINY), "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/x"])
+    assert casify_cli.main(["train", "--method", "at", "--config", str(TINY), "--output_dir", str(out),
+                            "--push_to_hub", "--hub_model_id", "me/x"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -13,11 +13,19 @@ from PIL import Image
 import torch
 import yaml
 
-from casify.recipe import CommandLine, ConfigError, load_recipe, main
+import casify_cli
+from casify.recipe import CommandLine, ConfigError, load_recipe, run
 from casify.train import RunMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "digits_tiny_at_cas.yaml"
+
+
+def main(method, argv):
+    """``casify train --method METHOD ARGV`` in this process, returning the run's summary (errors raised, not
+    printed): the options parsed by the command's own grammar, the recipe read once and run."""
+    args = casify_cli.build_parser().parse_args(["train", "--method", method, *argv])
+    return run(load_recipe(args.config, CommandLine.from_args(args)))
 RUN_NAME_HASH = "c19fc4c7"  # what 0.x versions named the shipped tiny recipe
 
 

@@ -14,7 +14,7 @@ from casify.evaluate.examples import decode, encode
 from casify.evaluate.runner import check_threat_model
 from casify.progress import LineProgress, progress_bar
 from casify.run_table import format_run_table
-from casify.threat_model import ball_noise, distance, format_radius, parse_radius
+from casify.attacks.threat_model import ball_noise, distance, format_radius, parse_radius
 from conftest import SmallConvNet, fit_small_convnet, separable_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,7 +182,7 @@ def test_autoattack_and_square_run_in_the_l2_ball(model, data):
 def test_cli_eval_norm_l2_and_refuses_a_linf_eps_above_one(tmp_path, capsys):
     import timm
 
-    from casify.cli import main
+    from casify_cli import main
     torch.manual_seed(0)
     base = timm.create_model("cifar_resnet18", num_classes=CLASSES, width=0.125)
     casify.wrap(base, layers=[], input_size=(3, 8, 8), normalize=None).save_pretrained(tmp_path / "model")
@@ -272,7 +272,7 @@ DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "res
 def test_docs_commands_are_real_options():
     import shlex
 
-    from casify.cli import build_parser
+    from casify_cli import build_parser
     commands = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", DOCS.read_text(), re.S)
                 for line in block.splitlines() if line.startswith("casify ")]
     assert len(commands) >= 6

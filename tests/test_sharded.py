@@ -49,7 +49,7 @@ def _worker(out: Path) -> None:
     trainer = Trainer(model, torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(xv, yv), config,
                       accelerator=acc)
     sharded = trainer.model
-    assert isinstance(sharded, FSDPModule) and isinstance(sharded, casify.CASModel)
+    assert isinstance(sharded, FSDPModule) and isinstance(sharded, casify.DefendedModel)
     weight = sharded.cas_modules.block.classifier.weight
     assert isinstance(weight, DTensor) and weight.to_local().shape[0] < weight.shape[0]  # really sharded
     trainer.train()

@@ -108,7 +108,7 @@ def test_the_scheduler_resumes_with_the_run(tmp_path, one_thread):
 def test_a_plain_model_is_saved_and_loaded_like_every_casify_model(tmp_path, one_thread):
     net = _plain_net()
     trainer = Trainer(net, _data(), _data(16, 1), _config(tmp_path, epochs=1))
-    assert isinstance(trainer.unwrapped, casify.CASModel) and not casify.find_cas_modules(trainer.unwrapped)
+    assert isinstance(trainer.unwrapped, casify.DefendedModel) and not casify.find_cas_modules(trainer.unwrapped)
     assert trainer.identity["model"]["class"] == "Sequential"  # the run is named by the model it was given
     trainer.train(resume=False)
     for name in ("best", "final"):

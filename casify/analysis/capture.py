@@ -5,7 +5,7 @@ Layer names are casify's (see :func:`casify.list_layers`): a module name means t
 (``layer4.1.relu_1``) one call site. Names are resolved with casify's own tracer, so they mean exactly what they mean
 to :func:`casify.wrap`; a model that torch.fx cannot trace still works for module names, through a forward hook.
 
-The capture point. On a :class:`casify.CASModel` a layer that carries a CAS module is captured, by default, *before*
+The capture point. On a :class:`casify.DefendedModel` a layer that carries a CAS module is captured, by default, *before*
 the channel mask (``cas_side="before"``): the input of the CAS module, which is the layer's own output. A model
 without CAS is captured at the same layer's output, so a baseline and its CAS version are compared at the same point
 of the network. After the mask (``cas_side="after"``) the activation is scaled
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ..attacks import attack_context
 from ..defenses import DefenseModule, find_defense_modules
 from ..discovery import LayerError, Layout, all_names, auto_layer_of, infer_layout, resolve_node
-from ..model import CAS_ATTR, CASModel
+from ..model import CAS_ATTR, DefendedModel
 from ..tracing import TraceError, closest_names, trace
 
 CAS_SIDES = ("before", "after")
@@ -111,15 +111,15 @@ class ActivationProbe:
             raise ValueError(f"cas_side must be one of {CAS_SIDES}, got {cas_side!r}")
         self.model, self.layer, self.cas_side, self.channel_dim = model, layer, cas_side, channel_dim
         self.captured = ""  # how it is captured, in words (also in the report)
-        has_cas = bool(find_defense_modules(model))
-        self.capture_point = NO_CAS_HERE if has_cas else NO_CAS  # where, in words; set below at a CAS layer
+        defended = bool(find_defense_modules(model))
+        self.capture_point = NO_CAS_HERE if defended else NO_CAS  # where, in words; set below at a CAS layer
         self._handles: list = []
         self._store: List[torch.Tensor] = []
         self._graph_module: Optional[fx.GraphModule] = None
         cas = self._cas_module(layer)
         if cas is not None:
             self._hook_cas(*cas)
-        elif isinstance(model, CASModel):
+        elif isinstance(model, DefendedModel):
             self._graph_module = self._cas_model_graph(layer)
         else:
             try:
@@ -131,7 +131,7 @@ class ActivationProbe:
 
     # - resolution -
     def _cas_module(self, layer: str) -> Optional[Tuple[str, DefenseModule]]:
-        if isinstance(self.model, CASModel) and layer in self.model.cas_layers:
+        if isinstance(self.model, DefendedModel) and layer in self.model.cas_layers:
             return list(self.model.cas_modules.items())[self.model.cas_layers.index(layer)]
         return None
 
@@ -304,7 +304,7 @@ class ClassifierInputProbe:
         self._last = None
         with attack_context(self.model):
             self.model(x)
-            if self._last is None and not isinstance(self.model, CASModel) and hasattr(self.model, "forward_head"):
+            if self._last is None and not isinstance(self.model, DefendedModel) and hasattr(self.model, "forward_head"):
                 return pool_channels(self.model.forward_head(self.model.forward_features(x), pre_logits=True), -1)
         if self._last is None:
             raise LayerError("no nn.Linear classifier ran in the forward, so the penultimate features are unknown; "
@@ -363,7 +363,7 @@ def resolve_objective(model: nn.Module, objective: str) -> str:
 def default_layer(model: nn.Module, input_size: Sequence[int]) -> str:
     """The layer the paper analyses: on a CAS model the last CAS layer, else the last feature stage (the activation
     ``casify.wrap(layers="auto")`` would choose: the penultimate layer before global pooling)."""
-    if isinstance(model, CASModel):
+    if isinstance(model, DefendedModel):
         if model.cas_layers:
             return model.cas_layers[-1]
         model = model.base_model

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attacks import pgd, resolve_alpha
 from ..eps import format_eps
-from ..model import CASModel
+from ..model import DefendedModel
 from .capture import ActivationProbe, Data, default_layer, example_batches, resolve_device, resolve_objective
 from .figures import plot_frequency, plot_magnitude
 from .files import write_text_atomic
@@ -230,7 +230,7 @@ def analyze(model: nn.Module, data: Data, layer: Optional[str] = None, *, eps: f
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        name = type(model.base_model if isinstance(model, CASModel) else model).__name__
+        name = type(model.base_model if isinstance(model, DefendedModel) else model).__name__
         report.figures["magnitude"] = str(plot_magnitude(
             nat_mag.numpy(), adv_mag.numpy(), out / "channel_magnitude.png",
             f"{name} @ {layer}: magnitude ({len(labels)} examples, PGD-{steps})", capture_point=capture_point))

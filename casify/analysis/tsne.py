@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..attacks import pgd
-from ..model import CASModel
+from ..model import DefendedModel
 from .capture import (ActivationProbe, ClassifierInputProbe, Data, example_batches, resolve_device,
                       resolve_objective)
 from .figures import new_figure
@@ -31,7 +31,7 @@ class TSNEResult:
 
 def _class_names(model: nn.Module, data, num_classes: int) -> List[str]:
     names = getattr(data, "classes", None) or getattr(getattr(data, "dataset", None), "classes", None)
-    if names is None and isinstance(model, CASModel):
+    if names is None and isinstance(model, DefendedModel):
         names = model.casify_config.get("class_names")
     names = list(names) if names else []
     return [str(names[i]) if i < len(names) else str(i) for i in range(num_classes)]

@@ -40,10 +40,12 @@ Routings (``routing=``) for crafting; scoring always uses the deployed routing:
 
 **Attack kinds.** ``Attack(kind=...)`` runs through a registry (:data:`ATTACK_KINDS`, :func:`register_attack_kind`):
 ``pgd``, ``fgsm`` and ``cw`` (``pgd.py``), ``apgd`` and ``apgd-t`` (``apgd.py``: AutoAttack's APGD on casify's
-objectives, :mod:`casify.autopgd`), ``square`` (``square.py``), ``autoattack`` (``autoattack.py``), and the
+objectives, :mod:`casify.attacks.autopgd`), ``square`` (``square.py``), ``autoattack`` (``autoattack.py``), and the
 single-step training attacks ``fgsm_rs`` (``fgsm_rs.py``: FGSM with a random start) and ``n_fgsm`` (``n_fgsm.py``:
 N-FGSM, whose examples leave the eps-ball by design, so the evaluation refuses it). The evaluation builds every row
-from an :class:`Attack` through the same registry, so a new kind is one file (``docs/architecture.md``).
+from an :class:`Attack` through the same registry, so a new kind is one file (``docs/architecture.md``): every module
+of this folder is imported with the package (:func:`import_kind_files`), and a kind declares where its rows run in the
+evaluation's cascade (``AttackKind.cascade``) and what kind of row it makes (``AttackKind.row_kind``).
 
 One job per file (each imports only the ones before it): ``constants.py`` (norms, starts, routings),
 ``objectives.py`` (the objectives and their registry), ``context.py`` (eval mode and routings while attacking, the
@@ -61,10 +63,10 @@ from .context import (StraightThrough, attack_context, attack_target, clean_rout
 from .steps import (Generators, draw_noise, input_grad_direction, output_grads, owned_float32, project, project_,
                     random_start_point, resolve_alpha, rows_finite_nonzero, rows_norm, select_rows_, start_kind,
                     step_)
-from .kinds import ATTACK_KINDS, AttackKind, get_attack_kind, register_attack_kind, resolve_options
+from .kinds import ATTACK_KINDS, CASCADE_GROUPS, ROW_KINDS, AttackKind, get_attack_kind, register_attack_kind, resolve_options
 from .pgd import (AttackInfo, BestIterate, CW_OBJECTIVES, cw_inf, fgsm, is_cw_objective, pgd, resolve_routing)
 from .spec import (Attack, PRESETS, get_attack)
-# the kinds beyond the PGD family (after spec: they import casify.autopgd and casify.threat_model, which import it)
+# the kinds beyond the PGD family (after spec: they import autopgd.py and threat_model.py, which import it)
 from .apgd import APGD, APGDTargeted
 from .square import SQUARE_P_INIT, Square, load_square, square_attack
 from .autoattack import AutoAttack, load_autoattack
@@ -72,8 +74,17 @@ from .autoattack import AutoAttack, load_autoattack
 from .fgsm_rs import FGSMRandomStart
 from .n_fgsm import NFGSM
 
-# formerly private helpers, kept under their old names for code that reached into the module
-_input_grad_direction, _output_grads = input_grad_direction, output_grads
+
+def import_kind_files() -> None:
+    """Import every module of this folder, so that a file holding a new kind registers it with no import to add here
+    (the kinds above are imported by name only because they are public names of the package)."""
+    import importlib
+    import pkgutil
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+import_kind_files()
 
 __all__ = ["ATTACK_KINDS", "Attack", "AttackInfo", "AttackKind", "KEEPS", "OBJECTIVES", "ObjectiveInput", "PRESETS",
            "ROUTINGS", "attack_context", "clean_routing", "cw_inf", "cw_margin", "fgsm", "get_attack",

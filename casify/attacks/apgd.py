@@ -1,9 +1,9 @@
-"""AutoAttack's APGD and APGD-T as attack kinds (``"apgd"``, ``"apgd-t"``): :mod:`casify.autopgd` behind an
+"""AutoAttack's APGD and APGD-T as attack kinds (``"apgd"``, ``"apgd-t"``): :mod:`casify.attacks.autopgd` behind an
 :class:`~casify.attacks.Attack` spec, so the evaluation's APGD rows and ``Attack(kind="apgd")(model, x, y)`` are the
 same code. ``steps`` are APGD's iterations (per target for APGD-T); random starts come from per-example generators."""
 from __future__ import annotations
 
-from ..autopgd import LOSSES, apgd, apgd_targeted
+from .autopgd import LOSSES, apgd, apgd_targeted
 from ..defenses.base import integer
 from ..eps import format_radius
 from .kinds import AttackKind, register_attack_kind
@@ -19,6 +19,7 @@ class APGD(AttackKind):
     the deployed routing or ``routing="straight-through"``; ``restarts`` on the examples not yet fooled."""
     objectives = LOSSES
     routings = ("straight-through",)
+    cascade = "apgd"
 
     def craft(self, attack, model, x, y, *, routing=None, generator=None, return_info=False):
         return apgd(model, x, y, eps=attack.eps, steps=attack.steps, loss=attack.objective,
@@ -60,6 +61,7 @@ class APGDTargeted(AttackKind):
     consistent); None crafts with the deployed routing."""
     objectives = ("targeted_dlr_cas",)
     routings = ("target",)
+    cascade = "apgd"
     OPTIONS = {"targets": integer(3, 1, 100_000)}
 
     def prepare(self, attack) -> None:

@@ -40,6 +40,8 @@ class AutoAttack(AttackKind):
     objectives = ("ce",)
     routings = ()
     per_example_seed = False
+    cascade = "autoattack"
+    row_kind = "autoattack"
     OPTIONS = {"version": choice("standard", ["standard", "plus", "rand"]),
                "seed": Option(0, lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"),
                "attack_class": Option(None, lambda v: v is None or isinstance(v, type), "an AutoAttack class or None"),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cas import aux_logits
+from ..defenses.base import aux_logits
 from ..defenses import attack_aux_logits, find_defense_modules, routed_modules
 from ..routing import route
 from .constants import ROUTINGS, Routing, STRAIGHT_THROUGH_TEMPERATURE
@@ -70,7 +70,7 @@ def attack_context(model: nn.Module, routing: Routing = None, y: Optional[torch.
     attacks, which see the clean input; see :func:`clean_routing`.)
     """
     modes = [(m, m.training) for m in model.modules()]
-    has_cas = bool(find_defense_modules(model))
+    defended = bool(find_defense_modules(model))
     has_routed = bool(routed_modules(model))
     straight = False
     if isinstance(routing, str):
@@ -87,11 +87,11 @@ def attack_context(model: nn.Module, routing: Routing = None, y: Optional[torch.
                              "casify.attacks.clean_routing(model, x, kind) first (the attacks do)")
         else:
             raise ValueError(f"routing must be None, one of {ROUTINGS} or a tensor, got {routing!r}")
-    if straight and not has_cas:
+    if straight and not defended:
         raise ValueError("a routing was given but the model has no CAS modules")
     if routing is not None and not has_routed:
         raise ValueError("a routing was given but the model has no routed defense modules (CAS, CIFS)"
-                         if has_cas else "a routing was given but the model has no CAS modules")
+                         if defended else "a routing was given but the model has no CAS modules")
     model.eval()
     try:
         with route(model, labels=routing) if has_routed else contextlib.nullcontext():
@@ -119,10 +119,10 @@ def clean_routing(model: nn.Module, x: torch.Tensor, kind: str = "clean-predicte
         return torch.stack([F.softmax(a.float(), dim=1) for a in aux_logits(model)]).mean(dim=0)
 
 
-def forward_logits(model: nn.Module, x: torch.Tensor, has_cas: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def forward_logits(model: nn.Module, x: torch.Tensor, defended: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Final and auxiliary logits as float32, so that losses never run in half precision."""
     logits = model(x).float()
-    return logits, ([a.float() for a in attack_aux_logits(model)] if has_cas else [])
+    return logits, ([a.float() for a in attack_aux_logits(model)] if defended else [])
 
 
 def is_low_precision(model: nn.Module, x: torch.Tensor) -> bool:
@@ -134,9 +134,9 @@ def is_low_precision(model: nn.Module, x: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def deployed_routing(model: nn.Module, has_cas: bool) -> Iterator[None]:
+def deployed_routing(model: nn.Module, defended: bool) -> Iterator[None]:
     """Inside an attack: score on the deployed model (predicted routing, no straight-through override)."""
-    if not has_cas:
+    if not defended:
         yield
         return
     modules = routed_modules(model)

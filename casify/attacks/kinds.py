@@ -20,6 +20,14 @@ from .constants import NORMS, ROUTINGS
 
 Spec = Any  # an Attack (casify.attacks.spec imports this module, so it is not imported here)
 
+# The evaluation's cascade, in its order (casify.evaluate.plan ranks rows by it): a kind names its group here, so a new
+# kind says where it runs without an edit to the evaluation.
+CASCADE_GROUPS = ("every example", "straight-through", "apgd", "cw20", "deployed routing", "one head", "fixed routing",
+                  "autoattack", "black-box")
+# What kind of row an attack makes in a report (white-box: gradients of the final logits; adaptive: the defense's own
+# heads or routing; autoattack; black-box: outputs only).
+ROW_KINDS = ("white-box", "adaptive", "autoattack", "black-box")
+
 
 class AttackKind:
     """One way of crafting adversarial examples from an :class:`Attack` spec.
@@ -33,7 +41,11 @@ class AttackKind:
     - ``per_example_seed``: True if it draws its randomness from one generator per example (then an example's result
       does not depend on its batch); False if it takes one generator for the batch;
     - ``stays_in_ball``: False for a kind whose examples may leave the eps-ball by design (N-FGSM's noise of 2 eps,
-      a training attack): the evaluation refuses it, since its accuracy would be measured outside the threat model.
+      a training attack): the evaluation refuses it, since its accuracy would be measured outside the threat model;
+    - ``cascade``: where its rows run in the evaluation's cascade, one of :data:`CASCADE_GROUPS` (None: ranked as the
+      PGD rows are, by routing and objective);
+    - ``row_kind``: what kind of row an :class:`Attack` of this kind makes in a custom attack list, one of
+      :data:`ROW_KINDS` (the report groups and checks rows by it).
     """
     name: str = ""
     OPTIONS: Dict[str, Option] = {}
@@ -42,6 +54,8 @@ class AttackKind:
     norms: Tuple[str, ...] = NORMS
     per_example_seed: bool = True
     stays_in_ball: bool = True
+    cascade: Optional[str] = None
+    row_kind: str = "white-box"
 
     def prepare(self, attack: Spec) -> None:
         """Adjust the spec before it is checked (e.g. FGSM forces one step); runs once, in ``Attack.__post_init__``."""
@@ -88,6 +102,12 @@ def register_attack_kind(name: str):
             raise TypeError(f"register_attack_kind({name!r}) decorates a subclass of AttackKind, got {cls!r}")
         if name in ATTACK_KINDS:
             raise ValueError(f"attack kind {name!r} is already registered ({type(ATTACK_KINDS[name]).__name__})")
+        if cls.cascade is not None and cls.cascade not in CASCADE_GROUPS:
+            raise ValueError(f"attack kind {name!r}: cascade {cls.cascade!r} is not a cascade group; use one of "
+                             f"{list(CASCADE_GROUPS)}, or None to rank it as the PGD rows are")
+        if cls.row_kind not in ROW_KINDS:
+            raise ValueError(f"attack kind {name!r}: row_kind {cls.row_kind!r} is not a row kind; use one of "
+                             f"{list(ROW_KINDS)}")
         cls.name = name
         ATTACK_KINDS[name] = cls()
         return cls
@@ -107,4 +127,4 @@ def resolve_options(kind: AttackKind, options: Optional[Dict[str, Any]]) -> Dict
     return check_options(f"attack kind {kind.name!r}", kind.OPTIONS, options, where="options")
 
 
-__all__ = ["ATTACK_KINDS", "AttackKind", "get_attack_kind", "register_attack_kind", "resolve_options"]
+__all__ = ["ATTACK_KINDS", "CASCADE_GROUPS", "ROW_KINDS", "AttackKind", "get_attack_kind", "register_attack_kind", "resolve_options"]

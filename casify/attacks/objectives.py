@@ -67,6 +67,9 @@ def kl_per_example(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tens
 
 
 def aux_mean(terms: List[torch.Tensor]) -> torch.Tensor:
+    """The per-example mean over the heads' terms; a 0 that broadcasts for a defense without auxiliary heads."""
+    if not terms:
+        return torch.zeros(())
     return torch.stack(terms).mean(dim=0)
 
 

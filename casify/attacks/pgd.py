@@ -121,7 +121,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
     if not (start_eps >= 0 and project_eps > 0):
         raise ValueError(f"start_eps must be >= 0 and project_eps > 0, got {start_eps}, {project_eps}")
     model = attack_target(model)
-    has_cas = bool(find_defense_modules(model))
+    defended = bool(find_defense_modules(model))
     low_precision = is_low_precision(model, x)
     # The centre of the ball. The iterate, the step and the projection are float32 even when x or the model is half
     # precision (a bf16 iterate could not move by alpha near 1); a half-precision x stays as it is and is promoted
@@ -137,7 +137,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
 
     def deployed_margin(x_in: torch.Tensor, logits: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if logits is None:
-            with torch.no_grad(), deployed_routing(model, has_cas):
+            with torch.no_grad(), deployed_routing(model, defended):
                 logits = model(x_in.to(x.dtype)).float()
         logits = logits.detach()
         return cw_margin(logits, y), ~predicted_correctly(logits, y)  # NaN / inf logits: fooled
@@ -145,7 +145,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
     with attack_context(model, routing, y), torch.enable_grad():
         if needs_clean:
             with torch.no_grad():
-                clean_logits, clean_aux = forward_logits(model, x_nat.to(x.dtype), has_cas)
+                clean_logits, clean_aux = forward_logits(model, x_nat.to(x.dtype), defended)
             inp_kwargs.update(clean_logits=clean_logits, clean_aux=clean_aux)
         every = None  # fed every iterate: the best iterate, and what the attack saw
         lasts = None  # fed the last iterate of each restart: keep="last" with restarts
@@ -160,7 +160,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 
             # peaks match; keep="last" holds one buffer fewer.
             for k in range(steps):
                 x_adv.requires_grad_(True)
-                logits, aux = forward_logits(model, x_adv.to(x.dtype), has_cas)
+                logits, aux = forward_logits(model, x_adv.to(x.dtype), defended)
                 outputs = [logits] + aux
                 if track_every:
                     margin, fooled = deployed_margin(x_adv.detach(), logits if shared_scoring else None)

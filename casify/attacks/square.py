@@ -63,6 +63,8 @@ class Square(AttackKind):
     objectives = ("margin",)
     routings = ()
     per_example_seed = False
+    cascade = "black-box"
+    row_kind = "black-box"
     OPTIONS = {"p_init": number(SQUARE_P_INIT, 0.0, 1.0)}
 
     def prepare(self, attack) -> None:

@@ -20,8 +20,10 @@ hold:
 - ``OPTIONS``: the options ``casify.wrap(..., defense=name, **options)`` takes, each with its allowed values; a saved
   config's options are checked against it (:func:`validate_options`) before anything is built.
 
-A new defense is one file: subclass :class:`DefenseModule`, decorate it with :func:`register_defense`, import the
-file from :mod:`casify.defenses` (or your own code before ``wrap``). See docs/architecture.md, "How to add a defense".
+A new defense is one file in this folder: subclass :class:`DefenseModule` and decorate it with
+:func:`register_defense` (the package imports every file here; your own code may register one before ``wrap``). A
+defense may have no auxiliary head (``head_names = ()``): the joint terms are then 0. See docs/architecture.md, "How to
+add a defense".
 """
 from __future__ import annotations
 

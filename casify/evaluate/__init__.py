@@ -24,7 +24,7 @@ Suites (all L-inf, eps in [0, 1] pixel units, alpha = 2.5 * eps / steps unless s
   module's argmax changes its mask) and PGD-20 with a fixed routing that bypasses the argmax: every module routed by
   the model's clean prediction, and by a soft mixture of weight rows (the softmax of the clean auxiliary logits,
   averaged over modules, detached); and AutoAttack's APGD and APGD-T run on casify's objectives
-  (:mod:`casify.autopgd`): ``apgd-dlr[cas]`` (100 steps on the DLR of the final logits + beta * mean DLR of the
+  (:mod:`casify.attacks.autopgd`): ``apgd-dlr[cas]`` (100 steps on the DLR of the final logits + beta * mean DLR of the
   heads) and ``apgd-t3[cas,target-routing]`` (100 steps per target on the targeted DLR of the final and auxiliary
   logits, for the 3 classes ranked highest after the true one, every module routed to the target while crafting);
   on a plain model ``apgd-dlr`` and ``apgd-t3`` on the final logits, as AutoAttack runs them.
@@ -65,7 +65,7 @@ The package, one job per file (each imports only the ones above it):
 - ``side_by_side.py``: :func:`compare_models` (``casify compare``): models on the same images, paired statistics;
 - ``benchmark.py``: :func:`benchmark`, RobustBench's convention (and model-info JSON) with casify's adaptive number.
 
-Threat models (L-inf, L2) are described in :mod:`casify.threat_model`; the corruptions in :mod:`casify.corruptions`.
+Threat models (L-inf, L2) are described in :mod:`casify.attacks.threat_model`; the corruptions in :mod:`casify.corruptions`.
 """
 from ..eps import format_eps, parse_eps
 from .api import evaluate, protocol

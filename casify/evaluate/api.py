@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ..defenses import find_defense_modules
 from ..data_fit import check_data_fits
 from ..inputs import check_eps
-from ..threat_model import check_norm, format_radius
+from ..attacks.threat_model import check_norm, format_radius
 from .checks import (LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs,
                      check_finite_logits, nonfinite_counts, run_checks)
 from .deployed import InputTied, describe_model, unwrap_parallel
@@ -33,7 +33,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
              eps_sweep: Optional[Sequence[float]] = None, checks: bool = True, per_attack: bool = False,
              norm: str = "linf", echo: bool = True) -> EvalReport:
     """Evaluate ``model``'s robustness in the ``norm`` ball of radius ``eps`` (pixels in [0, 1]; ``norm``: ``"linf"``
-    or ``"l2"``, see :mod:`casify.threat_model`).
+    or ``"l2"``, see :mod:`casify.attacks.threat_model`).
 
     Args:
         model: an ``nn.Module`` (moved to ``device``), or a folder / Hub id for :func:`casify.from_pretrained`.
@@ -103,7 +103,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)  # "8/255" as the README writes radii; an L-inf eps=8 is an error suggesting /255
     eps_sweep = None if eps_sweep is None else [check_eps(e, norm=norm) for e in eps_sweep]
-    has_cas = bool(find_defense_modules(model))
+    defended = bool(find_defense_modules(model))
     target = InputTied(model)
 
     numel = int(torch.as_tensor(data[0][0]).numel()) if norm != "linf" and len(data) else 0
@@ -133,7 +133,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     curve.sort(key=lambda p: p["eps"])
     sweep = [r for r in sweep if r is not None]
     inputs = CheckInputs(counts.results + sweep, plan.all, len(plan.rows), flags.correct, flags.correct_last,
-                         flags.correct_best, [flags.zero_grad], n, eps, has_cas, ran=flags.ran, norm=norm,
+                         flags.correct_best, [flags.zero_grad], n, eps, defended, ran=flags.ran, norm=norm,
                          nonfinite=flags.nonfinite, nonfinite_elsewhere=sweep_broken)
     check_list = run_checks(inputs) if checks else []
     broken = {**nonfinite_counts(plan.all, flags.nonfinite), **sweep_broken}
@@ -149,7 +149,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
         natural_accuracy=rows[0].accuracy, attacks=rows, worst_case=counts.worst_case,
         eps_sweep=sweep, checks=check_list,
         gradient_masking_suspected=any(c.passed is False for c in check_list) if checks or check_list else None,
-        protocol=protocol(has_cas, per_attack, max_examples), versions=_versions(plan.versions),
+        protocol=protocol(defended, per_attack, max_examples), versions=_versions(plan.versions),
         elapsed_seconds=round(time.perf_counter() - start_time, 3), families=counts.families,
         per_attack=bool(per_attack), cascade=counts.cascade, per_example=counts.per_example,
         per_example_families=families, robustness_curve=curve,
@@ -188,7 +188,7 @@ def sweep_result(rows, eps: float, norm: str, source: str, seconds: float = 0.0)
                         last_iterate_accuracy=main.last_iterate_accuracy)
 
 
-def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> dict:
+def protocol(defended: bool, per_attack: bool, max_examples: Optional[int]) -> dict:
     """How the numbers were made, in words and constants, for the report."""
     return {
         "scoring": "eval mode, every CAS module routed by its own prediction, model(x_adv).argmax(1) == y; a NaN or "
@@ -197,14 +197,14 @@ def protocol(has_cas: bool, per_attack: bool, max_examples: Optional[int]) -> di
         "iterates": "best iterate per example (one that fools the deployed model if any step did; restarts: the "
                     "worst over restarts); the last-iterate accuracy is kept as evidence",
         "row_names": "on a CAS model, attack[objective(,routing)]; [final-logits] marks an attack that sees only "
-                     "the final logits" if has_cas else "plain attack names (no CAS modules)",
+                     "the final logits" if defended else "plain attack names (no CAS modules)",
         "alpha_rule": "2.5 * eps / steps unless a row says otherwise",
         "random_starts": "per example and row: seed (row seed * 1000003 + dataset index) mod 2**63, so results do "
                          "not depend on the batch size or the process count (Square and AutoAttack: per batch)",
         "tolerance": f"max({MIN_TOLERANCE}, 2 * sqrt(max(p(1-p), 1/n) / n))",
         "large_eps": LARGE_EPS, "large_eps_max_accuracy": LARGE_EPS_MAX_ACCURACY,
         "zero_grad_max_fraction": ZERO_GRAD_MAX_FRACTION, "max_examples": max_examples,
-        "objective": objective_for(has_cas), "beta": 2.0,
+        "objective": objective_for(defended), "beta": 2.0,
         "mode": "per-attack: every row on every example" if per_attack else "cascade: " + CASCADE_RULE,
         "eps_sweep": "at each radius of the sweep the same rows run again (seeded alike, no checks); the curve keeps "
                      "natural, the per-example worst case and each family; pgd20@<eps> is that run's main PGD-20 row",

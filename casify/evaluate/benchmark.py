@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..serialization import atomic_write
 from .deployed import architecture_name
-from ..threat_model import format_radius
+from ..attacks.threat_model import format_radius
 
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 DEFAULT_EPS = {("cifar10", "Linf"): 8 / 255, ("cifar100", "Linf"): 8 / 255, ("imagenet", "Linf"): 4 / 255,
@@ -136,7 +136,7 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
         model = model.to(device)
     data, data_name = _data(dataset, n_examples, data_dir)
     info = {f: None for f in MODEL_INFO_FIELDS}
-    info.update(name=model_name, dataset=data_name, architecture=architecture_name(model))  # not "CASModel"
+    info.update(name=model_name, dataset=data_name, architecture=architecture_name(model))  # not "DefendedModel"
     casify_info: dict = {"threat_model": tm, "n_examples": len(data)}
     report = None
     if tm == "corruptions":

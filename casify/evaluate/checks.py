@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..threat_model import format_radius
+from ..attacks.threat_model import format_radius
 from .plan import CHECK_ADAPTIVE, CHECK_FINAL_LOGITS, LARGE_EPS_ROLE, Job
 from .report import AttackResult, Check
 

@@ -35,7 +35,7 @@ class InputTied(nn.Module):
 
 def architecture_name(model: nn.Module) -> str:
     """The base architecture's name (``cifar_resnet18``, ``resnet50``), which is what a reader wants to know, not the
-    wrapper's class (``CASModel``): the saved config's ``base_model``, else timm's ``pretrained_cfg``, else the
+    wrapper's class (``DefendedModel``): the saved config's ``base_model``, else timm's ``pretrained_cfg``, else the
     class of the model inside the wrapper."""
     model = unwrap_parallel(model)
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
@@ -44,8 +44,8 @@ def architecture_name(model: nn.Module) -> str:
         base = config.get("base_model") or {}
         if isinstance(base, dict) and isinstance(base.get("name"), str) and base["name"]:
             return base["name"].split(":")[-1]
-    from ..model import CASModel
-    inner = model.base_model if isinstance(model, CASModel) else model
+    from ..model import DefendedModel
+    inner = model.base_model if isinstance(model, DefendedModel) else model
     pretrained = getattr(inner, "pretrained_cfg", None)
     if isinstance(pretrained, dict) and isinstance(pretrained.get("architecture"), str):
         return pretrained["architecture"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..serialization import atomic_write
-from ..threat_model import axis_label, axis_value
+from ..attacks.threat_model import axis_label, axis_value
 
 CURVE_FILE = "robustness_curve.png"
 ATTACKS_FILE = "attacks.png"

@@ -16,9 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..attacks import PRESETS, Attack, get_attack_kind, objective_tag
+from ..attacks import CASCADE_GROUPS, PRESETS, Attack, get_attack_kind, objective_tag
 from ..defenses import attack_head_count, find_defense_modules
-from ..threat_model import ball_noise, format_radius, large_eps, with_norm
+from ..attacks.threat_model import ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
 from .deployed import InputTied
 
@@ -60,8 +60,7 @@ class Job:
 # adaptive objective, APGD (joint DLR) and routing-consistent APGD-T, CW on the joint objective, other rows with the
 # deployed routing (PGD-100, custom attacks), each auxiliary head alone, the fixed routings, AutoAttack, and the
 # black-box attacks (transfer, Square).
-CASCADE_RANKS = {"every example": 0, "straight-through": 1, "apgd": 2, "cw20": 3, "deployed routing": 4,
-                 "one head": 5, "fixed routing": 6, "autoattack": 7, "black-box": 8}
+CASCADE_RANKS = {group: rank for rank, group in enumerate(CASCADE_GROUPS)}
 CASCADE_RULE = ("rows run in this order, each after the first group only on the examples that every earlier row left "
                 "correct: (0) on every example: natural, the main FGSM and PGD-20, uniform noise; then (1) straight-"
                 "through PGD, (2) APGD on the joint DLR and routing-consistent APGD-T, (3) CW-20 on the joint "
@@ -70,16 +69,13 @@ CASCADE_RULE = ("rows run in this order, each after the first group only on the 
 APGD_STEPS = 100  # AutoAttack's own budget for APGD and APGD-T
 APGD_TARGETS = 3  # top-k targets of the targeted row (AutoAttack's standard version uses 9 with 1 restart each)
 APGD_ROWS = ("apgd-dlr", "apgd-t")
-# where the kinds beyond the PGD family run in the cascade, and what kind of row an Attack of that kind makes in a
-# custom list (a kind not named here ranks and reads as the PGD rows do: by its routing and objective)
-KIND_RANKS = {"apgd": "apgd", "apgd-t": "apgd", "autoattack": "autoattack", "square": "black-box"}
-KIND_ROWS = {"autoattack": "autoattack", "square": "black-box"}
 PGD_FAMILY = ("pgd", "fgsm", "cw")
 
 
 def cascade_rank(attack: Attack, role: Optional[str]) -> int:
-    if attack.kind in KIND_RANKS:
-        return CASCADE_RANKS[KIND_RANKS[attack.kind]]
+    group = get_attack_kind(attack.kind).cascade  # a kind beyond the PGD family says where it runs
+    if group is not None:
+        return CASCADE_RANKS[group]
     if role in ("fgsm", "pgd20"):
         return CASCADE_RANKS["every example"]
     if isinstance(attack.routing, str) and attack.routing == "straight-through":
@@ -217,7 +213,7 @@ def apgd_job(base: str, target: nn.Module, eps: float, cas: bool, norm: str = "l
     """``"apgd-dlr"``: AutoAttack's APGD on the joint DLR (final logits + beta * mean over the heads; the final
     logits' DLR on a plain model); ``"apgd-t"``: APGD-T on the targeted DLR of the final and auxiliary logits for the
     top-:data:`APGD_TARGETS` targets, with every CAS module routed to the target while crafting (see
-    :mod:`casify.autopgd`). Named ``apgd-dlr[cas]`` / ``apgd-t3[cas,target-routing]`` on a CAS model."""
+    :mod:`casify.attacks.autopgd`). Named ``apgd-dlr[cas]`` / ``apgd-t3[cas,target-routing]`` on a CAS model."""
     if base == "apgd-dlr":
         name = "apgd-dlr[cas]" if cas else "apgd-dlr"  # on a plain model: APGD on the final logits' DLR
         attack = Attack(name=name, kind="apgd", eps=eps, steps=APGD_STEPS, objective="dlr_cas", norm=norm)
@@ -287,11 +283,11 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
               norm: str = "linf", input_numel: int = 0) -> Plan:
     """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
     tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
-    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.threat_model`; ``input_numel``,
+    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.attacks.threat_model`; ``input_numel``,
     the size of one input, sets the L2 check radius). ``device`` is unused (every row runs on its batch's device);
     kept for callers."""
     cas_modules = find_defense_modules(model)
-    has_cas = bool(cas_modules)
+    defended = bool(cas_modules)
     jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
                             rank=CASCADE_RANKS["every example"])]
     n_modules = attack_head_count(model)  # auxiliary heads the attacks see (CAS and CIFS: one per module)
@@ -300,19 +296,19 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
         if not (kind == "white-box" and attack.norm != "linf"):  # a caller's own L2 Attack stays as it is
             attack = with_norm(attack, norm)
-        name = row_name(base, attack, has_cas)
-        main = is_main_row(attack, has_cas)
+        name = row_name(base, attack, defended)
+        main = is_main_row(attack, defended)
         role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
-        kind = kind or ("white-box" if main or not has_cas else "adaptive")
-        jobs.append(attack_job(name, kind, attack, target, family=family_of(base, name, attack, has_cas), role=role,
-                               defended=has_cas))
+        kind = kind or ("white-box" if main or not defended else "adaptive")
+        jobs.append(attack_job(name, kind, attack, target, family=family_of(base, name, attack, defended), role=role,
+                               defended=defended))
 
     if isinstance(attacks, str):
         suite = attacks
-        for name, attack in suite_attacks(attacks, eps, has_cas, n_modules, routed).items():
+        for name, attack in suite_attacks(attacks, eps, defended, n_modules, routed).items():
             add_gradient_row(name.split("[")[0], attack)
         if suite == "standard":
-            jobs.extend(apgd_job(base, target, eps, has_cas, norm) for base in APGD_ROWS)
+            jobs.extend(apgd_job(base, target, eps, defended, norm) for base in APGD_ROWS)
     else:
         suite = "custom"
         adaptive = False
@@ -321,19 +317,19 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
                 adaptive = True
                 continue
             if isinstance(spec, str) and spec in APGD_ROWS:
-                jobs.append(apgd_job(spec, target, eps, has_cas, norm))
+                jobs.append(apgd_job(spec, target, eps, defended, norm))
                 continue
-            base, attack = resolve_attack(spec, eps, has_cas, n_modules)
-            add_gradient_row(base, attack, kind=KIND_ROWS.get(attack.kind, "white-box") if isinstance(spec, Attack)
+            base, attack = resolve_attack(spec, eps, defended, n_modules)
+            add_gradient_row(base, attack, kind=get_attack_kind(attack.kind).row_kind if isinstance(spec, Attack)
                              else None)
-        if adaptive and has_cas:
+        if adaptive and defended:
             for base, attack in adaptive_rows(n_modules, eps, routed):
                 add_gradient_row(base, attack)
     extra_versions: Dict[str, str] = {}
     if autoattack:
         aa_class, aa_flavour = blackbox.load_autoattack()
         extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
-        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, has_cas, norm))
+        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, defended, norm))
     if transfer_from is not None:
         surrogate_obj = objective_for(bool(find_defense_modules(transfer_from)))
         attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
@@ -349,17 +345,17 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         jobs.append(noise_job(eps, norm))
     sweep_jobs = []
     for e in sorted(float(v) for v in (eps_sweep or [])):
-        attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(has_cas),
+        attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(defended),
                         norm=norm)
         sweep_jobs.append(attack_job(attack.name, "sweep", attack, target, in_worst_case=False))
     check_jobs = []
     if checks:
         big = large_eps(norm, input_numel) if norm != "linf" else LARGE_EPS
-        attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(has_cas),
+        attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(defended),
                         norm=norm)
         check_jobs.append(attack_job(attack.name, "check", attack, target, in_worst_case=False,
                                        notes="large-eps PGD-20 for the eps_monotone check", role=LARGE_EPS_ROLE))
-        if has_cas:
+        if defended:
             # Check-only references for final_logits_vs_adaptive: never rows of the report.
             check_jobs.append(attack_job(
                 CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce", norm=norm), target,

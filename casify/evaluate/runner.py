@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..eps import format_eps
-from ..threat_model import check_norm, distance
+from ..attacks.threat_model import check_norm, distance
 from ..inputs import check_images
 from .deployed import deployed_scores, zero_input_gradient
 from .examples import example_digests

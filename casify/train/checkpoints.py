@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..model import CASModel
+from ..model import DefendedModel
 from ..code_version import code_version
 from ..serialization import TEMP_MARK, atomic_write
 from .checkpoint_files import (MODEL_WEIGHTS, OPTIMIZER_STATE, SCALER_STATE, SCHEDULER_STATE, TRAINER_STATE,
@@ -59,7 +59,8 @@ def model_fingerprint(model: nn.Module) -> dict:
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    record = {"class": type(model).__name__, "parameters_sha256": h.hexdigest()[:16]}
+    record = {"class": getattr(type(model), "RECORDED_CLASS", type(model).__name__),
+              "parameters_sha256": h.hexdigest()[:16]}
     cas = getattr(model, "casify_config", None)
     if isinstance(cas, dict) and "cas" in cas:
         record["cas"] = json.loads(json.dumps(cas["cas"], default=str))
@@ -428,7 +429,7 @@ class FullWeights(nn.Module):
     """What ``save_pretrained`` reads from a sharded wrapped model: its config and original, and the gathered full
     state dict in place of ``state_dict()`` (whose tensors are shards under FSDP)."""
 
-    def __init__(self, model: CASModel, state: Dict[str, torch.Tensor]):
+    def __init__(self, model: DefendedModel, state: Dict[str, torch.Tensor]):
         super().__init__()
         object.__setattr__(self, "casify_config", model.casify_config)
         object.__setattr__(self, "_model", model)

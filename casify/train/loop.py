@@ -18,7 +18,7 @@ from .. import attacks, losses
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
 from ..data_fit import check_data_fits
-from ..model import CASModel
+from ..model import DefendedModel
 from ..routing import route
 from ..surgery import wrap
 from ..trackers import flat_config
@@ -96,7 +96,7 @@ class Trainer(RunFolder):
             torch.backends.cudnn.benchmark = True
         self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
                                     **config.loss_kwargs)
-        if config.cas and not isinstance(model, CASModel):
+        if config.cas and not isinstance(model, DefendedModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
         # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size
@@ -105,7 +105,7 @@ class Trainer(RunFolder):
             check_data_fits(model, val_set, "the validation set")
         check_channels(model, train_set)
         fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
-        if not isinstance(model, CASModel):  # a wrapped model without CAS: saved and loaded like every casify model
+        if not isinstance(model, DefendedModel):  # a wrapped model without CAS: saved and loaded like every casify model
             model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
         self.attack = self.loss.training_attack(config.attack, eps=config.eps, steps=config.attack_steps,
                                                 **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
@@ -204,7 +204,7 @@ class Trainer(RunFolder):
                 x_fgsm = self.guard_attack(model, x, y) if self.guard_attack is not None else None
                 # the routing the attack ran with (predicted, explicitly), so the scoring reuses one compiled graph
                 routed = route(model, labels=None) if routed_modules(model) else contextlib.nullcontext()
-                if i == 0 and isinstance(base, CASModel):
+                if i == 0 and isinstance(base, DefendedModel):
                     # a new data source: on a GPU its first clean batch is range-checked too (the attack's first
                     # forward, which the check would otherwise read, sees an iterate clipped to [0, 1])
                     base.recheck_input_range()

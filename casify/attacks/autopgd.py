@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the submodules, not the package: the package registers the APGD kinds (casify/attacks/apgd.py), which import this
-from .attacks.context import attack_context
-from .attacks.objectives import class_mask, cw_margin, predicted_correctly
-from .attacks.pgd import AttackInfo
-from .attacks.steps import Generators, draw_noise
-from .defenses import attack_aux_logits, find_defense_modules, routed_modules
+from ..defenses import attack_aux_logits, find_defense_modules, routed_modules
+# the submodules, not the package: the package registers the APGD kinds (apgd.py), which import this module
+from .context import attack_context
+from .objectives import class_mask, cw_margin, predicted_correctly
+from .pgd import AttackInfo
+from .steps import Generators, draw_noise
 from .threat_model import autoattack_norm, ball_noise, check_norm
 
 APGD_INSTALL = "pip install pyautoattack"
@@ -90,10 +90,10 @@ class ObjectiveAdapter:
         if routing not in (None, "straight-through", "target"):
             raise ValueError(f"routing must be None, 'straight-through' or 'target', got {routing!r}")
         self.model, self.loss, self.routing, self.beta = model, loss, routing, beta
-        self.has_cas = bool(find_defense_modules(model))
-        if routing == "target" and self.has_cas and not routed_modules(model):
+        self.defended = bool(find_defense_modules(model))
+        if routing == "target" and self.defended and not routed_modules(model):
             routing = self.routing = None  # nothing routes (FSR): targeted APGD on the joint objective
-        if routing is not None and not self.has_cas:
+        if routing is not None and not self.defended:
             raise ValueError(f"routing {routing!r} needs a model with CAS modules")
 
     @torch.no_grad()
@@ -103,7 +103,7 @@ class ObjectiveAdapter:
 
     def _outputs(self, x: torch.Tensor):
         logits = self.model(x).float()
-        return logits, ([a.float() for a in attack_aux_logits(self.model)] if self.has_cas and self.loss != "ce" else [])
+        return logits, ([a.float() for a in attack_aux_logits(self.model)] if self.defended and self.loss != "ce" else [])
 
     def _loss_grad(self, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor] = None):
         routing = target if self.routing == "target" else self.routing

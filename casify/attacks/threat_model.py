@@ -16,10 +16,10 @@ from typing import Union
 import torch
 
 # the submodules, not the package: the package imports the attack kinds, which import this module
-from .attacks.spec import Attack
-from .attacks.steps import Generators, draw_noise
+from .spec import Attack
+from .steps import Generators, draw_noise
 # the norms' names and radii live with the radii (casify.eps), below the attacks; re-exported here
-from .eps import NORMS, autoattack_norm, check_norm, format_radius, parse_eps
+from ..eps import NORMS, autoattack_norm, check_norm, format_radius, parse_eps
 
 LARGE_EPS_LINF = 128 / 255  # the constant grey image lies in every L-inf ball of this radius
 
