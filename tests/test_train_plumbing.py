@@ -114,7 +114,8 @@ def test_a_plain_model_is_saved_and_loaded_like_every_casify_model(tmp_path, one
     for name in ("best", "final"):
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert list(config["training"]) == ["config", "loss", "attack", "selected_on", "step", "weights"]
+    assert list(config["training"]) == ["config", "loss", "attack", "selected_on", "step", "weights", "code"]
+    assert set(config["training"]["code"]) == {"casify_version", "commit", "dirty"}
     assert config["training"]["step"] == 6 and config["training"]["selected_on"] == "last step"
     loaded = casify.from_pretrained(tmp_path / "final", model=_plain_net())
     for k, v in trainer.unwrapped.state_dict().items():

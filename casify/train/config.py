@@ -252,6 +252,7 @@ class TrainingRecord:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["overfitting"] is None:  # a run without a collapse: the record reads as before the guard existed
-            del d["overfitting"]
+        for key in ("code", "overfitting"):  # unset (no code record, no collapse): read as before they existed
+            if d[key] is None:
+                del d[key]
         return d

@@ -99,11 +99,11 @@ class Trainer(RunFolder):
         if config.cas and not isinstance(model, DefendedModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
+        check_channels(model, train_set)
         # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size
         check_data_fits(model, train_set, "the training set")
         if val_set is not None and len(val_set) > 0:
             check_data_fits(model, val_set, "the validation set")
-        check_channels(model, train_set)
         fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
         if not isinstance(model, DefendedModel):  # a wrapped model without CAS: saved and loaded like every casify model
             model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
