@@ -74,7 +74,7 @@ def eps_arg(text: str) -> float:
 def radius_arg(text: str) -> float:
     """A radius under either norm (``8/255``, ``0.5``, ``2.0``), checked against ``--norm`` when the command runs
     (:func:`casify.cli._check_radii`); casify's parser is imported only when an option is converted."""
-    from casify.threat_model import parse_radius
+    from casify.attacks.threat_model import parse_radius
     try:
         return parse_radius(text, "l2")
     except ValueError as e:
