@@ -1,7 +1,7 @@
 """Issue 18, part 5(a): a standard-trained (non-robust) CIFAR-10 model made robust by AT fine-tuning, with and without
 CAS at its last stage. Does CAS help in the mission's common case?
 
-The base is ``benchmarks/standard_base.py``'s (cifar_resnet18 width 1/8, pooled linear head, natural training on the
+The base is ``standard_base.py``'s (beside this script) (cifar_resnet18 width 1/8, pooled linear head, natural training on the
 45,000 training images; its SHA-256 is in ``results/standard_base.json`` and is checked before every run). Arms:
 
 - ``at``: ``casify.wrap(base, [])`` fine-tuned with PGD-AT;
@@ -29,33 +29,29 @@ replaces the base's rule ("a run selected at its last step is extended"); it was
 and no run was selected at its last step (AT seed 2 reached the cap with its best earlier; every other run stopped
 after its peak: ``retrofit_standard.json``).
 
-    OMP_NUM_THREADS=1 python benchmarks/retrofit_standard.py --work --data-dir ../shared/data/cifar10 \
+    OMP_NUM_THREADS=1 python -m studies.retrofit_standard.study --work --data-dir ../shared/data/cifar10 \
         --base outputs/standard_base --runs-dir outputs/retrofit_standard      # one or two workers
-    python benchmarks/retrofit_standard.py --report --data-dir ../shared/data/cifar10 --runs-dir outputs/retrofit_standard
+    python -m studies.retrofit_standard.study --report --data-dir ../shared/data/cifar10 --runs-dir outputs/retrofit_standard
 
 Workers share the run list through atomic claims (a killed worker's claim is taken over) and every run resumes from
-its checkpoints; ``--report`` writes ``results/retrofit_standard.{json,md,png}``.
+its checkpoints; ``--report`` writes ``results/retrofit_standard.{json,png}`` and the study's README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cas_study  # noqa: E402  (claims, writes, the echo settings, the seed-rule comparison)
-import paper_claims as claims  # noqa: E402  (the scoring union)
-import standard_base  # noqa: E402  (the base's protocol and record)
-from casify.train.schedule import first_step_of_epoch  # noqa: E402
+from casify.train.schedule import first_step_of_epoch
+from studies.cas_study import study as cas_study  # writes, the echo settings, the seed-rule comparison
+from studies.paper_claims import study as claims  # the scoring union
+from studies.retrofit_standard import standard_base  # the base's protocol and record
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 8 / 255
 CAS_LAYERS = ["layer4.0", "layer4.1"]
 FINE_TUNING = {"train_images": [0, 45000], "checkpoint_selection": "PGD-10 robust accuracy on held-out training "
@@ -98,7 +94,7 @@ def base_record() -> dict:
     base = json.loads((RESULTS / "standard_base.json").read_text()).get("base")
     if not base or not base.get("complete"):
         raise SystemExit("the standard base is not recorded as complete in results/standard_base.json: run "
-                         "benchmarks/standard_base.py first")
+                         "python -m studies.retrofit_standard.standard_base first")
     return base
 
 
@@ -111,7 +107,7 @@ def load_base(args):
     sha = claims.sha256(folder / "model.safetensors")
     if sha != base_record()["sha256"]:
         raise SystemExit(f"{folder}/model.safetensors has SHA-256 {sha[:16]}..., not the recorded base's "
-                         f"{base_record()['sha256'][:16]}...: retrain it with benchmarks/standard_base.py")
+                         f"{base_record()['sha256'][:16]}...: retrain it with python -m studies.retrofit_standard.standard_base")
     p = standard_base.PROTOCOL
     net = timm.create_model(p["model"], num_classes=p["num_classes"], width=p["width"])
     # not casify.unwrap(casify.from_pretrained(folder)), which builds one network fewer: the random draws of both
@@ -318,7 +314,7 @@ def cmd_report(args) -> None:
     record["comparison"] = comparison
     record["budget_cpu_hours"] = round(sum(r["train_seconds"] + (r["score_seconds"] or 0) for r in runs) / 3600, 2)
     cas_study._write(path, record)
-    (RESULTS / "retrofit_standard.md").write_text(markdown(record, base))
+    (RESULTS.parent / "README.md").write_text(markdown(record, base))
     figure(record, RESULTS / "retrofit_standard.png")
     print(f"wrote {path} ({len(runs)} runs; chosen {chosen}; verdict {comparison['worst_case'].get('verdict')})")
 
@@ -327,12 +323,12 @@ def markdown(record: dict, base: dict) -> str:
     pct = cas_study._pct
     c = record["comparison"]
     lines = ["# Retrofit of a standard-trained base: AT vs AT+CAS fine-tuning (issue 18, part 5(a))", "",
-             f"Base: `benchmarks/standard_base.py` (cifar_resnet18 width 1/8, pooled linear head, natural training on "
+             f"Base: `studies/retrofit_standard/standard_base.py` (cifar_resnet18 width 1/8, pooled linear head, natural training on "
              f"45,000 images), SHA-256 `{base['sha256'][:16]}...`, held-out natural {pct(base['held_out_natural'])} %, "
              f"test846 natural {pct(base['test846_natural'])} %.", "",
              "Fine-tuning: PGD-3 AT at eps 8/255 (pixel space), lr 0.05 dropped tenfold at half an epoch, stopped "
              "two validations after the held-out peak (at most 1.25 epochs); CAS after layer4.0 and layer4.1 "
-             "(identity init). Commands and the rule: `benchmarks/retrofit_standard.py`.", "",
+             "(identity init). Commands and the rule: `studies/retrofit_standard/study.py`.", "",
              f"Decision rule (written before the first run): {record['decision_rule']['verdict']}", "",
              "## Variant choice (seed 0, held-out PGD-10, never the test set)", "",
              "| arm | held-out best PGD-10 | selected step / steps | stopped after peak |", "|---|---|---|---|"]
@@ -396,7 +392,7 @@ def figure(record: dict, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", action="store_true", help="train and score the next unclaimed runs")
-    p.add_argument("--report", action="store_true", help="write results/retrofit_standard.{json,md,png}")
+    p.add_argument("--report", action="store_true", help="write results/retrofit_standard.{json,png} and README.md")
     p.add_argument("--rule", action="store_true", help="only write the decision rule (before the first run)")
     p.add_argument("--data-dir", required=True, help="folder with train.npz and test846.npz (../shared/data/cifar10)")
     p.add_argument("--base", default="outputs/standard_base", help="the standard base's run folder")

@@ -1,10 +1,10 @@
 """Why CAS fails and where it might not: the seed rule, a beta sweep and label-free routing (issue 18, parts 1-3).
 
-The claims protocol of ``benchmarks/paper_claims.py`` unchanged (CIFAR ResNet-18 width 1/8, the first 5,000 training
+The claims protocol of ``studies/paper_claims`` unchanged (CIFAR ResNet-18 width 1/8, the first 5,000 training
 images, 8 epochs, PGD-3 AT at eps 8/255, selection on held-out training images 45,000-45,499 by adaptive PGD-10,
 never on the test set), and its scoring unchanged (the standard suite + the audit's rows, per-example worst case on
 the 846 test images of test846.npz), so that its seeds 0-2 of AT and AT+CAS (committed in
-``results/paper_claims_verdicts.json``: per-seed accuracies and paired counts) join the new runs:
+``studies/paper_claims/results/paper_claims_verdicts.json``: per-seed accuracies and paired counts) join the new runs:
 
 1. seeds 3 and 4 of AT and AT+CAS; every comparison judged by :data:`casify.evaluate.compare.SEED_RULE`
    (per-seed paired differences: t interval + bootstrap over seeds x images); next to the union, the
@@ -18,13 +18,14 @@ the 846 test images of test846.npz), so that its seeds 0-2 of AT and AT+CAS (com
 4. a stronger scale (:data:`SCALE`): AT vs AT+CAS at the best beta of part 2, width 1/4, 20,000 training images,
    10 epochs, 3 seeds (``at_scale``, ``at_cas_scale``; last in the schedule, resumable across sessions).
 
-    OMP_NUM_THREADS=1 python benchmarks/cas_study.py --init               # the rule, written before any run
-    OMP_NUM_THREADS=1 python benchmarks/cas_study.py --work --data-dir ../shared/data/cifar10   # one worker
-    python benchmarks/cas_study.py --report --data-dir ../shared/data/cifar10
+    OMP_NUM_THREADS=1 python -m studies.cas_study.study --init               # the rule, written before any run
+    OMP_NUM_THREADS=1 python -m studies.cas_study.study --work --data-dir ../shared/data/cifar10   # one worker
+    python -m studies.cas_study.study --report --data-dir ../shared/data/cifar10
 
 Several ``--work`` processes share the queue (each run is claimed by an atomic ``mkdir``; a claim whose process has
-died is taken over, and training resumes from its last checkpoint). ``--report`` writes results/cas_study.{json,md}
-and cas_study.png from what exists.
+died is taken over, and training resumes from its last checkpoint). ``--report`` writes the study's README.md and
+results/cas_study.{json,png}, defense_family.{json,md} and channel_defenses_table.md (the README's headline table)
+from what exists; the table's retrofit rows are read from the two retrofit studies' results.
 """
 from __future__ import annotations
 
@@ -33,15 +34,16 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_claims as claims  # noqa: E402  (the protocol, the dataset split and the scoring suite)
+from studies import _protocol as protocol
+from studies.paper_claims import study as claims  # the protocol, the dataset split and the scoring suite
 
+RESULTS = Path(__file__).resolve().parent / "results"
+COMMITTED_CLAIMS = claims.RESULTS / "paper_claims_verdicts.json"  # seeds 0-2 of AT / AT+CAS, TRADES and MART
 EPS = claims.EPS
 # name: (method, defense layers, beta, train routing[, defense]); the defense is CAS unless named
 ARMS = {
@@ -318,7 +320,7 @@ def _cas_settings(name: str) -> dict:
 
 def collect(args) -> list:
     """One entry per run: the new runs from --runs-dir, and paper_claims' committed seeds 0-2 of AT and AT+CAS."""
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     runs = []
     for name, seeds in COMMITTED_SEEDS.items():
         for s in seeds:
@@ -373,7 +375,7 @@ def _committed_pair(args, a: str, b: str, seed: int, metric: str):
     from casify.evaluate.compare import paired_counts
     if (a, b) != ("at_cas", "at"):
         return None
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     for c in committed["claims"]["6_at_cas_beats_at"][metric]["per_seed"]:
         if c["seed"] == seed:
             return paired_counts(c["a_only"], c["b_only"], c["n"])
@@ -421,7 +423,7 @@ def rescore_claims(args) -> dict:
     """Claims 6 and 9 of paper_claims under the seed rule, from its committed per-seed paired counts (claim 6 also
     gets seeds 3-4 in the comparisons above: ``at_cas_vs_at``)."""
     from casify.evaluate.compare import paired_counts, seed_comparison
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     out = {}
     for claim in ("6_at_cas_beats_at", "9_trades_cas_beats_trades", "9_mart_cas_beats_mart"):
         entry = committed["claims"][claim]
@@ -459,7 +461,7 @@ def cmd_report(args) -> None:
     _write(fpath, family)
     (Path(args.results_dir) / "defense_family.md").write_text(family_markdown(family))
     _write(path, record)
-    (Path(args.results_dir) / "cas_study.md").write_text(markdown(record))
+    (Path(args.results_dir).parent / "README.md").write_text(markdown(record))
     (Path(args.results_dir) / "channel_defenses_table.md").write_text(headline_table(args, record, family))
     figure(record, Path(args.results_dir) / "cas_study.png")
     print(f"wrote {path} ({len(runs)} runs)")
@@ -483,8 +485,8 @@ def _interval(c: dict) -> str:
 
 def markdown(record: dict) -> str:
     lines = ["# Why CAS fails, and whether label-free routing or another beta saves it", "",
-             "`python benchmarks/cas_study.py --work` (one or two workers), then `--report`; protocol and scoring of "
-             "`benchmarks/paper_claims.py` (eps 8/255 in pixel space, test846, worst case over every row).", "",
+             "`python -m studies.cas_study.study --work` (one or two workers), then `--report`; protocol and scoring "
+             "of `studies/paper_claims` (eps 8/255 in pixel space, test846, worst case over every row).", "",
              f"Decision rule (written before the first run): {record['decision_rule']['rule']}", "",
              "## Comparisons (A - B, points of worst-case accuracy)", "",
              "| comparison | worst case (union) | verdict | matched attacks | natural |", "|---|---|---|---|---|"]
@@ -591,7 +593,7 @@ def headline_table(args, record: dict, family: dict) -> str:
     """README's "Do channel-wise defenses help?": defense x method, the paper's claim, the paper-style evaluation,
     the adaptive union, the verdict under the seed rule and natural accuracy (means over seeds, points vs the
     method without the defense)."""
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     runs = {}
     for r in record["runs"]:
         runs.setdefault(r["arm"], []).append(r)
@@ -630,15 +632,15 @@ def headline_table(args, record: dict, family: dict) -> str:
         verdict = f"**{word}**: {_interval(c)}" if "t_ci95" in c else f"{len(seeds)} seed(s): not judged"
         lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | {diff('paper_style')} | {diff('worst_case')} "
                      f"| {verdict} | {diff('natural')} |")
-    return "\n".join(lines + retrofit_rows(Path(args.results_dir))) + "\n"
+    return "\n".join(lines + retrofit_rows()) + "\n"
 
 
-def retrofit_rows(results: Path) -> list:
+def retrofit_rows() -> list:
     """The headline table's retrofit rows (part 5): a standard-trained base made robust by AT fine-tuning
     (retrofit_standard.json, eps 8/255) and the robust resnet4b with CAS on its head's hidden layer
     (retrofit_head.json, eps 2/255); means over seeds, points vs the AT arm of the same study."""
     rows = []
-    standard = _json(results / "retrofit_standard.json")
+    standard = _json(protocol.results_of("retrofit_standard") / "retrofit_standard.json")
     if standard and standard.get("comparison", {}).get("worst_case", {}).get("t_ci95"):
         chosen, c = standard["chosen_variant"], standard["comparison"]
         by = {arm: [r for r in standard["runs"] if r["arm"] == arm and r["worst_case"] is not None]
@@ -656,7 +658,7 @@ def retrofit_rows(results: Path) -> list:
         rows.append(f"| CAS, {variant} (chosen on held-out data), retrofit "
                     f"of a standard-trained base | AT fine-tuning | (not in the paper) | {cell('paper_style')} | "
                     f"{cell('worst_case')} | **{word}**: {_interval(c['worst_case'])} | {cell('natural')} |")
-    head = _json(results / "retrofit_head.json")
+    head = _json(protocol.results_of("retrofit_study") / "retrofit_head.json")
     judged = [c for c in (head or {}).get("comparisons", []) if c.get("seed_rule")]
     if judged:
         c, r = judged[0], judged[0]["seed_rule"]
@@ -689,7 +691,7 @@ def family_rule() -> dict:
 
 def family_markdown(record: dict) -> str:
     lines = ["# Channel-wise defenses under the claims protocol: the authors' evaluation vs casify's adaptive union", "",
-             "`python benchmarks/cas_study.py --work --only at_cifs at_fsr`, then `--report` (eps 8/255 in pixel "
+             "`python -m studies.cas_study.study --work --only at_cifs at_fsr`, then `--report` (eps 8/255 in pixel "
              "space, test846).", "", f"Decision rule (written before the first run): {record['decision_rule']['rule']}",
              "", "| arm | seed | natural | authors' evaluation | adaptive union | gap (points) | SHA-256 |",
              "|---|---|---|---|---|---|---|"]
@@ -727,7 +729,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder with train.npz, test846.npz")
     parser.add_argument("--runs-dir", default="outputs/cas_study")
-    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--init", action="store_true")
     parser.add_argument("--init-family", action="store_true", help="write defense_family.json's rule (part 6)")
     parser.add_argument("--work", action="store_true")
