@@ -21,6 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
+from studies._protocol import pct as _pct
+
 # The audit's numbers (issue text, seed 0, 846 images, 8/255), for the side-by-side table.
 AUDIT = {"quick suite worst case": (0.203, 0.201), "PGD-20, final logits": (0.390, 0.246),
          "CW-20, final logits": (0.381, 0.206), "PGD-20 on head 0 alone": (0.179, None),
@@ -130,10 +132,6 @@ def main(argv=None):
     (results / "eval_strength.json").write_text(json.dumps(out, indent=1) + "\n")
     (results.parent / "README.md").write_text(markdown(out))
     print(markdown(out))
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def markdown(out: dict) -> str:

@@ -30,7 +30,6 @@ study's README.md from what exists.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from studies._protocol import pct as _pct, sha256
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 8 / 255
@@ -91,10 +92,6 @@ def run_dir(args, name: str, seed: int) -> Path:
 def model_folder(args, name: str, seed: int) -> Path:
     out = run_dir(args, name, seed)
     return out / "best" if (out / "best").exists() else out / "final"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def protocol_config(method: str, layers, seed: int, out: Path, beta: float = 2.0, loss_kwargs=None):
@@ -408,10 +405,6 @@ def cmd_report(args) -> None:
     (results / "paper_claims_verdicts.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     (results.parent / "README.md").write_text(markdown(out))
     print(json.dumps({k: v["verdict"] for k, v in claims.items()}, indent=1))
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def markdown(out: dict) -> str:

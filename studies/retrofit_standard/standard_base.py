@@ -22,7 +22,6 @@ both fit one session on this project's 2-core CPU. Run with two threads (``--thr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from studies._protocol import sha256
 
 RESULT = Path(__file__).resolve().parent / "results" / "standard_base.json"
 PROTOCOL = {"model": "cifar_resnet18", "width": 0.125, "num_classes": 10, "train_images": 45000,
@@ -115,7 +116,7 @@ def record(args) -> dict:
             correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
         result["base"] = {"complete": run["steps"] >= run["planned_steps"], "selected": folder.name, "best_step": run["best_step"], "steps": run["steps"],
                           "held_out_natural": run["best_val_natural"], "test846_natural": correct / len(test),
-                          "sha256": hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest(),
+                          "sha256": sha256(folder / "model.safetensors"),
                           "train_seconds": run["seconds"], "history": run["history"]}
     Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from casify.train.schedule import first_step_of_epoch
-from studies.cas_study import study as cas_study  # writes, the echo settings, the seed-rule comparison
+from studies import _protocol as protocol
+from studies.cas_study import study as cas_study  # the union's record, the echo settings, the report's helpers
 from studies.paper_claims import study as claims  # the scoring union
 from studies.retrofit_standard import standard_base  # the base's protocol and record
 
@@ -104,7 +105,7 @@ def load_base(args):
 
     import casify
     folder = Path(args.base) / base_record()["selected"]
-    sha = claims.sha256(folder / "model.safetensors")
+    sha = protocol.sha256(folder / "model.safetensors")
     if sha != base_record()["sha256"]:
         raise SystemExit(f"{folder}/model.safetensors has SHA-256 {sha[:16]}..., not the recorded base's "
                          f"{base_record()['sha256'][:16]}...: retrain it with python -m studies.retrofit_standard.standard_base")
@@ -189,11 +190,11 @@ def train_one(args, arm: str, seed: int, train_set, val_set) -> None:
                       identity={"study": "retrofit_standard", "arm": arm, "base_sha256": base_record()["sha256"]})
     state, seconds = claims.train_timed(trainer, out, f"{arm} s{seed}")
     folder = out / "best"
-    cas_study._write(out / "train_record.json", {
+    protocol.write_json(out / "train_record.json", {
         "arm": arm, "seed": seed, "seconds": round(seconds, 1), "this_session_seconds": round(time.time() - start, 1),
         "steps": state.global_step, "cap": trainer.total_steps, "stopped_after_peak": trainer.stop,
         "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
-        "selected_at_last_step": state.best_step == state.global_step, "model_sha256": claims.sha256(
+        "selected_at_last_step": state.best_step == state.global_step, "model_sha256": protocol.sha256(
             folder / "model.safetensors"), "config": cfg.to_dict(), "torch": torch.__version__,
         "machine": platform.machine()})
     print(f"[train] {arm} s{seed}: {seconds:.0f}s, {state.global_step} steps, best {state.best_step} "
@@ -204,7 +205,7 @@ def chosen_variant(args):
     """The CAS variant confirmed with 3 seeds (highest held-out best), or None while a seed-0 run is missing."""
     best = {}
     for arm in VARIANTS:
-        rec = cas_study._json(run_dir(args, arm, 0) / "train_record.json")
+        rec = protocol.read_json(run_dir(args, arm, 0) / "train_record.json")
         if rec is None:
             return None
         best[arm] = rec["best_val_pgd"]
@@ -217,16 +218,16 @@ def score_one(args, arm: str, seed: int) -> None:
     out = run_dir(args, arm, seed)
     folder = out / "best"
     model = claims.load_model(folder)
-    sha = claims.sha256(folder / "model.safetensors")
+    sha = protocol.sha256(folder / "model.safetensors")
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     cas = ARMS[arm] is not None
     if not (out / "score.json").exists():
-        cas_study._write(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
+        protocol.write_json(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
     if cas and not (out / "echo.json").exists():
         start = time.time()
         echo = routing_echo(model, test, eps=EPS, steps=cas_study.ECHO["steps"], beta=ARMS[arm][0],
                             max_examples=cas_study.ECHO["max_examples"], seed=0)
-        cas_study._write(out / "echo.json", {**echo.to_dict(), "model_sha256": sha,
+        protocol.write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha,
                                              "seconds": round(time.time() - start, 1)})
 
 
@@ -251,18 +252,18 @@ def cmd_work(args) -> None:
     val_set = NpzDataset(data, indices=list(range(45000, 45500)))
     rule_path = RESULTS / "retrofit_standard.json"
     if not rule_path.exists():
-        cas_study._write(rule_path, {"decision_rule": rule(), "base": base_record()["sha256"], "runs": []})
+        protocol.write_json(rule_path, {"decision_rule": rule(), "base": base_record()["sha256"], "runs": []})
     for kind, arm, seed in jobs(args):
         out = run_dir(args, arm, seed)
         done = out / ("train_record.json" if kind == "train" else "score.json")
         if done.exists() and (kind == "train" or ARMS[arm] is None or (out / "echo.json").exists()):
             continue
         while kind == "score" and not (out / "train_record.json").exists():  # its training is the other worker's
-            if cas_study._claim(out, ".claim_train"):  # ... which died: train it here
+            if protocol.claim(out, ".claim_train"):  # ... which died: train it here
                 train_one(args, arm, seed, train_set, val_set)
             else:
                 time.sleep(30)
-        if not cas_study._claim(out, f".claim_{kind}"):
+        if not protocol.claim(out, f".claim_{kind}"):
             continue
         if kind == "train":
             train_one(args, arm, seed, train_set, val_set)
@@ -280,10 +281,10 @@ def cmd_report(args) -> None:
     for arm in ARMS:
         for seed in CONFIRM_SEEDS:
             out = run_dir(args, arm, seed)
-            train = cas_study._json(out / "train_record.json")
+            train = protocol.read_json(out / "train_record.json")
             if train is None:
                 continue
-            score = cas_study._json(out / "score.json")
+            score = protocol.read_json(out / "score.json")
             beta, routing = (None, None) if ARMS[arm] is None else ARMS[arm][:2]
             runs.append({"arm": arm, "seed": seed, "beta": beta, "train_routing": routing,
                          "base": {"name": "standard_base (cifar_resnet18 w1/8, natural)", "sha256": base["sha256"]},
@@ -295,7 +296,7 @@ def cmd_report(args) -> None:
                          if score else None,
                          "worst_case": score["worst_case"] if score else None,
                          "gradient_masking_suspected": score["gradient_masking_suspected"] if score else None,
-                         "echo": cas_study._json(out / "echo.json"), "model_sha256": train["model_sha256"],
+                         "echo": protocol.read_json(out / "echo.json"), "model_sha256": train["model_sha256"],
                          "train_seconds": train["seconds"], "score_seconds": score["seconds"] if score else None,
                          "history": train["history"]})
             if score:
@@ -313,14 +314,14 @@ def cmd_report(args) -> None:
                                "verdict": f"not judged: {len(pairs)} paired seeds (the rule needs 3)"})
     record["comparison"] = comparison
     record["budget_cpu_hours"] = round(sum(r["train_seconds"] + (r["score_seconds"] or 0) for r in runs) / 3600, 2)
-    cas_study._write(path, record)
+    protocol.write_json(path, record)
     (RESULTS.parent / "README.md").write_text(markdown(record, base))
     figure(record, RESULTS / "retrofit_standard.png")
     print(f"wrote {path} ({len(runs)} runs; chosen {chosen}; verdict {comparison['worst_case'].get('verdict')})")
 
 
 def markdown(record: dict, base: dict) -> str:
-    pct = cas_study._pct
+    pct = protocol.pct
     c = record["comparison"]
     lines = ["# Retrofit of a standard-trained base: AT vs AT+CAS fine-tuning (issue 18, part 5(a))", "",
              f"Base: `studies/retrofit_standard/standard_base.py` (cifar_resnet18 width 1/8, pooled linear head, natural training on "
@@ -403,7 +404,7 @@ def main(argv=None) -> None:
         if (RESULTS / "retrofit_standard.json").exists():
             p.error(f"{RESULTS / 'retrofit_standard.json'} exists: --rule writes the rule before the first run only "
                     "(delete the file to start the study over)")
-        cas_study._write(RESULTS / "retrofit_standard.json",
+        protocol.write_json(RESULTS / "retrofit_standard.json",
                          {"decision_rule": rule(), "base": None, "runs": []})
     if args.work:
         cmd_work(args)

@@ -177,11 +177,6 @@ def model_folder(args, arm: str, seed: int) -> Path:
     return out / "best" if (out / "best").exists() else out / "final"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _score_model(args, model, label: str, out_file: Path) -> None:
     import casify
     import casify.evaluate
@@ -201,7 +196,7 @@ def _score_model(args, model, label: str, out_file: Path) -> None:
         "mode": summary.get("mode"), "cascade": summary.get("cascade"), "upper_bounds": summary.get("upper_bounds"),
         "families": summary.get("families"),
         "attacks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "settings"} for r in report.attacks],
-        "evaluate_py_sha256": _sha256(Path(casify.evaluate.__file__)), "casify_path": str(Path(casify.__file__).parent),
+        "evaluate_py_sha256": protocol.sha256(Path(casify.evaluate.__file__)), "casify_path": str(Path(casify.__file__).parent),
         "per_example": {"natural": [bool(v) for v in report.per_example["natural"]],
                         "worst_case": [bool(v) for v in report.per_example["worst_case"]]},
         "seconds": round(seconds, 1), "versions": report.versions,
