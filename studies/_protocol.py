@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+STUDIES = Path(__file__).resolve().parent
 EPS = 8 / 255  # pixel space, L-inf
 SATURATION = {"steps": 100, "restarts": 4, "seed": 1}
 ECHO = {"max_examples": 500, "steps": 20}
@@ -43,6 +44,12 @@ def union_attacks(defended: bool) -> list:
                  Attack(name="pgd20", steps=20, objective="ce"),
                  Attack(name="cw20", kind="cw", steps=20, kappa=50.0, objective="cw")]
     return rows
+
+
+def results_of(study: str) -> Path:
+    """``studies/<study>/results``: where a study's committed results live, so one study reads another's from its
+    folder rather than through the other's script."""
+    return STUDIES / study / "results"
 
 
 def sha256(path: Path) -> str:
@@ -492,5 +499,5 @@ def interval(c: dict) -> str:
 
 
 __all__ = ["AA_EXAMPLES", "Arm", "ECHO", "EPS", "SATURATION", "claim", "comparison", "interval", "judge", "pct",
-           "read_json", "score_autoattack", "score_echo", "score_matched", "score_saturation", "score_union", "sha256",
-           "train_timed", "training_record", "union_attacks", "write_json"]
+           "read_json", "results_of", "score_autoattack", "score_echo", "score_matched", "score_saturation",
+           "score_union", "sha256", "train_timed", "training_record", "union_attacks", "write_json"]

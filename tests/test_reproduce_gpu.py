@@ -1,4 +1,4 @@
-"""benchmarks/reproduce_gpu.py's single-step arms, CPU side: each arm's recipe trains the attack it names, the plan
+"""studies/reproduce_gpu/study.py's single-step arms, CPU side: each arm's recipe trains the attack it names, the plan
 runs the arms asked for, and the results compare each single-step arm with PGD-3 AT (paired, with the training-time
 ratio) from a runs state, without training anything."""
 import importlib.util
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_gpu", ROOT / "benchmarks" / "reproduce_gpu.py")
+    spec = importlib.util.spec_from_file_location("reproduce_gpu", ROOT / "studies" / "reproduce_gpu" / "study.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -11,7 +11,7 @@ natural training, SGD momentum 0.9, lr 0.1 on a cosine schedule, weight decay 5e
 flip, seed 0; the checkpoint is selected on natural accuracy over the held-out last 5,000 training images (one
 validation per epoch), never on the test set. test846 is read once, after selection, for the record.
 
-    OMP_NUM_THREADS=2 python benchmarks/standard_base.py --data-dir ../shared/data/cifar10 \
+    OMP_NUM_THREADS=2 python -m studies.retrofit_standard.standard_base --data-dir ../shared/data/cifar10 \
         --out outputs/standard_base --threads 2
 
 Resumable (the run folder's checkpoints, one per epoch); ``--record`` only (re)writes the JSON from a finished run.
@@ -22,26 +22,24 @@ both fit one session on this project's 2-core CPU. Run with two threads (``--thr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESULT = ROOT / "benchmarks" / "results" / "standard_base.json"
+from studies._protocol import sha256
+
+RESULT = Path(__file__).resolve().parent / "results" / "standard_base.json"
 PROTOCOL = {"model": "cifar_resnet18", "width": 0.125, "num_classes": 10, "train_images": 45000,
             "held_out": [45000, 50000], "epochs": 15, "batch_size": 128, "lr": 0.1, "schedule": "cosine",
             "momentum": 0.9, "weight_decay": 5e-4, "seed": 0, "augment": "pad 4 + random crop 32 + horizontal flip",
             "selection": "natural accuracy on the 5,000 held-out training images, once per epoch",
             "val_attack_steps": 1}  # validation logs a PGD column too; selection reads the natural one only
-# Part 5(a)'s fine-tuning question, written before its first run (the base is that part's first run).
+# Part 5(a)'s fine-tuning question, written before its first run (the base is that part's first run); verbatim as
+# results/standard_base.json committed it (the claims script was benchmarks/paper_claims.py then).
 FINE_TUNING_RULE = {
     "question": "Made robust by AT fine-tuning, does CAS at the last stage (layer4.0, layer4.1) beat plain AT?",
     "arms": {"at": "casify.wrap(base, []) fine-tuned with AT",
@@ -76,9 +74,8 @@ def new_model():
 
 
 def train(args) -> None:
-    import paper_claims as claims
-
     from casify.train import TrainConfig, Trainer
+    from studies.paper_claims import study as claims
     out = Path(args.out)
     p = PROTOCOL
     cfg = TrainConfig(method="standard", cas=False, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
@@ -104,6 +101,8 @@ def record(args) -> dict:
     out = Path(args.out)
     result = {"part": "issue 18, part 5(a): the standard-trained base", "protocol": PROTOCOL,
               "fine_tuning_rule": FINE_TUNING_RULE,
+              # the command as committed in results/standard_base.json (now python -m
+              # studies.retrofit_standard.standard_base, the same arguments)
               "command": "OMP_NUM_THREADS=2 python benchmarks/standard_base.py --data-dir ../shared/data/cifar10 "
                          "--out outputs/standard_base --threads 2"}
     trained = out / "train_record.json"
@@ -117,7 +116,7 @@ def record(args) -> dict:
             correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
         result["base"] = {"complete": run["steps"] >= run["planned_steps"], "selected": folder.name, "best_step": run["best_step"], "steps": run["steps"],
                           "held_out_natural": run["best_val_natural"], "test846_natural": correct / len(test),
-                          "sha256": hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest(),
+                          "sha256": sha256(folder / "model.safetensors"),
                           "train_seconds": run["seconds"], "history": run["history"]}
     Path(args.result).write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -130,7 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop early (a smoke run; the record says so)")
     p.add_argument("--record", action="store_true", help="only write the result JSON (protocol, rule, the base if "
                                                           "trained)")
-    p.add_argument("--result", default=str(RESULT), help="where the JSON goes (default benchmarks/results/)")
+    p.add_argument("--result", default=str(RESULT), help="where the JSON goes (default the study's results/)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

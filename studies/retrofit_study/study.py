@@ -25,14 +25,15 @@ Scoring: ``casify.evaluate(attacks="standard", eps=2/255, checks=True)`` on all 
 routings for CAS models, the plain suite for plain models; the per-example worst case over every attack. AutoAttack
 (standard) on the first ``--aa-examples`` test images where time allows.
 
-    OMP_NUM_THREADS=1 python benchmarks/retrofit_study.py --train --score --report \
+    OMP_NUM_THREADS=1 python -m studies.retrofit_study.study --train --score --report \
         --models-dir ../shared/models --data-dir ../shared/data/cifar10 --runs-dir /tmp/retrofit_runs
 
 The study as run (``--aa-seeds 0``; AutoAttack reached only some seed-0 runs before the deadline: see the report)
 added ``--notes-file`` with the hand-written reading of the numbers.
 
 ``--train`` is resumable: a run whose ``final`` model exists is skipped, an interrupted one resumes from its last
-checkpoint. ``--score`` skips runs whose score file exists. ``--report`` writes results/retrofit.{json,md,png}.
+checkpoint. ``--score`` skips runs whose score file exists. ``--report`` writes results/retrofit.{json,png} and the study's
+README.md (``--name retrofit_head``: results/retrofit_head.{json,md,png}).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from studies import _protocol as protocol
 
 # The decision rule, fixed before the first run (written into retrofit.json verbatim).
 DECISION_RULE = (
@@ -174,11 +177,6 @@ def model_folder(args, arm: str, seed: int) -> Path:
     return out / "best" if (out / "best").exists() else out / "final"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _score_model(args, model, label: str, out_file: Path) -> None:
     import casify
     import casify.evaluate
@@ -198,7 +196,7 @@ def _score_model(args, model, label: str, out_file: Path) -> None:
         "mode": summary.get("mode"), "cascade": summary.get("cascade"), "upper_bounds": summary.get("upper_bounds"),
         "families": summary.get("families"),
         "attacks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "settings"} for r in report.attacks],
-        "evaluate_py_sha256": _sha256(Path(casify.evaluate.__file__)), "casify_path": str(Path(casify.__file__).parent),
+        "evaluate_py_sha256": protocol.sha256(Path(casify.evaluate.__file__)), "casify_path": str(Path(casify.__file__).parent),
         "per_example": {"natural": [bool(v) for v in report.per_example["natural"]],
                         "worst_case": [bool(v) for v in report.per_example["worst_case"]]},
         "seconds": round(seconds, 1), "versions": report.versions,
@@ -412,11 +410,13 @@ def cmd_report(args) -> None:
     }
     (results / f"{args.name}.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
     _plot(runs, comparisons, results / f"{args.name}.png")
-    text = _markdown(args, out)
+    # the study's own report is its README; part 5(b)'s (--name retrofit_head) stays beside its results
+    report = results.parent / "README.md" if args.name == "retrofit" else results / f"{args.name}.md"
+    text = _markdown(args, out, report.parent, results / f"{args.name}.png")
     if args.notes_file:  # the hand-written reading of the numbers (what it shows and does not), appended verbatim
         text += "\n" + Path(args.notes_file).read_text()
-    (results / f"{args.name}.md").write_text(text)
-    print(f"[report] wrote {results / args.name}.json, .md, .png; verdicts {verdicts}", flush=True)
+    report.write_text(text)
+    print(f"[report] wrote {results / args.name}.json, .png, {report}; verdicts {verdicts}", flush=True)
 
 
 def _plot(runs, comparisons, path: Path) -> None:
@@ -457,12 +457,16 @@ def _plot(runs, comparisons, path: Path) -> None:
     plt.close(fig)
 
 
-# The mission's common case (a standard-trained base made robust) is its own study, issue 18 part 5(a)
-STANDARD_BASE_POINTER = ("A standard-trained (non-robust) base with a pooled linear head, made robust by AT vs AT+CAS "
-                         "fine-tuning: [retrofit_standard.md](retrofit_standard.md) (`benchmarks/retrofit_standard.py`).")
+def standard_base_pointer(where: Path) -> str:
+    """The mission's common case (a standard-trained base made robust) is its own study, issue 18 part 5(a); the
+    link is relative to the folder of the report that carries it."""
+    link = os.path.relpath(protocol.STUDIES / "retrofit_standard" / "README.md", Path(where).resolve())
+    return ("A standard-trained (non-robust) base with a pooled linear head, made robust by AT vs AT+CAS "
+            f"fine-tuning: [retrofit_standard]({link}) (`studies/retrofit_standard`).")
 
 
-def _markdown(args, out) -> str:
+def _markdown(args, out, folder: Path, figure: Path) -> str:
+    """The report, its links relative to ``folder`` (where it is written)."""
     runs = out["runs"]
     where = "; ".join(f"`{a}` after {', '.join(f'`{l}`' for l in ls)}" for a, ls in out["setup"]["cas_layers"].items())
     L = ["# Does CAS help when retrofitted onto a robust pretrained model?"
@@ -470,9 +474,9 @@ def _markdown(args, out) -> str:
          f"Base: alpha-beta-CROWN's `resnet4b` (PGD-trained at 2/255 by its authors); {where}. "
          f"{len(args.arms)} arms fine-tuned from the same weights with the same budget; scored on the 846 lossless "
          "CIFAR-10 test images with `casify.evaluate(attacks=\"standard\", eps=2/255, checks=True)`.", "",
-         STANDARD_BASE_POINTER, "",
+         standard_base_pointer(folder), "",
          "```bash",
-         "OMP_NUM_THREADS=1 python benchmarks/retrofit_study.py --train --score --report --seeds "
+         "OMP_NUM_THREADS=1 python -m studies.retrofit_study.study --train --score --report --seeds "
          + " ".join(map(str, out["setup"]["seeds"])) + f" --epochs {args.epochs:g} --runs-dir {args.runs_dir} \\"
          + ("" if args.name == "retrofit" else f"\n    --name {args.name} --arms {' '.join(args.arms)} "
                                                f"--aa-examples {args.aa_examples} \\"),
@@ -545,7 +549,7 @@ def _markdown(args, out) -> str:
         L.append(f"| `{c['arm']}` | {100 * p['diff']:+.2f} [{100 * p['ci95'][0]:+.2f}, {100 * p['ci95'][1]:+.2f}] "
                  f"| {p['z']:+.2f} |")
     comp = out["compute"]
-    L += ["", f"![robust accuracy per arm]({args.name}.png)", "",
+    L += ["", f"![robust accuracy per arm]({os.path.relpath(Path(figure).resolve(), Path(folder).resolve())})", "",
           f"Compute: {comp['total_cpu_minutes']} CPU minutes on one thread (training {comp['train_cpu_minutes']}, "
           f"scoring {comp['score_cpu_minutes']}, AutoAttack {comp['autoattack_cpu_minutes']}); {comp['machine']}.",
           "", "## Setup", "", "```json", json.dumps(out["setup"], indent=1), "```", ""]
@@ -559,7 +563,7 @@ def main(argv=None):
     p.add_argument("--report", action="store_true")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + HEAD_ARMS)
-    p.add_argument("--name", default="retrofit", help="results/<name>.{json,md,png}: retrofit_head for part 5(b)")
+    p.add_argument("--name", default="retrofit", help="results/<name>.{json,png} and its report: retrofit_head for part 5(b)")
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--runs-dir", default="/tmp/retrofit_runs")
     p.add_argument("--models-dir", default="../shared/models")
@@ -568,7 +572,7 @@ def main(argv=None):
     p.add_argument("--aa-examples", type=int, default=400, help="AutoAttack on the first N test images (0: none)")
     p.add_argument("--aa-seeds", type=int, nargs="*", default=None,
                    help="seeds whose runs get AutoAttack (default: all); the base always does when --aa-examples > 0")
-    p.add_argument("--notes-file", default=None, help="markdown appended to retrofit.md (the interpretation)")
+    p.add_argument("--notes-file", default=None, help="markdown appended to the report (the interpretation)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     head, other = bool(set(args.arms) & set(HEAD_ARMS)), bool(set(args.arms) - set(HEAD_ARMS) - {"at"})

@@ -1,7 +1,7 @@
 """Issue 18, part 5(a): a standard-trained (non-robust) CIFAR-10 model made robust by AT fine-tuning, with and without
 CAS at its last stage. Does CAS help in the mission's common case?
 
-The base is ``benchmarks/standard_base.py``'s (cifar_resnet18 width 1/8, pooled linear head, natural training on the
+The base is ``standard_base.py``'s (beside this script) (cifar_resnet18 width 1/8, pooled linear head, natural training on the
 45,000 training images; its SHA-256 is in ``results/standard_base.json`` and is checked before every run). Arms:
 
 - ``at``: ``casify.wrap(base, [])`` fine-tuned with PGD-AT;
@@ -29,33 +29,30 @@ replaces the base's rule ("a run selected at its last step is extended"); it was
 and no run was selected at its last step (AT seed 2 reached the cap with its best earlier; every other run stopped
 after its peak: ``retrofit_standard.json``).
 
-    OMP_NUM_THREADS=1 python benchmarks/retrofit_standard.py --work --data-dir ../shared/data/cifar10 \
+    OMP_NUM_THREADS=1 python -m studies.retrofit_standard.study --work --data-dir ../shared/data/cifar10 \
         --base outputs/standard_base --runs-dir outputs/retrofit_standard      # one or two workers
-    python benchmarks/retrofit_standard.py --report --data-dir ../shared/data/cifar10 --runs-dir outputs/retrofit_standard
+    python -m studies.retrofit_standard.study --report --data-dir ../shared/data/cifar10 --runs-dir outputs/retrofit_standard
 
 Workers share the run list through atomic claims (a killed worker's claim is taken over) and every run resumes from
-its checkpoints; ``--report`` writes ``results/retrofit_standard.{json,md,png}``.
+its checkpoints; ``--report`` writes ``results/retrofit_standard.{json,png}`` and the study's README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cas_study  # noqa: E402  (claims, writes, the echo settings, the seed-rule comparison)
-import paper_claims as claims  # noqa: E402  (the scoring union)
-import standard_base  # noqa: E402  (the base's protocol and record)
-from casify.train.schedule import first_step_of_epoch  # noqa: E402
+from casify.train.schedule import first_step_of_epoch
+from studies import _protocol as protocol
+from studies.cas_study import study as cas_study  # the union's record, the echo settings, the report's helpers
+from studies.paper_claims import study as claims  # the scoring union
+from studies.retrofit_standard import standard_base  # the base's protocol and record
 
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 8 / 255
 CAS_LAYERS = ["layer4.0", "layer4.1"]
 FINE_TUNING = {"train_images": [0, 45000], "checkpoint_selection": "PGD-10 robust accuracy on held-out training "
@@ -98,7 +95,7 @@ def base_record() -> dict:
     base = json.loads((RESULTS / "standard_base.json").read_text()).get("base")
     if not base or not base.get("complete"):
         raise SystemExit("the standard base is not recorded as complete in results/standard_base.json: run "
-                         "benchmarks/standard_base.py first")
+                         "python -m studies.retrofit_standard.standard_base first")
     return base
 
 
@@ -108,10 +105,10 @@ def load_base(args):
 
     import casify
     folder = Path(args.base) / base_record()["selected"]
-    sha = claims.sha256(folder / "model.safetensors")
+    sha = protocol.sha256(folder / "model.safetensors")
     if sha != base_record()["sha256"]:
         raise SystemExit(f"{folder}/model.safetensors has SHA-256 {sha[:16]}..., not the recorded base's "
-                         f"{base_record()['sha256'][:16]}...: retrain it with benchmarks/standard_base.py")
+                         f"{base_record()['sha256'][:16]}...: retrain it with python -m studies.retrofit_standard.standard_base")
     p = standard_base.PROTOCOL
     net = timm.create_model(p["model"], num_classes=p["num_classes"], width=p["width"])
     # not casify.unwrap(casify.from_pretrained(folder)), which builds one network fewer: the random draws of both
@@ -193,11 +190,11 @@ def train_one(args, arm: str, seed: int, train_set, val_set) -> None:
                       identity={"study": "retrofit_standard", "arm": arm, "base_sha256": base_record()["sha256"]})
     state, seconds = claims.train_timed(trainer, out, f"{arm} s{seed}")
     folder = out / "best"
-    cas_study._write(out / "train_record.json", {
+    protocol.write_json(out / "train_record.json", {
         "arm": arm, "seed": seed, "seconds": round(seconds, 1), "this_session_seconds": round(time.time() - start, 1),
         "steps": state.global_step, "cap": trainer.total_steps, "stopped_after_peak": trainer.stop,
         "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
-        "selected_at_last_step": state.best_step == state.global_step, "model_sha256": claims.sha256(
+        "selected_at_last_step": state.best_step == state.global_step, "model_sha256": protocol.sha256(
             folder / "model.safetensors"), "config": cfg.to_dict(), "torch": torch.__version__,
         "machine": platform.machine()})
     print(f"[train] {arm} s{seed}: {seconds:.0f}s, {state.global_step} steps, best {state.best_step} "
@@ -208,7 +205,7 @@ def chosen_variant(args):
     """The CAS variant confirmed with 3 seeds (highest held-out best), or None while a seed-0 run is missing."""
     best = {}
     for arm in VARIANTS:
-        rec = cas_study._json(run_dir(args, arm, 0) / "train_record.json")
+        rec = protocol.read_json(run_dir(args, arm, 0) / "train_record.json")
         if rec is None:
             return None
         best[arm] = rec["best_val_pgd"]
@@ -221,16 +218,16 @@ def score_one(args, arm: str, seed: int) -> None:
     out = run_dir(args, arm, seed)
     folder = out / "best"
     model = claims.load_model(folder)
-    sha = claims.sha256(folder / "model.safetensors")
+    sha = protocol.sha256(folder / "model.safetensors")
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     cas = ARMS[arm] is not None
     if not (out / "score.json").exists():
-        cas_study._write(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
+        protocol.write_json(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
     if cas and not (out / "echo.json").exists():
         start = time.time()
         echo = routing_echo(model, test, eps=EPS, steps=cas_study.ECHO["steps"], beta=ARMS[arm][0],
                             max_examples=cas_study.ECHO["max_examples"], seed=0)
-        cas_study._write(out / "echo.json", {**echo.to_dict(), "model_sha256": sha,
+        protocol.write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha,
                                              "seconds": round(time.time() - start, 1)})
 
 
@@ -255,18 +252,18 @@ def cmd_work(args) -> None:
     val_set = NpzDataset(data, indices=list(range(45000, 45500)))
     rule_path = RESULTS / "retrofit_standard.json"
     if not rule_path.exists():
-        cas_study._write(rule_path, {"decision_rule": rule(), "base": base_record()["sha256"], "runs": []})
+        protocol.write_json(rule_path, {"decision_rule": rule(), "base": base_record()["sha256"], "runs": []})
     for kind, arm, seed in jobs(args):
         out = run_dir(args, arm, seed)
         done = out / ("train_record.json" if kind == "train" else "score.json")
         if done.exists() and (kind == "train" or ARMS[arm] is None or (out / "echo.json").exists()):
             continue
         while kind == "score" and not (out / "train_record.json").exists():  # its training is the other worker's
-            if cas_study._claim(out, ".claim_train"):  # ... which died: train it here
+            if protocol.claim(out, ".claim_train"):  # ... which died: train it here
                 train_one(args, arm, seed, train_set, val_set)
             else:
                 time.sleep(30)
-        if not cas_study._claim(out, f".claim_{kind}"):
+        if not protocol.claim(out, f".claim_{kind}"):
             continue
         if kind == "train":
             train_one(args, arm, seed, train_set, val_set)
@@ -284,10 +281,10 @@ def cmd_report(args) -> None:
     for arm in ARMS:
         for seed in CONFIRM_SEEDS:
             out = run_dir(args, arm, seed)
-            train = cas_study._json(out / "train_record.json")
+            train = protocol.read_json(out / "train_record.json")
             if train is None:
                 continue
-            score = cas_study._json(out / "score.json")
+            score = protocol.read_json(out / "score.json")
             beta, routing = (None, None) if ARMS[arm] is None else ARMS[arm][:2]
             runs.append({"arm": arm, "seed": seed, "beta": beta, "train_routing": routing,
                          "base": {"name": "standard_base (cifar_resnet18 w1/8, natural)", "sha256": base["sha256"]},
@@ -299,7 +296,7 @@ def cmd_report(args) -> None:
                          if score else None,
                          "worst_case": score["worst_case"] if score else None,
                          "gradient_masking_suspected": score["gradient_masking_suspected"] if score else None,
-                         "echo": cas_study._json(out / "echo.json"), "model_sha256": train["model_sha256"],
+                         "echo": protocol.read_json(out / "echo.json"), "model_sha256": train["model_sha256"],
                          "train_seconds": train["seconds"], "score_seconds": score["seconds"] if score else None,
                          "history": train["history"]})
             if score:
@@ -317,22 +314,22 @@ def cmd_report(args) -> None:
                                "verdict": f"not judged: {len(pairs)} paired seeds (the rule needs 3)"})
     record["comparison"] = comparison
     record["budget_cpu_hours"] = round(sum(r["train_seconds"] + (r["score_seconds"] or 0) for r in runs) / 3600, 2)
-    cas_study._write(path, record)
-    (RESULTS / "retrofit_standard.md").write_text(markdown(record, base))
+    protocol.write_json(path, record)
+    (RESULTS.parent / "README.md").write_text(markdown(record, base))
     figure(record, RESULTS / "retrofit_standard.png")
     print(f"wrote {path} ({len(runs)} runs; chosen {chosen}; verdict {comparison['worst_case'].get('verdict')})")
 
 
 def markdown(record: dict, base: dict) -> str:
-    pct = cas_study._pct
+    pct = protocol.pct
     c = record["comparison"]
     lines = ["# Retrofit of a standard-trained base: AT vs AT+CAS fine-tuning (issue 18, part 5(a))", "",
-             f"Base: `benchmarks/standard_base.py` (cifar_resnet18 width 1/8, pooled linear head, natural training on "
+             f"Base: `studies/retrofit_standard/standard_base.py` (cifar_resnet18 width 1/8, pooled linear head, natural training on "
              f"45,000 images), SHA-256 `{base['sha256'][:16]}...`, held-out natural {pct(base['held_out_natural'])} %, "
              f"test846 natural {pct(base['test846_natural'])} %.", "",
              "Fine-tuning: PGD-3 AT at eps 8/255 (pixel space), lr 0.05 dropped tenfold at half an epoch, stopped "
              "two validations after the held-out peak (at most 1.25 epochs); CAS after layer4.0 and layer4.1 "
-             "(identity init). Commands and the rule: `benchmarks/retrofit_standard.py`.", "",
+             "(identity init). Commands and the rule: `studies/retrofit_standard/study.py`.", "",
              f"Decision rule (written before the first run): {record['decision_rule']['verdict']}", "",
              "## Variant choice (seed 0, held-out PGD-10, never the test set)", "",
              "| arm | held-out best PGD-10 | selected step / steps | stopped after peak |", "|---|---|---|---|"]
@@ -396,7 +393,7 @@ def figure(record: dict, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", action="store_true", help="train and score the next unclaimed runs")
-    p.add_argument("--report", action="store_true", help="write results/retrofit_standard.{json,md,png}")
+    p.add_argument("--report", action="store_true", help="write results/retrofit_standard.{json,png} and README.md")
     p.add_argument("--rule", action="store_true", help="only write the decision rule (before the first run)")
     p.add_argument("--data-dir", required=True, help="folder with train.npz and test846.npz (../shared/data/cifar10)")
     p.add_argument("--base", default="outputs/standard_base", help="the standard base's run folder")
@@ -407,7 +404,7 @@ def main(argv=None) -> None:
         if (RESULTS / "retrofit_standard.json").exists():
             p.error(f"{RESULTS / 'retrofit_standard.json'} exists: --rule writes the rule before the first run only "
                     "(delete the file to start the study over)")
-        cas_study._write(RESULTS / "retrofit_standard.json",
+        protocol.write_json(RESULTS / "retrofit_standard.json",
                          {"decision_rule": rule(), "base": None, "runs": []})
     if args.work:
         cmd_work(args)

@@ -3,7 +3,7 @@ that a CAS model cannot fool).
 
 The audit retrained the paper-claims AT and AT+CAS models (CIFAR ResNet-18 width 1/8, seed 0) and attacked them on the
 846 lossless test images at 8/255 harder than casify did. This script reads the same protocol's models, retrained
-reproducibly for 3 seeds by ``benchmarks/paper_claims.py`` (run its ``--train --score`` first), and reports:
+reproducibly for 3 seeds by ``studies/paper_claims`` (run its ``--train --score`` first), and reports:
 
 - the audit's rows, re-measured on seed 0 from the full per-attack table (every row on every example): the old
   ``quick`` suite's worst case, PGD-20 / CW-20 on the final logits, PGD-20 on head 0 alone, last vs best iterate,
@@ -11,15 +11,17 @@ reproducibly for 3 seeds by ``benchmarks/paper_claims.py`` (run its ``--train --
 - per seed: casify's worst case (the default cascade's, exact), AutoAttack, and the paired AT+CAS - AT difference;
 - the checkpoints' SHA-256, so the numbers can be tied to the models.
 
-    python benchmarks/eval_strength.py --runs-dir outputs/paper_claims
+    python -m studies.eval_strength.study --runs-dir outputs/paper_claims
 
-Writes results/eval_strength.{json,md}.
+Writes results/eval_strength.json and the study's README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from studies._protocol import pct as _pct
 
 # The audit's numbers (issue text, seed 0, 846 images, 8/255), for the side-by-side table.
 AUDIT = {"quick suite worst case": (0.203, 0.201), "PGD-20, final logits": (0.390, 0.246),
@@ -87,7 +89,7 @@ def main(argv=None):
     from casify.evaluate.compare import paired, pooled, welch
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", default="outputs/paper_claims")
-    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     runs = Path(args.runs_dir)
 
@@ -97,7 +99,7 @@ def main(argv=None):
 
     seeds = [s for s in (0, 1, 2) if load("at", s, "score.json") and load("at_cas", s, "score.json")]
     if 0 not in seeds:
-        raise SystemExit("needs at_s0 and at_cas_s0 scored by benchmarks/paper_claims.py --score")
+        raise SystemExit("needs at_s0 and at_cas_s0 scored by python -m studies.paper_claims.study --score")
     cas0, at0 = load("at_cas", 0, "score.json"), load("at", 0, "score.json")
     if cas0["mode"] != "per-attack" or at0["mode"] != "per-attack":
         raise SystemExit("seed 0 must be scored per attack (paper_claims.py does so for at / at_cas seed 0)")
@@ -119,6 +121,7 @@ def main(argv=None):
                          "at_cas_score_seconds": c["seconds"], "at_score_seconds": a["seconds"]})
     goal = {"at_cas": default_vs_union(cas0, load("at_cas", 0, "autoattack.json")),
             "at": default_vs_union(at0, load("at", 0, "autoattack.json"))}
+    # the protocol string as results/eval_strength.json recorded it (the claims script lived in benchmarks/ then)
     out = {"protocol": "benchmarks/paper_claims.py's AT and AT+CAS (paper-claims settings: CIFAR ResNet-18 width "
                        "1/8, 5,000 training images, 8 epochs, PGD-3 at 8/255), test846, eps 8/255",
            "audit_table_seed0": audit_rows(cas0, at0), "default_suite_vs_union_seed0": goal, "per_seed": per_seed,
@@ -127,17 +130,13 @@ def main(argv=None):
                                           [p["at_worst_case"] for p in per_seed]).to_dict()}
     results = Path(args.results_dir)
     (results / "eval_strength.json").write_text(json.dumps(out, indent=1) + "\n")
-    (results / "eval_strength.md").write_text(markdown(out))
+    (results.parent / "README.md").write_text(markdown(out))
     print(markdown(out))
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def markdown(out: dict) -> str:
     lines = ["# Evaluation strength: the audit's table, re-measured", "",
-             "`python benchmarks/eval_strength.py` (after `benchmarks/paper_claims.py --train --score`). "
+             "`python -m studies.eval_strength.study` (after `python -m studies.paper_claims.study --train --score`). "
              + out["protocol"] + ".", "",
              "## Seed 0, every attack on every example (%)", "",
              "| attack | AT+CAS | AT | audit: AT+CAS | audit: AT |", "|---|---|---|---|---|"]

@@ -1,9 +1,9 @@
 """Full-scale AT vs AT+CAS on CIFAR-10 (the paper's ResNet-18 setting, shortened schedule), resumable across
 10-minute GPU commands.
 
-    python benchmarks/reproduce_gpu.py --runs-dir runs/gpu --seeds 0 --budget-minutes 8     # repeat until done
-    python benchmarks/reproduce_gpu.py --smoke --runs-dir /tmp/repro_smoke --budget-minutes 0.1   # CPU pipeline test
-    python benchmarks/reproduce_gpu.py --arms at_pgd3 at_n_fgsm at_fgsm_rs --runs-dir runs/gpu_fast --seeds 0 1 2 \
+    python -m studies.reproduce_gpu.study --runs-dir runs/gpu --seeds 0 --budget-minutes 8     # repeat until done
+    python -m studies.reproduce_gpu.study --smoke --runs-dir /tmp/repro_smoke --budget-minutes 0.1   # CPU pipeline test
+    python -m studies.reproduce_gpu.study --arms at_pgd3 at_n_fgsm at_fgsm_rs --runs-dir runs/gpu_fast --seeds 0 1 2 \
         --budget-minutes 8                              # single-step AT (N-FGSM, FGSM-RS) vs PGD-3 AT, same schedule
 
 What runs (per seed, in this order; each invocation continues where the last one stopped):
@@ -14,7 +14,7 @@ What runs (per seed, in this order; each invocation continues where the last one
 3. score AT, 4. score AT+CAS with ``casify.evaluate.evaluate(..., attacks="standard", eps=8/255, checks=True)``
    (the default cascade; adaptive ``[cas]`` rows, each head alone, fixed routings, PGD-100, CW-20, the
    gradient-masking checks; ``--autoattack`` adds AutoAttack when the package is installed)
-5. write ``benchmarks/results/reproduce_gpu.json`` + ``.md``: per run natural / worst case / per family, train
+5. write ``studies/reproduce_gpu/results/reproduce_gpu.json`` + ``.md``: per run natural / worst case / per family, train
    minutes, device; the paired comparison AT+CAS vs AT on the same test images (difference with a 95 % CI, McNemar z).
 
 ARMS (``--arms``, default ``at at_cas``, the two above). The single-step arms train the AT recipe with another training
@@ -54,7 +54,7 @@ that continues.
 
 ``--smoke``: the whole pipeline on CPU in about a minute or two (width 0.125, 512 training images, 2 epochs of
 batch 64, PGD-2 training attack, 64 test images, the ``quick`` suite with the checks); results go to
-``<runs-dir>/results/`` only, never to ``benchmarks/results``.
+``<runs-dir>/results/`` only, never to the study's ``results/``.
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
 AT_CONFIG = REPO / "recipes/configs/cifar10_resnet18_at.yaml"
 CONFIGS = {"at": AT_CONFIG, "at_cas": REPO / "recipes/configs/cifar10_resnet18_at_cas.yaml",
            "at_pgd3": AT_CONFIG, "at_n_fgsm": AT_CONFIG, "at_fgsm_rs": AT_CONFIG}
@@ -115,7 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe-style override for both arms, e.g. --set model.kwargs.width=0.5 --set train.lr=0.05")
     p.add_argument("--results-dir", default=None,
-                   help="default benchmarks/results (full runs); smoke runs always write <runs-dir>/results")
+                   help="default studies/reproduce_gpu/results (full runs); smoke runs always write <runs-dir>/results")
     p.add_argument("--device", default=None, help="default cuda if available (smoke: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (smoke default 1)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline (tests resume too)")
@@ -517,7 +518,7 @@ def main(argv=None) -> int:
             if not Path(path).exists():
                 raise SystemExit(f"no data at {path}")
     runs_dir = Path(args.runs_dir)
-    results_dir = runs_dir / "results" if args.smoke else Path(args.results_dir or REPO / "benchmarks/results")
+    results_dir = runs_dir / "results" if args.smoke else Path(args.results_dir or RESULTS)
     settings = settings_of(args)
     state = load_state(runs_dir, settings)
     deadline = t_start + 60 * args.budget_minutes if args.budget_minutes else None
@@ -562,7 +563,7 @@ def main(argv=None) -> int:
         invocation["results"] = str(path)
     save_state(runs_dir, state)
 
-    command = "python benchmarks/reproduce_gpu.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = "python -m studies.reproduce_gpu.study " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     print(f"\n== this invocation: {invocation['seconds'] / 60:.2f} min, did {invocation['units'] or 'nothing'}")
     if remaining:
         parts = []

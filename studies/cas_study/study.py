@@ -1,10 +1,10 @@
 """Why CAS fails and where it might not: the seed rule, a beta sweep and label-free routing (issue 18, parts 1-3).
 
-The claims protocol of ``benchmarks/paper_claims.py`` unchanged (CIFAR ResNet-18 width 1/8, the first 5,000 training
+The claims protocol of ``studies/paper_claims`` unchanged (CIFAR ResNet-18 width 1/8, the first 5,000 training
 images, 8 epochs, PGD-3 AT at eps 8/255, selection on held-out training images 45,000-45,499 by adaptive PGD-10,
 never on the test set), and its scoring unchanged (the standard suite + the audit's rows, per-example worst case on
 the 846 test images of test846.npz), so that its seeds 0-2 of AT and AT+CAS (committed in
-``results/paper_claims_verdicts.json``: per-seed accuracies and paired counts) join the new runs:
+``studies/paper_claims/results/paper_claims_verdicts.json``: per-seed accuracies and paired counts) join the new runs:
 
 1. seeds 3 and 4 of AT and AT+CAS; every comparison judged by :data:`casify.evaluate.compare.SEED_RULE`
    (per-seed paired differences: t interval + bootstrap over seeds x images); next to the union, the
@@ -18,13 +18,14 @@ the 846 test images of test846.npz), so that its seeds 0-2 of AT and AT+CAS (com
 4. a stronger scale (:data:`SCALE`): AT vs AT+CAS at the best beta of part 2, width 1/4, 20,000 training images,
    10 epochs, 3 seeds (``at_scale``, ``at_cas_scale``; last in the schedule, resumable across sessions).
 
-    OMP_NUM_THREADS=1 python benchmarks/cas_study.py --init               # the rule, written before any run
-    OMP_NUM_THREADS=1 python benchmarks/cas_study.py --work --data-dir ../shared/data/cifar10   # one worker
-    python benchmarks/cas_study.py --report --data-dir ../shared/data/cifar10
+    OMP_NUM_THREADS=1 python -m studies.cas_study.study --init               # the rule, written before any run
+    OMP_NUM_THREADS=1 python -m studies.cas_study.study --work --data-dir ../shared/data/cifar10   # one worker
+    python -m studies.cas_study.study --report --data-dir ../shared/data/cifar10
 
 Several ``--work`` processes share the queue (each run is claimed by an atomic ``mkdir``; a claim whose process has
-died is taken over, and training resumes from its last checkpoint). ``--report`` writes results/cas_study.{json,md}
-and cas_study.png from what exists.
+died is taken over, and training resumes from its last checkpoint). ``--report`` writes the study's README.md and
+results/cas_study.{json,png}, defense_family.{json,md} and channel_defenses_table.md (the README's headline table)
+from what exists; the table's retrofit rows are read from the two retrofit studies' results.
 """
 from __future__ import annotations
 
@@ -33,15 +34,16 @@ import dataclasses
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_claims as claims  # noqa: E402  (the protocol, the dataset split and the scoring suite)
+from studies import _protocol as protocol
+from studies.paper_claims import study as claims  # the protocol, the dataset split and the scoring suite
 
+RESULTS = Path(__file__).resolve().parent / "results"
+COMMITTED_CLAIMS = claims.RESULTS / "paper_claims_verdicts.json"  # seeds 0-2 of AT / AT+CAS, TRADES and MART
 EPS = claims.EPS
 # name: (method, defense layers, beta, train routing[, defense]); the defense is CAS unless named
 ARMS = {
@@ -173,16 +175,10 @@ def train_one(args, name: str, seed: int, train_set, val_set) -> None:
     folder = model_folder(args, name, seed)
     record = {"arm": name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
               "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
-              "selected_folder": folder.name, "model_sha256": claims.sha256(folder / "model.safetensors"),
+              "selected_folder": folder.name, "model_sha256": protocol.sha256(folder / "model.safetensors"),
               "config": cfg.to_dict(), "torch": torch.__version__, "machine": platform.machine()}
     (out / "train_record.json").write_text(json.dumps(record, indent=1, default=str))
     print(f"[train] {name} s{seed}: {record['seconds']:.0f}s, selected step {state.best_step}", flush=True)
-
-
-def _write(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _score(model, test, attacks, max_examples=None):
@@ -213,21 +209,21 @@ def score_one(args, name: str, seed: int) -> None:
     folder = model_folder(args, name, seed)
     model = claims.load_model(folder)
     cas = bool(ARMS[name][1])
-    sha = claims.sha256(folder / "model.safetensors")
+    sha = protocol.sha256(folder / "model.safetensors")
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     committed = seed in COMMITTED_SEEDS.get(name, ())
     if not committed and not (out / "score.json").exists():
-        _write(out / "score.json", union_record(name, seed, model, test, cas, sha))
+        protocol.write_json(out / "score.json", union_record(name, seed, model, test, cas, sha))
     if not committed and not cas and not (out / "matched.json").exists():
         # a plain model's union is the matched list itself (the same seven rows, the same seeds): no second run
         score = json.loads((out / "score.json").read_text())
-        _write(out / "matched.json", {"rows": "the union's rows (identical for a plain model)",
+        protocol.write_json(out / "matched.json", {"rows": "the union's rows (identical for a plain model)",
                                       "worst_case": score["worst_case"],
                                       "per_example": score["per_example"]["worst_case"], "seconds": 0.0})
     if not committed and name in MATCHED_ARMS and not (out / "matched.json").exists():
         start = time.time()
         report = _score(model, test, claims.attack_list(cas)[:MATCHED_ROWS])
-        _write(out / "matched.json", {"rows": [r.name for r in report.attacks],
+        protocol.write_json(out / "matched.json", {"rows": [r.name for r in report.attacks],
                                       "worst_case": report.worst_case["accuracy"],
                                       "per_example": report.per_example["worst_case"],
                                       "seconds": round(time.time() - start, 1)})
@@ -243,38 +239,19 @@ def score_one(args, name: str, seed: int) -> None:
             report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[sat], eps=EPS,
                               seed=SATURATION["seed"], progress=False, checks=False)
             newly = sum(1 for ok in report.per_example["worst_case"] if not ok)
-        _write(out / "saturation.json", {"survivors": len(robust), "newly_fooled": newly, **SATURATION,
+        protocol.write_json(out / "saturation.json", {"survivors": len(robust), "newly_fooled": newly, **SATURATION,
                                          "seconds": round(time.time() - start, 1)})
     authors = authors_row(name)
     if authors is not None and not (out / "authors.json").exists():
         report = evaluate(model, test, attacks=[authors], eps=EPS, seed=0, progress=False, checks=False)
-        _write(out / "authors.json", {"row": authors.to_dict(), "accuracy": report.worst_case["accuracy"],
+        protocol.write_json(out / "authors.json", {"row": authors.to_dict(), "accuracy": report.worst_case["accuracy"],
                                       "per_example": report.per_example["worst_case"]})
     if cas and DEFENSES[defense_of(name)].routed and not (out / "echo.json").exists():
         start = time.time()
         echo = routing_echo(model, test, eps=EPS, steps=ECHO["steps"], beta=ARMS[name][2],
                             max_examples=ECHO["max_examples"], seed=0)
-        _write(out / "echo.json", {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)})
+        protocol.write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)})
         print(f"[echo] {name} s{seed}: forced {echo.forced_all:.3f} agreement {echo.head_agreement_clean}", flush=True)
-
-
-def _claim(out: Path, name: str = ".claim") -> bool:
-    """Take the run (or one job of it, by ``name``) for this process: an atomic mkdir; a claim left by a dead process
-    is taken over."""
-    claim = out / name
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        claim.mkdir()
-    except FileExistsError:
-        pid_file = claim / "pid"
-        try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, 0)
-            return pid == os.getpid()
-        except (OSError, ValueError):
-            pass  # the claimer died (or never wrote its pid): take over
-    (claim / "pid").write_text(str(os.getpid()))
-    return True
 
 
 def _done(args, name: str, seed: int) -> bool:
@@ -296,7 +273,7 @@ def cmd_work(args) -> None:
     for name, seed in SCHEDULE:
         if args.only and name not in args.only or _done(args, name, seed):
             continue
-        if not _claim(run_dir(args, name, seed)):
+        if not protocol.claim(run_dir(args, name, seed)):
             continue
         size = SCALE["train_size"] if name in SCALE_ARMS else None
         if size not in data:
@@ -306,10 +283,6 @@ def cmd_work(args) -> None:
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
-def _json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _cas_settings(name: str) -> dict:
     """A run's beta and training routing; None for an arm without a defense (plain AT has neither)."""
     defended = bool(ARMS[name][1])
@@ -318,13 +291,13 @@ def _cas_settings(name: str) -> dict:
 
 def collect(args) -> list:
     """One entry per run: the new runs from --runs-dir, and paper_claims' committed seeds 0-2 of AT and AT+CAS."""
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     runs = []
     for name, seeds in COMMITTED_SEEDS.items():
         for s in seeds:
             r = committed["runs"][f"{name}/s{s}"]
-            echo = _json(run_dir(args, name, s) / "echo.json")
-            retrained = _json(run_dir(args, name, s) / "train_record.json")
+            echo = protocol.read_json(run_dir(args, name, s) / "echo.json")
+            retrained = protocol.read_json(run_dir(args, name, s) / "train_record.json")
             runs.append({"arm": name, "seed": s, **_cas_settings(name),
                          "paper_style": r["rows"].get("pgd20[cas]" if ARMS[name][1] else "pgd20"),
                          "natural": r["natural"], "worst_case": r["worst_case"], "n": r["n"],
@@ -336,12 +309,12 @@ def collect(args) -> list:
         if seed in COMMITTED_SEEDS.get(name, ()):
             continue
         out = run_dir(args, name, seed)
-        score = _json(out / "score.json")
+        score = protocol.read_json(out / "score.json")
         if score is None:
             continue
-        train = _json(out / "train_record.json")
-        matched = _json(out / "matched.json")
-        authors = _json(out / "authors.json")
+        train = protocol.read_json(out / "train_record.json")
+        matched = protocol.read_json(out / "matched.json")
+        authors = protocol.read_json(out / "authors.json")
         runs.append({"arm": name, "seed": seed, **_cas_settings(name),
                      "defense": defense_of(name) if ARMS[name][1] else None,
                      "authors_evaluation": authors["accuracy"] if authors else None,
@@ -349,7 +322,7 @@ def collect(args) -> list:
                          score["per_example"], "pgd20[cas]" if ARMS[name][1] else "pgd20")),
                      "natural": score["natural"], "worst_case": score["worst_case"], "n": score["n"],
                      "matched_worst_case": matched["worst_case"] if matched else None,
-                     "saturation": _json(out / "saturation.json"), "echo": _json(out / "echo.json"),
+                     "saturation": protocol.read_json(out / "saturation.json"), "echo": protocol.read_json(out / "echo.json"),
                      "gradient_masking_suspected": score["gradient_masking_suspected"],
                      "failed_checks": score["failed_checks"], "model_sha256": score["model_sha256"],
                      "selected_step": train["best_step"], "steps": train["steps"], "train_seconds": train["seconds"],
@@ -373,7 +346,7 @@ def _committed_pair(args, a: str, b: str, seed: int, metric: str):
     from casify.evaluate.compare import paired_counts
     if (a, b) != ("at_cas", "at"):
         return None
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     for c in committed["claims"]["6_at_cas_beats_at"][metric]["per_seed"]:
         if c["seed"] == seed:
             return paired_counts(c["a_only"], c["b_only"], c["n"])
@@ -421,7 +394,7 @@ def rescore_claims(args) -> dict:
     """Claims 6 and 9 of paper_claims under the seed rule, from its committed per-seed paired counts (claim 6 also
     gets seeds 3-4 in the comparisons above: ``at_cas_vs_at``)."""
     from casify.evaluate.compare import paired_counts, seed_comparison
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     out = {}
     for claim in ("6_at_cas_beats_at", "9_trades_cas_beats_trades", "9_mart_cas_beats_mart"):
         entry = committed["claims"][claim]
@@ -456,17 +429,13 @@ def cmd_report(args) -> None:
     family = json.loads(fpath.read_text()) if fpath.exists() else {"decision_rule": family_rule()}
     family["comparisons"] = {k: compare(args, runs, a, b) for k, (a, b) in FAMILY_COMPARISONS.items()}
     family["runs"] = family_runs
-    _write(fpath, family)
+    protocol.write_json(fpath, family)
     (Path(args.results_dir) / "defense_family.md").write_text(family_markdown(family))
-    _write(path, record)
-    (Path(args.results_dir) / "cas_study.md").write_text(markdown(record))
+    protocol.write_json(path, record)
+    (Path(args.results_dir).parent / "README.md").write_text(markdown(record))
     (Path(args.results_dir) / "channel_defenses_table.md").write_text(headline_table(args, record, family))
     figure(record, Path(args.results_dir) / "cas_study.png")
     print(f"wrote {path} ({len(runs)} runs)")
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def _interval(c: dict) -> str:
@@ -483,8 +452,8 @@ def _interval(c: dict) -> str:
 
 def markdown(record: dict) -> str:
     lines = ["# Why CAS fails, and whether label-free routing or another beta saves it", "",
-             "`python benchmarks/cas_study.py --work` (one or two workers), then `--report`; protocol and scoring of "
-             "`benchmarks/paper_claims.py` (eps 8/255 in pixel space, test846, worst case over every row).", "",
+             "`python -m studies.cas_study.study --work` (one or two workers), then `--report`; protocol and scoring "
+             "of `studies/paper_claims` (eps 8/255 in pixel space, test846, worst case over every row).", "",
              f"Decision rule (written before the first run): {record['decision_rule']['rule']}", "",
              "## Comparisons (A - B, points of worst-case accuracy)", "",
              "| comparison | worst case (union) | verdict | matched attacks | natural |", "|---|---|---|---|---|"]
@@ -510,14 +479,14 @@ def markdown(record: dict) -> str:
     for r in record["runs"]:
         sat = r.get("saturation")
         echo = r.get("echo")
-        e1 = f"{_pct(echo['forced_all'])} (chance {_pct(echo['chance'])})" if echo else "-"
-        e2 = (f"{_pct(echo['head_agreement_clean'][0])} / {_pct(echo['head_agreement_adversarial'][0])}"
+        e1 = f"{protocol.pct(echo['forced_all'])} (chance {protocol.pct(echo['chance'])})" if echo else "-"
+        e2 = (f"{protocol.pct(echo['head_agreement_clean'][0])} / {protocol.pct(echo['head_agreement_adversarial'][0])}"
               if echo else "-")
         s = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
         if echo and r.get("retrained_sha256_matches") is False:  # the echo is a retrained model's, not this one's
             e1, e2 = e1 + " (r)", e2 + " (r)"
-        lines.append(f"| {r['arm']} | {r['seed']} | {'-' if r['beta'] is None else r['beta']} | {r['train_routing'] or '-'} | {_pct(r['natural'])} | "
-                     f"{_pct(r['worst_case'])} | {_pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
+        lines.append(f"| {r['arm']} | {r['seed']} | {'-' if r['beta'] is None else r['beta']} | {r['train_routing'] or '-'} | {protocol.pct(r['natural'])} | "
+                     f"{protocol.pct(r['worst_case'])} | {protocol.pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
                      f"`{r['model_sha256'][:16]}` |")
     if any(r.get("retrained_sha256_matches") is False for r in record["runs"]):
         lines += ["", "(r): the echo of a retrained model. The committed model of that row was retrained with the "
@@ -591,7 +560,7 @@ def headline_table(args, record: dict, family: dict) -> str:
     """README's "Do channel-wise defenses help?": defense x method, the paper's claim, the paper-style evaluation,
     the adaptive union, the verdict under the seed rule and natural accuracy (means over seeds, points vs the
     method without the defense)."""
-    committed = json.loads((Path(args.results_dir) / "paper_claims_verdicts.json").read_text())
+    committed = json.loads(COMMITTED_CLAIMS.read_text())
     runs = {}
     for r in record["runs"]:
         runs.setdefault(r["arm"], []).append(r)
@@ -630,15 +599,15 @@ def headline_table(args, record: dict, family: dict) -> str:
         verdict = f"**{word}**: {_interval(c)}" if "t_ci95" in c else f"{len(seeds)} seed(s): not judged"
         lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | {diff('paper_style')} | {diff('worst_case')} "
                      f"| {verdict} | {diff('natural')} |")
-    return "\n".join(lines + retrofit_rows(Path(args.results_dir))) + "\n"
+    return "\n".join(lines + retrofit_rows()) + "\n"
 
 
-def retrofit_rows(results: Path) -> list:
+def retrofit_rows() -> list:
     """The headline table's retrofit rows (part 5): a standard-trained base made robust by AT fine-tuning
     (retrofit_standard.json, eps 8/255) and the robust resnet4b with CAS on its head's hidden layer
     (retrofit_head.json, eps 2/255); means over seeds, points vs the AT arm of the same study."""
     rows = []
-    standard = _json(results / "retrofit_standard.json")
+    standard = protocol.read_json(protocol.results_of("retrofit_standard") / "retrofit_standard.json")
     if standard and standard.get("comparison", {}).get("worst_case", {}).get("t_ci95"):
         chosen, c = standard["chosen_variant"], standard["comparison"]
         by = {arm: [r for r in standard["runs"] if r["arm"] == arm and r["worst_case"] is not None]
@@ -656,7 +625,7 @@ def retrofit_rows(results: Path) -> list:
         rows.append(f"| CAS, {variant} (chosen on held-out data), retrofit "
                     f"of a standard-trained base | AT fine-tuning | (not in the paper) | {cell('paper_style')} | "
                     f"{cell('worst_case')} | **{word}**: {_interval(c['worst_case'])} | {cell('natural')} |")
-    head = _json(results / "retrofit_head.json")
+    head = protocol.read_json(protocol.results_of("retrofit_study") / "retrofit_head.json")
     judged = [c for c in (head or {}).get("comparisons", []) if c.get("seed_rule")]
     if judged:
         c, r = judged[0], judged[0]["seed_rule"]
@@ -689,7 +658,7 @@ def family_rule() -> dict:
 
 def family_markdown(record: dict) -> str:
     lines = ["# Channel-wise defenses under the claims protocol: the authors' evaluation vs casify's adaptive union", "",
-             "`python benchmarks/cas_study.py --work --only at_cifs at_fsr`, then `--report` (eps 8/255 in pixel "
+             "`python -m studies.cas_study.study --work --only at_cifs at_fsr`, then `--report` (eps 8/255 in pixel "
              "space, test846).", "", f"Decision rule (written before the first run): {record['decision_rule']['rule']}",
              "", "| arm | seed | natural | authors' evaluation | adaptive union | gap (points) | SHA-256 |",
              "|---|---|---|---|---|---|---|"]
@@ -698,8 +667,8 @@ def family_markdown(record: dict) -> str:
             continue
         gap = (f"{100 * (r['authors_evaluation'] - r['worst_case']):+.1f}" if r.get("authors_evaluation") is not None
                else "-")
-        lines.append(f"| {r['arm']} | {r['seed']} | {_pct(r['natural'])} | {_pct(r.get('authors_evaluation'))} | "
-                     f"{_pct(r['worst_case'])} | {gap} | `{r['model_sha256'][:16]}` |")
+        lines.append(f"| {r['arm']} | {r['seed']} | {protocol.pct(r['natural'])} | {protocol.pct(r.get('authors_evaluation'))} | "
+                     f"{protocol.pct(r['worst_case'])} | {gap} | `{r['model_sha256'][:16]}` |")
     lines += ["", "| comparison | worst case (union), A - B | verdict |", "|---|---|---|"]
     for c in record["comparisons"].values():
         lines.append(f"| {c['A']} vs {c['B']} | {_interval(c['worst_case'])} | **{c['worst_case'].get('verdict')}** |")
@@ -710,7 +679,7 @@ def cmd_init_family(args) -> None:
     path = Path(args.results_dir) / "defense_family.json"
     if path.exists():
         raise SystemExit(f"{path} exists: the rule is written once, before the first run")
-    _write(path, {"decision_rule": family_rule(), "runs": []})
+    protocol.write_json(path, {"decision_rule": family_rule(), "runs": []})
     print(f"wrote {path}")
 
 
@@ -718,7 +687,7 @@ def cmd_init(args) -> None:
     path = Path(args.results_dir) / "cas_study.json"
     if path.exists():
         raise SystemExit(f"{path} exists: the rule is written once, before the first run")
-    _write(path, {"decision_rule": decision_rule(), "protocol": claims.PROTOCOL, "arms": ARMS,
+    protocol.write_json(path, {"decision_rule": decision_rule(), "protocol": claims.PROTOCOL, "arms": ARMS,
                   "schedule": SCHEDULE, "runs": []})
     print(f"wrote {path}")
 
@@ -727,7 +696,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder with train.npz, test846.npz")
     parser.add_argument("--runs-dir", default="outputs/cas_study")
-    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--init", action="store_true")
     parser.add_argument("--init-family", action="store_true", help="write defense_family.json's rule (part 6)")
     parser.add_argument("--work", action="store_true")

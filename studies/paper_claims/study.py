@@ -17,20 +17,19 @@ train.npz (held out, never the test set) by casify's adaptive best-iterate PGD-1
   budget); per-example flags are stored so that comparisons are paired on the same images;
 - the channel analysis (claims 1-5) captures CAS layers before the mask, the baseline at the same point.
 
-    OMP_NUM_THREADS=1 python benchmarks/paper_claims.py --train --data-dir ../shared/data/cifar10
-    OMP_NUM_THREADS=1 python benchmarks/paper_claims.py --score --report --data-dir ../shared/data/cifar10
+    OMP_NUM_THREADS=1 python -m studies.paper_claims.study --train --data-dir ../shared/data/cifar10
+    OMP_NUM_THREADS=1 python -m studies.paper_claims.study --score --report --data-dir ../shared/data/cifar10
 
 (The committed results ran the two side by side, ``--score --follow`` scoring each run as training finished it, with
 ``--runs-dir outputs/claims_rescore``.)
 
 ``--train`` is resumable (an interrupted run resumes from its last checkpoint; a finished one is skipped);
-``--score`` skips models whose score files exist; ``--report`` writes results/paper_claims_verdicts.json and
-results/paper_claims.md from what exists.
+``--score`` skips models whose score files exist; ``--report`` writes results/paper_claims_verdicts.json and the
+study's README.md from what exists.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -40,6 +39,9 @@ from typing import Optional
 
 import torch
 
+from studies._protocol import pct as _pct, sha256
+
+RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 8 / 255
 CAS4 = ["layer4.0", "layer4.1"]
 # name: (training method, CAS layers, wrap keywords)
@@ -90,10 +92,6 @@ def run_dir(args, name: str, seed: int) -> Path:
 def model_folder(args, name: str, seed: int) -> Path:
     out = run_dir(args, name, seed)
     return out / "best" if (out / "best").exists() else out / "final"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def protocol_config(method: str, layers, seed: int, out: Path, beta: float = 2.0, loss_kwargs=None):
@@ -405,18 +403,14 @@ def cmd_report(args) -> None:
                             "activation captured after the mask, one seed for claim 9 never run): every claim above "
                             "was re-run with retrained models and replaces them"}
     (results / "paper_claims_verdicts.json").write_text(json.dumps(out, indent=1, default=str) + "\n")
-    (results / "paper_claims.md").write_text(markdown(out))
+    (results.parent / "README.md").write_text(markdown(out))
     print(json.dumps({k: v["verdict"] for k, v in claims.items()}, indent=1))
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def markdown(out: dict) -> str:
     p = out["protocol"]
     lines = ["# The paper's claims at CPU scale, re-run and re-scored", "",
-             "`python benchmarks/paper_claims.py --train --score --report --data-dir ../shared/data/cifar10`. "
+             "`python -m studies.paper_claims.study --train --score --report --data-dir ../shared/data/cifar10`. "
              f"CIFAR ResNet-18 of width {p['width']}, the first {p['train_size']} training images, {p['epochs']} "
              f"epochs, PGD-{p['attack_steps']} training at eps {p['eps']}, lr {p['lr']} (x0.1 at epochs "
              f"{p['milestones']}); checkpoints selected by adaptive best-iterate PGD-10 on {p['val_size']} held-out "
@@ -461,7 +455,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder with train.npz, test846.npz")
     parser.add_argument("--runs-dir", default="outputs/paper_claims")
-    parser.add_argument("--results-dir", default="benchmarks/results")
+    parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--score", action="store_true")
     parser.add_argument("--report", action="store_true")
