@@ -27,7 +27,7 @@ from casify.train import TrainConfig, Trainer
 
 ARCH = "cifar_resnet18"
 STEPS = 5
-EVIDENCE = "benchmarks/results/paper_claims.md"
+EVIDENCE = "studies/paper_claims/README.md"
 CAS_LAYERS = ["layer4.0", "layer4.1"]
 
 
@@ -122,7 +122,7 @@ def honest_reading(results: dict) -> str:
             f"alone is about +-{half:.1f} points, and another seed moves the gap more. This shows the pipeline "
             f"working, not whether CAS helps. The evidence (several seeds, paired tests, adaptive attacks) is in "
             f"{EVIDENCE}: trained with CAS at CPU scale, CAS cost 2-6 points of worst-case robustness with AT, "
-            f"TRADES and MART; retrofitted onto a robust model it cost about 13 (benchmarks/results/retrofit.md).")
+            f"TRADES and MART; retrofitted onto a robust model it cost about 13 (studies/retrofit_study/README.md).")
 
 
 def _table(results: dict, eps255: float) -> str:
