@@ -62,9 +62,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def eps_arg(text: str) -> float:
-    """A radius as ``8/255``, read by casify's one parser (:func:`casify.eps.parse_eps`; imported only when an option
+    """A radius as ``8/255``, read by casify's one parser (:func:`casify.core.eps.parse_eps`; imported only when an option
     is converted, so ``--help`` imports nothing)."""
-    from casify.eps import parse_eps
+    from casify.core.eps import parse_eps
     try:
         return parse_eps(text)
     except ValueError as e:
@@ -74,7 +74,7 @@ def eps_arg(text: str) -> float:
 def radius_arg(text: str) -> float:
     """A radius under either norm (``8/255``, ``0.5``, ``2.0``), checked against ``--norm`` when the command runs
     (:func:`casify.cli._check_radii`); casify's parser is imported only when an option is converted."""
-    from casify.threat_model import parse_radius
+    from casify.attacks.threat_model import parse_radius
     try:
         return parse_radius(text, "l2")
     except ValueError as e:

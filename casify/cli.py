@@ -161,7 +161,7 @@ def layers_table(layers) -> str:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .discovery import list_layers
+    from .core.discovery import list_layers
     from .model_source import build_named
 
     model = build_named(args.model, args.arch)
@@ -203,7 +203,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _user_errors() -> tuple:
     """Exceptions whose message is the whole story (casify's own, and the ValueError / OSError family of bad input)."""
-    from .config_validation import LoadError
+    from .core.config_validation import LoadError
     from .hub_access import HubAccessError
     from .push import PublishRefused, PushFailed
     from .train import RunFolderError, RunMismatchError

@@ -29,9 +29,9 @@ import torch
 from torch import fx, nn
 
 from .defenses import DefenseModule
-from .config import DefenseConfig
-from .normalize import InputRangeCheck
-from .rewrite import CAS_ATTR, NORMALIZE_ATTR, Rewrite
+from .core.config import DefenseConfig
+from .core.normalize import InputRangeCheck
+from .core.rewrite import CAS_ATTR, NORMALIZE_ATTR, Rewrite
 
 __all__ = ["DefendedModel", "CAS_ATTR", "NORMALIZE_ATTR", "DATA_CFG_ATTRS", "compile_graph"]
 
@@ -90,7 +90,7 @@ class DefendedModel(nn.Module):
 
     @classmethod
     def from_rewrite(cls, base: nn.Module, rewritten: Rewrite) -> "DefendedModel":
-        """The wrapped model made of ``base`` and what :func:`casify.rewrite.rewrite` returned for it."""
+        """The wrapped model made of ``base`` and what :func:`casify.core.rewrite.rewrite` returned for it."""
         return cls(base, rewritten.graphs, rewritten.cas_modules, rewritten.normalize, rewritten.config,
                    rewritten.constants)
 
@@ -134,7 +134,7 @@ class DefendedModel(nn.Module):
 
     @property
     def cas_config(self) -> DefenseConfig:
-        """A typed copy of :attr:`casify_config` (the resolved :class:`~casify.config.DefenseConfig` of this model);
+        """A typed copy of :attr:`casify_config` (the resolved :class:`~casify.core.config.DefenseConfig` of this model);
         ``casify.wrap(casify.unwrap(copy.deepcopy(m)), m.cas_config)`` rebuilds the same architecture."""
         return DefenseConfig.from_dict(self.casify_config)
 

@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Union
 
 from torch import nn
 
-from .config_validation import read_config
+from .core.config_validation import read_config
 from .eval_summary import EvalSummary
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_pretrained
 

@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 from typing import Union
 
-from .config_validation import read_config
+from .core.config_validation import read_config
 from .hub import verify_weights
 from .hub_access import check_hub_access
 from .publish import upload_folder

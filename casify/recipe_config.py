@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import yaml
 
 from .defenses import validate_options
-from .eps import parse_eps
+from .core.eps import parse_eps
 from .evaluate.plan import SUITES
 from .train.config import METHODS, TrainConfig
 

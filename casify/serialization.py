@@ -16,8 +16,8 @@ from typing import Optional, Union
 from safetensors.torch import save_file
 from torch import nn
 
-from .config_validation import FORMAT, LoadError, validate_config
-from .spec import infer_base_spec
+from .core.config_validation import FORMAT, LoadError, validate_config
+from .core.spec import infer_base_spec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -17,61 +17,21 @@ import casify
 ROOT = Path(casify.__file__).parent
 
 LAYERS = [
-    # the CAS module and everything that needs nothing else from casify
-    ("foundation", {"casify.version", "casify.code_version", "casify.host_sync", "casify.defenses", "casify.defenses.base",
-                    "casify.defenses.routed", "casify.defenses.cas", "casify.defenses.cifs", "casify.defenses.fsr",
-                    "casify.inputs", "casify.routing", "casify.normalize", "casify.eps",
-                    "casify.models", "casify.models._timm", "casify.models.pretrained_weights",
-                    "casify.models.cifar_resnet", "casify.models.shared", "casify.models.vgg",
-                    "casify.models.wide_resnet"}),
-    # what a saved config.json is and how it is checked: DefenseConfig, validation, base-model specs
-    ("config", {"casify.config_validation", "casify.spec", "casify.config"}),
-    # tracing and layer discovery (layouts, shapes, candidates, "auto")
-    ("discovery", {"casify.tracing", "casify.discovery"}),
-    # the fx rewrite: returns graphs, CAS modules and the resolved DefenseConfig; knows no model class
-    ("rewrite", {"casify.rewrite"}),
-    # the texts a published model carries: the evaluation summary and the model card (they serve publishing, so they
-    # sit just below it, not in the foundation)
+    ("foundation", {"casify.version", "casify.defenses", "casify.models"}),
+    ("core", {"casify.core"}),
     ("published texts", {"casify.eval_summary", "casify.model_card"}),
-    # writing a folder (state dict + checksum + config.json) and the model card around it
-    # (with the Hub access check and the publishing guard, which import nothing from casify: push_to_hub runs them)
     ("serialization", {"casify.serialization", "casify.hub_access", "casify.publish_guard", "casify.publish"}),
-    # the wrapped model, which owns save_pretrained / push_to_hub
     ("model", {"casify.model"}),
-    # wrap / unwrap: rewrite + model
     ("surgery", {"casify.surgery"}),
-    # loading (folders and the Hub), which rebuilds through wrap
     ("hub", {"casify.hub"}),
-    # what an application serves that wraps nothing (dataset builders, console progress, report and run-table text,
-    # trackers, seeded corruptions, output folders, whether data fit a model, Hugging Face / WebDataset sources)
     ("application support", {"casify.image_records", "casify.hf_dataset", "casify.webdataset_shards",
                              "casify.data", "casify.progress", "casify.run_table", "casify.trackers",
                              "casify.corruptions", "casify.output_dir", "casify.data_fit"}),
-    # attacks on wrapped models: objectives, the attack kinds (PGD / CW / FGSM, APGD, Square, AutoAttack), the threat
-    # models
-    ("attacks", {"casify.attacks.constants", "casify.attacks.objectives", "casify.attacks.context",
-                 "casify.attacks.steps", "casify.attacks.kinds", "casify.attacks.pgd", "casify.attacks.spec",
-                 "casify.attacks.apgd", "casify.attacks.square", "casify.attacks.autoattack",
-                 "casify.attacks.fgsm_rs", "casify.attacks.n_fgsm", "casify.attacks",
-                 "casify.attacks.threat_model", "casify.attacks.autopgd"}),
-    # the training losses (they call the attacks' presets)
+    ("attacks", {"casify.attacks"}),
     ("losses", {"casify.losses"}),
-    # evaluation and analysis: beside training, never importing it
-    ("evaluation and analysis", {"casify.evaluate", "casify.evaluate.report", "casify.evaluate.deployed",
-                                 "casify.evaluate.blackbox", "casify.evaluate.plan", "casify.evaluate.runner",
-                                 "casify.evaluate.tally", "casify.evaluate.checks", "casify.evaluate.api",
-                                 "casify.evaluate.compare", "casify.evaluate.echo", "casify.evaluate.examples",
-                                 "casify.evaluate.figures", "casify.evaluate.side_by_side", "casify.evaluate.benchmark",
-                                 "casify.analysis", "casify.analysis.files", "casify.analysis.statistics",
-                                 "casify.analysis.capture", "casify.analysis.figures", "casify.analysis.tsne",
-                                 "casify.analysis.report"}),
-    # training: config, schedule, metrics, the run folder, the loop
-    ("training", {"casify.train", "casify.train.config", "casify.train.schedule", "casify.train.metrics",
-                  "casify.train.checkpoint_files", "casify.train.run_lock", "casify.train.checkpoints",
-                  "casify.train.overfit_guard", "casify.train.loop"}),
-    # what users run: recipes, publishing, model sources and the CLI
+    ("evaluation and analysis", {"casify.evaluate", "casify.analysis"}),
+    ("training", {"casify.train"}),
     ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source", "casify.push"}),
-    # the package facade (casify/__init__.py) and scripts that use it
     ("package", {"casify"}),
     ("scripts", {"casify.demo"}),
 ]
@@ -130,17 +90,18 @@ def _graph():
     return graph
 
 
-# Folders whose every file is in the folder's layer: a new defense or attack kind is one file there, with no edit here.
-LAYER_FOLDERS = ("casify.defenses", "casify.attacks")
-
-
 def _layer_of():
-    listed = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
+    """Each module's layer: the entry of LAYERS that names it or the nearest folder above it (a sub-package's files
+    are in its layer, so a new file needs no edit here)."""
+    listed = {entry: i for i, (_, entries) in enumerate(LAYERS) for entry in entries}
+    layer_of = {}
     for module in _graph():
-        package = module.rsplit(".", 1)[0]
-        if module not in listed and package in LAYER_FOLDERS:
-            listed[module] = listed[package]
-    return listed
+        parts = module.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in listed:
+                layer_of[module] = listed[".".join(parts[:n])]
+                break
+    return layer_of
 
 
 def test_every_module_has_a_layer():

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import casify
 from casify import LoadError
-from casify.config_validation import MAX_CONFIG_BYTES, validate_config
+from casify.core.config_validation import MAX_CONFIG_BYTES, validate_config
 
 
 class NetworkUsed(BaseException):
@@ -220,7 +220,7 @@ def test_a_model_whose_config_would_be_refused_is_not_saved(tmp_path, tiny_net):
 
 
 def test_build_base_checks_the_spec_too(no_build):
-    from casify.spec import build_base
+    from casify.core.spec import build_base
     with pytest.raises(LoadError, match="kwargs.pretrained"):
         build_base({"source": "timm", "name": "resnet18", "kwargs": {"pretrained": True}})
 

@@ -127,7 +127,7 @@ def test_a_malformed_summary_is_a_value_error_naming_the_field(edit, field):
 
 
 def test_malformed_metrics_in_a_saved_config_are_named_as_such(tmp_path, tiny_net):
-    from casify.config_validation import read_config
+    from casify.core.config_validation import read_config
     model = casify.wrap(tiny_net, layers=["block"], input_size=(3, 8, 8), normalize=None)
     model.save_pretrained(tmp_path, metrics={"accuracy": {"natural": "high"}})  # the config is data: it saves
     config = read_config(tmp_path / "config.json")

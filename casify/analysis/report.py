@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..attacks import pgd, resolve_alpha
-from ..eps import format_eps
+from ..core.eps import format_eps
 from ..model import DefendedModel
 from .capture import ActivationProbe, Data, default_layer, example_batches, resolve_device, resolve_objective
 from .figures import plot_frequency, plot_magnitude

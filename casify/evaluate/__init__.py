@@ -67,7 +67,7 @@ The package, one job per file (each imports only the ones above it):
 
 Threat models (L-inf, L2) are described in :mod:`casify.attacks.threat_model`; the corruptions in :mod:`casify.corruptions`.
 """
-from ..eps import format_eps, parse_eps
+from ..core.eps import format_eps, parse_eps
 from .api import evaluate, protocol
 from .blackbox import AUTOATTACK_INSTALL, SQUARE_P_INIT, load_autoattack, square_attack
 from .checks import (CHECKS, LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks,

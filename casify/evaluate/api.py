@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..defenses import find_defense_modules
 from ..data_fit import check_data_fits
-from ..inputs import check_eps
+from ..core.inputs import check_eps
 from ..attacks.threat_model import check_norm, format_radius
 from .checks import (LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs,
                      check_finite_logits, nonfinite_counts, run_checks)
@@ -237,7 +237,7 @@ def _default_device(model: nn.Module, device) -> torch.device:
 
 
 def _versions(extra: Optional[dict] = None) -> dict:
-    from ..spec import versions
+    from ..core.spec import versions
     v = versions()
     if extra:
         v.update(extra)

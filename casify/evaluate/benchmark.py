@@ -191,7 +191,7 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
             from .echo import routing_echo
             casify_info["routing_echo"] = routing_echo(model, data, eps=8 / 255, max_examples=min(len(data), 500),
                                                        batch_size=batch_size, seed=seed).to_dict()
-    from ..spec import versions
+    from ..core.spec import versions
     casify_info["versions"] = versions()
     info["casify"] = casify_info
     if to_disk:

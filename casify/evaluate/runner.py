@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..eps import format_eps
+from ..core.eps import format_eps
 from ..attacks.threat_model import check_norm, distance
-from ..inputs import check_images
+from ..core.inputs import check_images
 from .deployed import deployed_scores, zero_input_gradient
 from .examples import example_digests
 from .plan import CASCADE_RANKS, Job, Plan

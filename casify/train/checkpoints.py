@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..model import DefendedModel
-from ..code_version import code_version
+from ..core.code_version import code_version
 from ..serialization import TEMP_MARK, atomic_write
 from .checkpoint_files import (MODEL_WEIGHTS, OPTIMIZER_STATE, SCALER_STATE, SCHEDULER_STATE, TRAINER_STATE,
                                CheckpointError, load_json_file, load_rng_state, load_torch_file,

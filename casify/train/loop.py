@@ -19,7 +19,7 @@ from ..defenses import routed_modules
 from ..data import EpochSeededDataset
 from ..data_fit import check_data_fits
 from ..model import DefendedModel
-from ..routing import route
+from ..core.routing import route
 from ..surgery import wrap
 from ..trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
