@@ -10,7 +10,7 @@ it with the library's plain functions. Nothing here imports :mod:`casify_cli` ba
 
 Errors the user can fix (a bad option, a folder that is not a model, a refused ``--out``) print one line naming the
 fix and exit with status 1; ``--debug`` shows the traceback instead. ``--out`` folders are handled by
-:mod:`casify.output_dir`.
+:mod:`casify.io.output_dir`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional
 
 from .data_fit import check_data_fits
-from .output_dir import OutputDirError, output_dir, prepare_output_dir
+from .io.output_dir import OutputDirError, output_dir, prepare_output_dir
 
 
 def _check_radii(command: str, norm: str, *radii) -> None:
@@ -174,7 +174,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 # -- push ------------------------------------------------------------------------------------------------------------
 def cmd_push(args: argparse.Namespace) -> int:
-    from .push import push_folder
+    from .io.push import push_folder
 
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -204,8 +204,8 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 def _user_errors() -> tuple:
     """Exceptions whose message is the whole story (casify's own, and the ValueError / OSError family of bad input)."""
     from .core.config_validation import LoadError
-    from .hub_access import HubAccessError
-    from .push import PublishRefused, PushFailed
+    from .io.hub_access import HubAccessError
+    from .io.push import PublishRefused, PushFailed
     from .train import RunFolderError, RunMismatchError
     return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, RunFolderError,
             ValueError,

@@ -5,7 +5,7 @@ Nothing is ever unpickled: weights are safetensors, the config is JSON, and the 
 (timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.core.config.DefenseConfig`
 through the same ``casify.wrap`` a fresh model goes through. From the Hub, ``huggingface_hub.snapshot_download``
 fetches ``config.json`` alone, then, once it was checked, ``model.safetensors`` of the same commit; nothing else in
-the repo. Writing lives below the model class (:mod:`casify.serialization`, :mod:`casify.publish`) and is re-exported
+the repo. Writing lives below the model class (:mod:`casify.io.serialization`, :mod:`casify.io.publish`) and is re-exported
 here (``save_pretrained``, ``push_to_hub``, ``write_hub_folder``, ``upload_patterns``, ``model_config``,
 ``sha256_file``).
 """
@@ -23,9 +23,9 @@ from torch import nn
 from .core.config import DefenseConfig
 from .core.config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
 from .model import DefendedModel
-from .publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
-from .serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
-                            sha256_file)
+from .io.publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
+from .io.serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
+                            sha256_file, verify_weights)
 from .core.spec import build_base, infer_base_spec  # noqa: F401  (re-exported)
 from .surgery import wrap
 
@@ -130,18 +130,6 @@ def load_config(path_or_repo, revision: Optional[str] = None, token=None) -> dic
         raise LoadError(f"{folder} has no {CONFIG_NAME}; is it a folder written by casify's save_pretrained?")
     check_inside(folder, config_file)
     return read_config(config_file)
-
-
-def verify_weights(weights: Path, config: dict) -> None:
-    """Refuse a weights file whose SHA-256 differs from the one saved in the config (folders saved before casify
-    recorded it have none and are not checked)."""
-    expected = config.get("weights_sha256")
-    if expected is None:
-        return
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise LoadError(f"{weights} was modified or corrupted after it was saved: its SHA-256 is {actual}, but "
-                        f"{CONFIG_NAME} records {expected}. Download or copy the folder again, or re-save the model")
 
 
 def _saved_shapes(weights: Path) -> Dict[str, Tuple[int, ...]]:

@@ -114,9 +114,9 @@ def check_class_count(model: nn.Module, dataset, recipe: Recipe) -> None:
 
 def check_hub_before_training(hub: HubSection) -> None:
     """With ``hub.push``: the Hub is reachable and the token can write to the repo, checked before anything is built
-    (:func:`casify.hub_access.check_hub_access`)."""
+    (:func:`casify.io.hub_access.check_hub_access`)."""
     if hub.push:
-        from .hub_access import check_hub_access
+        from .io.hub_access import check_hub_access
         check_hub_access(hub.model_id)
 
 
@@ -161,8 +161,8 @@ def run(recipe: Recipe) -> dict:
 
 def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out: Path) -> None:
     """The run's hub/ folder (model, card, report, figures), summary.json, the push if asked, the run table."""
-    from .publish import write_hub_folder
-    from .run_table import format_run_table
+    from .io.publish import write_hub_folder
+    from .io.run_table import format_run_table
     defended = "-cas" if recipe.train.cas else ""
     model_id = recipe.hub.model_id or f"casify-{recipe.method}{defended}"
     report.save(out / "hub")  # report + figures first: the card shows the figures, push_to_hub uploads them
@@ -178,14 +178,14 @@ def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out
 
 def _publish(folder: Path, hub: HubSection, message: str) -> bool:
     """Push the run's hub/ folder; a refusal or a failed upload keeps it and prints the command that pushes it."""
-    from .push import PublishRefused, PushFailed, push_folder
+    from .io.push import PublishRefused, PushFailed, push_folder
     try:
         push_folder(folder, hub.model_id, private=hub.private, force=hub.force, commit_message=message)
     except (PublishRefused, PushFailed) as e:
         print(f"casify: {e}", file=sys.stderr)
         return False
     except Exception as e:  # the Hub went away since the check before training
-        from .push import push_command
+        from .io.push import push_command
         print(f"casify: the push to {hub.model_id} failed ({type(e).__name__}: {e}); the folder is kept. Push it "
               f"later with: {push_command(folder, hub.model_id)}", file=sys.stderr)
         return False

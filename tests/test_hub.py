@@ -96,7 +96,7 @@ EVAL = {"eps": 8 / 255, "eps_str": "8/255", "norm": "linf", "n": 100,
 
 
 def _writable_hub(monkeypatch):
-    """push_to_hub checks the token first (casify.hub_access): a token of 'someone' that can write."""
+    """push_to_hub checks the token first (casify.io.hub_access): a token of 'someone' that can write."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "someone",
                                                                 "auth": {"accessToken": {"role": "write"}}})
@@ -254,7 +254,7 @@ def test_card_of_a_trained_model_names_the_method(tmp_path):
 
 
 def test_card_leads_with_the_worst_case_and_says_whether_checks_ran():
-    from casify.model_card import make_model_card
+    from casify.io.model_card import make_model_card
     evaluation = {"eps": 8 / 255, "eps_str": "8/255", "n": 10, "accuracy": {"natural": 0.9, "pgd20": 0.5, "worst_case": 0.4},
                   "rows": {"pgd20[cas]": 0.5, "pgd20[cas,straight-through]": 0.45}, "gradient_masking_suspected": None,
                   "upper_bounds": ["pgd20"]}

@@ -265,7 +265,7 @@ def test_links_that_stay_inside_the_folder_load(tmp_path, offline):
 
 
 def test_a_symlink_to_a_file_outside_is_never_uploaded(tmp_path):
-    from casify.publish import upload_patterns
+    from casify.io.publish import upload_patterns
     _, folder = _tiny_folder(tmp_path)
     (tmp_path / "secret").write_text("HF_TOKEN=hf_xxx")
     (folder / "README.md").symlink_to(tmp_path / "secret")
@@ -275,7 +275,7 @@ def test_a_symlink_to_a_file_outside_is_never_uploaded(tmp_path):
 
 def test_weights_load_in_the_dtype_they_were_saved_in_and_another_dtype_is_refused(tmp_path, offline):
     from conftest import TinyNet
-    from casify.serialization import sha256_file
+    from casify.io.serialization import sha256_file
     from safetensors.torch import load_file
     model, folder = _tiny_folder(tmp_path, half=True)
     config = json.loads((folder / "config.json").read_text())

@@ -1,5 +1,5 @@
 """The model card (huggingface_hub's ModelCard.from_template over casify's own template) and the evaluation summary
-it reads (:class:`casify.eval_summary.EvalSummary`): every piece of information is there, and malformed input is a
+it reads (:class:`casify.io.eval_summary.EvalSummary`): every piece of information is there, and malformed input is a
 ValueError that names the field. Offline: nothing here touches the network."""
 import json
 import socket
@@ -11,9 +11,9 @@ import yaml
 from huggingface_hub import ModelCard
 
 import casify
-from casify.eval_summary import EvalSummary
+from casify.io.eval_summary import EvalSummary
 from casify.evaluate.report import AttackResult, Check, EvalReport
-from casify.model_card import TrainingView, eval_results, make_model_card
+from casify.io.model_card import TrainingView, eval_results, make_model_card
 
 
 class NetworkUsed(BaseException):
@@ -151,7 +151,7 @@ def test_write_hub_folder_refuses_a_malformed_evaluation_before_writing(tmp_path
 
 
 def test_the_card_is_rendered_from_the_packaged_template(monkeypatch):
-    template = resources.files("casify").joinpath("templates").joinpath("model_card.md")
+    template = resources.files("casify.io").joinpath("templates").joinpath("model_card.md")
     assert template.is_file() and "{{ card_data }}" in template.read_text()
     used = []
     real = ModelCard.from_template.__func__

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from ..serialization import atomic_write
+from ..io.serialization import atomic_write
 from .deployed import architecture_name
 from ..attacks.threat_model import format_radius
 

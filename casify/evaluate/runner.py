@@ -115,7 +115,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
             alive_before: Optional[torch.Tensor] = None) -> None:
         """The jobs ``cols`` on the examples ``indices`` (None: all), in batches of ``batch_size`` (a cascade's
         survivors are batched afresh, so a row on few survivors still runs full batches), into ``flags_all``."""
-        from ..progress import progress_bar
+        from ..io.progress import progress_bar
         loader = DataLoader(IndexedDataset(data, indices), batch_size=batch_size, shuffle=False)
         if accelerator is not None:
             loader = accelerator.prepare_data_loader(loader)
