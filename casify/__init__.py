@@ -10,11 +10,11 @@ from . import defenses
 from .defenses import *  # noqa: F401,F403
 from .core.config import DefenseConfig
 from .core.discovery import Layer, LayerError, Layout, list_layers
-from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
-from .model import DefendedModel
+from .model.loading import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
+from .model.defended import DefendedModel
 from .core.normalize import InputNormalize, InputRangeWarning
 from .core.routing import route
-from .surgery import unwrap, wrap
+from .model.surgery import unwrap, wrap
 from .core.tracing import TraceError
 
 # 0.1.0's names of the generic wrapper and its config (CHANGELOG.md): any defense, not only CAS

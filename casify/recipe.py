@@ -18,12 +18,12 @@ from torch import nn
 from .core.code_version import code_version
 from .data import build_dataset, short_name
 from .defenses import find_defense_modules
-from .hub import from_pretrained
+from .model.loading import from_pretrained
 from .models.pretrained_weights import check_backbone, create_timm_from_checkpoint, read_checkpoint
 from .recipe_config import (CommandLine, ConfigError, DataSection, DefenseSection, EvalSection, HubSection,
                             ModelSection, Recipe, load_recipe, run_name)
 from .core.spec import infer_base_spec
-from .surgery import wrap
+from .model.surgery import wrap
 from .train import Trainer
 
 __all__ = ["CommandLine", "ConfigError", "Recipe", "build_base_model", "build_datasets", "build_model",

@@ -21,16 +21,13 @@ LAYERS = [
     ("core", {"casify.core"}),
     ("io", {"casify.io"}),
     ("model", {"casify.model"}),
-    ("surgery", {"casify.surgery"}),
-    ("hub", {"casify.hub"}),
     ("application support", {"casify.image_records", "casify.hf_dataset", "casify.webdataset_shards",
-                             "casify.data", "casify.io.progress", "casify.io.run_table", "casify.trackers",
-                             "casify.corruptions", "casify.io.output_dir", "casify.data_fit"}),
+                             "casify.data", "casify.trackers", "casify.corruptions", "casify.data_fit"}),
     ("attacks", {"casify.attacks"}),
     ("losses", {"casify.losses"}),
     ("evaluation and analysis", {"casify.evaluate", "casify.analysis"}),
     ("training", {"casify.train"}),
-    ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source", "casify.io.push"}),
+    ("applications", {"casify.recipe_config", "casify.recipe", "casify.cli", "casify.model_source"}),
     ("package", {"casify"}),
     ("scripts", {"casify.demo"}),
 ]
@@ -42,8 +39,8 @@ KNOWN_UPWARD: dict = {}
 KNOWN_PRIVATE_IMPORTS: dict = {}
 
 # Private attributes of casify's classes that only their owning module may touch.
-PRIVATE_ATTRIBUTES = {"_base": "casify.model", "_graphs": "casify.model", "_forwards": "casify.model",
-                      "_range_check": "casify.model", "_route": "casify.defenses.routed",
+PRIVATE_ATTRIBUTES = {"_base": "casify.model.defended", "_graphs": "casify.model.defended", "_forwards": "casify.model.defended",
+                      "_range_check": "casify.model.defended", "_route": "casify.defenses.routed",
                       "_router": "casify.defenses.routed", "_routing_for": "casify.defenses.routed"}
 KNOWN_PRIVATE_ATTRIBUTES: dict = {}
 

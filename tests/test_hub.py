@@ -17,7 +17,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
 import casify
-import casify.hub
+import casify.model.loading
 from casify import LoadError
 
 
@@ -156,7 +156,7 @@ def test_a_hub_model_loads_offline_from_the_cache_and_only_from_it(tmp_path, mon
     assert hub.api_calls == [] and hub.snapshots[-1]["local_files_only"] is True
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    casify.hub.load_config("someone/tiny-cas")  # online: the config alone reaches the cache
+    casify.model.loading.load_config("someone/tiny-cas")  # online: the config alone reaches the cache
     assert hub.downloaded == ["config.json"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoadError, match=r"'someone/tiny-cas' could not be read \(HF_HUB_OFFLINE is set.*"

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attacks import pgd, resolve_alpha
 from ..core.eps import format_eps
-from ..model import DefendedModel
+from ..model.defended import DefendedModel
 from .capture import ActivationProbe, Data, default_layer, example_batches, resolve_device, resolve_objective
 from .figures import plot_frequency, plot_magnitude
 from .files import write_text_atomic

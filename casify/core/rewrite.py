@@ -3,7 +3,7 @@ after the input), and return the pieces a wrapped model is made of.
 
 One job, no model class: :func:`rewrite` takes the original and a :class:`~casify.core.config.DefenseConfig`, and returns a
 :class:`Rewrite` (the two rewritten fx graphs, the CAS modules, the normalisation module, fx's captured constants, and
-the config resolved). :class:`casify.model.DefendedModel` is built from it; ``casify.wrap`` does both steps.
+the config resolved). :class:`casify.model.defended.DefendedModel` is built from it; ``casify.wrap`` does both steps.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ NORMALIZE_ATTR = "input_normalize"
 
 @dataclass
 class Rewrite:
-    """What :func:`rewrite` returns: everything :class:`casify.model.DefendedModel` is built from."""
+    """What :func:`rewrite` returns: everything :class:`casify.model.defended.DefendedModel` is built from."""
     graphs: Dict[bool, fx.Graph]                      # training mode -> rewritten graph
     cas_modules: Dict[str, DefenseModule]             # module key -> defense module, in graph order
     normalize: Optional[nn.Module]

@@ -75,11 +75,11 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     start_time = time.perf_counter()
     source = None
     if isinstance(model, (str, os.PathLike)):
-        from ..hub import from_pretrained
+        from ..model.loading import from_pretrained
         source = os.fspath(model)
         model = from_pretrained(model)
     if isinstance(transfer_from, (str, os.PathLike)):
-        from ..hub import from_pretrained
+        from ..model.loading import from_pretrained
         transfer_from = from_pretrained(transfer_from)
     if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator

@@ -127,7 +127,7 @@ def benchmark_info(model: Union[nn.Module, str, os.PathLike], n_examples: int = 
     from .api import evaluate
     tm = _threat_model(threat_model)
     if isinstance(model, (str, os.PathLike)):
-        from ..hub import from_pretrained
+        from ..model.loading import from_pretrained
         model_name = model_name or Path(os.fspath(model)).name
         model = from_pretrained(model)
     if to_disk and not model_name:

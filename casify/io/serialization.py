@@ -1,8 +1,8 @@
 """Writing a wrapped model to a folder: ``model.safetensors``, then ``config.json`` with the weights' SHA-256.
 
 The core of ``save_pretrained``, below the model class: it reads a wrapped model only through its public surface
-(``casify_config``, ``base_model``, ``state_dict()``), so :class:`casify.model.DefendedModel` can own its ``save_pretrained``
-method without importing anything above it. Loading lives in :mod:`casify.hub`.
+(``casify_config``, ``base_model``, ``state_dict()``), so :class:`casify.model.defended.DefendedModel` can own its ``save_pretrained``
+method without importing anything above it. Loading lives in :mod:`casify.model.loading`.
 """
 from __future__ import annotations
 

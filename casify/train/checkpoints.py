@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..model import DefendedModel
+from ..model.defended import DefendedModel
 from ..core.code_version import code_version
 from ..io.serialization import TEMP_MARK, atomic_write
 from .checkpoint_files import (MODEL_WEIGHTS, OPTIMIZER_STATE, SCALER_STATE, SCHEDULER_STATE, TRAINER_STATE,

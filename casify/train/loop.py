@@ -18,9 +18,9 @@ from .. import attacks, losses
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
 from ..data_fit import check_data_fits
-from ..model import DefendedModel
+from ..model.defended import DefendedModel
 from ..core.routing import route
-from ..surgery import wrap
+from ..model.surgery import wrap
 from ..trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState

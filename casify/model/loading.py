@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .core.config import DefenseConfig
-from .core.config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
-from .model import DefendedModel
-from .io.publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
-from .io.serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
+from ..core.config import DefenseConfig
+from ..core.config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
+from .defended import DefendedModel
+from ..io.publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
+from ..io.serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
                             sha256_file, verify_weights)
-from .core.spec import build_base, infer_base_spec  # noqa: F401  (re-exported)
+from ..core.spec import build_base, infer_base_spec  # noqa: F401  (re-exported)
 from .surgery import wrap
 
 __all__ = ["from_pretrained", "load_config", "verify_weights", "save_pretrained", "push_to_hub", "write_hub_folder",

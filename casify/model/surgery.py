@@ -2,7 +2,7 @@
 
 ``wrap`` is two steps, each in its own layer: :func:`casify.core.rewrite.rewrite` turns the original and a
 :class:`~casify.core.config.DefenseConfig` into rewritten graphs, CAS modules and the resolved config, and
-:class:`casify.model.DefendedModel` is built from them. Layer discovery (``list_layers``, ``Layer``, ``LayerError``,
+:class:`casify.model.defended.DefendedModel` is built from them. Layer discovery (``list_layers``, ``Layer``, ``LayerError``,
 ``default_input_size``) lives in :mod:`casify.core.discovery` and is re-exported here for old imports.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from .core.config import DefenseConfig, as_config
-from .defenses import validate_options
-from .core.discovery import (Layer, LayerError, LayerSpec, Layout, default_input_size,  # noqa: F401  (re-exported)
+from ..core.config import DefenseConfig, as_config
+from ..defenses import validate_options
+from ..core.discovery import (Layer, LayerError, LayerSpec, Layout, default_input_size,  # noqa: F401  (re-exported)
                         list_layers)
-from .model import DefendedModel
-from .core.rewrite import rewrite
+from .defended import DefendedModel
+from ..core.rewrite import rewrite
 
 __all__ = ["wrap", "unwrap", "list_layers", "Layer", "LayerError", "Layout", "default_input_size"]
 
