@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from .data_fit import check_data_fits
+from .data.data_fit import check_data_fits
 from .io.output_dir import OutputDirError, output_dir, prepare_output_dir
 
 

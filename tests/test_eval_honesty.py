@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import casify
 import casify_cli
-from casify.data_fit import InputSizeWarning, check_data_fits
+from casify.data.data_fit import InputSizeWarning, check_data_fits
 from casify.evaluate import evaluate, routing_echo
 from casify.evaluate.plan import Job
 from casify.evaluate.runner import check_threat_model

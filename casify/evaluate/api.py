@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..defenses import find_defense_modules
-from ..data_fit import check_data_fits
+from ..data.data_fit import check_data_fits
 from ..core.inputs import check_eps
 from ..attacks.threat_model import check_norm, format_radius
 from .checks import (LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs,

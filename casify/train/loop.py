@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import attacks, losses
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
-from ..data_fit import check_data_fits
+from ..data.data_fit import check_data_fits
 from ..model.defended import DefendedModel
 from ..core.routing import route
 from ..model.surgery import wrap
