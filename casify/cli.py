@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import build_dataset
     from .evaluate import evaluate
-    from .model_source import load_model
+    from .model.source import load_model
 
     _check_radii("eval", args.norm, args.eps, *(args.eps_sweep or []))
     if args.out:
@@ -75,7 +75,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from .analysis import run_analysis
     from .data import build_dataset
-    from .model_source import load_model
+    from .model.source import load_model
 
     prepare_output_dir(args.out, args.overwrite)  # refuse before loading anything
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -114,7 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       eps=args.eps, norm=args.norm, eps_sweep=args.eps_sweep, max_examples=args.max_examples,
                       batch_size=args.batch_size, seed=args.seed, device=args.device, per_attack=args.per_attack,
                       progress=not args.no_progress)
-    from .model_source import load_model
+    from .model.source import load_model
     arms = [m.split(",") if "," in m else m for m in args.models]
     try:  # a model is loaded as casify eval loads it: folders, Hub ids, weights files, --arch
         result = compare_models(arms, labels=args.labels, load_model=lambda name: load_model(name, args.arch),
@@ -162,7 +162,7 @@ def layers_table(layers) -> str:
 
 def cmd_layers(args: argparse.Namespace) -> int:
     from .core.discovery import list_layers
-    from .model_source import build_named
+    from .model.source import build_named
 
     model = build_named(args.model, args.arch)
     layers = list_layers(model, input_size=args.input_size, modules_only=not args.all, features=args.features)

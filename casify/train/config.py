@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 from ..attacks.constants import SINGLE_STEP_ATTACKS, TRAINING_ATTACKS
 from ..core.eps import parse_eps
-from ..trackers import check_log_with
+from .trackers import check_log_with
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")

@@ -21,7 +21,7 @@ from ..data.data_fit import check_data_fits
 from ..model.defended import DefendedModel
 from ..core.routing import route
 from ..model.surgery import wrap
-from ..trackers import flat_config
+from .trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState
 from .metrics import MetricWindow, grouped_tags

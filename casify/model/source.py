@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model.loading import from_pretrained
-from .model.defended import DefendedModel
-from .models import SHARED_MODELS, load_shared_model
-from .model.surgery import wrap
+from .loading import from_pretrained
+from .defended import DefendedModel
+from ..models import SHARED_MODELS, load_shared_model
+from .surgery import wrap
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
