@@ -62,9 +62,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def eps_arg(text: str) -> float:
-    """A radius as ``8/255``, read by casify's one parser (:func:`casify.eps.parse_eps`; imported only when an option
+    """A radius as ``8/255``, read by casify's one parser (:func:`casify.core.eps.parse_eps`; imported only when an option
     is converted, so ``--help`` imports nothing)."""
-    from casify.eps import parse_eps
+    from casify.core.eps import parse_eps
     try:
         return parse_eps(text)
     except ValueError as e:

@@ -399,7 +399,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     import torchattacks
     from importlib import metadata
-    from casify.spec import versions
+    from casify.core.spec import versions
     vers = versions()
     vers.update({"torchattacks": torchattacks.__version__, "pyautoattack": metadata.version("pyautoattack"),
                  "numpy": np.__version__})

@@ -8,14 +8,14 @@ from . import attacks, losses, models  # models registers the paper's CIFAR mode
 # compatibility names of code written before the family engine), as casify.defenses lists them
 from . import defenses
 from .defenses import *  # noqa: F401,F403
-from .config import DefenseConfig
-from .discovery import Layer, LayerError, Layout, list_layers
-from .hub import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
-from .model import DefendedModel
-from .normalize import InputNormalize, InputRangeWarning
-from .routing import route
-from .surgery import unwrap, wrap
-from .tracing import TraceError
+from .core.config import DefenseConfig
+from .core.discovery import Layer, LayerError, Layout, list_layers
+from .model.loading import LoadError, from_pretrained, push_to_hub, save_pretrained, write_hub_folder
+from .model.defended import DefendedModel
+from .core.normalize import InputNormalize, InputRangeWarning
+from .core.routing import route
+from .model.surgery import unwrap, wrap
+from .core.tracing import TraceError
 
 # 0.1.0's names of the generic wrapper and its config (CHANGELOG.md): any defense, not only CAS
 CASModel, CASConfig = DefendedModel, DefenseConfig

@@ -10,7 +10,7 @@ it with the library's plain functions. Nothing here imports :mod:`casify_cli` ba
 
 Errors the user can fix (a bad option, a folder that is not a model, a refused ``--out``) print one line naming the
 fix and exit with status 1; ``--debug`` shows the traceback instead. ``--out`` folders are handled by
-:mod:`casify.output_dir`.
+:mod:`casify.io.output_dir`.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-from .data_fit import check_data_fits
-from .output_dir import OutputDirError, output_dir, prepare_output_dir
+from .data.data_fit import check_data_fits
+from .io.output_dir import OutputDirError, output_dir, prepare_output_dir
 
 
 def _check_radii(command: str, norm: str, *radii) -> None:
@@ -38,7 +38,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import build_dataset
     from .evaluate import evaluate
-    from .model_source import load_model
+    from .model.source import load_model
 
     _check_radii("eval", args.norm, args.eps, *(args.eps_sweep or []))
     if args.out:
@@ -75,7 +75,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from .analysis import run_analysis
     from .data import build_dataset
-    from .model_source import load_model
+    from .model.source import load_model
 
     prepare_output_dir(args.out, args.overwrite)  # refuse before loading anything
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -114,7 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                       eps=args.eps, norm=args.norm, eps_sweep=args.eps_sweep, max_examples=args.max_examples,
                       batch_size=args.batch_size, seed=args.seed, device=args.device, per_attack=args.per_attack,
                       progress=not args.no_progress)
-    from .model_source import load_model
+    from .model.source import load_model
     arms = [m.split(",") if "," in m else m for m in args.models]
     try:  # a model is loaded as casify eval loads it: folders, Hub ids, weights files, --arch
         result = compare_models(arms, labels=args.labels, load_model=lambda name: load_model(name, args.arch),
@@ -161,8 +161,8 @@ def layers_table(layers) -> str:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .discovery import list_layers
-    from .model_source import build_named
+    from .core.discovery import list_layers
+    from .model.source import build_named
 
     model = build_named(args.model, args.arch)
     layers = list_layers(model, input_size=args.input_size, modules_only=not args.all, features=args.features)
@@ -174,7 +174,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 # -- push ------------------------------------------------------------------------------------------------------------
 def cmd_push(args: argparse.Namespace) -> int:
-    from .push import push_folder
+    from .io.push import push_folder
 
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -203,9 +203,9 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _user_errors() -> tuple:
     """Exceptions whose message is the whole story (casify's own, and the ValueError / OSError family of bad input)."""
-    from .config_validation import LoadError
-    from .hub_access import HubAccessError
-    from .push import PublishRefused, PushFailed
+    from .core.config_validation import LoadError
+    from .io.hub_access import HubAccessError
+    from .io.push import PublishRefused, PushFailed
     from .train import RunFolderError, RunMismatchError
     return (OutputDirError, LoadError, HubAccessError, PublishRefused, PushFailed, RunMismatchError, RunFolderError,
             ValueError,

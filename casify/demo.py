@@ -22,7 +22,7 @@ import casify
 from casify_cli import Parser
 from casify.data import build_dataset
 from casify.evaluate import evaluate
-from casify.hub import write_hub_folder
+from casify.model.loading import write_hub_folder
 from casify.train import TrainConfig, Trainer
 
 ARCH = "cifar_resnet18"

@@ -30,7 +30,7 @@ from . import attacks
 from .attacks.constants import SINGLE_STEP_ATTACKS
 from .defenses import aux_logits
 from .defenses import find_defense_modules
-from .routing import TRAIN_ROUTINGS, train_route
+from .core.routing import TRAIN_ROUTINGS, train_route
 
 DEFAULTS: Dict[str, Dict[str, Dict[str, float]]] = {
     "paper": {"standard": {}, "at": {}, "trades": {"lambda_": 6.0}, "mart": {"lambda_": 6.0}},
@@ -63,7 +63,7 @@ def main_logits(output: Any) -> torch.Tensor:
 def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              routing: str = "label") -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Final and auxiliary logits (float32) of one forward; CAS modules route as ``routing`` says
-    (:data:`casify.routing.TRAIN_ROUTINGS`: by ``y`` in the paper)."""
+    (:data:`casify.core.routing.TRAIN_ROUTINGS`: by ``y`` in the paper)."""
     if not find_defense_modules(model):
         return main_logits(model(x)).float(), []
     with train_route(model, y, routing):
@@ -143,7 +143,7 @@ class AdversarialLoss(abc.ABC):
             as ``None``.
         train_routing: how CAS modules route in the update forward: ``"label"`` (the paper: the true label, which
             leaks the label into the mask), ``"predicted"`` (each module's own argmax) or ``"soft"`` (each module's
-            softmax mixture of rows); see :data:`casify.routing.TRAIN_ROUTINGS`. Test-time routing is unchanged.
+            softmax mixture of rows); see :data:`casify.core.routing.TRAIN_ROUTINGS`. Test-time routing is unchanged.
         training_objective: the objective the training attack maximises (a :data:`casify.attacks.OBJECTIVES` name);
             None: the method's own (the joint one when the defense's heads are trained). FSR's authors attack the
             final logits' cross-entropy in training (their ``train.py``): ``"ce"``.

@@ -125,7 +125,7 @@ class Arm:
 
 
 def training_record(arm_name: str, seed: int, state, seconds: float, folder: Path, config) -> dict:
-    from casify.code_version import code_version
+    from casify.core.code_version import code_version
     return {"arm": arm_name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
             "best_step": state.best_step, "history": state.history, "selected_folder": folder.name,
             "model_sha256": sha256(folder / "model.safetensors"), "config": config.to_dict(),
@@ -135,7 +135,7 @@ def training_record(arm_name: str, seed: int, state, seconds: float, folder: Pat
 
 def score_union(model, test, defended: bool, sha: str, eps: float = EPS) -> dict:
     """The union's score of one run, per-example flags kept (score.json)."""
-    from casify.code_version import code_version
+    from casify.core.code_version import code_version
     from casify.evaluate import evaluate
     start = time.time()
     report = evaluate(model, test, attacks=union_attacks(defended), eps=eps, seed=0, progress=False, checks=True)

@@ -5,7 +5,7 @@ from torch import nn
 
 import casify
 from casify.attacks import Attack, fgsm, pgd
-from casify.host_sync import HostSyncCounter
+from casify.core.host_sync import HostSyncCounter
 
 
 def _plain(num_classes=4):
@@ -57,8 +57,8 @@ def test_labels_out_of_range_get_the_same_message_as_route():
 
 
 def test_the_checks_make_no_host_sync_where_reads_would_wait(monkeypatch):
-    monkeypatch.setattr("casify.host_sync.SYNC_FREE_DEVICES", ())
-    from casify.inputs import check_images, check_labels
+    monkeypatch.setattr("casify.core.host_sync.SYNC_FREE_DEVICES", ())
+    from casify.core.inputs import check_images, check_labels
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     with HostSyncCounter() as syncs:
         check_images(x)

@@ -172,7 +172,7 @@ def test_eval_takes_a_shared_weights_file_and_refuses_a_class_mismatch(tmp_path,
     assert casify_cli.main(_eval(tmp_path / "resnet2b.pth", str(one))) == 0, capsys.readouterr().err
     from casify.cli import check_data_fits
     from casify.data import build_dataset
-    from casify.model_source import load_model
+    from casify.model.source import load_model
     small = build_dataset(_npz(tmp_path / "small.npz", classes=10, side=16, n=10), "test")
     with pytest.warns(UserWarning, match=r"shape \(3, 16, 16\) but the model was wrapped for \(3, 32, 32\)"):
         check_data_fits(load_model(str(tmp_path / "resnet2b.pth")), small, "small.npz")

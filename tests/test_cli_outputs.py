@@ -8,7 +8,7 @@ import torch
 
 import casify
 import casify_cli as cli  # what the installed `casify` command runs
-from casify.output_dir import MARKER, OutputDirError, output_dir, prepare_output_dir, read_marker
+from casify.io.output_dir import MARKER, OutputDirError, output_dir, prepare_output_dir, read_marker
 
 
 @pytest.fixture(scope="module")

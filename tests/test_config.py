@@ -7,8 +7,8 @@ import torch
 
 import casify
 from casify import DefenseConfig, LoadError, Layout
-from casify.config_validation import CONFIG_VERSION
-from casify.discovery import auto_layer_of, infer_layout, resolve_node, traced_with_shapes
+from casify.core.config_validation import CONFIG_VERSION
+from casify.core.discovery import auto_layer_of, infer_layout, resolve_node, traced_with_shapes
 
 
 def _settings(config: dict) -> dict:

@@ -15,7 +15,7 @@ from casify.analysis.capture import channel_activations
 import casify.defenses
 from casify.defenses import DEFENSES, CIFSModule, DefenseModule, FSRModule, register_defense
 from casify.defenses.fsr import GUMBEL_EPS
-from casify.discovery import LayerError
+from casify.core.discovery import LayerError
 from casify.losses import get_loss
 
 from conftest import ChannelsLast, TinyNet
@@ -410,7 +410,7 @@ def test_configs_that_casify_never_writes_are_refused(tmp_path):
 
 
 def test_routing_an_unrouted_defense_is_refused_clearly():
-    from casify.routing import train_route
+    from casify.core.routing import train_route
     model = _wrap("fsr")
     with pytest.raises(ValueError, match="route by nothing"):
         with casify.route(model, labels=torch.arange(2)):

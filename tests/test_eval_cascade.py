@@ -224,7 +224,7 @@ def test_cascade_progress_shows_the_running_worst_case_over_every_example(models
             pass
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
-    monkeypatch.setenv("CASIFY_PROGRESS", "bar")  # a bar, as on a terminal (a log file gets lines: casify.progress)
+    monkeypatch.setenv("CASIFY_PROGRESS", "bar")  # a bar, as on a terminal (a log file gets lines: casify.io.progress)
     model, _ = models
     x, y = make_data(24, 5)
     report = evaluate(model, (x, y), attacks="quick", eps=EPS, progress=True, checks=False, batch_size=8)

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import casify
 import casify_cli
-from casify.data_fit import InputSizeWarning, check_data_fits
+from casify.data.data_fit import InputSizeWarning, check_data_fits
 from casify.evaluate import evaluate, routing_echo
 from casify.evaluate.plan import Job
 from casify.evaluate.runner import check_threat_model
@@ -58,7 +58,7 @@ def test_a_model_that_outputs_nan_under_attack_is_not_robust(value, checks, one_
     assert "finite_logits" in summary["failed_checks"] and summary["nonfinite_logits"]["pgd20"] == 8
     assert "non-finite logits" in report.to_markdown()
     # the summary travels as data (the model card, config.json): it reads back
-    from casify.eval_summary import EvalSummary
+    from casify.io.eval_summary import EvalSummary
     assert EvalSummary.from_dict(summary).nonfinite_logits == summary["nonfinite_logits"]
 
 
@@ -264,7 +264,7 @@ def test_reports_name_the_architecture_and_the_dataset_and_flag_chance(untrained
 
 
 def test_the_run_table_flags_a_model_at_chance():
-    from casify.run_table import format_run_table
+    from casify.io.run_table import format_run_table
     test = {"n": 359, "num_classes": 10, "eps_str": "8/255", "suite": "quick",
             "accuracy": {"natural": 0.078, "pgd20": 0.078, "worst_case": 0.078}, "gradient_masking_suspected": False}
     table = format_run_table({"method": "at", "cas": True, "steps": 5, "selected": "best", "test": test})

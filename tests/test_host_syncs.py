@@ -1,7 +1,7 @@
 """Host syncs in the hot loops (issue 12): an attack step and a training step must not make a GPU wait for the host.
 
-Counted with casify.host_sync.HostSyncCounter on CPU. Reading a CPU tensor back is free, so casify's CPU-only fast
-paths read values where it would wait on a GPU; ``as_on_a_gpu`` turns those off (casify.host_sync.SYNC_FREE_DEVICES
+Counted with casify.core.host_sync.HostSyncCounter on CPU. Reading a CPU tensor back is free, so casify's CPU-only fast
+paths read values where it would wait on a GPU; ``as_on_a_gpu`` turns those off (casify.core.host_sync.SYNC_FREE_DEVICES
 empty) so the CPU run takes the paths a GPU run takes.
 """
 import tempfile
@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import casify
-import casify.host_sync
+import casify.core.host_sync
 from casify.attacks import pgd
-from casify.host_sync import HostSyncCounter
+from casify.core.host_sync import HostSyncCounter
 from casify.train import Trainer, TrainConfig
 
 from conftest import SmallConvNet, separable_data
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def as_on_a_gpu(monkeypatch):
-    monkeypatch.setattr(casify.host_sync, "SYNC_FREE_DEVICES", ())
+    monkeypatch.setattr(casify.core.host_sync, "SYNC_FREE_DEVICES", ())
 
 
 def cas_model():

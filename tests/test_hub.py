@@ -17,7 +17,7 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 
 import casify
-import casify.hub
+import casify.model.loading
 from casify import LoadError
 
 
@@ -96,7 +96,7 @@ EVAL = {"eps": 8 / 255, "eps_str": "8/255", "norm": "linf", "n": 100,
 
 
 def _writable_hub(monkeypatch):
-    """push_to_hub checks the token first (casify.hub_access): a token of 'someone' that can write."""
+    """push_to_hub checks the token first (casify.io.hub_access): a token of 'someone' that can write."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(HfApi, "whoami", lambda self, *a, **k: {"name": "someone",
                                                                 "auth": {"accessToken": {"role": "write"}}})
@@ -156,7 +156,7 @@ def test_a_hub_model_loads_offline_from_the_cache_and_only_from_it(tmp_path, mon
     assert hub.api_calls == [] and hub.snapshots[-1]["local_files_only"] is True
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    casify.hub.load_config("someone/tiny-cas")  # online: the config alone reaches the cache
+    casify.model.loading.load_config("someone/tiny-cas")  # online: the config alone reaches the cache
     assert hub.downloaded == ["config.json"]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoadError, match=r"'someone/tiny-cas' could not be read \(HF_HUB_OFFLINE is set.*"
@@ -254,7 +254,7 @@ def test_card_of_a_trained_model_names_the_method(tmp_path):
 
 
 def test_card_leads_with_the_worst_case_and_says_whether_checks_ran():
-    from casify.model_card import make_model_card
+    from casify.io.model_card import make_model_card
     evaluation = {"eps": 8 / 255, "eps_str": "8/255", "n": 10, "accuracy": {"natural": 0.9, "pgd20": 0.5, "worst_case": 0.4},
                   "rows": {"pgd20[cas]": 0.5, "pgd20[cas,straight-through]": 0.45}, "gradient_masking_suspected": None,
                   "upper_bounds": ["pgd20"]}

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import casify
 from casify import LoadError
-from casify.config_validation import MAX_CONFIG_BYTES, validate_config
+from casify.core.config_validation import MAX_CONFIG_BYTES, validate_config
 
 
 class NetworkUsed(BaseException):
@@ -220,7 +220,7 @@ def test_a_model_whose_config_would_be_refused_is_not_saved(tmp_path, tiny_net):
 
 
 def test_build_base_checks_the_spec_too(no_build):
-    from casify.spec import build_base
+    from casify.core.spec import build_base
     with pytest.raises(LoadError, match="kwargs.pretrained"):
         build_base({"source": "timm", "name": "resnet18", "kwargs": {"pretrained": True}})
 
@@ -265,7 +265,7 @@ def test_links_that_stay_inside_the_folder_load(tmp_path, offline):
 
 
 def test_a_symlink_to_a_file_outside_is_never_uploaded(tmp_path):
-    from casify.publish import upload_patterns
+    from casify.io.publish import upload_patterns
     _, folder = _tiny_folder(tmp_path)
     (tmp_path / "secret").write_text("HF_TOKEN=hf_xxx")
     (folder / "README.md").symlink_to(tmp_path / "secret")
@@ -275,7 +275,7 @@ def test_a_symlink_to_a_file_outside_is_never_uploaded(tmp_path):
 
 def test_weights_load_in_the_dtype_they_were_saved_in_and_another_dtype_is_refused(tmp_path, offline):
     from conftest import TinyNet
-    from casify.serialization import sha256_file
+    from casify.io.serialization import sha256_file
     from safetensors.torch import load_file
     model, folder = _tiny_folder(tmp_path, half=True)
     config = json.loads((folder / "config.json").read_text())

@@ -1,5 +1,5 @@
 """The model card (huggingface_hub's ModelCard.from_template over casify's own template) and the evaluation summary
-it reads (:class:`casify.eval_summary.EvalSummary`): every piece of information is there, and malformed input is a
+it reads (:class:`casify.io.eval_summary.EvalSummary`): every piece of information is there, and malformed input is a
 ValueError that names the field. Offline: nothing here touches the network."""
 import json
 import socket
@@ -11,9 +11,9 @@ import yaml
 from huggingface_hub import ModelCard
 
 import casify
-from casify.eval_summary import EvalSummary
+from casify.io.eval_summary import EvalSummary
 from casify.evaluate.report import AttackResult, Check, EvalReport
-from casify.model_card import TrainingView, eval_results, make_model_card
+from casify.io.model_card import TrainingView, eval_results, make_model_card
 
 
 class NetworkUsed(BaseException):
@@ -127,7 +127,7 @@ def test_a_malformed_summary_is_a_value_error_naming_the_field(edit, field):
 
 
 def test_malformed_metrics_in_a_saved_config_are_named_as_such(tmp_path, tiny_net):
-    from casify.config_validation import read_config
+    from casify.core.config_validation import read_config
     model = casify.wrap(tiny_net, layers=["block"], input_size=(3, 8, 8), normalize=None)
     model.save_pretrained(tmp_path, metrics={"accuracy": {"natural": "high"}})  # the config is data: it saves
     config = read_config(tmp_path / "config.json")
@@ -151,7 +151,7 @@ def test_write_hub_folder_refuses_a_malformed_evaluation_before_writing(tmp_path
 
 
 def test_the_card_is_rendered_from_the_packaged_template(monkeypatch):
-    template = resources.files("casify").joinpath("templates").joinpath("model_card.md")
+    template = resources.files("casify.io").joinpath("templates").joinpath("model_card.md")
     assert template.is_file() and "{{ card_data }}" in template.read_text()
     used = []
     real = ModelCard.from_template.__func__

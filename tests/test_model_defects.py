@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 import casify
-import casify.host_sync
+import casify.core.host_sync
 from casify import DefendedModel, InputRangeWarning
 from conftest import TinyNet
 
@@ -139,7 +139,7 @@ def test_range_check_is_skipped_while_compiling(tiny_imagenet_norm, monkeypatch)
 
 def test_on_accelerators_only_the_first_forward_in_each_mode_is_checked(tiny_imagenet_norm, monkeypatch):
     """Reading min/max back from a GPU waits for it; CPU stands in for one here."""
-    monkeypatch.setattr(casify.host_sync, "SYNC_FREE_DEVICES", ())
+    monkeypatch.setattr(casify.core.host_sync, "SYNC_FREE_DEVICES", ())
     model = tiny_imagenet_norm.eval()
     bad = torch.rand(2, 3, 8, 8) * 255
     with warnings.catch_warnings():

@@ -6,7 +6,7 @@ import torchvision.models as tvm
 from torch import nn
 
 import casify
-from casify.normalize import IMAGENET_MEAN, IMAGENET_STD, NormalizeAutoWarning
+from casify.core.normalize import IMAGENET_MEAN, IMAGENET_STD, NormalizeAutoWarning
 
 
 def test_torchvision_models_get_their_weights_normalisation():

@@ -12,7 +12,7 @@ from torch import nn
 
 import casify
 from casify.data import build_dataset
-from casify.model_card import make_model_card
+from casify.io.model_card import make_model_card
 from casify.train import TrainConfig, Trainer
 from casify.train.overfit_guard import collapse_record
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from casify.models.pretrained_weights import CheckpointError, create_timm_from_checkpoint
 from casify.recipe import CommandLine, ConfigError, build_base_model, load_recipe, run
-from casify.recipe_config import ModelSection
+from casify.recipe.config import ModelSection
 
 ROOT = Path(__file__).resolve().parents[1]
 LITE0 = ROOT / "recipes" / "configs" / "cifar10_efficientnet_lite0_at.yaml"

@@ -9,9 +9,9 @@ from huggingface_hub import HfApi
 
 import casify
 import casify_cli
-from casify.hub_access import HubAccessError, check_hub_access
-from casify.publish_guard import publish_refusal
-from casify.push import PublishRefused, PushFailed, push_folder
+from casify.io.hub_access import HubAccessError, check_hub_access
+from casify.io.publish_guard import publish_refusal
+from casify.io.push import PublishRefused, PushFailed, push_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "configs" / "digits_tiny_at_cas.yaml"

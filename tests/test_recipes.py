@@ -194,7 +194,7 @@ def test_every_shipped_config_runs_a_step_on_generated_data(tmp_path, config, mo
         _tiny_imagefolder(tmp_path / "imagenet")
         data = ["--set", f"data.name=imagefolder:{tmp_path / 'imagenet'}", "--set", "data.image_size=32",
                 "--set", "data.val_size=3",
-                # the folder has 3 classes: a 1000-class model on it is refused (casify.data_fit)
+                # the folder has 3 classes: a 1000-class model on it is refused (casify.data.data_fit)
                 "--set", "model.kwargs={num_classes: 3}"]
     elif config.stem.startswith("digits"):
         data = []

@@ -12,8 +12,8 @@ import casify
 from casify.evaluate import EvalReport, evaluate, load_report
 from casify.evaluate.examples import decode, encode
 from casify.evaluate.runner import check_threat_model
-from casify.progress import LineProgress, progress_bar
-from casify.run_table import format_run_table
+from casify.io.progress import LineProgress, progress_bar
+from casify.io.run_table import format_run_table
 from casify.attacks.threat_model import ball_noise, distance, format_radius, parse_radius
 from conftest import SmallConvNet, fit_small_convnet, separable_data
 
@@ -237,7 +237,7 @@ def test_run_table_reads_at_a_glance(report, tmp_path):
 
 
 def test_model_card_shows_the_figures_and_push_uploads_them(report, tmp_path):
-    from casify.publish import upload_patterns
+    from casify.io.publish import upload_patterns
     report.save(tmp_path / "eval")
     model = casify.wrap(SmallConvNet(CLASSES), layers=["relu3"], input_size=(3, 8, 8), normalize=None)
     folder = casify.write_hub_folder(model, tmp_path / "hub", "me/tiny", evaluation=report.summary(),

@@ -124,7 +124,7 @@ def test_routing_through_ddp_wrapper(wrapped, tmp_path):
 def test_training_routings_for_the_leak_study(wrapped, routing):
     """train_route: the true label (the paper), each module's own argmax, or its softmax mixture of rows; only
     "label" lets the label into the mask, and none leaves a router behind."""
-    from casify.routing import train_route
+    from casify.core.routing import train_route
     wrapped.train()
     x = torch.rand(4, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 3])

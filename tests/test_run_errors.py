@@ -62,7 +62,7 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_the_file(tmp_path, capsys,
 
 
 def test_a_full_disk_while_saving_the_model_is_one_line(tmp_path, capsys, offline, one_thread, monkeypatch):
-    import casify.serialization as serialization
+    import casify.io.serialization as serialization
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

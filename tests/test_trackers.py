@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import casify
-from casify.trackers import flat_config
+from casify.train.trackers import flat_config
 from casify.train import TrainConfig, Trainer
 
 

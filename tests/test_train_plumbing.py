@@ -122,7 +122,7 @@ def test_a_plain_model_is_saved_and_loaded_like_every_casify_model(tmp_path, one
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     x = _data(4, 2).tensors[0]
     torch.testing.assert_close(loaded.eval()(x), trainer.unwrapped.eval()(x), rtol=0, atol=0)
-    from casify.model_card import make_model_card
+    from casify.io.model_card import make_model_card
     card = make_model_card(config, "plain")
     assert "fine-tuned with AT" in str(card)
 

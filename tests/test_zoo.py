@@ -36,7 +36,7 @@ def test_zoo_wraps_runs_and_keeps_keys(name, builder, layer, size, target):
     original = set(model.state_dict())
     added = set(wrapped.state_dict()) - original
     assert original <= set(wrapped.state_dict()) and added and all(k.startswith("cas_modules.") for k in added)
-    size = size or casify.surgery.default_input_size(model)
+    size = size or casify.model.surgery.default_input_size(model)
     x = torch.rand(2, *size, requires_grad=True)
     wrapped.train()
     with casify.route(wrapped, labels=torch.tensor([1, 4])):

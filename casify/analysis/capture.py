@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ..attacks import attack_context
 from ..defenses import DefenseModule, find_defense_modules
-from ..discovery import LayerError, Layout, all_names, auto_layer_of, infer_layout, resolve_node
-from ..model import CAS_ATTR, DefendedModel
-from ..tracing import TraceError, closest_names, trace
+from ..core.discovery import LayerError, Layout, all_names, auto_layer_of, infer_layout, resolve_node
+from ..model.defended import CAS_ATTR, DefendedModel
+from ..core.tracing import TraceError, closest_names, trace
 
 CAS_SIDES = ("before", "after")
 NO_CAS = "layer output (no CAS module)"

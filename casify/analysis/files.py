@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..serialization import atomic_write
+from ..io.serialization import atomic_write
 
 
 def write_atomic(path: Path, write) -> Path:

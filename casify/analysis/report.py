@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..attacks import pgd, resolve_alpha
-from ..eps import format_eps
-from ..model import DefendedModel
+from ..core.eps import format_eps
+from ..model.defended import DefendedModel
 from .capture import ActivationProbe, Data, default_layer, example_batches, resolve_device, resolve_objective
 from .figures import plot_frequency, plot_magnitude
 from .files import write_text_atomic
@@ -251,7 +251,7 @@ def run_analysis(model: nn.Module, data: Data, layer: Optional[str], out: Union[
     """What ``casify analyze`` runs once the model and data are loaded: :func:`analyze` writing its figures and
     reports into ``out``, and with ``tsne`` the t-SNE figure of penultimate features (``tsne.png``, Figure 9) on
     ``tsne_examples`` examples, listed in the report. ``out`` should be a new folder (the command line writes into a
-    staging folder that replaces ``--out`` at the end; see :mod:`casify.output_dir`)."""
+    staging folder that replaces ``--out`` at the end; see :mod:`casify.io.output_dir`)."""
     out = Path(out)
     report = analyze(model, data, layer, eps=eps, steps=steps, attack_objective=attack_objective,
                      class_index=class_index, threshold=threshold, cas_side=cas_side, max_examples=max_examples,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..attacks import pgd
-from ..model import DefendedModel
+from ..model.defended import DefendedModel
 from .capture import (ActivationProbe, ClassifierInputProbe, Data, example_batches, resolve_device,
                       resolve_objective)
 from .figures import new_figure

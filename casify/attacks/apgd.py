@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .autopgd import LOSSES, apgd, apgd_targeted
 from ..defenses.base import integer
-from ..eps import format_radius
+from ..core.eps import format_radius
 from .kinds import AttackKind, register_attack_kind
 
 DEPLOYED = "predicted (by each module, as deployed)"

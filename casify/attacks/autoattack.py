@@ -7,7 +7,7 @@ import numbers
 from typing import Tuple
 
 from ..defenses.base import Option, choice
-from ..eps import autoattack_norm, format_radius
+from ..core.eps import autoattack_norm, format_radius
 from .context import attack_context
 from .kinds import AttackKind, register_attack_kind
 from .square import AUTOATTACK_INSTALL

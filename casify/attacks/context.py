@@ -11,7 +11,7 @@ from torch import nn
 
 from ..defenses.base import aux_logits
 from ..defenses import attack_aux_logits, find_defense_modules, routed_modules
-from ..routing import route
+from ..core.routing import route
 from .constants import ROUTINGS, Routing, STRAIGHT_THROUGH_TEMPERATURE
 from .objectives import class_mask
 

@@ -8,7 +8,7 @@ and routing works as for PGD. Its known failure, catastrophic overfitting at lar
 watches for (:mod:`casify.train.overfit_guard`)."""
 from __future__ import annotations
 
-from ..inputs import check_eps
+from ..core.inputs import check_eps
 from .kinds import register_attack_kind
 from .pgd import PGD
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple, Type
 
 from ..defenses.base import Option, check_options
-from ..eps import format_radius
+from ..core.eps import format_radius
 from .constants import NORMS, ROUTINGS
 
 Spec = Any  # an Attack (casify.attacks.spec imports this module, so it is not imported here)

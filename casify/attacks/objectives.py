@@ -43,7 +43,7 @@ def register_objective(name: str, needs_clean: bool = False) -> Callable[[Object
 
 def class_mask(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N, num_classes) bool, True at each example's class. Not ``F.one_hot``: it reads ``y.min()`` and ``y.max()``
-    on the host to check the range, a device sync per call (casify.host_sync); ``scatter_`` checks on the device."""
+    on the host to check the range, a device sync per call (casify.core.host_sync); ``scatter_`` checks on the device."""
     return torch.zeros(y.shape[0], num_classes, dtype=torch.bool, device=y.device).scatter_(1, y[:, None], True)
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..defenses import find_defense_modules
-from ..eps import format_radius
-from ..inputs import check_attack_inputs
+from ..core.eps import format_radius
+from ..core.inputs import check_attack_inputs
 from .constants import KEEPS, NORMS, Routing
 from .context import attack_context, attack_target, clean_routing, deployed_routing, forward_logits, is_low_precision
 from .kinds import AttackKind, register_attack_kind

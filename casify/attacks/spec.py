@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from ..inputs import check_eps
+from ..core.inputs import check_eps
 from .constants import KEEPS, Routing
 from .kinds import get_attack_kind, resolve_options
 from .objectives import get_objective

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..defenses.base import number
-from ..eps import autoattack_norm, format_radius
+from ..core.eps import autoattack_norm, format_radius
 from .context import attack_context
 from .kinds import AttackKind, register_attack_kind
 

@@ -6,8 +6,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..host_sync import host_reads_free
-from ..inputs import read_radius
+from ..core.host_sync import host_reads_free
+from ..core.inputs import read_radius
 from .constants import STARTS
 from .objectives import Objective, ObjectiveInput
 
@@ -78,7 +78,7 @@ def select_rows_(dst: torch.Tensor, take: torch.Tensor, src: Union[torch.Tensor,
     """``dst[i] = src[i]`` (or ``src`` itself, a number) for every row ``i`` where ``take[i]``, in place.
 
     On a GPU this is always one masked pass: asking first whether all or no rows are taken would make the host wait
-    for the device at every attack step (casify.host_sync; tests/test_host_syncs.py). Where the answer costs nothing
+    for the device at every attack step (casify.core.host_sync; tests/test_host_syncs.py). Where the answer costs nothing
     (CPU) the common cases skip the masked pass: every row taken is a plain copy, none is nothing.
     """
     if host_reads_free(dst.device):

@@ -18,8 +18,8 @@ import torch
 # the submodules, not the package: the package imports the attack kinds, which import this module
 from .spec import Attack
 from .steps import Generators, draw_noise
-# the norms' names and radii live with the radii (casify.eps), below the attacks; re-exported here
-from ..eps import NORMS, autoattack_norm, check_norm, format_radius, parse_eps
+# the norms' names and radii live with the radii (casify.core.eps), below the attacks; re-exported here
+from ..core.eps import NORMS, autoattack_norm, check_norm, format_radius, parse_eps
 
 LARGE_EPS_LINF = 128 / 255  # the constant grey image lies in every L-inf ball of this radius
 

@@ -83,7 +83,7 @@ class DefenseModule(nn.Module):
     @classmethod
     def build(cls, num_channels: int, num_classes: int, channel_dim: int, ndim: int, init: str,
               options: Dict[str, Any], **extra) -> "DefenseModule":
-        """The module for one activation (what :func:`casify.rewrite.rewrite` calls); ``options`` are checked,
+        """The module for one activation (what :func:`casify.core.rewrite.rewrite` calls); ``options`` are checked,
         ``extra`` (device, dtype, CAS's suppress) passed as given."""
         return cls(num_channels, num_classes, channel_dim=channel_dim, ndim=ndim, init=init,
                    **validate_options(cls.name, options), **extra)

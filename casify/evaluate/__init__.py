@@ -65,9 +65,9 @@ The package, one job per file (each imports only the ones above it):
 - ``side_by_side.py``: :func:`compare_models` (``casify compare``): models on the same images, paired statistics;
 - ``benchmark.py``: :func:`benchmark`, RobustBench's convention (and model-info JSON) with casify's adaptive number.
 
-Threat models (L-inf, L2) are described in :mod:`casify.attacks.threat_model`; the corruptions in :mod:`casify.corruptions`.
+Threat models (L-inf, L2) are described in :mod:`casify.attacks.threat_model`; the corruptions in :mod:`casify.data.corruptions`.
 """
-from ..eps import format_eps, parse_eps
+from ..core.eps import format_eps, parse_eps
 from .api import evaluate, protocol
 from .blackbox import AUTOATTACK_INSTALL, SQUARE_P_INIT, load_autoattack, square_attack
 from .checks import (CHECKS, LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs, run_checks,

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..defenses import find_defense_modules
-from ..data_fit import check_data_fits
-from ..inputs import check_eps
+from ..data.data_fit import check_data_fits
+from ..core.inputs import check_eps
 from ..attacks.threat_model import check_norm, format_radius
 from .checks import (LARGE_EPS_MAX_ACCURACY, MIN_TOLERANCE, ZERO_GRAD_MAX_FRACTION, CheckInputs,
                      check_finite_logits, nonfinite_counts, run_checks)
@@ -75,11 +75,11 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     start_time = time.perf_counter()
     source = None
     if isinstance(model, (str, os.PathLike)):
-        from ..hub import from_pretrained
+        from ..model.loading import from_pretrained
         source = os.fspath(model)
         model = from_pretrained(model)
     if isinstance(transfer_from, (str, os.PathLike)):
-        from ..hub import from_pretrained
+        from ..model.loading import from_pretrained
         transfer_from = from_pretrained(transfer_from)
     if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import Accelerator
@@ -237,7 +237,7 @@ def _default_device(model: nn.Module, device) -> torch.device:
 
 
 def _versions(extra: Optional[dict] = None) -> dict:
-    from ..spec import versions
+    from ..core.spec import versions
     v = versions()
     if extra:
         v.update(extra)

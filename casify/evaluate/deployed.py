@@ -44,7 +44,7 @@ def architecture_name(model: nn.Module) -> str:
         base = config.get("base_model") or {}
         if isinstance(base, dict) and isinstance(base.get("name"), str) and base["name"]:
             return base["name"].split(":")[-1]
-    from ..model import DefendedModel
+    from ..model.defended import DefendedModel
     inner = model.base_model if isinstance(model, DefendedModel) else model
     pretrained = getattr(inner, "pretrained_cfg", None)
     if isinstance(pretrained, dict) and isinstance(pretrained.get("architecture"), str):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..attacks import pgd
 from ..defenses import RoutedDefense
-from ..routing import route
+from ..core.routing import route
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from ..serialization import atomic_write
+from ..io.serialization import atomic_write
 from ..attacks.threat_model import axis_label, axis_value
 
 CURVE_FILE = "robustness_curve.png"

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from ..eval_summary import EvalSummary, at_chance
-from ..serialization import atomic_write
+from ..io.eval_summary import EvalSummary, at_chance
+from ..io.serialization import atomic_write
 from . import examples
 
 __all__ = ["AttackResult", "Check", "EvalReport", "EvalSummary", "REPORT_JSON", "REPORT_MD", "load_report"]
@@ -142,7 +142,7 @@ class EvalReport:
         return self.summary_record().to_dict()
 
     def summary_record(self) -> EvalSummary:
-        """:meth:`summary` as a typed record (:class:`casify.eval_summary.EvalSummary`); ``summary()`` is its
+        """:meth:`summary` as a typed record (:class:`casify.io.eval_summary.EvalSummary`); ``summary()`` is its
         ``to_dict()``."""
         accuracy = {name: f["accuracy"] for name, f in self.families.items()}
         if not accuracy:  # a report built by hand: the rows themselves
@@ -216,7 +216,7 @@ class EvalReport:
     @property
     def at_chance(self) -> Optional[bool]:
         """Is the natural accuracy no better than guessing among the model's classes? None when the class count
-        is unknown (:func:`casify.eval_summary.at_chance`)."""
+        is unknown (:func:`casify.io.eval_summary.at_chance`)."""
         return at_chance(self.natural_accuracy, self.num_classes, self.n_examples)
 
     def to_markdown(self, json_beside: bool = False) -> str:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..eps import format_eps
+from ..core.eps import format_eps
 from ..attacks.threat_model import check_norm, distance
-from ..inputs import check_images
+from ..core.inputs import check_images
 from .deployed import deployed_scores, zero_input_gradient
 from .examples import example_digests
 from .plan import CASCADE_RANKS, Job, Plan
@@ -115,7 +115,7 @@ def run_plan(model: nn.Module, target: nn.Module, plan: Plan, data: Dataset, *, 
             alive_before: Optional[torch.Tensor] = None) -> None:
         """The jobs ``cols`` on the examples ``indices`` (None: all), in batches of ``batch_size`` (a cascade's
         survivors are batched afresh, so a row on few survivors still runs full batches), into ``flags_all``."""
-        from ..progress import progress_bar
+        from ..io.progress import progress_bar
         loader = DataLoader(IndexedDataset(data, indices), batch_size=batch_size, shuffle=False)
         if accelerator is not None:
             loader = accelerator.prepare_data_loader(loader)

@@ -85,7 +85,7 @@ class ModelComparison:
 
     def save(self, directory: Union[str, os.PathLike], figures: bool = True) -> Path:
         """``compare_report.json``, ``compare_report.md`` and the overlaid curves (``robustness_curves.png``)."""
-        from ..serialization import atomic_write
+        from ..io.serialization import atomic_write
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if figures:

@@ -25,7 +25,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from ..serialization import atomic_write, sha256_file
+from ..io.serialization import atomic_write, sha256_file
 from .config import RunFolderError
 
 MANIFEST = "manifest.json"

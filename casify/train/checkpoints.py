@@ -15,9 +15,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..model import DefendedModel
-from ..code_version import code_version
-from ..serialization import TEMP_MARK, atomic_write
+from ..model.defended import DefendedModel
+from ..core.code_version import code_version
+from ..io.serialization import TEMP_MARK, atomic_write
 from .checkpoint_files import (MODEL_WEIGHTS, OPTIMIZER_STATE, SCALER_STATE, SCHEDULER_STATE, TRAINER_STATE,
                                CheckpointError, load_json_file, load_rng_state, load_torch_file,
                                remove_accelerate_pickles, save_rng_state, verify_checkpoint, write_manifest)
@@ -443,5 +443,5 @@ class FullWeights(nn.Module):
         return dict(self._state)
 
     def save_pretrained(self, save_directory, **kwargs):
-        from ..serialization import save_pretrained
+        from ..io.serialization import save_pretrained
         return save_pretrained(self, save_directory, **kwargs)

@@ -10,8 +10,8 @@ from typing import Dict, List, Optional, Sequence
 
 
 from ..attacks.constants import SINGLE_STEP_ATTACKS, TRAINING_ATTACKS
-from ..eps import parse_eps
-from ..trackers import check_log_with
+from ..core.eps import parse_eps
+from .trackers import check_log_with
 
 SCHEDULES = ("multistep", "cosine", "constant")
 METHODS = ("standard", "at", "trades", "mart")
@@ -247,7 +247,7 @@ class TrainingRecord:
     selected_on: str
     step: int
     weights: str
-    code: Optional[dict] = None  # casify's version and git commit (casify.code_version)
+    code: Optional[dict] = None  # casify's version and git commit (casify.core.code_version)
     overfitting: Optional[dict] = None  # the guard's record, when the run overfitted catastrophically
 
     def to_dict(self) -> dict:

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from .. import attacks, losses
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
-from ..data_fit import check_data_fits
-from ..model import DefendedModel
-from ..routing import route
-from ..surgery import wrap
-from ..trackers import flat_config
+from ..data.data_fit import check_data_fits
+from ..model.defended import DefendedModel
+from ..core.routing import route
+from ..model.surgery import wrap
+from .trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState
 from .metrics import MetricWindow, grouped_tags
@@ -238,7 +238,7 @@ class Trainer(RunFolder):
             return self._train(resume, overwrite)
 
     def _train(self, resume: bool, overwrite: bool) -> TrainState:
-        from ..progress import progress_bar
+        from ..io.progress import progress_bar
 
         acc, cfg = self.accelerator, self.config
         self._check_output_dir(resume, overwrite)
@@ -253,7 +253,7 @@ class Trainer(RunFolder):
                   f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
             acc.init_trackers("casify", config=flat_config(cfg.to_dict()))
-        # a bar on a terminal; in a log file one line per log_every_steps (casify.progress)
+        # a bar on a terminal; in a log file one line per log_every_steps (casify.io.progress)
         bar = progress_bar(total=self.total_steps, initial=self.state.global_step,
                            disable=not (cfg.progress and acc.is_local_main_process),
                            desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,

@@ -9,7 +9,7 @@ import torch
 class MetricWindow:
     """Means of the step metrics since the last log. The sums stay on the device: reading them back (a host sync,
     and a collective across processes) happens at a log step only, so the host never waits for the device in
-    between (casify.host_sync; tests/test_host_syncs.py)."""
+    between (casify.core.host_sync; tests/test_host_syncs.py)."""
 
     def __init__(self):
         self.names: List[str] = []

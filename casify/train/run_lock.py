@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 from filelock import FileLock, Timeout
 
-from ..serialization import atomic_write
+from ..io.serialization import atomic_write
 from .config import RunFolderError
 
 LOCK_NAME = ".casify-run.lock"

@@ -71,7 +71,7 @@ def measure(size: int, args) -> dict:
               "seconds_per_standard_step": round(standard_seconds / max(state.global_step, 1), 3),
               "seconds_per_pgd3_step": round(at_step, 3), "threads": torch.get_num_threads(),
               "settings": SETTINGS}
-    from casify.code_version import code_version
+    from casify.core.code_version import code_version
     record["code"] = code_version()
     return record
 

@@ -276,7 +276,7 @@ def train_unit(args, state, arm: str, seed: int, device: str, deadline, runs_dir
 def score_unit(args, state, arm: str, seed: int, device: str, runs_dir: Path) -> None:
     from casify.data import build_dataset
     from casify.evaluate import evaluate
-    from casify.hub import from_pretrained
+    from casify.model.loading import from_pretrained
 
     key = f"{arm}/s{seed}"
     run = state["runs"][key]

@@ -2,10 +2,10 @@
 for saving and publishing too.
 
 Nothing is ever unpickled: weights are safetensors, the config is JSON, and the architecture is rebuilt from its name
-(timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.config.DefenseConfig`
+(timm or torchvision) or from a model the caller passes, then wrapped with the saved :class:`~casify.core.config.DefenseConfig`
 through the same ``casify.wrap`` a fresh model goes through. From the Hub, ``huggingface_hub.snapshot_download``
 fetches ``config.json`` alone, then, once it was checked, ``model.safetensors`` of the same commit; nothing else in
-the repo. Writing lives below the model class (:mod:`casify.serialization`, :mod:`casify.publish`) and is re-exported
+the repo. Writing lives below the model class (:mod:`casify.io.serialization`, :mod:`casify.io.publish`) and is re-exported
 here (``save_pretrained``, ``push_to_hub``, ``write_hub_folder``, ``upload_patterns``, ``model_config``,
 ``sha256_file``).
 """
@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import DefenseConfig
-from .config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
-from .model import DefendedModel
-from .publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
-from .serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
-                            sha256_file)
-from .spec import build_base, infer_base_spec  # noqa: F401  (re-exported)
+from ..core.config import DefenseConfig
+from ..core.config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
+from .defended import DefendedModel
+from ..io.publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
+from ..io.serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, model_config, save_pretrained,  # noqa: F401
+                            sha256_file, verify_weights)
+from ..core.spec import build_base, infer_base_spec  # noqa: F401  (re-exported)
 from .surgery import wrap
 
 __all__ = ["from_pretrained", "load_config", "verify_weights", "save_pretrained", "push_to_hub", "write_hub_folder",
@@ -123,25 +123,13 @@ def check_inside(folder: Path, path: Path) -> None:
 
 
 def load_config(path_or_repo, revision: Optional[str] = None, token=None) -> dict:
-    """The checked config of a saved folder or Hub repo (see :func:`casify.config_validation.validate_config`)."""
+    """The checked config of a saved folder or Hub repo (see :func:`casify.core.config_validation.validate_config`)."""
     folder, _ = _resolve_folder(path_or_repo, revision, token)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise LoadError(f"{folder} has no {CONFIG_NAME}; is it a folder written by casify's save_pretrained?")
     check_inside(folder, config_file)
     return read_config(config_file)
-
-
-def verify_weights(weights: Path, config: dict) -> None:
-    """Refuse a weights file whose SHA-256 differs from the one saved in the config (folders saved before casify
-    recorded it have none and are not checked)."""
-    expected = config.get("weights_sha256")
-    if expected is None:
-        return
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise LoadError(f"{weights} was modified or corrupted after it was saved: its SHA-256 is {actual}, but "
-                        f"{CONFIG_NAME} records {expected}. Download or copy the folder again, or re-save the model")
 
 
 def _saved_shapes(weights: Path) -> Dict[str, Tuple[int, ...]]:
@@ -223,7 +211,7 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
     """Rebuild a wrapped model from a folder (offline) or a Hub repo id and load its weights strictly.
 
     ``model`` is the original (un-wrapped) architecture, needed only when the base is not a timm or torchvision model.
-    The config is checked before anything is downloaded or built (see :mod:`casify.config_validation`), the weights
+    The config is checked before anything is downloaded or built (see :mod:`casify.core.config_validation`), the weights
     against the SHA-256 recorded at save time, and the architecture's shapes against the weights before it is built.
     """
     folder, repo_id = _resolve_folder(path_or_repo, revision, token)

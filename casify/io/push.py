@@ -1,7 +1,7 @@
 """``casify push FOLDER REPO_ID`` and the end of a ``--push_to_hub`` run: publish a saved folder, or say why not.
 
 Why: the upload is the one step that needs the network, and it comes last. What the model's own evaluation says is
-checked first (:mod:`casify.publish_guard`), then the Hub access (:mod:`casify.hub_access`); a failed upload keeps the
+checked first (:mod:`casify.io.publish_guard`), then the Hub access (:mod:`casify.io.hub_access`); a failed upload keeps the
 folder and prints the one command that publishes it later.
 """
 from __future__ import annotations
@@ -11,12 +11,11 @@ import shlex
 from pathlib import Path
 from typing import Union
 
-from .config_validation import read_config
-from .hub import verify_weights
+from ..core.config_validation import read_config
 from .hub_access import check_hub_access
 from .publish import upload_folder
 from .publish_guard import PublishRefused, publish_refusal  # noqa: F401  (PublishRefused: re-exported)
-from .serialization import CONFIG_NAME, WEIGHTS_NAME
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, verify_weights
 
 
 class PushFailed(RuntimeError):

@@ -2,7 +2,7 @@
 
 Why a module of its own: these are the silent mistakes a newcomer makes first (0..255 pixels, ``eps=8``, a label
 past the last class), and ``casify.route`` and the attacks must report them alike. Every check here is free of host
-syncs where reading a value back would make a GPU wait (:func:`casify.host_sync.host_reads_free`): there it runs as
+syncs where reading a value back would make a GPU wait (:func:`casify.core.host_sync.host_reads_free`): there it runs as
 a device-side assertion, and the same inputs on CPU give the readable error.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .defenses import find_defense_modules
+from ..defenses import find_defense_modules
 from .eps import parse_eps
 from .host_sync import host_reads_free
 from .normalize import PIXEL_RANGE_TOLERANCE, range_message
@@ -111,7 +111,7 @@ def read_radius(value: Union[str, float, int], name: str = "eps") -> float:
 
 def check_eps(eps: Union[str, float, int], name: str = "eps", norm: str = "linf") -> float:
     """A radius in pixel units: ``"8/255"`` or ``0.031``. L-inf radii go through the one parser of configs and the CLI
-    (:func:`casify.eps.parse_eps`), so ``eps=8`` is an error that suggests ``8/255``; L2 radii may exceed 1."""
+    (:func:`casify.core.eps.parse_eps`), so ``eps=8`` is an error that suggests ``8/255``; L2 radii may exceed 1."""
     if norm != "linf":
         return read_radius(eps, name)
     try:

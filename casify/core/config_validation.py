@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
-from .defenses import DEFENSES, validate_options
-from .defenses.cas import INITS
+from ..defenses import DEFENSES, validate_options
+from ..defenses.cas import INITS
 
 FORMAT = "casify"
 CONFIG_VERSION = 2
@@ -124,7 +124,7 @@ def _registered(source: str, name: str) -> bool:
     if source == "timm":
         import timm
 
-        from . import models  # noqa: F401  (registers casify's CIFAR models with timm)
+        from .. import models  # noqa: F401  (registers casify's CIFAR models with timm)
         return bool(timm.is_model(name))
     import torchvision.models as tvm
     return name in tvm.list_models(module=tvm)  # classification builders only: none downloads with weights=None

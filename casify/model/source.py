@@ -3,7 +3,7 @@
 Why: ``casify eval`` and ``casify analyze`` took only folders of registered architectures, so casify's own shared
 models (``resnet4b.pth``) and a user's own architecture could not be evaluated from the CLI. A user's code is
 imported only when they name it with ``--arch module:factory`` on the command line; a saved config never names code
-to import (:mod:`casify.config_validation`).
+to import (:mod:`casify.core.config_validation`).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .hub import from_pretrained
-from .model import DefendedModel
-from .models import SHARED_MODELS, load_shared_model
+from .loading import from_pretrained
+from .defended import DefendedModel
+from ..models import SHARED_MODELS, load_shared_model
 from .surgery import wrap
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")

@@ -18,10 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from .defenses import validate_options
-from .eps import parse_eps
-from .evaluate.plan import SUITES
-from .train.config import METHODS, TrainConfig
+from ..defenses import validate_options
+from ..core.eps import parse_eps
+from ..evaluate.plan import SUITES
+from ..train.config import METHODS, TrainConfig
 
 # The YAML's shape, with its defaults. The training attack (eps, attack_steps, attack_alpha) is written in `train:`
 # because those settings are part of every run folder's recorded identity (run_config.json); the typed recipe gives

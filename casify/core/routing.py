@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .defenses import find_defense_modules, routed_modules
+from ..defenses import find_defense_modules, routed_modules
 from .inputs import ASYNC_ASSERT_DEVICES, check_labels  # noqa: F401  (ASYNC_ASSERT_DEVICES re-exported)
 
 

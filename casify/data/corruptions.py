@@ -193,7 +193,7 @@ def corrupt(x: torch.Tensor, name: str, severity: int, *, seed: int = 0, index: 
     """One image (C, H, W) in [0, 1] with corruption ``name`` at ``severity`` (1-5), clipped to [0, 1]."""
     if name not in ALL:
         raise ValueError(f"unknown corruption {name!r}; casify generates {sorted(ALL)} (not generated: "
-                         f"{list(NOT_GENERATED)}; see casify.corruptions)")
+                         f"{list(NOT_GENERATED)}; see casify.data.corruptions)")
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
     g = torch.Generator().manual_seed(image_seed(seed, name, severity, index))

@@ -1,6 +1,6 @@
 """Publishing a wrapped model: ``save_pretrained`` plus a model card, and the upload of exactly those files.
 
-Below the model class (like :mod:`casify.serialization`), so ``DefendedModel.push_to_hub`` needs nothing above it.
+Below the model class (like :mod:`casify.io.serialization`), so ``DefendedModel.push_to_hub`` needs nothing above it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import List, Mapping, Optional, Union
 
 from torch import nn
 
-from .config_validation import read_config
+from ..core.config_validation import read_config
 from .eval_summary import EvalSummary
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_pretrained
 
@@ -79,9 +79,9 @@ def push_to_hub(model: nn.Module, repo_id: str, *, evaluation: Union[None, dict,
     """Save the model with a model card (evaluation results in the ``model-index`` metadata) and upload it.
 
     The guards of ``casify push``, before anything is written: a model whose evaluation flagged gradient masking or
-    reads chance accuracy is refused (:class:`~casify.publish_guard.PublishRefused`) unless ``force=True``; then the
+    reads chance accuracy is refused (:class:`~casify.io.publish_guard.PublishRefused`) unless ``force=True``; then the
     Hub must be reachable and the token able to write to ``repo_id``
-    (:class:`~casify.hub_access.HubAccessError`). Without ``evaluation`` the card carries no robustness results
+    (:class:`~casify.io.hub_access.HubAccessError`). Without ``evaluation`` the card carries no robustness results
     (a warning says so).
 
     ``folder``: where to stage the files (kept); by default a temporary directory. Only the model files, the card and

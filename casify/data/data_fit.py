@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .inputs import check_images, model_num_classes
+from ..core.inputs import check_images, model_num_classes
 
 
 class InputSizeWarning(UserWarning):

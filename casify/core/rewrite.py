@@ -1,9 +1,9 @@
 """The graph rewrite: trace a model in both modes, insert a CAS node after each chosen layer (and input normalisation
 after the input), and return the pieces a wrapped model is made of.
 
-One job, no model class: :func:`rewrite` takes the original and a :class:`~casify.config.DefenseConfig`, and returns a
+One job, no model class: :func:`rewrite` takes the original and a :class:`~casify.core.config.DefenseConfig`, and returns a
 :class:`Rewrite` (the two rewritten fx graphs, the CAS modules, the normalisation module, fx's captured constants, and
-the config resolved). :class:`casify.model.DefendedModel` is built from it; ``casify.wrap`` does both steps.
+the config resolved). :class:`casify.model.defended.DefendedModel` is built from it; ``casify.wrap`` does both steps.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import fx, nn
 
-from .defenses import DefenseModule, get_defense, layout_of, validate_options
+from ..defenses import DefenseModule, get_defense, layout_of, validate_options
 from .config import DefenseConfig
 from .discovery import (LayerError, default_input_size, expand_layers, locate, output_classes, probe_shape,
                         propagate_shapes, resolve_node)
@@ -30,7 +30,7 @@ NORMALIZE_ATTR = "input_normalize"
 
 @dataclass
 class Rewrite:
-    """What :func:`rewrite` returns: everything :class:`casify.model.DefendedModel` is built from."""
+    """What :func:`rewrite` returns: everything :class:`casify.model.defended.DefendedModel` is built from."""
     graphs: Dict[bool, fx.Graph]                      # training mode -> rewritten graph
     cas_modules: Dict[str, DefenseModule]             # module key -> defense module, in graph order
     normalize: Optional[nn.Module]

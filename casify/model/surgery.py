@@ -1,9 +1,9 @@
 """The two entry points of model surgery: ``wrap`` (original -> wrapped model) and ``unwrap`` (and back).
 
-``wrap`` is two steps, each in its own layer: :func:`casify.rewrite.rewrite` turns the original and a
-:class:`~casify.config.DefenseConfig` into rewritten graphs, CAS modules and the resolved config, and
-:class:`casify.model.DefendedModel` is built from them. Layer discovery (``list_layers``, ``Layer``, ``LayerError``,
-``default_input_size``) lives in :mod:`casify.discovery` and is re-exported here for old imports.
+``wrap`` is two steps, each in its own layer: :func:`casify.core.rewrite.rewrite` turns the original and a
+:class:`~casify.core.config.DefenseConfig` into rewritten graphs, CAS modules and the resolved config, and
+:class:`casify.model.defended.DefendedModel` is built from them. Layer discovery (``list_layers``, ``Layer``, ``LayerError``,
+``default_input_size``) lives in :mod:`casify.core.discovery` and is re-exported here for old imports.
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from .config import DefenseConfig, as_config
-from .defenses import validate_options
-from .discovery import (Layer, LayerError, LayerSpec, Layout, default_input_size,  # noqa: F401  (re-exported)
+from ..core.config import DefenseConfig, as_config
+from ..defenses import validate_options
+from ..core.discovery import (Layer, LayerError, LayerSpec, Layout, default_input_size,  # noqa: F401  (re-exported)
                         list_layers)
-from .model import DefendedModel
-from .rewrite import rewrite
+from .defended import DefendedModel
+from ..core.rewrite import rewrite
 
 __all__ = ["wrap", "unwrap", "list_layers", "Layer", "LayerError", "Layout", "default_input_size"]
 
@@ -34,7 +34,7 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, DefenseConfig] = "auto", *, 
         layers: module names (their output), graph-node names (a call site), ``"re:<regex>"`` or compiled patterns
             (full match, module names first), or ``"auto"`` (the last feature stage). See :func:`list_layers`.
             An empty list gives a model without CAS that still has normalisation inside and casify's save/load
-            (the plain-AT baseline of a comparison). Or a :class:`~casify.config.DefenseConfig` holding every setting
+            (the plain-AT baseline of a comparison). Or a :class:`~casify.core.config.DefenseConfig` holding every setting
             below except ``leaf_modules`` / ``autowrap_functions`` (then pass none of the others):
             ``casify.wrap(model, DefenseConfig(layers=["layer4"], init="paper"))``; ``from_pretrained`` takes this path
             with the saved config.

@@ -118,7 +118,7 @@ def _sibling(target: Path, kind: str) -> Path:
 
 
 def _marker(command: str, argv: Optional[Sequence[str]], folder: Path) -> dict:
-    from .version import __version__
+    from ..version import __version__
     files: List[str] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     return {"tool": "casify", "command": command, "argv": list(argv) if argv is not None else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "casify_version": __version__,

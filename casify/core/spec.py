@@ -13,7 +13,7 @@ def versions() -> dict:
     import timm
     import torchvision
 
-    from .version import __version__
+    from ..version import __version__
     return {"casify": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "python": platform.python_version()}
 
@@ -76,7 +76,7 @@ def infer_base_spec(model: nn.Module) -> dict:
 def build_base(spec: dict) -> nn.Module:
     """A freshly initialised original model from a spec written by :func:`infer_base_spec` (no weights downloaded).
 
-    The spec is checked first (:func:`casify.config_validation.validate_base_spec`): a registered name and only
+    The spec is checked first (:func:`casify.core.config_validation.validate_base_spec`): a registered name and only
     architectural kwargs, so a config can neither fetch nor read anything.
     """
     from .config_validation import validate_base_spec

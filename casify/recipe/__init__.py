@@ -1,8 +1,12 @@
 """What the fine-tuning recipes share: build data and model from a typed recipe, train, evaluate, publish.
 
-A recipe is read and checked once (:func:`casify.recipe_config.load_recipe`); everything here receives its typed
+A recipe is read and checked once (:func:`casify.recipe.config.load_recipe`); everything here receives its typed
 sections. The scripts under ``recipes/`` only pick the method, so ``python recipes/finetune_at.py --config ...`` and
 ``accelerate launch recipes/finetune_at.py --config ...`` run the same code on one CPU or on many GPUs.
+
+The package holds the recipe's schema (``config.py``: the typed sections, defaults < YAML < ``--set`` < the command's
+flags) and, here, what runs one. It may import every layer below it (:mod:`casify.train`, :mod:`casify.evaluate`,
+:mod:`casify.model`, :mod:`casify.data`, :mod:`casify.io`, :mod:`casify.core`), and only :mod:`casify.cli` imports it.
 """
 from __future__ import annotations
 
@@ -15,16 +19,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .code_version import code_version
-from .data import build_dataset, short_name
-from .defenses import find_defense_modules
-from .hub import from_pretrained
-from .models.pretrained_weights import check_backbone, create_timm_from_checkpoint, read_checkpoint
-from .recipe_config import (CommandLine, ConfigError, DataSection, DefenseSection, EvalSection, HubSection,
+from ..core.code_version import code_version
+from ..data import build_dataset, short_name
+from ..defenses import find_defense_modules
+from ..model.loading import from_pretrained
+from ..models.pretrained_weights import check_backbone, create_timm_from_checkpoint, read_checkpoint
+from .config import (CommandLine, ConfigError, DataSection, DefenseSection, EvalSection, HubSection,
                             ModelSection, Recipe, load_recipe, run_name)
-from .spec import infer_base_spec
-from .surgery import wrap
-from .train import Trainer
+from ..core.spec import infer_base_spec
+from ..model.surgery import wrap
+from ..train import Trainer
 
 __all__ = ["CommandLine", "ConfigError", "Recipe", "build_base_model", "build_datasets", "build_model",
            "evaluate_model", "load_recipe", "main", "run", "run_name"]
@@ -96,7 +100,7 @@ def build_datasets(spec: DataSection):
 def evaluate_model(model: nn.Module, dataset, spec: EvalSection, accelerator=None):
     """Robust accuracy on the test split with the configured suite and radius (defended models under the adaptive
     attacks)."""
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
     return evaluate(model, dataset, attacks=spec.suite, eps=spec.eps, batch_size=spec.batch_size,
                     max_examples=spec.max_examples, seed=spec.seed, accelerator=accelerator, progress=False)
 
@@ -114,9 +118,9 @@ def check_class_count(model: nn.Module, dataset, recipe: Recipe) -> None:
 
 def check_hub_before_training(hub: HubSection) -> None:
     """With ``hub.push``: the Hub is reachable and the token can write to the repo, checked before anything is built
-    (:func:`casify.hub_access.check_hub_access`)."""
+    (:func:`casify.io.hub_access.check_hub_access`)."""
     if hub.push:
-        from .hub_access import check_hub_access
+        from ..io.hub_access import check_hub_access
         check_hub_access(hub.model_id)
 
 
@@ -161,8 +165,8 @@ def run(recipe: Recipe) -> dict:
 
 def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out: Path) -> None:
     """The run's hub/ folder (model, card, report, figures), summary.json, the push if asked, the run table."""
-    from .publish import write_hub_folder
-    from .run_table import format_run_table
+    from ..io.publish import write_hub_folder
+    from ..io.run_table import format_run_table
     defended = "-cas" if recipe.train.cas else ""
     model_id = recipe.hub.model_id or f"casify-{recipe.method}{defended}"
     report.save(out / "hub")  # report + figures first: the card shows the figures, push_to_hub uploads them
@@ -178,14 +182,14 @@ def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out
 
 def _publish(folder: Path, hub: HubSection, message: str) -> bool:
     """Push the run's hub/ folder; a refusal or a failed upload keeps it and prints the command that pushes it."""
-    from .push import PublishRefused, PushFailed, push_folder
+    from ..io.push import PublishRefused, PushFailed, push_folder
     try:
         push_folder(folder, hub.model_id, private=hub.private, force=hub.force, commit_message=message)
     except (PublishRefused, PushFailed) as e:
         print(f"casify: {e}", file=sys.stderr)
         return False
     except Exception as e:  # the Hub went away since the check before training
-        from .push import push_command
+        from ..io.push import push_command
         print(f"casify: the push to {hub.model_id} failed ({type(e).__name__}: {e}); the folder is kept. Push it "
               f"later with: {push_command(folder, hub.model_id)}", file=sys.stderr)
         return False

@@ -1,9 +1,9 @@
 """The model card a robust model is published with: what it is, how it was trained, and how robust it measured.
 
 The card is ``huggingface_hub.ModelCard.from_template`` over the Jinja template shipped with casify
-(``casify/templates/model_card.md``): the metadata is a ``ModelCardData`` whose ``eval_results`` become the Hub's
+(``casify/io/templates/model_card.md``): the metadata is a ``ModelCardData`` whose ``eval_results`` become the Hub's
 ``model-index`` (one entry per attack, eps stated in pixel space); the text is the template filled from the config.
-What the card reads is checked first: the evaluation through :meth:`casify.eval_summary.EvalSummary.from_dict`, the
+What the card reads is checked first: the evaluation through :meth:`casify.io.eval_summary.EvalSummary.from_dict`, the
 training record (``casify.train.TrainingRecord``, stored as the config's ``training``) field by field, so a malformed
 one is a ValueError naming the field, not an error deep in the template.
 """
@@ -21,7 +21,7 @@ from .eval_summary import EvalSummary
 
 DISTRIBUTION = "casify-robust"  # the name on PyPI (``casify`` there is an unrelated package); import name: casify
 PROJECT_URL = f"https://pypi.org/project/{DISTRIBUTION}/"
-TEMPLATE = "model_card.md"  # in casify/templates/
+TEMPLATE = "model_card.md"  # in casify/io/templates/
 CAS_NAME = "Channel-wise Activation Suppressing (CAS, Bai et al., ICLR 2021)"
 TAGS = ["adversarial-robustness", "channel-wise-activation-suppressing", "casify", "image-classification"]
 
@@ -189,7 +189,7 @@ def make_model_card(config: dict, model_name: str, evaluation: Union[None, dict,
         accuracy = dict(summary.accuracy)
         headline = ([("worst_case", accuracy.pop("worst_case"))] if "worst_case" in accuracy else []) \
             + list(accuracy.items())
-    template = resources.files("casify").joinpath("templates").joinpath(TEMPLATE)
+    template = resources.files("casify.io").joinpath("templates").joinpath(TEMPLATE)
     with resources.as_file(template) as path:
         return ModelCard.from_template(
             data, template_path=str(path), model_name=model_name, cas_name=CAS_NAME,

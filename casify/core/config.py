@@ -8,9 +8,9 @@ and calls ``wrap`` with it: one path for a fresh wrap and for a load.
 
 The wire format is the JSON casify has always written (``{"base_model", "cas": {...}, "defense": {"name",
 "options"}, "normalize", "class_names", "versions"}``); ``config_version`` (see
-:data:`casify.config_validation.CONFIG_VERSION`) says which layout a dict has: 2 added the ``defense`` section, and
+:data:`casify.core.config_validation.CONFIG_VERSION`) says which layout a dict has: 2 added the ``defense`` section, and
 a dict without one (version 1, or no version at all) is read as CAS. Untrusted dicts are checked by
-:func:`casify.config_validation.validate_config` before they become a ``DefenseConfig`` (``from_dict(d, validate=True)``,
+:func:`casify.core.config_validation.validate_config` before they become a ``DefenseConfig`` (``from_dict(d, validate=True)``,
 :meth:`DefenseConfig.from_json_file`).
 """
 from __future__ import annotations
@@ -110,8 +110,8 @@ class DefenseConfig:
     def from_dict(cls, data: dict, *, validate: bool = False, source: str = "config") -> "DefenseConfig":
         """Read a dict written by :meth:`to_dict` (or any casify's ``config.json``, older layouts included).
 
-        ``validate=True`` first checks it as untrusted data (:func:`casify.config_validation.validate_config`);
-        ``from_pretrained`` reads configs that :func:`casify.config_validation.read_config` already checked.
+        ``validate=True`` first checks it as untrusted data (:func:`casify.core.config_validation.validate_config`);
+        ``from_pretrained`` reads configs that :func:`casify.core.config_validation.read_config` already checked.
         """
         if validate:
             data = validate_config({"format": FORMAT, **data}, source)

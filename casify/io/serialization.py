@@ -1,8 +1,8 @@
 """Writing a wrapped model to a folder: ``model.safetensors``, then ``config.json`` with the weights' SHA-256.
 
 The core of ``save_pretrained``, below the model class: it reads a wrapped model only through its public surface
-(``casify_config``, ``base_model``, ``state_dict()``), so :class:`casify.model.DefendedModel` can own its ``save_pretrained``
-method without importing anything above it. Loading lives in :mod:`casify.hub`.
+(``casify_config``, ``base_model``, ``state_dict()``), so :class:`casify.model.defended.DefendedModel` can own its ``save_pretrained``
+method without importing anything above it. Loading lives in :mod:`casify.model.loading`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Optional, Union
 from safetensors.torch import save_file
 from torch import nn
 
-from .config_validation import FORMAT, LoadError, validate_config
-from .spec import infer_base_spec
+from ..core.config_validation import FORMAT, LoadError, validate_config
+from ..core.spec import infer_base_spec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -113,3 +113,15 @@ def save_pretrained(model: nn.Module, save_directory: Union[str, os.PathLike], m
     config["weights_sha256"] = sha256_file(out / WEIGHTS_NAME)
     atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return out
+
+
+def verify_weights(weights: Path, config: dict) -> None:
+    """Refuse a weights file whose SHA-256 differs from the one saved in the config (folders saved before casify
+    recorded it have none and are not checked)."""
+    expected = config.get("weights_sha256")
+    if expected is None:
+        return
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise LoadError(f"{weights} was modified or corrupted after it was saved: its SHA-256 is {actual}, but "
+                        f"{CONFIG_NAME} records {expected}. Download or copy the folder again, or re-save the model")

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Dict, Optional
 
-from .version import __version__
+from ..version import __version__
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -1,4 +1,4 @@
-"""What the two record-based data sources (:mod:`casify.hf_dataset`, :mod:`casify.webdataset_shards`) share: the
+"""What the two record-based data sources (:mod:`casify.data.hf_dataset`, :mod:`casify.data.webdataset_shards`) share: the
 one-line error for a missing optional library, the image and label decoding of a record, and the image dataset they
 both are.
 

@@ -14,7 +14,7 @@ casify's own graph, never read from a file or a config). The price is the small 
 ``compile_graph`` and a ``__deepcopy__`` that recompiles the two forwards of the copy.
 
 Saving and publishing are methods here (:meth:`DefendedModel.save_pretrained`, :meth:`DefendedModel.push_to_hub`) whose cores live
-below this module (:mod:`casify.serialization`, :mod:`casify.publish`); loading is :func:`casify.hub.from_pretrained`,
+below this module (:mod:`casify.io.serialization`, :mod:`casify.io.publish`); loading is :func:`casify.model.loading.from_pretrained`,
 above it, which rebuilds through ``casify.wrap``.
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import fx, nn
 
-from .defenses import DefenseModule
-from .config import DefenseConfig
-from .normalize import InputRangeCheck
-from .rewrite import CAS_ATTR, NORMALIZE_ATTR, Rewrite
+from ..defenses import DefenseModule
+from ..core.config import DefenseConfig
+from ..core.normalize import InputRangeCheck
+from ..core.rewrite import CAS_ATTR, NORMALIZE_ATTR, Rewrite
 
 __all__ = ["DefendedModel", "CAS_ATTR", "NORMALIZE_ATTR", "DATA_CFG_ATTRS", "compile_graph"]
 
@@ -90,7 +90,7 @@ class DefendedModel(nn.Module):
 
     @classmethod
     def from_rewrite(cls, base: nn.Module, rewritten: Rewrite) -> "DefendedModel":
-        """The wrapped model made of ``base`` and what :func:`casify.rewrite.rewrite` returned for it."""
+        """The wrapped model made of ``base`` and what :func:`casify.core.rewrite.rewrite` returned for it."""
         return cls(base, rewritten.graphs, rewritten.cas_modules, rewritten.normalize, rewritten.config,
                    rewritten.constants)
 
@@ -134,7 +134,7 @@ class DefendedModel(nn.Module):
 
     @property
     def cas_config(self) -> DefenseConfig:
-        """A typed copy of :attr:`casify_config` (the resolved :class:`~casify.config.DefenseConfig` of this model);
+        """A typed copy of :attr:`casify_config` (the resolved :class:`~casify.core.config.DefenseConfig` of this model);
         ``casify.wrap(casify.unwrap(copy.deepcopy(m)), m.cas_config)`` rebuilds the same architecture."""
         return DefenseConfig.from_dict(self.casify_config)
 
@@ -216,12 +216,12 @@ class DefendedModel(nn.Module):
     # -- saving -------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, **kwargs):
         """Write ``config.json`` and ``model.safetensors`` to ``save_directory`` (see :func:`casify.save_pretrained`)."""
-        from .serialization import save_pretrained
+        from ..io.serialization import save_pretrained
         return save_pretrained(self, save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the folder of :meth:`save_pretrained` with a model card (see :func:`casify.push_to_hub`)."""
-        from .publish import push_to_hub
+        from ..io.publish import push_to_hub
         return push_to_hub(self, repo_id, **kwargs)
 
 

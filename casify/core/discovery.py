@@ -1,9 +1,9 @@
 """Layer discovery: where CAS can go in a model, and which axis of each activation holds the channels.
 
-One job: given a traced graph (:mod:`casify.tracing`), run a dummy input through it to learn every node's shape, infer
+One job: given a traced graph (:mod:`casify.core.tracing`), run a dummy input through it to learn every node's shape, infer
 each activation's :class:`Layout`, list the candidates (:func:`list_layers`), resolve the names a user gives (module
 names, call sites, ``"re:<regex>"`` patterns, ``"auto"``) to graph nodes, and say how many classes the model outputs.
-Nothing here rewrites a graph or knows the wrapped model class: :mod:`casify.rewrite` consumes these answers.
+Nothing here rewrites a graph or knows the wrapped model class: :mod:`casify.core.rewrite` consumes these answers.
 """
 from __future__ import annotations
 
