@@ -79,12 +79,12 @@ def datasets(data_dir: Path, size: Optional[int] = None, train_images: Optional[
              val_size: Optional[int] = None):
     """The first ``train_images`` of train.npz (pad-crop-flip at ``size``) and ``val_size`` held-out ones from
     45,000 on, both upsampled to ``size`` (bilinear, antialiased); the protocol's values by default."""
-    from casify.data import NpzDataset, ResizeTensor, _Then, cifar_train_transform
+    from casify.data import NpzDataset, ResizeTensor, Then, cifar_train_transform
     size = size or PROTOCOL["image_size"]
     train_images = train_images or PROTOCOL["train_images"]
     val_size = val_size or PROTOCOL["val_size"]
     path = data_dir / "train.npz"
-    train = NpzDataset(path, transform=_Then(ResizeTensor(size), cifar_train_transform(size, padding=size // 8)),
+    train = NpzDataset(path, transform=Then(ResizeTensor(size), cifar_train_transform(size, padding=size // 8)),
                        indices=list(range(train_images)))
     start = PROTOCOL["val_start"]
     val = NpzDataset(path, transform=ResizeTensor(size), indices=list(range(start, start + val_size)))
