@@ -310,3 +310,44 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error_and_leaves_no_
                                              r"space.*rerun the same command"):
         trainer.train()
     assert not list((tmp_path / "checkpoints").glob(".tmp-step-*"))
+
+
+class _Planted:
+    """Writes a marker file when unpickled: what a hostile checkpoint item would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_sharded_checkpoint_is_read_as_data_only(tmp_path):
+    """FSDP resumes go through torch.distributed.checkpoint, which unpickles its .metadata and non-tensor items in
+    full: casify reads both as data first, so a planted pickle (even with the manifest rewritten) never runs."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from casify.train.sharded_checkpoint import ShardedCheckpointError, verify_sharded_checkpoint
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    clean = tmp_path / "clean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP without a process group says so
+        dcp.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": 3}, checkpoint_id=str(clean))
+    assert verify_sharded_checkpoint(clean) == 1
+    marker = tmp_path / "ran"
+    (clean / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(ShardedCheckpointError, match="not a plain checkpoint metadata file"):
+        verify_sharded_checkpoint(clean)
+    hostile = tmp_path / "hostile"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "extra": _Planted(marker)}, checkpoint_id=str(hostile))
+    with pytest.raises(ShardedCheckpointError, match="holds extra, which needs code to load"):
+        verify_sharded_checkpoint(hostile)
+    assert not marker.exists()

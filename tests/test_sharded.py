@@ -85,6 +85,8 @@ def _worker(out: Path) -> None:
     ckpt = out / "sharded-state"
     acc.save_state(str(ckpt), safe_serialization=True)
     acc.wait_for_everyone()
+    from casify.train.sharded_checkpoint import verify_sharded_checkpoint
+    assert verify_sharded_checkpoint(ckpt) >= 2  # model and optimizer metadata read as data (casify's resume check)
     with torch.no_grad():
         for p in sharded.parameters():
             p.zero_()

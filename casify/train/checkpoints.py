@@ -24,6 +24,7 @@ from .checkpoint_files import (MODEL_WEIGHTS, OPTIMIZER_STATE, SCALER_STATE, SCH
 from .config import EMA_WEIGHTS, RUN_RECORD, RunFolderError, RunMismatchError, TrainingRecord, TrainState
 
 from .run_lock import run_folder_lock
+from .sharded_checkpoint import verify_sharded_checkpoint
 
 CHECKPOINT_NAME = re.compile(r"step-\d{8}")
 OLDER_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}")  # tempfile.mkstemp's name for atomic_write before TEMP_MARK
@@ -219,6 +220,7 @@ class RunFolder:
         verify_checkpoint(path)
         acc = self.accelerator
         if self._sharded:  # the model and optimizer shards (torch.distributed.checkpoint), through Accelerate
+            verify_sharded_checkpoint(path)  # DCP unpickles its metadata and non-tensor items: checked as data first
             acc.load_state(str(path), load_kwargs={"weights_only": True})
         else:
             from safetensors import SafetensorError
