@@ -72,30 +72,63 @@ class Trainer(RunFolder):
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig,
                  accelerator=None, callbacks: Sequence[Callable] = (), identity: Optional[dict] = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
+        # Each job in its own method, in this order on purpose: the seed is set before anything draws random numbers,
+        # and the model and data are checked before the loaders and Accelerate's prepare touch them.
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.accelerator = self._make_accelerator(accelerator)
+        self._seed_and_make_loss()
+        self._check_inputs(model, train_set, val_set)
+        fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
+        if not isinstance(model, DefendedModel):  # a wrapped model without CAS: saved and loaded like every casify model
+            model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
+        self._make_attacks()
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self.stop = False
+        self.identity = {"train": config.identity(), "model": fingerprint,
+                         "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
+                         **json.loads(json.dumps(identity or {}, default=str))}
+        train_loader = self._make_loaders(train_set, val_set)
+        self._prepare(model, train_loader)
+        self._plan_steps()
+
+    def _make_accelerator(self, accelerator):
+        """The given ``accelerate.Accelerator``, else one made from the config; refused under FSDP1."""
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+        config = self.config
         # Launched as several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on a
         # CPU box), Accelerate runs them as MULTI_CPU (gloo) only when told cpu=True.
         cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = accelerator or Accelerator(
+        accelerator = accelerator or Accelerator(
             cpu=cpu_only, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             log_with=config.log_with,
             # non_blocking: host -> GPU copies of the (pinned) batches overlap the previous step
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
-        if self._sharded and not self.accelerator.is_fsdp2:
+        self.accelerator = accelerator  # _sharded reads it
+        if self._sharded and not accelerator.is_fsdp2:
             # FSDP1 flattens the parameters of the module it wraps, so the unwrapped model the attacks and validation
             # run would see flat shards; FSDP2 (fully_shard) shards in place and runs any forward of the module.
             raise ValueError("casify trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
                              "(accelerate launch --use_fsdp --fsdp_version 2)")
+        return accelerator
+
+    def _seed_and_make_loss(self) -> None:
+        from accelerate.utils import set_seed
+
+        config = self.config
         set_seed(config.seed)
         if config.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
                                     **config.loss_kwargs)
+
+    def _check_inputs(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset]) -> None:
+        """Refuse a model and data that cannot train together, in one line, before any folder or device work."""
+        config = self.config
         if config.cas and not isinstance(model, DefendedModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
@@ -104,9 +137,10 @@ class Trainer(RunFolder):
         check_data_fits(model, train_set, "the training set")
         if val_set is not None and len(val_set) > 0:
             check_data_fits(model, val_set, "the validation set")
-        fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
-        if not isinstance(model, DefendedModel):  # a wrapped model without CAS: saved and loaded like every casify model
-            model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
+
+    def _make_attacks(self) -> None:
+        """The training attack (none for natural training), the held-out PGD and the overfitting guard's FGSM."""
+        config = self.config
         self.attack = self.loss.training_attack(config.attack, eps=config.eps, steps=config.attack_steps,
                                                 **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
         self.val_attack = attacks.Attack(name="val-pgd", eps=config.eps, steps=config.val_attack_steps,
@@ -114,13 +148,11 @@ class Trainer(RunFolder):
         # the catastrophic-overfitting guard's single-step check, beside PGD on the same held-out batches
         self.guard_attack = (fgsm_check_attack(config.eps, self.val_attack.objective, config.beta)
                              if self.attack is not None else None)
-        self.callbacks = list(callbacks)
-        self.state = TrainState()
-        self.stop = False
-        self.identity = {"train": config.identity(), "model": fingerprint,
-                         "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
-                         **json.loads(json.dumps(identity or {}, default=str))}
 
+    def _make_loaders(self, train_set: Dataset, val_set: Optional[Dataset]) -> DataLoader:
+        """The training loader (returned; augmentation seeded per item) and ``self.val_loader`` (None without a
+        held-out split), both not yet prepared."""
+        config = self.config
         generator = torch.Generator().manual_seed(config.seed)
         self.train_data = EpochSeededDataset(train_set, config.seed)
         train_loader = DataLoader(self.train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -132,7 +164,14 @@ class Trainer(RunFolder):
                 val_set = torch.utils.data.Subset(val_set, range(config.val_max_examples))
             self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
                                          pin_memory=torch.cuda.is_available())
+        return train_loader
+
+    def _prepare(self, model: nn.Module, train_loader: DataLoader) -> None:
+        """The optimizer, then the model, optimizer and loaders through Accelerate; the compiled callables and the
+        EMA of the weights after that (they follow the prepared model onto its device)."""
         from timm.optim import param_groups_weight_decay
+
+        config = self.config
         # timm's grouping: no weight decay on biases and norm parameters (every parameter with ndim <= 1)
         optimizer = torch.optim.SGD(param_groups_weight_decay(model, config.weight_decay), lr=config.lr,
                                     momentum=config.momentum)
@@ -157,6 +196,11 @@ class Trainer(RunFolder):
             self.ema = ModelEmaV3(self.unwrapped, decay=config.ema_decay)
         if self.val_loader is not None:
             self.val_loader = prepared[3]
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch and in all (refused when an epoch holds no optimizer step), the global batch, the
+        learning-rate schedule."""
+        config = self.config
         self.steps_per_epoch = len(self.train_loader) // config.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training set gives {len(self.train_loader)} batches of {config.batch_size} per "
