@@ -282,8 +282,17 @@ class Trainer(RunFolder):
             return self._train(resume, overwrite)
 
     def _train(self, resume: bool, overwrite: bool) -> TrainState:
-        from ..io.progress import progress_bar
+        self._open_run(resume, overwrite)
+        bar = self._progress_bar()
+        while self.state.global_step < self.total_steps and not self.stop:
+            self._run_epoch(bar)
+        bar.close()
+        self._close_run()
+        return self.state
 
+    def _open_run(self, resume: bool, overwrite: bool) -> None:
+        """Claim the output folder (refusing another run's), record this run, restore its newest checkpoint when
+        resuming, say where the run stands and start the trackers."""
         acc, cfg = self.accelerator, self.config
         self._check_output_dir(resume, overwrite)
         self._write_run_config()
@@ -297,75 +306,100 @@ class Trainer(RunFolder):
                   f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
             acc.init_trackers("casify", config=flat_config(cfg.to_dict()))
-        # a bar on a terminal; in a log file one line per log_every_steps (casify.io.progress)
-        bar = progress_bar(total=self.total_steps, initial=self.state.global_step,
-                           disable=not (cfg.progress and acc.is_local_main_process),
-                           desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,
-                           dynamic_ncols=True)
-        while self.state.global_step < self.total_steps and not self.stop:
-            self.train_loader.set_epoch(self.state.epoch)
-            self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
-            loader = self.train_loader
-            skip = self.state.step_in_epoch * cfg.grad_accum
-            if skip:
-                loader = acc.skip_first_batches(self.train_loader, skip)
-            micro = 0
-            window = MetricWindow()
-            for x, y in loader:
-                lr = self.scheduler.get_last_lr()[0]
-                x = self._to_format(x)
-                x_adv = x
-                if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
-                    with acc.autocast():
-                        x_adv = self.attack(self.attack_model, x, y)
-                self.model.train()
-                with acc.accumulate(self.model):
-                    with acc.autocast():
-                        loss, metrics = self.loss(self.update_model, x, x_adv, y)
-                    acc.backward(loss)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                window.add({**metrics, "loss": loss})
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                if self.ema is not None:
-                    self.ema.update(self.unwrapped, step=self.state.global_step)
-                self.scheduler.step()
-                self.state.global_step += 1
-                self.state.step_in_epoch += 1
-                bar.update(1)
-                end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
-                last = self.state.global_step >= self.total_steps
-                validating = self.val_loader is not None and (
-                    last or (cfg.val_every_steps and self.state.global_step % cfg.val_every_steps == 0)
-                    or (not cfg.val_every_steps and end_of_epoch))
-                if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
-                    # the means since the last log, read back here only: every other step queues and moves on
-                    logged = self._log(window, lr, bar)
-                if end_of_epoch:
-                    self.state.epoch += 1
-                    self.state.step_in_epoch = 0
-                if validating:
-                    self._validate_and_select(logged)
-                if self._checkpoint_due(end_of_epoch, last):
-                    self.save_checkpoint()
-                for callback in self.callbacks:
-                    callback(self)
-                if last or self.stop or end_of_epoch:
-                    if self.stop and window.count:  # stopped between two logs: log the steps since the last
-                        self._log(window, lr, bar)
-                    break
-        bar.close()
+
+    def _progress_bar(self):
+        """A bar on a terminal; in a log file one line per log_every_steps (casify.io.progress)."""
+        from ..io.progress import progress_bar
+
+        cfg = self.config
+        return progress_bar(total=self.total_steps, initial=self.state.global_step,
+                            disable=not (cfg.progress and self.accelerator.is_local_main_process),
+                            desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,
+                            dynamic_ncols=True)
+
+    def _run_epoch(self, bar) -> None:
+        """Train on the rest of the current epoch (after a resume, the batches it already trained on are skipped);
+        return at the epoch's end, at the last step, or when a callback stopped the run."""
+        cfg = self.config
+        self.train_loader.set_epoch(self.state.epoch)
+        self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
+        loader = self.train_loader
+        skip = self.state.step_in_epoch * cfg.grad_accum
+        if skip:
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip)
+        micro = 0
+        window = MetricWindow()
+        for x, y in loader:
+            lr = self.scheduler.get_last_lr()[0]
+            loss, metrics = self._micro_step(x, y)
+            window.add({**metrics, "loss": loss})
+            micro += 1
+            if micro % cfg.grad_accum:
+                continue
+            if self._after_optimizer_step(window, lr, bar):
+                return
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor):
+        """One batch: the adversarial examples crafted in eval mode, then the loss's backward in training mode (the
+        optimizer steps on the last micro-batch of an accumulation)."""
+        acc = self.accelerator
+        x = self._to_format(x)
+        x_adv = x
+        if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
+            with acc.autocast():
+                x_adv = self.attack(self.attack_model, x, y)
+        self.model.train()
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                loss, metrics = self.loss(self.update_model, x, x_adv, y)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, metrics
+
+    def _after_optimizer_step(self, window: MetricWindow, lr: float, bar) -> bool:
+        """Advance the EMA, the rate and the step count; when due, log, validate and select, checkpoint; call the
+        callbacks. True when this pass over the epoch ends (its end, the last step, or a stop)."""
+        cfg = self.config
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=self.state.global_step)
+        self.scheduler.step()
+        self.state.global_step += 1
+        self.state.step_in_epoch += 1
+        bar.update(1)
+        end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
+        last = self.state.global_step >= self.total_steps
+        validating = self.val_loader is not None and (
+            last or (cfg.val_every_steps and self.state.global_step % cfg.val_every_steps == 0)
+            or (not cfg.val_every_steps and end_of_epoch))
+        if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
+            # the means since the last log, read back here only: every other step queues and moves on
+            logged = self._log(window, lr, bar)
+        if end_of_epoch:
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+        if validating:
+            self._validate_and_select(logged)
+        if self._checkpoint_due(end_of_epoch, last):
+            self.save_checkpoint()
+        for callback in self.callbacks:
+            callback(self)
+        if last or self.stop or end_of_epoch:
+            if self.stop and window.count:  # stopped between two logs: log the steps since the last
+                self._log(window, lr, bar)
+            return True
+        return False
+
+    def _close_run(self) -> None:
+        """The final model when the run reached total_steps; when a callback stopped it early, a checkpoint to resume
+        from (never a "final" model). Then the trackers end."""
         if self.state.global_step >= self.total_steps:
             self._save_model("final")
-        else:  # stopped early (a callback set trainer.stop): a checkpoint to resume from, never a "final" model
-            if self.state.global_step and (self.latest_checkpoint() is None or
-                                           checkpoint_step(self.latest_checkpoint()) != self.state.global_step):
-                self.save_checkpoint()
-        if cfg.log_with:
-            acc.end_training()
-        return self.state
+        elif self.state.global_step and (self.latest_checkpoint() is None or
+                                         checkpoint_step(self.latest_checkpoint()) != self.state.global_step):
+            self.save_checkpoint()
+        if self.config.log_with:
+            self.accelerator.end_training()
 
     def _log(self, window: "MetricWindow", lr: float, bar) -> dict:
         logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
