@@ -134,7 +134,7 @@ def test_the_suites_rows_run_through_the_registry(plain, monkeypatch):
 
     from casify.evaluate import blackbox
     monkeypatch.setattr(blackbox, "load_autoattack", lambda: (FakeAutoAttack, "autoattack"))
-    plan = plan_rows(plain, InputTied(plain), "standard", eps=0.1, seed=0, device="cpu", autoattack=True,
+    plan = plan_rows(plain, InputTied(plain), "standard", eps=0.1, seed=0, autoattack=True,
                      square_queries=7, checks=False)
     x, y = make_data(4, 5)
     for job in plan.rows:

@@ -131,7 +131,7 @@ def test_an_attack_kind_from_one_file_says_where_it_runs(grey):
     torch.manual_seed(0)
     model = TinyNet().eval()
     attack = Attack(name="grey", kind="toy_grey", eps=0.5)
-    plan = plan_rows(model, InputTied(model), [attack], eps=0.5, seed=0, device="cpu", checks=False)
+    plan = plan_rows(model, InputTied(model), [attack], eps=0.5, seed=0, checks=False)
     job = next(j for j in plan.rows if j.name == "grey")
     assert job.kind == "black-box" and job.rank == CASCADE_RANKS["black-box"] == CASCADE_GROUPS.index("black-box")
     x, y = _data()

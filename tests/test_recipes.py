@@ -166,6 +166,23 @@ def test_default_output_folder_is_named_after_the_run():
     assert name == "outputs/at-cas-cifar_resnet18-digits-s0-" + RUN_NAME_HASH
 
 
+def test_a_recipe_of_only_a_model_name_types_to_the_sections_own_defaults(tmp_path):
+    """The YAML's defaults are read off the typed sections (one schema): a recipe that sets nothing but the model's
+    name reads back as each section's dataclass defaults, and every YAML setting is a typed field."""
+    import dataclasses
+    from casify.recipe.config import DEFAULTS, DataSection, DefenseSection, EvalSection, HubSection, ModelSection
+    path = tmp_path / "minimal.yaml"
+    path.write_text("model: {name: cifar_resnet18}\n")
+    recipe = load_config(str(path))
+    assert recipe.model == ModelSection(name="cifar_resnet18")
+    assert (recipe.defense, recipe.data, recipe.hub) == (DefenseSection(), DataSection(), HubSection())
+    assert recipe.eval == EvalSection(eps=recipe.train.eps, seed=recipe.train.seed)
+    assert (recipe.resume, recipe.overwrite) == (True, False)
+    names = lambda section: {f.name for f in dataclasses.fields(section)}
+    assert set(DEFAULTS["model"]) == names(ModelSection) | {"defense", "defense_options", "defense_layer_options"}
+    assert set(DEFAULTS["eval"]) == names(EvalSection) - {"seed"}
+
+
 def _generated_npz(path: Path, num_classes=10, size=32):
     rng = np.random.default_rng(0)
     y_train, y_test = np.arange(48) % num_classes, np.arange(8) % num_classes

@@ -107,7 +107,7 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
     target = InputTied(model)
 
     numel = int(torch.as_tensor(data[0][0]).numel()) if norm != "linf" and len(data) else 0
-    plan = plan_rows(model, target, attacks, eps=eps, seed=seed, device=device, autoattack=autoattack,
+    plan = plan_rows(model, target, attacks, eps=eps, seed=seed, autoattack=autoattack,
                      transfer_from=transfer_from, square_queries=square_queries, checks=checks, norm=norm,
                      input_numel=numel)
     flags = run_plan(model, target, plan, data, batch_size=batch_size, device=device, per_attack=per_attack,

@@ -277,96 +277,107 @@ class Plan:
         return self.rows + self.sweep + self.checks
 
 
-def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[AttackSpec]], *, eps: float,
-              seed: int, device, autoattack: bool = False, transfer_from: Optional[nn.Module] = None,
-              square_queries: int = 0, eps_sweep: Optional[Sequence[float]] = None, checks: bool = True,
-              norm: str = "linf", input_numel: int = 0) -> Plan:
-    """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
-    tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
-    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.attacks.threat_model`; ``input_numel``,
-    the size of one input, sets the L2 check radius). ``device`` is unused (every row runs on its batch's device);
-    kept for callers."""
-    cas_modules = find_defense_modules(model)
-    defended = bool(cas_modules)
-    jobs: List[Job] = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
-                            rank=CASCADE_RANKS["every example"])]
-    n_modules = attack_head_count(model)  # auxiliary heads the attacks see (CAS and CIFS: one per module)
-    routed = any(m.routed for m in cas_modules)
+@dataclass(frozen=True)
+class RowBuilder:
+    """What the rows of one evaluation share: ``target``, the model they attack (input tied), the radius and ball,
+    and what the model's defense modules make of a suite (``defended``: any; ``heads``: the auxiliary heads the
+    attacks see; ``routed``: a module routes by class). Read once, so each part of the plan needs no other argument."""
+    target: nn.Module
+    eps: float
+    norm: str
+    defended: bool
+    heads: int
+    routed: bool
 
-    def add_gradient_row(base: str, attack: Attack, kind: Optional[str] = None) -> None:
-        if not (kind == "white-box" and attack.norm != "linf"):  # a caller's own L2 Attack stays as it is
-            attack = with_norm(attack, norm)
-        name = row_name(base, attack, defended)
-        main = is_main_row(attack, defended)
+    @classmethod
+    def of(cls, model: nn.Module, target: nn.Module, eps: float, norm: str) -> "RowBuilder":
+        modules = find_defense_modules(model)
+        return cls(target, eps, norm, bool(modules), attack_head_count(model),  # CAS and CIFS: one head per module
+                   any(m.routed for m in modules))
+
+    def gradient_job(self, base: str, attack: Attack, kind: Optional[str] = None) -> Job:
+        """The row of a gradient attack: named, typed (white-box / adaptive unless ``kind``), given its role and
+        family, in the evaluation's ball (a caller's own non-Linf white-box Attack stays as it is)."""
+        if not (kind == "white-box" and attack.norm != "linf"):
+            attack = with_norm(attack, self.norm)
+        name = row_name(base, attack, self.defended)
+        main = is_main_row(attack, self.defended)
         role = base if main and base in ("fgsm", "pgd20", "pgd100", "cw20") else None
-        kind = kind or ("white-box" if main or not defended else "adaptive")
-        jobs.append(attack_job(name, kind, attack, target, family=family_of(base, name, attack, defended), role=role,
-                               defended=defended))
+        kind = kind or ("white-box" if main or not self.defended else "adaptive")
+        return attack_job(name, kind, attack, self.target, family=family_of(base, name, attack, self.defended),
+                          role=role, defended=self.defended)
 
-    if isinstance(attacks, str):
-        suite = attacks
-        for name, attack in suite_attacks(attacks, eps, defended, n_modules, routed).items():
-            add_gradient_row(name.split("[")[0], attack)
-        if suite == "standard":
-            jobs.extend(apgd_job(base, target, eps, defended, norm) for base in APGD_ROWS)
-    else:
-        suite = "custom"
+    def requested(self, attacks: Union[str, Sequence[AttackSpec]]) -> Tuple[str, List[Job]]:
+        """The suite's name (or ``"custom"``) and its rows, natural first: a suite's rows, or a list's entries
+        (``"adaptive"`` adds the defense-specific rows on a defended model; an APGD row name its APGD row)."""
+        jobs = [Job("natural", "natural", 0.0, {}, "clean inputs", lambda x, y, b, g: x, family="natural",
+                    rank=CASCADE_RANKS["every example"])]
+        if isinstance(attacks, str):
+            for name, attack in suite_attacks(attacks, self.eps, self.defended, self.heads, self.routed).items():
+                jobs.append(self.gradient_job(name.split("[")[0], attack))
+            if attacks == "standard":
+                jobs.extend(apgd_job(base, self.target, self.eps, self.defended, self.norm) for base in APGD_ROWS)
+            return attacks, jobs
         adaptive = False
         for spec in attacks:
             if isinstance(spec, str) and spec == "adaptive":
                 adaptive = True
                 continue
             if isinstance(spec, str) and spec in APGD_ROWS:
-                jobs.append(apgd_job(spec, target, eps, defended, norm))
+                jobs.append(apgd_job(spec, self.target, self.eps, self.defended, self.norm))
                 continue
-            base, attack = resolve_attack(spec, eps, defended, n_modules)
-            add_gradient_row(base, attack, kind=get_attack_kind(attack.kind).row_kind if isinstance(spec, Attack)
-                             else None)
-        if adaptive and defended:
-            for base, attack in adaptive_rows(n_modules, eps, routed):
-                add_gradient_row(base, attack)
-    extra_versions: Dict[str, str] = {}
-    if autoattack:
-        aa_class, aa_flavour = blackbox.load_autoattack()
-        extra_versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
-        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, defended, norm))
-    if transfer_from is not None:
-        surrogate_obj = objective_for(bool(find_defense_modules(transfer_from)))
-        attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=surrogate_obj, norm=norm)
-        jobs.append(attack_job("transfer-pgd20", "black-box", attack, InputTied(transfer_from),
-                                 notes=f"PGD-20 crafted on the surrogate {type(transfer_from).__name__} "
-                                       f"(objective {surrogate_obj}, best iterate on the surrogate), scored on the "
-                                       "model"))
-        jobs[-1].iterative = False  # its iterates are scored on the surrogate: no last-iterate evidence
-        jobs[-1].rank = CASCADE_RANKS["black-box"]
-    if square_queries > 0:
-        jobs.append(square_job(square_queries, model, eps, norm))
-    if checks:
-        jobs.append(noise_job(eps, norm))
-    sweep_jobs = []
-    for e in sorted(float(v) for v in (eps_sweep or [])):
-        attack = Attack(name=f"pgd20@{format_radius(e, norm)}", eps=e, steps=20, objective=objective_for(defended),
-                        norm=norm)
-        sweep_jobs.append(attack_job(attack.name, "sweep", attack, target, in_worst_case=False))
-    check_jobs = []
-    if checks:
-        big = large_eps(norm, input_numel) if norm != "linf" else LARGE_EPS
-        attack = Attack(name=f"pgd20@{format_radius(big, norm)}", eps=big, steps=20, objective=objective_for(defended),
-                        norm=norm)
-        check_jobs.append(attack_job(attack.name, "check", attack, target, in_worst_case=False,
-                                       notes="large-eps PGD-20 for the eps_monotone check", role=LARGE_EPS_ROLE))
-        if defended:
-            # Check-only references for final_logits_vs_adaptive: never rows of the report.
-            check_jobs.append(attack_job(
-                CHECK_FINAL_LOGITS, "check", Attack(eps=eps, steps=20, objective="ce", norm=norm), target,
-                in_worst_case=False,
+            base, attack = resolve_attack(spec, self.eps, self.defended, self.heads)
+            jobs.append(self.gradient_job(base, attack, kind=get_attack_kind(attack.kind).row_kind
+                                          if isinstance(spec, Attack) else None))
+        if adaptive and self.defended:
+            jobs.extend(self.gradient_job(base, attack) for base, attack in adaptive_rows(self.heads, self.eps,
+                                                                                          self.routed))
+        return "custom", jobs
+
+    def sweep(self, eps_sweep: Optional[Sequence[float]]) -> List[Job]:
+        """PGD-20 at each radius of the sweep, smallest first; outside the worst case."""
+        jobs = []
+        for e in sorted(float(v) for v in (eps_sweep or [])):
+            attack = Attack(name=f"pgd20@{format_radius(e, self.norm)}", eps=e, steps=20,
+                            objective=objective_for(self.defended), norm=self.norm)
+            jobs.append(attack_job(attack.name, "sweep", attack, self.target, in_worst_case=False))
+        return jobs
+
+    def checks(self, input_numel: int, has_pgd20: bool) -> List[Job]:
+        """The checks' own attacks, never rows of the report: a large-eps PGD-20 (eps_monotone) and, on a defended
+        model, the references of final_logits_vs_adaptive (an adaptive PGD-20 only when the rows have none)."""
+        big = large_eps(self.norm, input_numel) if self.norm != "linf" else LARGE_EPS
+        attack = Attack(name=f"pgd20@{format_radius(big, self.norm)}", eps=big, steps=20,
+                        objective=objective_for(self.defended), norm=self.norm)
+        jobs = [attack_job(attack.name, "check", attack, self.target, in_worst_case=False,
+                           notes="large-eps PGD-20 for the eps_monotone check", role=LARGE_EPS_ROLE)]
+        if self.defended:
+            jobs.append(attack_job(
+                CHECK_FINAL_LOGITS, "check", Attack(eps=self.eps, steps=20, objective="ce", norm=self.norm),
+                self.target, in_worst_case=False,
                 notes="check only: PGD-20 on the final logits alone (CE), predicted routing"))
-            if not any(j.role == "pgd20" for j in jobs):
-                check_jobs.append(attack_job(
-                    CHECK_ADAPTIVE, "check", Attack(eps=eps, steps=20, objective="cas", norm=norm), target,
-                    in_worst_case=False,
+            if not has_pgd20:
+                jobs.append(attack_job(
+                    CHECK_ADAPTIVE, "check", Attack(eps=self.eps, steps=20, objective="cas", norm=self.norm),
+                    self.target, in_worst_case=False,
                     notes="check only: adaptive PGD-20 (CE + beta * mean auxiliary CE), as the report has none"))
-    plan = Plan(jobs, sweep_jobs, check_jobs, suite, extra_versions)
+        return jobs
+
+
+def transfer_job(surrogate: nn.Module, eps: float, norm: str = "linf") -> Job:
+    """PGD-20 crafted on ``surrogate`` (on its own objective) and scored on the model: a black-box row."""
+    objective = objective_for(bool(find_defense_modules(surrogate)))
+    attack = Attack(name="transfer-pgd20", eps=eps, steps=20, objective=objective, norm=norm)
+    job = attack_job("transfer-pgd20", "black-box", attack, InputTied(surrogate),
+                     notes=f"PGD-20 crafted on the surrogate {type(surrogate).__name__} (objective {objective}, best "
+                           "iterate on the surrogate), scored on the model")
+    job.iterative = False  # its iterates are scored on the surrogate: no last-iterate evidence
+    job.rank = CASCADE_RANKS["black-box"]
+    return job
+
+
+def seeded(plan: Plan, seed: int) -> Plan:
+    """Refuse repeated row names; give row ``i`` (in ``plan.all``'s order) the seed ``seed + 1009 * i``."""
     names = [job.name for job in plan.all]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -374,3 +385,28 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
     for i, job in enumerate(plan.all):
         job.seed = seed + 1009 * i
     return plan
+
+
+def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[AttackSpec]], *, eps: float,
+              seed: int, autoattack: bool = False, transfer_from: Optional[nn.Module] = None,
+              square_queries: int = 0, eps_sweep: Optional[Sequence[float]] = None, checks: bool = True,
+              norm: str = "linf", input_numel: int = 0) -> Plan:
+    """The rows for :func:`casify.evaluate.evaluate`'s arguments (see there); ``target`` is ``model`` with its input
+    tied (:class:`InputTied`). Row ``i`` gets the seed ``seed + 1009 * i``; names must be unique. ``norm``: every
+    suite row, AutoAttack, Square and the checks' attacks in that ball (:mod:`casify.attacks.threat_model`; ``input_numel``,
+    the size of one input, sets the L2 check radius). Every row runs on its batch's device."""
+    rows = RowBuilder.of(model, target, eps, norm)
+    suite, jobs = rows.requested(attacks)
+    versions: Dict[str, str] = {}
+    if autoattack:
+        aa_class, aa_flavour = blackbox.load_autoattack()
+        versions[aa_flavour] = blackbox.autoattack_version(aa_flavour)
+        jobs.append(autoattack_job(aa_class, aa_flavour, target, eps, seed, rows.defended, norm))
+    if transfer_from is not None:
+        jobs.append(transfer_job(transfer_from, eps, norm))
+    if square_queries > 0:
+        jobs.append(square_job(square_queries, model, eps, norm))
+    if checks:
+        jobs.append(noise_job(eps, norm))
+    check_jobs = rows.checks(input_numel, has_pgd20=any(j.role == "pgd20" for j in jobs)) if checks else []
+    return seeded(Plan(jobs, rows.sweep(eps_sweep), check_jobs, suite, versions), seed)

@@ -23,29 +23,6 @@ from ..core.eps import parse_eps
 from ..evaluate.plan import SUITES
 from ..train.config import METHODS, TrainConfig
 
-# The YAML's shape, with its defaults. The training attack (eps, attack_steps, attack_alpha) is written in `train:`
-# because those settings are part of every run folder's recorded identity (run_config.json); the typed recipe gives
-# them their own section (:class:`TrainingAttack`).
-DEFAULTS = {
-    "model": {"name": None, "pretrained": False, "checkpoint": None, "kwargs": {}, "cas_layers": "auto",
-              "init": None, "suppress": True, "normalize": "auto", "input_size": None, "defense": "cas",
-              "defense_options": {}, "defense_layer_options": {}},
-    "data": {"name": "digits", "root": None, "download": False, "augment": True, "val_size": None, "image_size": None,
-             "test": None, "kwargs": {}},
-    "train": {},
-    "eval": {"split": "test", "suite": "quick", "max_examples": 1000, "batch_size": 256, "eps": None},
-    "hub": {"push": False, "model_id": None, "private": False, "force": False},
-    "output_dir": None,  # None: outputs/<method>-<model>-<data>-s<seed>-<hash of every setting>, see run_name()
-    "resume": True,
-    "overwrite": False,
-}
-TOP_LEVEL = set(DEFAULTS) | {"method"}
-FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("model", "normalize"), ("eval", "eps"),
-             ("model", "defense_layer_options")}  # checked elsewhere
-SET_OPTION = "the command line (--set)"
-FLAGS = "the command line"  # --output_dir, --max_steps, --push_to_hub, ...
-
-
 class ConfigError(ValueError):
     """A recipe setting is unknown or has the wrong type; raised before anything is built or trained."""
 
@@ -98,11 +75,11 @@ class TrainingAttack:
 @dataclass(frozen=True)
 class EvalSection:
     """The final evaluation of the selected model: its own radius (default: the training eps) and suite."""
-    eps: float
-    suite: str = "quick"
     split: str = "test"
+    suite: str = "quick"
     max_examples: Optional[int] = 1000
     batch_size: int = 256
+    eps: float = field(kw_only=True)  # no default: null in the YAML, the training eps unless set
     seed: int = 0
 
 
@@ -156,6 +133,42 @@ class Recipe:
         if self.defense.layer_options:  # absent when unused: earlier run folders keep their identity
             model["defense_layer_options"] = {k: dict(v) for k, v in self.defense.layer_options.items()}
         return {"recipe": {"model": model, "data": dataclasses.asdict(self.data)}}
+
+
+# -- the YAML's shape, read off the typed sections -------------------------------------------------------------------
+def _field_defaults(section, yaml_names: Optional[Dict[str, str]] = None, skip: Sequence[str] = ()) -> dict:
+    """A section's settings as the YAML spells them (``yaml_names``: field -> key where they differ), with the
+    dataclass's defaults; a field with none is null in the YAML (the typed recipe fills it in, e.g. eval.eps from the
+    training eps). Written once, here: the dataclasses are the schema."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.name in skip:
+            continue
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[(yaml_names or {}).get(f.name, f.name)] = None if value is dataclasses.MISSING else value
+    return out
+
+
+# The training attack (eps, attack_steps, attack_alpha) is written in `train:` because those settings are part of
+# every run folder's recorded identity (run_config.json); the typed recipe gives them their own section
+# (:class:`TrainingAttack`). The defense is written in `model:` (defense, defense_options, defense_layer_options), as
+# earlier versions wrote it, so run names and run folders stay the same.
+DEFAULTS = {
+    "model": {**_field_defaults(ModelSection),
+              **_field_defaults(DefenseSection, {"name": "defense", "options": "defense_options",
+                                                 "layer_options": "defense_layer_options"})},
+    "data": _field_defaults(DataSection),
+    "train": {},  # TrainConfig's own defaults, filled in when it is built
+    "eval": _field_defaults(EvalSection, skip=("seed",)),  # the seed is the training seed
+    "hub": _field_defaults(HubSection),
+    # output_dir None: outputs/<method>-<model>-<data>-s<seed>-<hash of every setting>, see run_name()
+    **_field_defaults(Recipe, skip=("method", "model", "defense", "data", "train", "eval", "hub")),
+}
+TOP_LEVEL = set(DEFAULTS) | {"method"}
+FREE_FORM = {("model", "kwargs"), ("data", "kwargs"), ("model", "normalize"), ("eval", "eps"),
+             ("model", "defense_layer_options")}  # checked elsewhere
+SET_OPTION = "the command line (--set)"
+FLAGS = "the command line"  # --output_dir, --max_steps, --push_to_hub, ...
 
 
 @dataclass
@@ -341,7 +354,7 @@ def _typed(config: dict, method: str) -> Recipe:
     if not isinstance(layer_options, dict) or not all(isinstance(v, dict) for v in layer_options.values()):
         raise _Invalid(f"model.defense_layer_options must map layer names to option mappings, e.g. "
                        f"{{layer4.0: {{probe: mlp}}}}; got {layer_options!r}")
-    defense = DefenseSection(name=model.pop("defense") or "cas", options=dict(model.pop("defense_options") or {}),
+    defense = DefenseSection(name=model.pop("defense") or DefenseSection.name, options=dict(model.pop("defense_options") or {}),
                              layer_options={str(k): dict(v) for k, v in layer_options.items()})
     try:
         validate_options(defense.name, defense.options, where="model.defense_options")

@@ -72,30 +72,63 @@ class Trainer(RunFolder):
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset], config: TrainConfig,
                  accelerator=None, callbacks: Sequence[Callable] = (), identity: Optional[dict] = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-
+        # Each job in its own method, in this order on purpose: the seed is set before anything draws random numbers,
+        # and the model and data are checked before the loaders and Accelerate's prepare touch them.
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.accelerator = self._make_accelerator(accelerator)
+        self._seed_and_make_loss()
+        self._check_inputs(model, train_set, val_set)
+        fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
+        if not isinstance(model, DefendedModel):  # a wrapped model without CAS: saved and loaded like every casify model
+            model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
+        self._make_attacks()
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        self.stop = False
+        self.identity = {"train": config.identity(), "model": fingerprint,
+                         "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
+                         **json.loads(json.dumps(identity or {}, default=str))}
+        train_loader = self._make_loaders(train_set, val_set)
+        self._prepare(model, train_loader)
+        self._plan_steps()
+
+    def _make_accelerator(self, accelerator):
+        """The given ``accelerate.Accelerator``, else one made from the config; refused under FSDP1."""
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+        config = self.config
         # Launched as several processes on a machine without GPUs (`accelerate launch --multi_gpu` or torchrun on a
         # CPU box), Accelerate runs them as MULTI_CPU (gloo) only when told cpu=True.
         cpu_only = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = accelerator or Accelerator(
+        accelerator = accelerator or Accelerator(
             cpu=cpu_only, mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             log_with=config.log_with,
             # non_blocking: host -> GPU copies of the (pinned) batches overlap the previous step
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")))
-        if self._sharded and not self.accelerator.is_fsdp2:
+        self.accelerator = accelerator  # _sharded reads it
+        if self._sharded and not accelerator.is_fsdp2:
             # FSDP1 flattens the parameters of the module it wraps, so the unwrapped model the attacks and validation
             # run would see flat shards; FSDP2 (fully_shard) shards in place and runs any forward of the module.
             raise ValueError("casify trains under FSDP2 only: set fsdp_version: 2 in the accelerate config "
                              "(accelerate launch --use_fsdp --fsdp_version 2)")
+        return accelerator
+
+    def _seed_and_make_loss(self) -> None:
+        from accelerate.utils import set_seed
+
+        config = self.config
         set_seed(config.seed)
         if config.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self.loss = losses.get_loss(config.method, cas=config.cas, beta=config.beta, defaults=config.defaults,
                                     **config.loss_kwargs)
+
+    def _check_inputs(self, model: nn.Module, train_set: Dataset, val_set: Optional[Dataset]) -> None:
+        """Refuse a model and data that cannot train together, in one line, before any folder or device work."""
+        config = self.config
         if config.cas and not isinstance(model, DefendedModel):
             raise ValueError("config.cas=True needs a CAS-wrapped model (casify.wrap); use cas=False for plain "
                              f"{config.method.upper()}")
@@ -104,9 +137,10 @@ class Trainer(RunFolder):
         check_data_fits(model, train_set, "the training set")
         if val_set is not None and len(val_set) > 0:
             check_data_fits(model, val_set, "the validation set")
-        fingerprint = model_fingerprint(model)  # of the model as given, so runs of plain models still resume
-        if not isinstance(model, DefendedModel):  # a wrapped model without CAS: saved and loaded like every casify model
-            model = wrap(model, [], normalize=None, input_size=tuple(train_set[0][0].shape))
+
+    def _make_attacks(self) -> None:
+        """The training attack (none for natural training), the held-out PGD and the overfitting guard's FGSM."""
+        config = self.config
         self.attack = self.loss.training_attack(config.attack, eps=config.eps, steps=config.attack_steps,
                                                 **({"alpha": config.attack_alpha} if config.attack_alpha else {}))
         self.val_attack = attacks.Attack(name="val-pgd", eps=config.eps, steps=config.val_attack_steps,
@@ -114,13 +148,11 @@ class Trainer(RunFolder):
         # the catastrophic-overfitting guard's single-step check, beside PGD on the same held-out batches
         self.guard_attack = (fgsm_check_attack(config.eps, self.val_attack.objective, config.beta)
                              if self.attack is not None else None)
-        self.callbacks = list(callbacks)
-        self.state = TrainState()
-        self.stop = False
-        self.identity = {"train": config.identity(), "model": fingerprint,
-                         "data": {"train_size": len(train_set), "val_size": len(val_set) if val_set is not None else 0},
-                         **json.loads(json.dumps(identity or {}, default=str))}
 
+    def _make_loaders(self, train_set: Dataset, val_set: Optional[Dataset]) -> DataLoader:
+        """The training loader (returned; augmentation seeded per item) and ``self.val_loader`` (None without a
+        held-out split), both not yet prepared."""
+        config = self.config
         generator = torch.Generator().manual_seed(config.seed)
         self.train_data = EpochSeededDataset(train_set, config.seed)
         train_loader = DataLoader(self.train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -132,7 +164,14 @@ class Trainer(RunFolder):
                 val_set = torch.utils.data.Subset(val_set, range(config.val_max_examples))
             self.val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False,
                                          pin_memory=torch.cuda.is_available())
+        return train_loader
+
+    def _prepare(self, model: nn.Module, train_loader: DataLoader) -> None:
+        """The optimizer, then the model, optimizer and loaders through Accelerate; the compiled callables and the
+        EMA of the weights after that (they follow the prepared model onto its device)."""
         from timm.optim import param_groups_weight_decay
+
+        config = self.config
         # timm's grouping: no weight decay on biases and norm parameters (every parameter with ndim <= 1)
         optimizer = torch.optim.SGD(param_groups_weight_decay(model, config.weight_decay), lr=config.lr,
                                     momentum=config.momentum)
@@ -157,6 +196,11 @@ class Trainer(RunFolder):
             self.ema = ModelEmaV3(self.unwrapped, decay=config.ema_decay)
         if self.val_loader is not None:
             self.val_loader = prepared[3]
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch and in all (refused when an epoch holds no optimizer step), the global batch, the
+        learning-rate schedule."""
+        config = self.config
         self.steps_per_epoch = len(self.train_loader) // config.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training set gives {len(self.train_loader)} batches of {config.batch_size} per "
@@ -238,8 +282,17 @@ class Trainer(RunFolder):
             return self._train(resume, overwrite)
 
     def _train(self, resume: bool, overwrite: bool) -> TrainState:
-        from ..io.progress import progress_bar
+        self._open_run(resume, overwrite)
+        bar = self._progress_bar()
+        while self.state.global_step < self.total_steps and not self.stop:
+            self._run_epoch(bar)
+        bar.close()
+        self._close_run()
+        return self.state
 
+    def _open_run(self, resume: bool, overwrite: bool) -> None:
+        """Claim the output folder (refusing another run's), record this run, restore its newest checkpoint when
+        resuming, say where the run stands and start the trackers."""
         acc, cfg = self.accelerator, self.config
         self._check_output_dir(resume, overwrite)
         self._write_run_config()
@@ -253,75 +306,100 @@ class Trainer(RunFolder):
                   f"epoch, {self.total_steps} in all" + (f", resuming at step {self.state.global_step}" if latest else ""))
         if cfg.log_with:
             acc.init_trackers("casify", config=flat_config(cfg.to_dict()))
-        # a bar on a terminal; in a log file one line per log_every_steps (casify.io.progress)
-        bar = progress_bar(total=self.total_steps, initial=self.state.global_step,
-                           disable=not (cfg.progress and acc.is_local_main_process),
-                           desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,
-                           dynamic_ncols=True)
-        while self.state.global_step < self.total_steps and not self.stop:
-            self.train_loader.set_epoch(self.state.epoch)
-            self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
-            loader = self.train_loader
-            skip = self.state.step_in_epoch * cfg.grad_accum
-            if skip:
-                loader = acc.skip_first_batches(self.train_loader, skip)
-            micro = 0
-            window = MetricWindow()
-            for x, y in loader:
-                lr = self.scheduler.get_last_lr()[0]
-                x = self._to_format(x)
-                x_adv = x
-                if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
-                    with acc.autocast():
-                        x_adv = self.attack(self.attack_model, x, y)
-                self.model.train()
-                with acc.accumulate(self.model):
-                    with acc.autocast():
-                        loss, metrics = self.loss(self.update_model, x, x_adv, y)
-                    acc.backward(loss)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                window.add({**metrics, "loss": loss})
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                if self.ema is not None:
-                    self.ema.update(self.unwrapped, step=self.state.global_step)
-                self.scheduler.step()
-                self.state.global_step += 1
-                self.state.step_in_epoch += 1
-                bar.update(1)
-                end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
-                last = self.state.global_step >= self.total_steps
-                validating = self.val_loader is not None and (
-                    last or (cfg.val_every_steps and self.state.global_step % cfg.val_every_steps == 0)
-                    or (not cfg.val_every_steps and end_of_epoch))
-                if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
-                    # the means since the last log, read back here only: every other step queues and moves on
-                    logged = self._log(window, lr, bar)
-                if end_of_epoch:
-                    self.state.epoch += 1
-                    self.state.step_in_epoch = 0
-                if validating:
-                    self._validate_and_select(logged)
-                if self._checkpoint_due(end_of_epoch, last):
-                    self.save_checkpoint()
-                for callback in self.callbacks:
-                    callback(self)
-                if last or self.stop or end_of_epoch:
-                    if self.stop and window.count:  # stopped between two logs: log the steps since the last
-                        self._log(window, lr, bar)
-                    break
-        bar.close()
+
+    def _progress_bar(self):
+        """A bar on a terminal; in a log file one line per log_every_steps (casify.io.progress)."""
+        from ..io.progress import progress_bar
+
+        cfg = self.config
+        return progress_bar(total=self.total_steps, initial=self.state.global_step,
+                            disable=not (cfg.progress and self.accelerator.is_local_main_process),
+                            desc=f"{cfg.method}{'+cas' if cfg.cas else ''}", every=cfg.log_every_steps,
+                            dynamic_ncols=True)
+
+    def _run_epoch(self, bar) -> None:
+        """Train on the rest of the current epoch (after a resume, the batches it already trained on are skipped);
+        return at the epoch's end, at the last step, or when a callback stopped the run."""
+        cfg = self.config
+        self.train_loader.set_epoch(self.state.epoch)
+        self.train_data.set_epoch(self.state.epoch)  # Accelerate skips the dataset when the sampler has set_epoch
+        loader = self.train_loader
+        skip = self.state.step_in_epoch * cfg.grad_accum
+        if skip:
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip)
+        micro = 0
+        window = MetricWindow()
+        for x, y in loader:
+            lr = self.scheduler.get_last_lr()[0]
+            loss, metrics = self._micro_step(x, y)
+            window.add({**metrics, "loss": loss})
+            micro += 1
+            if micro % cfg.grad_accum:
+                continue
+            if self._after_optimizer_step(window, lr, bar):
+                return
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor):
+        """One batch: the adversarial examples crafted in eval mode, then the loss's backward in training mode (the
+        optimizer steps on the last micro-batch of an accumulation)."""
+        acc = self.accelerator
+        x = self._to_format(x)
+        x_adv = x
+        if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
+            with acc.autocast():
+                x_adv = self.attack(self.attack_model, x, y)
+        self.model.train()
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                loss, metrics = self.loss(self.update_model, x, x_adv, y)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, metrics
+
+    def _after_optimizer_step(self, window: MetricWindow, lr: float, bar) -> bool:
+        """Advance the EMA, the rate and the step count; when due, log, validate and select, checkpoint; call the
+        callbacks. True when this pass over the epoch ends (its end, the last step, or a stop)."""
+        cfg = self.config
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=self.state.global_step)
+        self.scheduler.step()
+        self.state.global_step += 1
+        self.state.step_in_epoch += 1
+        bar.update(1)
+        end_of_epoch = self.state.step_in_epoch >= self.steps_per_epoch
+        last = self.state.global_step >= self.total_steps
+        validating = self.val_loader is not None and (
+            last or (cfg.val_every_steps and self.state.global_step % cfg.val_every_steps == 0)
+            or (not cfg.val_every_steps and end_of_epoch))
+        if validating or end_of_epoch or last or self.state.global_step % cfg.log_every_steps == 0:
+            # the means since the last log, read back here only: every other step queues and moves on
+            logged = self._log(window, lr, bar)
+        if end_of_epoch:
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+        if validating:
+            self._validate_and_select(logged)
+        if self._checkpoint_due(end_of_epoch, last):
+            self.save_checkpoint()
+        for callback in self.callbacks:
+            callback(self)
+        if last or self.stop or end_of_epoch:
+            if self.stop and window.count:  # stopped between two logs: log the steps since the last
+                self._log(window, lr, bar)
+            return True
+        return False
+
+    def _close_run(self) -> None:
+        """The final model when the run reached total_steps; when a callback stopped it early, a checkpoint to resume
+        from (never a "final" model). Then the trackers end."""
         if self.state.global_step >= self.total_steps:
             self._save_model("final")
-        else:  # stopped early (a callback set trainer.stop): a checkpoint to resume from, never a "final" model
-            if self.state.global_step and (self.latest_checkpoint() is None or
-                                           checkpoint_step(self.latest_checkpoint()) != self.state.global_step):
-                self.save_checkpoint()
-        if cfg.log_with:
-            acc.end_training()
-        return self.state
+        elif self.state.global_step and (self.latest_checkpoint() is None or
+                                         checkpoint_step(self.latest_checkpoint()) != self.state.global_step):
+            self.save_checkpoint()
+        if self.config.log_with:
+            self.accelerator.end_training()
 
     def _log(self, window: "MetricWindow", lr: float, bar) -> dict:
         logged = {**window.flush(self.accelerator), "lr": lr, "step": self.state.global_step, "epoch": self.state.epoch}
