@@ -14,6 +14,9 @@ from .base import LAYOUTS, find_defense_modules, layout_of, register_defense
 from .routed import RoutedDefense
 
 INITS = ("identity", "paper")
+# The wrapped model's class name in casify 0.1.0, when CAS was its only defense: run folders of that version record it
+# in their identity, and a resume reads it as today's DefendedModel (casify.train.checkpoints).
+LEGACY_MODEL_CLASS = "CASModel"
 
 
 @register_defense

@@ -55,10 +55,6 @@ class DefendedModel(nn.Module):
     unchanged plus ``cas_modules.*``. Train/eval-dependent behaviour of the original (dropout, drop-path, batch norm and
     any ``self.training`` branch) is kept by tracing both modes: each mode runs its own graph.
     """
-    # The class name run folders record in their identity (casify.train.checkpoints.model_fingerprint): 0.1.0's name,
-    # kept as data so that a run folder written before the rename resumes.
-    RECORDED_CLASS = "CASModel"
-
     def __init__(self, base: nn.Module, graphs: Dict[bool, fx.Graph], cas_modules: Dict[str, DefenseModule],
                  normalize: Optional[nn.Module], config: Union[DefenseConfig, dict],
                  constants: Optional[Dict[str, torch.Tensor]] = None):

@@ -38,6 +38,15 @@ def checkpoint_step(path: Path) -> int:
         return -1
 
 
+def current_names(identity):
+    """A recorded run identity with 0.1.0's class name of the wrapped model read as today's (the same class)."""
+    from ..defenses.cas import LEGACY_MODEL_CLASS
+    model = identity.get("model") if isinstance(identity, dict) else None
+    if isinstance(model, dict) and model.get("class") == LEGACY_MODEL_CLASS:
+        return {**identity, "model": {**model, "class": "DefendedModel"}}
+    return identity
+
+
 def record_differences(old, new, prefix: str = "") -> List[str]:
     """Dotted keys where two JSON-like records differ, with both values."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -60,7 +69,7 @@ def model_fingerprint(model: nn.Module) -> dict:
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-    record = {"class": getattr(type(model), "RECORDED_CLASS", type(model).__name__),
+    record = {"class": type(model).__name__,
               "parameters_sha256": h.hexdigest()[:16]}
     cas = getattr(model, "casify_config", None)
     if isinstance(cas, dict) and "cas" in cas:
@@ -348,7 +357,7 @@ class RunFolder:
             if old is None:
                 raise RunMismatchError(f"{self.output_dir} holds a run without a readable record of what it is "
                                        f"({RUN_RECORD}); it cannot be resumed safely: {afresh}")
-            diff = record_differences(old, self.identity)
+            diff = record_differences(current_names(old), self.identity)
             if diff:
                 shown = "; ".join(diff[:12]) + (f"; and {len(diff) - 12} more" if len(diff) > 12 else "")
                 raise RunMismatchError(f"{self.output_dir} holds another run; resuming it would train or publish that "

@@ -1,8 +1,8 @@
 """Check, before Accelerate loads it, that a sharded (FSDP) checkpoint holds data only.
 
 Why: an FSDP resume goes through ``torch.distributed.checkpoint`` (DCP), which reads each ``.metadata`` file with a
-plain ``pickle.load`` and every non-tensor item (an optimizer's ``param_groups``, say) with
-``torch.load(weights_only=False)``. The checkpoint manifest catches a file changed since it was written, but someone
+plain ``pickle.load`` and every non-tensor item (an optimizer's ``param_groups``, say) with a full ``torch.load``
+(weights_only off). The checkpoint manifest catches a file changed since it was written, but someone
 who also rewrites the manifest could run code on resume. So every ``.metadata`` is read first with an unpickler that
 builds only DCP's own metadata records, torch's sizes and dtypes and plain containers, and every non-tensor item is
 read with ``torch.load(weights_only=True)``; anything else refuses the checkpoint. DCP and Accelerate are then used
