@@ -293,6 +293,14 @@ def work(study: Study, runs_dir: Path, only: Sequence[str] = ()) -> None:
         score_run(study, runs_dir, name, seed)
 
 
+def run_codes(out: Path, train: dict, score: dict) -> List[dict]:
+    """Every code version that touched a run: each start or resumption of its training (``run_config.json``'s
+    ``code_history``, or its ``code``), the one that finished it, and the one that scored it."""
+    record = read_json(out / "run_config.json") or {}
+    history = record.get("code_history") or ([record["code"]] if record.get("code") else [])
+    return [c for c in history + [train.get("code") or {}, score.get("code") or {}] if isinstance(c, dict)]
+
+
 def collect(study: Study, runs_dir: Path) -> Dict[Tuple[str, int], dict]:
     """One entry per scored run: accuracies, provenance, costs and (under ``_flags``) the per-image flags."""
     runs = {}
@@ -308,8 +316,10 @@ def collect(study: Study, runs_dir: Path) -> Dict[Tuple[str, int], dict]:
             "matched_worst_case": matched["worst_case"] if matched else None, "n": score["n"],
             "gradient_masking_suspected": score["gradient_masking_suspected"],
             "failed_checks": score["failed_checks"], "families": score["families"],
-            "commit": train["code"]["commit"], "dirty": train["code"]["dirty"],
-            "score_commit": score["code"]["commit"], "model_sha256": score["model_sha256"],
+            "commit": train["code"]["commit"], "score_commit": score["code"]["commit"],
+            "commits": sorted({str(c.get("commit")) if c.get("commit") else None for c in run_codes(out, train, score)},
+                              key=str),
+            "dirty": any(c.get("dirty") for c in run_codes(out, train, score)), "model_sha256": score["model_sha256"],
             "train_seconds": train["seconds"], "score_seconds": score["seconds"] + sum(
                 (e or {}).get("seconds") or 0 for e in extra.values()),
             "steps": train["steps"], "history": train["history"],
@@ -333,7 +343,8 @@ def comparison(runs: Dict[Tuple[str, int], dict], a: str, b: str, metric_key: st
     from casify.evaluate.compare import crossed_seed_comparison
     seeds = sorted(s for (arm, s) in runs if arm == a and (b, s) in runs)
     out = {"A": a, "B": b, "seeds": seeds}
-    commits = {runs[(arm, s)].get("commit") for arm in (a, b) for s in seeds}
+    # every commit that trained (each resumption too) or scored a run of either arm, and any local changes
+    commits = {c for arm in (a, b) for s in seeds for c in runs[(arm, s)].get("commits", [runs[(arm, s)].get("commit")])}
     dirty = any(runs[(arm, s)].get("dirty") for arm in (a, b) for s in seeds)
     if len(commits) > 1 or None in commits:
         out["verdict"] = f"not judged: the arms ran different code ({sorted(str(c)[:10] for c in commits)})"
@@ -354,10 +365,11 @@ def comparison(runs: Dict[Tuple[str, int], dict], a: str, b: str, metric_key: st
 
 
 def judge(comparisons: Dict[str, dict]) -> Dict[str, dict]:
-    """Holm over the comparisons that were judged; each gets ``p_holm`` and its final ``verdict``."""
+    """Holm over the whole family (members not judged count with p = 1); each judged one gets ``p_holm`` and its
+    final ``verdict``."""
     from casify.evaluate.compare import judge_family
     judged = {k: c["_result"] for k, c in comparisons.items() if "_result" in c}
-    judge_family(judged)
+    judge_family(judged, family_size=len(comparisons))  # unjudged members count with p = 1
     for k, result in judged.items():
         comparisons[k].update(result.to_dict())
         del comparisons[k]["_result"]

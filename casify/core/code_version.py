@@ -24,17 +24,25 @@ def _git(*args: str) -> Optional[str]:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+# What counts as the code: the package, its launcher and the study scripts; not what a study writes (results,
+# reports, models), so a report rewritten mid-study does not mark later runs as run from a changed tree. Untracked
+# files count: a defense or attack file dropped into its folder is imported by the package.
+CODE_PATHS = ("casify", "casify_cli.py", "studies", ":(exclude,glob)studies/*/results/**",
+              ":(exclude,glob)studies/*/models/**", ":(exclude,glob)studies/*/README.md", ":(exclude,glob)**/__pycache__/**")
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> Dict[str, Optional[object]]:
-    """``{"casify_version", "commit", "dirty"}``; commit and dirty are None for an installed (non-git) copy. Read once
-    per process: a run's code cannot change under it. ``dirty`` counts changes to tracked files under the package's
-    checkout (untracked files, such as run folders, do not make it dirty)."""
+    """``{"casify_version", "commit", "dirty"}``; commit and dirty are None for a copy of casify that is not tracked
+    by a git checkout (an installed package). Read once per process: a run's code cannot change under it. ``dirty``:
+    a change, tracked or not, to the code paths (:data:`CODE_PATHS`) of that checkout."""
+    top = _git("rev-parse", "--show-toplevel")
+    tracked = top is not None and _git("ls-files", "--error-unmatch", str(Path(__file__).resolve())) is not None
+    if not tracked:  # e.g. a site-packages copy inside some other repository: that repository's commit is not ours
+        return {"casify_version": __version__, "commit": None, "dirty": None}
     commit = _git("rev-parse", "HEAD")
-    dirty = None
-    if commit is not None:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        dirty = bool(status) if status is not None else None
-    return {"casify_version": __version__, "commit": commit, "dirty": dirty}
+    status = _git("-C", top, "status", "--porcelain", "--untracked-files=all", "--", *CODE_PATHS)
+    return {"casify_version": __version__, "commit": commit, "dirty": None if status is None else bool(status)}
 
 
 __all__ = ["code_version"]

@@ -276,10 +276,16 @@ def holm(pvalues: Sequence[float]) -> List[float]:
     return adjusted
 
 
-def judge_family(comparisons: "dict[str, CrossedComparison]") -> "dict[str, CrossedComparison]":
-    """Holm-adjust the family's p-values and set each comparison's ``p_holm`` and ``verdict`` (in place; returned)."""
+def judge_family(comparisons: "dict[str, CrossedComparison]",
+                 family_size: Optional[int] = None) -> "dict[str, CrossedComparison]":
+    """Holm-adjust the family's p-values and set each comparison's ``p_holm`` and ``verdict`` (in place; returned).
+    ``family_size``: the family as the rule wrote it; members that could not be judged (too few seeds, mixed code)
+    count with p = 1, so leaving one out never makes the correction milder than the rule."""
     names = list(comparisons)
-    for name, p in zip(names, holm([comparisons[n].p for n in names])):
+    if family_size is not None and family_size < len(names):
+        raise ValueError(f"family_size {family_size} is smaller than the {len(names)} comparisons judged")
+    pvalues = [comparisons[n].p for n in names] + [1.0] * ((family_size or len(names)) - len(names))
+    for name, p in zip(names, holm(pvalues)):
         comparisons[name].p_holm = p
         comparisons[name].verdict = _word(p, comparisons[name].mean_diff)
     return comparisons

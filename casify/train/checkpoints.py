@@ -319,10 +319,25 @@ class RunFolder:
                       "val_attack": self.val_attack.to_dict(), "num_processes": self.accelerator.num_processes,
                       "global_batch_size": self.global_batch_size,
                       "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                      "code": code_version()}
+                      "code": code_version(), "code_history": self._code_history()}
             text = json.dumps(record, indent=1, default=str)
             with writing(self.output_dir / RUN_RECORD, "the run record"):
                 atomic_write(self.output_dir / RUN_RECORD, lambda tmp: Path(tmp).write_text(text))
+
+    def _code_history(self) -> list:
+        """Every code version that trained this run, oldest first: a resume under another commit adds one, so a
+        study can refuse to judge a run that two code versions trained."""
+        history = []
+        path = self.output_dir / RUN_RECORD
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError):
+                old = None
+            if isinstance(old, dict) and old.get("identity") == json.loads(json.dumps(self.identity, default=str)):
+                history = old.get("code_history") or ([old["code"]] if isinstance(old.get("code"), dict) else [])
+        now = code_version()
+        return history if history and history[-1] == now else history + [now]
 
     def _holds_a_run(self) -> bool:
         return any((self.output_dir / name).exists() for name in (RUN_RECORD, "checkpoints", "best", "final"))
