@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -74,17 +76,39 @@ def claim(out: Path, name: str = ".claim") -> bool:
     over (training then resumes from the run's last checkpoint)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
+    mine = out / f"{name}.{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    (mine / "pid").write_text(str(os.getpid()))  # the claim is complete before it is visible
     try:
-        path.mkdir()
-    except FileExistsError:
-        try:
-            pid = int((path / "pid").read_text())
-            os.kill(pid, 0)
-            return pid == os.getpid()
-        except (OSError, ValueError):
-            pass
-    (path / "pid").write_text(str(os.getpid()))
-    return True
+        os.rename(mine, path)  # atomic: fails when another claim is in place
+        return True
+    except OSError:
+        pass
+    try:
+        pid = int((path / "pid").read_text())
+    except (OSError, ValueError):  # a claim being replaced right now: leave it to its taker
+        shutil.rmtree(mine, ignore_errors=True)
+        return False
+    if pid == os.getpid():
+        shutil.rmtree(mine, ignore_errors=True)
+        return True
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    except PermissionError:  # a live process of another user
+        alive = True
+    if alive:
+        shutil.rmtree(mine, ignore_errors=True)
+        return False
+    shutil.rmtree(path, ignore_errors=True)  # its claimer died: take over (training resumes from its checkpoint)
+    try:
+        os.rename(mine, path)
+        return True
+    except OSError:  # another worker took it over first
+        shutil.rmtree(mine, ignore_errors=True)
+        return False
 
 
 def train_timed(trainer, out: Path) -> Tuple[object, float]:
@@ -287,10 +311,17 @@ def work(study: Study, runs_dir: Path, only: Sequence[str] = ()) -> None:
         if not claim(study.run_dir(runs_dir, name, seed)):
             continue
         key = study.data_key(name)
-        if key not in data:
-            data[key] = study.datasets(name)
-        train_run(study, runs_dir, name, seed, data[key])
-        score_run(study, runs_dir, name, seed)
+        out = study.run_dir(runs_dir, name, seed)
+        try:
+            if key not in data:
+                data[key] = study.datasets(name)
+            train_run(study, runs_dir, name, seed, data[key])
+            score_run(study, runs_dir, name, seed)
+        except Exception as e:  # one broken run must not stop the queue: recorded, and the worker goes on
+            write_json(out / "error.json", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                                            "time": time.time()})
+            print(f"[error] {name} s{seed}: {type(e).__name__}: {e} (recorded in {out / 'error.json'}; next run)",
+                  flush=True)
 
 
 def run_codes(out: Path, train: dict, score: dict) -> List[dict]:

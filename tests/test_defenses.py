@@ -441,6 +441,11 @@ def test_per_layer_options_build_cifs_as_its_authors_did(tmp_path):
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    # an empty override is the layer's default: accepted, and not written
+    empty = casify.wrap(TinyNet(), layers=["block.0"], input_size=(3, 8, 8), normalize=None, defense="cifs",
+                        layer_options={"block.0": {}})
+    empty.save_pretrained(tmp_path / "empty")
+    assert "layer_options" not in json.loads((tmp_path / "empty" / "config.json").read_text())["defense"]
     # without per-layer options the config is written as before (older readers and folders unchanged)
     plain = _wrap("cifs")
     plain.save_pretrained(tmp_path / "plain")

@@ -128,3 +128,30 @@ def test_a_class_count_the_data_does_not_have_is_refused_before_training(imagene
     with pytest.raises(ConfigError, match="the model has 7 classes but .* has 10; set --set model.kwargs.num_classes=10"):
         run(recipe)
     assert not (out / "checkpoints").exists()
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_in_a_checkpoint_never_runs_and_any_file_name_is_recorded(imagenet_like, tmp_path):
+    _, state = imagenet_like
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": dict(state), "payload": _Planted(marker)}, tmp_path / "hostile.pth")
+    with pytest.raises(CheckpointError, match="cannot be read as a PyTorch state dict"):
+        create_timm_from_checkpoint("test_efficientnet", tmp_path / "hostile.pth", num_classes=10)
+    assert not marker.exists()
+    # a file name with spaces and brackets is recorded on the card, and the saved folder still loads
+    odd = tmp_path / "my weights (v2).safetensors"
+    save_file(state, str(odd))
+    from casify.recipe import build_model
+    model = build_model(ModelSection(name="test_efficientnet", checkpoint=str(odd), kwargs={"num_classes": 10},
+                                     cas_layers=[], input_size=[3, 32, 32]))
+    model.save_pretrained(tmp_path / "saved")
+    import casify
+    loaded = casify.from_pretrained(tmp_path / "saved")
+    assert loaded.casify_config["base_model"]["pretrained_weights"]["file"] == odd.name

@@ -167,8 +167,10 @@ def validate_base_spec(spec: Any, source_label: str = "config.json") -> dict:
         weights = spec["pretrained_weights"]
         check.require(isinstance(weights, dict) and set(weights) == {"file", "sha256"}, "base_model.pretrained_weights",
                       weights, '{"file": <a file name>, "sha256": <64 hex digits>}')
-        check.require(isinstance(weights["file"], str) and _MODEL_NAME.fullmatch(weights["file"]) is not None,
-                      "base_model.pretrained_weights.file", weights["file"], "a file name without folders")
+        name = weights["file"]
+        check.require(isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+                      and not any(c in name for c in "/\\") and name.isprintable(),
+                      "base_model.pretrained_weights.file", name, "a file name (no folders, at most 255 characters)")
         check.require(isinstance(weights["sha256"], str) and _SHA256.fullmatch(weights["sha256"]) is not None,
                       "base_model.pretrained_weights.sha256", weights["sha256"], "64 lowercase hex digits")
         out["pretrained_weights"] = dict(weights)

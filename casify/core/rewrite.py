@@ -66,7 +66,8 @@ def resolve_layer_options(config: DefenseConfig, names: List[str], options: dict
     out = {}
     for name, overrides in config.layer_options.items():
         validate_options(config.defense, {**options, **overrides}, where=f"layer_options[{name!r}]")
-        out[name] = dict(overrides)
+        if overrides:  # an empty override is the layer's default: not written (a saved config keeps none)
+            out[name] = dict(overrides)
     return out
 
 

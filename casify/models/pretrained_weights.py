@@ -48,6 +48,14 @@ class PretrainedLoad:
                 f"classes (dropped {dropped})")
 
 
+def _safe_load_kwargs() -> dict:
+    """``weights_only=True`` where timm's loader takes it (stated, not left to a default older timm had off)."""
+    import inspect
+
+    from timm.models import load_state_dict
+    return {"weights_only": True} if "weights_only" in inspect.signature(load_state_dict).parameters else {}
+
+
 def read_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     """The checkpoint's state dict, read with timm's loader (safetensors, or ``torch.load(weights_only=True)``: no
     pickled code runs). Every failure is a :class:`CheckpointError` naming the file and what would work."""
@@ -62,7 +70,11 @@ def read_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"model.checkpoint {path} is not a weights file: expected one of "
                               f"{', '.join(CHECKPOINT_SUFFIXES)} (safetensors preferred)")
     try:
-        state = load_state_dict(str(path), use_ema=False)
+        if path.suffix == ".safetensors" or _safe_load_kwargs():
+            state = load_state_dict(str(path), use_ema=False, **_safe_load_kwargs())
+        else:  # a timm whose loader cannot be told weights_only: torch's own safe load
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
     except Exception as e:  # safetensors' and torch's own errors say little about which file or what to do
         kind = "a safetensors file" if path.suffix == ".safetensors" else "a PyTorch state dict (weights only)"
         raise CheckpointError(f"model.checkpoint {path} cannot be read as {kind} ({type(e).__name__}: "

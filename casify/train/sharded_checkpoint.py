@@ -5,7 +5,7 @@ plain ``pickle.load`` and every non-tensor item (an optimizer's ``param_groups``
 (weights_only off). The checkpoint manifest catches a file changed since it was written, but someone
 who also rewrites the manifest could run code on resume. So every ``.metadata`` is read first with an unpickler that
 builds only DCP's own metadata records, torch's sizes and dtypes and plain containers, and every non-tensor item is
-read with ``torch.load(weights_only=True)``; anything else refuses the checkpoint. DCP and Accelerate are then used
+read with ``torch.load(weights_only=True)`` (tensor items too); anything else refuses the checkpoint. DCP and Accelerate are then used
 unchanged. No library offers this check (DCP's reader has no safe mode), hence it is written here.
 """
 from __future__ import annotations
@@ -50,11 +50,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                           torch.memory_format)):
             return getattr(torch, name)
-        if module.startswith(DCP_MODULE):
+        if module.startswith(DCP_MODULE) and "." not in name:  # a dotted name could reach into any module
             found = super().find_class(module, name)
             import dataclasses
             import enum
-            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+            if (isinstance(found, type) and found.__module__.startswith(DCP_MODULE)
+                    and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum))):
                 return found
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata record")
 
@@ -69,29 +70,27 @@ def read_metadata(path: Path):
                                      "); casify does not run code from a run folder") from None
 
 
-def _byte_items(metadata, folder: Path) -> List[tuple]:
-    """``(name, file, offset, length)`` of every non-tensor item the metadata lists."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+def _stored_items(metadata, folder: Path) -> List[tuple]:
+    """``(name, file, offset, length)`` of every item the metadata lists, tensors and non-tensors alike (an older
+    torch read tensor items with a full unpickler too)."""
     out = []
     for index, info in (getattr(metadata, "storage_data", None) or {}).items():
-        item = metadata.state_dict_metadata.get(index.fqn)
-        if isinstance(item, BytesStorageMetadata):
-            if getattr(info, "transform_descriptors", None):  # compressed or otherwise transformed: not checkable
-                raise ShardedCheckpointError(f"{folder}: item {index.fqn} is stored transformed "
-                                             f"({info.transform_descriptors}); casify reads plain checkpoints only")
-            out.append((index.fqn, folder / info.relative_path, int(info.offset), int(info.length)))
+        if getattr(info, "transform_descriptors", None):  # compressed or otherwise transformed: not checkable
+            raise ShardedCheckpointError(f"{folder}: item {index.fqn} is stored transformed "
+                                         f"({info.transform_descriptors}); casify reads plain checkpoints only")
+        out.append((index.fqn, folder / info.relative_path, int(info.offset), int(info.length)))
     return out
 
 
 def verify_sharded_checkpoint(folder: Path) -> int:
     """Refuse ``folder`` (:class:`ShardedCheckpointError`) unless every ``.metadata`` file under it reads as plain
-    metadata and every non-tensor item it lists loads with ``weights_only=True``; returns how many metadata files
-    were checked."""
+    metadata and every item it lists loads with ``weights_only=True``; returns how many metadata files were
+    checked."""
     checked = 0
     for path in sorted(Path(folder).rglob(f"*{METADATA_SUFFIX}")):
         metadata = read_metadata(path)
         checked += 1
-        for name, file, offset, length in _byte_items(metadata, path.parent):
+        for name, file, offset, length in _stored_items(metadata, path.parent):
             if not file.is_file() or file.resolve().parent != path.parent.resolve():
                 raise ShardedCheckpointError(f"{path} lists {name} in {file.name}, which is not in its folder")
             with open(file, "rb") as f:

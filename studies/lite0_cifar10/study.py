@@ -34,6 +34,7 @@ ARCH = "efficientnet_lite0"
 # The two last blocks of the stride-32 stage (blocks.5.3: 192 channels, blocks.6.0: 320): the paper puts CAS after
 # the last stage's blocks of ResNet-18 (layer4.0, layer4.1), two modules at the network's coarsest resolution.
 LAST_BLOCKS = ["blocks.5.3", "blocks.6.0"]
+WEIGHTS_SHA256 = "384371dbd49f5bd24d4e89f607c22e2b1babbdb5c58d86a1cf3279ac1d490191"  # ../shared/models/README.md
 ARMS = {
     "at": Arm("at"),
     "at_cas": Arm("at", "cas", LAST_BLOCKS),
@@ -69,7 +70,10 @@ def build_model(arm: Arm, seed: int, checkpoint: str):
     import casify
     from casify.models.pretrained_weights import create_timm_from_checkpoint
     torch.manual_seed(seed)  # the new classifier and the defense modules are drawn from the run's seed
-    base, _ = create_timm_from_checkpoint(ARCH, checkpoint, num_classes=10)
+    base, loaded = create_timm_from_checkpoint(ARCH, checkpoint, num_classes=10)
+    if loaded.sha256 != WEIGHTS_SHA256:
+        raise ValueError(f"{checkpoint} is not the study's ImageNet weights (SHA-256 {loaded.sha256[:16]}..., the rule "
+                         f"names {WEIGHTS_SHA256[:16]}...)")
     size = PROTOCOL["image_size"]
     return casify.wrap(base, arm.layers, input_size=(3, size, size), defense=arm.defense or "cas", init=arm.init,
                        layer_options=arm.layer_options, **arm.options)
@@ -135,7 +139,7 @@ def decision_rule() -> dict:
                               "fits about 8 CPU-hours, and the report says what was reached",
             "protocol": PROTOCOL, "arms": {k: a.to_dict() for k, a in ARMS.items()}, "schedule": SCHEDULE,
             "base": {"architecture": ARCH, "weights": "efficientnet_lite0_imagenet.safetensors",
-                     "weights_sha256": "384371dbd49f5bd24d4e89f607c22e2b1babbdb5c58d86a1cf3279ac1d490191"}}
+                     "weights_sha256": WEIGHTS_SHA256}}
 
 
 def main(argv=None):
