@@ -111,20 +111,34 @@ def claim(out: Path, name: str = ".claim") -> bool:
         return False
 
 
-def train_timed(trainer, out: Path) -> Tuple[object, float]:
-    """Train (resuming from the run's checkpoints); the wall-clock seconds summed over every resumption."""
+def train_timed(trainer, out: Path) -> Tuple[object, float, float]:
+    """Train (resuming from the run's checkpoints); the wall-clock seconds summed over every resumption, and of
+    them the seconds spent on held-out validation (the same for every arm of a study: a training-cost comparison
+    leaves it out)."""
     partial = out / "train_seconds_partial.json"
-    prior = (read_json(partial) or {}).get("seconds", 0.0)
+    before = read_json(partial) or {}
+    prior, prior_val = before.get("seconds", 0.0), before.get("validation_seconds", 0.0)
     start = time.time()
+    spent = {"validation": 0.0}
     every = max(1, int(trainer.config.checkpoint_every_steps or 1))
+    validate = trainer.validate
+
+    def timed_validate(*args, **kwargs):  # instrumentation of this study's trainer only
+        began = time.time()
+        try:
+            return validate(*args, **kwargs)
+        finally:
+            spent["validation"] += time.time() - began
 
     def save_seconds(tr):
         if tr.state.global_step % every == 0:
-            write_json(partial, {"seconds": prior + time.time() - start})
+            write_json(partial, {"seconds": prior + time.time() - start,
+                                 "validation_seconds": prior_val + spent["validation"]})
 
+    trainer.validate = timed_validate
     trainer.callbacks.append(save_seconds)
     state = trainer.train(resume=True)
-    return state, prior + time.time() - start
+    return state, prior + time.time() - start, prior_val + spent["validation"]
 
 
 @dataclass
@@ -148,9 +162,12 @@ class Arm:
         return asdict(self)
 
 
-def training_record(arm_name: str, seed: int, state, seconds: float, folder: Path, config) -> dict:
+def training_record(arm_name: str, seed: int, state, seconds: float, folder: Path, config,
+                    validation_seconds: Optional[float] = None) -> dict:
     from casify.core.code_version import code_version
-    return {"arm": arm_name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
+    return {"arm": arm_name, "seed": seed, "seconds": round(seconds, 1),
+            "validation_seconds": None if validation_seconds is None else round(validation_seconds, 1),
+            "steps": state.global_step,
             "best_step": state.best_step, "history": state.history, "selected_folder": folder.name,
             "model_sha256": sha256(folder / "model.safetensors"), "config": config.to_dict(),
             "code": code_version(), "torch": torch.__version__, "machine": platform.machine(),
@@ -272,8 +289,8 @@ def train_run(study: Study, runs_dir: Path, name: str, seed: int, data) -> None:
     cfg = study.train_config(name, arm, seed, out)
     trainer = Trainer(study.build_model(name, arm, seed), *data, cfg, identity={"study": study.name, "arm": name})
     print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
-    state, seconds = train_timed(trainer, out)
-    write_json(out / "train_record.json", training_record(name, seed, state, seconds, out / "final", cfg))
+    state, seconds, validation = train_timed(trainer, out)
+    write_json(out / "train_record.json", training_record(name, seed, state, seconds, out / "final", cfg, validation))
     print(f"[train] {name} s{seed}: {seconds:.0f}s", flush=True)
 
 
@@ -351,7 +368,8 @@ def collect(study: Study, runs_dir: Path) -> Dict[Tuple[str, int], dict]:
             "commits": sorted({str(c.get("commit")) if c.get("commit") else None for c in run_codes(out, train, score)},
                               key=str),
             "dirty": any(c.get("dirty") for c in run_codes(out, train, score)), "model_sha256": score["model_sha256"],
-            "train_seconds": train["seconds"], "score_seconds": score["seconds"] + sum(
+            "train_seconds": train["seconds"], "validation_seconds": train.get("validation_seconds"),
+            "score_seconds": score["seconds"] + sum(
                 (e or {}).get("seconds") or 0 for e in extra.values()),
             "steps": train["steps"], "history": train["history"],
             **{k: {kk: vv for kk, vv in v.items() if kk != "per_example"} if isinstance(v, dict) else v
