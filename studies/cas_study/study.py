@@ -574,7 +574,11 @@ def headline_table(args, record: dict, family: dict) -> str:
                 **{c["A"]: c for c in family.get("comparisons", {}).values()},
                 **{c["A"]: {"worst_case": c["seed_rule"]} for c in record.get("claims_rescored", {}).values()
                    if c["A"] != "at_cas"}}
-    rows = [("CAS", "AT", "at_cas", "at"), ("CAS", "TRADES", "trades_cas", "trades"), ("CAS", "MART", "mart_cas", "mart"),
+    # the code versions of the pairs are named in the method column (the audit: a reader must see which rows pair
+    # runs of one code version)
+    rows = [("CAS", "AT (runs of two code versions, see below)", "at_cas", "at"),
+            ("CAS", "TRADES (older code: `paper_claims`)", "trades_cas", "trades"),
+            ("CAS", "MART (older code: `paper_claims`)", "mart_cas", "mart"),
             ("CAS, beta 0.5", "AT", "at_cas_beta0.5", "at"), ("CAS, beta 1", "AT", "at_cas_beta1", "at"),
             ("CAS, beta 5", "AT", "at_cas_beta5", "at"), ("CAS, label-free routing (own argmax)", "AT",
                                                            "at_cas_predicted", "at"),
