@@ -228,19 +228,9 @@ def score_one(args, name: str, seed: int) -> None:
                                       "per_example": report.per_example["worst_case"],
                                       "seconds": round(time.time() - start, 1)})
     if not committed and name in SATURATION_ARMS and not (out / "saturation.json").exists():
-        start = time.time()
-        robust = [i for i, ok in enumerate(json.loads((out / "score.json").read_text())["per_example"]["worst_case"])
-                  if ok]
-        newly = 0
-        if robust:
-            from casify.attacks import Attack
-            sat = Attack(name=f"pgd{SATURATION['steps']}x{SATURATION['restarts']}", steps=SATURATION["steps"],
-                         restarts=SATURATION["restarts"], objective="cas" if cas else "ce")
-            report = evaluate(model, torch.utils.data.Subset(test, robust), attacks=[sat], eps=EPS,
-                              seed=SATURATION["seed"], progress=False, checks=False)
-            newly = sum(1 for ok in report.per_example["worst_case"] if not ok)
-        protocol.write_json(out / "saturation.json", {"survivors": len(robust), "newly_fooled": newly, **SATURATION,
-                                         "seconds": round(time.time() - start, 1)})
+        # the shared saturation check (the same restarts, seed and record as every study's)
+        protocol.write_json(out / "saturation.json", protocol.score_saturation(
+            model, test, cas, json.loads((out / "score.json").read_text()), EPS))
     authors = authors_row(name)
     if authors is not None and not (out / "authors.json").exists():
         report = evaluate(model, test, attacks=[authors], eps=EPS, seed=0, progress=False, checks=False)
