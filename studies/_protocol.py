@@ -275,9 +275,41 @@ class Study:
     def wanted(self, arm: str, seed: int) -> List[str]:
         return ["train_record.json", "score.json"] + [f for f, gets in self.extras.items() if gets(arm, seed)]
 
-    def done(self, runs_dir: Path, arm: str, seed: int) -> bool:
-        out = self.run_dir(runs_dir, arm, seed)
-        return all((out / f).exists() for f in self.wanted(arm, seed))
+    def complete(self, folder: Path, arm: str, seed: int) -> bool:
+        return all((Path(folder) / f).exists() for f in self.wanted(arm, seed))
+
+    def done(self, runs_dir: Path, arm: str, seed: int, records: Optional[Path] = None) -> bool:
+        """Every record the run owes exists, in its run folder or (``records``) in the study's committed archive."""
+        return (self.complete(self.run_dir(runs_dir, arm, seed), arm, seed)
+                or records is not None and self.complete(archived(records, arm, seed), arm, seed))
+
+
+def archived(records: Path, arm: str, seed: int) -> Path:
+    """``<records>/runs/<arm>_s<seed>``: a finished run's committed records (see :func:`archive_run`)."""
+    return Path(records) / "runs" / f"{arm}_s{seed}"
+
+
+def archive_run(study: Study, runs_dir: Path, records: Path, name: str, seed: int) -> Path:
+    """Copy a finished run's records into the study's folder ``records`` (``runs/<arm>_s<seed>/``: the run's config
+    and code history, its training record, every score, the selected model's ``config.json``) and seed 0's selected
+    model into ``models/<arm>_s0/``. Why: workers' scratch folders live on one machine for one session, the
+    committed folder outlives both; a later worker (another session, another machine, the same pinned commit) skips
+    what is archived, and ``--report`` reads it. Compact JSON: the per-example flags are most of a record."""
+    src = study.run_dir(runs_dir, name, seed)
+    dest = archived(records, name, seed)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "final").mkdir(parents=True)
+    for file in ["run_config.json"] + study.wanted(name, seed):
+        record = read_json(src / file)
+        if record is not None:
+            (tmp / file).write_text(json.dumps(record, separators=(",", ":"), default=str))
+    shutil.copyfile(src / "final" / "config.json", tmp / "final" / "config.json")
+    if seed == 0:  # the model is in place before the archive that promises it
+        copy_selected_models(study, runs_dir, [(name, 0)], Path(records) / "models")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
 
 
 def train_run(study: Study, runs_dir: Path, name: str, seed: int, data) -> None:
@@ -319,12 +351,24 @@ def score_run(study: Study, runs_dir: Path, name: str, seed: int) -> None:
             print(f"[score] {name} s{seed}: {file}", flush=True)
 
 
-def work(study: Study, runs_dir: Path, only: Sequence[str] = ()) -> None:
-    """One worker: take the schedule's runs in order, skipping finished ones and those another live worker holds."""
+def work(study: Study, runs_dir: Path, only: Sequence[str] = (), records: Optional[Path] = None,
+         stop_after: Optional[float] = None) -> None:
+    """One worker: take the schedule's runs in order, skipping finished ones (archived in ``records`` too) and those
+    another live worker holds; archive each run it finishes into ``records``. ``stop_after`` (seconds from now): no
+    new run is taken after it, so a session that ends soon does not start a run it cannot finish."""
     data = {}
+    started = time.time()
     for name, seed in study.schedule:
-        if only and name not in only or study.done(runs_dir, name, seed):
+        if only and name not in only or (records is not None and study.done(runs_dir, name, seed, records)):
             continue
+        if records is not None and study.done(runs_dir, name, seed):  # finished here, not archived yet
+            archive_run(study, runs_dir, records, name, seed)
+            continue
+        if study.done(runs_dir, name, seed):
+            continue
+        if stop_after is not None and time.time() - started > stop_after:
+            print(f"[stop] {stop_after / 60:.0f} minutes passed: no new run taken", flush=True)
+            return
         if not claim(study.run_dir(runs_dir, name, seed)):
             continue
         key = study.data_key(name)
@@ -334,6 +378,8 @@ def work(study: Study, runs_dir: Path, only: Sequence[str] = ()) -> None:
                 data[key] = study.datasets(name)
             train_run(study, runs_dir, name, seed, data[key])
             score_run(study, runs_dir, name, seed)
+            if records is not None:
+                print(f"[archive] {name} s{seed}: {archive_run(study, runs_dir, records, name, seed)}", flush=True)
         except Exception as e:  # one broken run must not stop the queue: recorded, and the worker goes on
             write_json(out / "error.json", {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                                             "time": time.time()})
@@ -349,11 +395,18 @@ def run_codes(out: Path, train: dict, score: dict) -> List[dict]:
     return [c for c in history + [train.get("code") or {}, score.get("code") or {}] if isinstance(c, dict)]
 
 
-def collect(study: Study, runs_dir: Path) -> Dict[Tuple[str, int], dict]:
+def run_folder(study: Study, runs_dir: Path, records: Optional[Path], name: str, seed: int) -> Path:
+    """Where a run's records are read from: its committed archive when complete, else its run folder."""
+    if records is not None and study.complete(archived(records, name, seed), name, seed):
+        return archived(records, name, seed)
+    return study.run_dir(runs_dir, name, seed)
+
+
+def collect(study: Study, runs_dir: Path, records: Optional[Path] = None) -> Dict[Tuple[str, int], dict]:
     """One entry per scored run: accuracies, provenance, costs and (under ``_flags``) the per-image flags."""
     runs = {}
     for name, seed in study.schedule:
-        out = study.run_dir(runs_dir, name, seed)
+        out = run_folder(study, runs_dir, records, name, seed)
         train, score = read_json(out / "train_record.json"), read_json(out / "score.json")
         if train is None or score is None:
             continue
@@ -425,19 +478,27 @@ def judge(comparisons: Dict[str, dict]) -> Dict[str, dict]:
     return comparisons
 
 
-def copy_selected_models(study: "Study", runs_dir: Path, runs: Sequence[Tuple[str, int]], dest: Path) -> dict:
+def copy_selected_models(study: "Study", runs_dir: Path, runs: Sequence[Tuple[str, int]], dest: Path,
+                         expected: Optional[Dict[str, str]] = None) -> dict:
     """Copy the selected model folder (config.json + model.safetensors) of ``runs`` into ``dest/<arm>_s<seed>/``, so
     the study's numbers can be re-scored from outside (``casify eval dest/<arm>_s<seed> ...``); returns each
-    copy's SHA-256, checked against the scored one."""
-    import shutil
+    copy's SHA-256. A copy already there (archived by :func:`archive_run`) is kept when its run folder is gone,
+    provided its SHA-256 is the scored one (``expected``: "<arm>_s<seed>" -> SHA-256)."""
     copied = {}
     for arm, seed in runs:
+        key = f"{arm}_s{seed}"
         source = study.run_dir(runs_dir, arm, seed) / "final"
-        target = Path(dest) / f"{arm}_s{seed}"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
-            shutil.copyfile(source / name, target / name)
-        copied[f"{arm}_s{seed}"] = sha256(target / "model.safetensors")
+        target = Path(dest) / key
+        if not (source / "model.safetensors").exists() and (target / "model.safetensors").exists():
+            copied[key] = sha256(target / "model.safetensors")
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "model.safetensors"):
+                shutil.copyfile(source / name, target / name)
+            copied[key] = sha256(target / "model.safetensors")
+        if expected and key in expected and copied[key] != expected[key]:
+            raise SystemExit(f"{target}: SHA-256 {copied[key][:16]} is not the scored model's {expected[key][:16]}; "
+                             f"re-archive the run (its run folder holds the scored model)")
     return copied
 
 
@@ -452,15 +513,16 @@ def write_rule(results: Path, rule: dict) -> Path:
 
 
 def report(study: "Study", runs_dir: Path, results: Path, models: Path, comparisons: Dict[str, Tuple[str, str]],
-           title: str, module: str, annotate: Optional[Callable] = None, extend: Optional[Callable] = None) -> dict:
+           title: str, module: str, annotate: Optional[Callable] = None, extend: Optional[Callable] = None,
+           records: Optional[Path] = None) -> dict:
     """Judge the family on the worst case (and the matched attacks, where every run has them), report natural
     accuracy beside it, and write ``results/study.json``, the study's README and the seed-0 models.
     ``annotate(run_dir, run)`` may add a study's own columns to a run; ``extend(record, runs)`` may add the
     study's own results to the record and returns markdown lines for the README."""
-    runs = collect(study, runs_dir)
+    runs = collect(study, runs_dir, records)
     if annotate is not None:
         for (name, seed), run in runs.items():
-            annotate(study.run_dir(runs_dir, name, seed), run)
+            annotate(run_folder(study, runs_dir, records, name, seed), run)
     path = results / "study.json"
     record = read_json(path)
     record["comparisons"] = judge({k: comparison(runs, a, b) for k, (a, b) in comparisons.items()})
@@ -473,8 +535,9 @@ def report(study: "Study", runs_dir: Path, results: Path, models: Path, comparis
                                                                            for f in r["_flags"]["worst_case"])
                                         for r in runs.values()}
     record["cpu_hours"] = round(sum(r["train_seconds"] + r["score_seconds"] for r in runs.values()) / 3600, 2)
-    record["committed_models"] = copy_selected_models(study, runs_dir, [(arm, 0) for arm in study.arms
-                                                                        if (arm, 0) in runs], models)
+    record["committed_models"] = copy_selected_models(
+        study, runs_dir, [(arm, 0) for arm in study.arms if (arm, 0) in runs], models,
+        expected={f"{arm}_s0": runs[(arm, 0)]["model_sha256"] for arm in study.arms if (arm, 0) in runs})
     extra = extend(record, runs) if extend is not None else []
     write_json(path, record)
     (results.parent / "README.md").write_text(study_markdown(title, module, record, extra))
@@ -495,6 +558,11 @@ def cli(argv, description: str, make_study: Callable, rule: Callable, *, results
     p.add_argument("--data-dir", default="../shared/data/cifar10")
     p.add_argument("--runs-dir", default=runs_dir)
     p.add_argument("--only", nargs="*", default=(), help="work on these arms only")
+    p.add_argument("--records", default=str(results.parent),
+                   help="the study's folder in the checkout that keeps its records (runs/ and models/ are written "
+                        "there as runs finish; a worker in a pinned worktree names main's folder)")
+    p.add_argument("--stop-after-minutes", type=float, default=None,
+                   help="take no new run after this many minutes (a session about to end)")
     for flag, kwargs in extra_args:
         p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)
@@ -502,9 +570,11 @@ def cli(argv, description: str, make_study: Callable, rule: Callable, *, results
         print(f"wrote {write_rule(results, rule())}")
     if args.work:
         torch.set_num_threads(1)
-        work(make_study(args), Path(args.runs_dir), args.only)
+        work(make_study(args), Path(args.runs_dir), args.only, records=Path(args.records),
+             stop_after=None if args.stop_after_minutes is None else 60 * args.stop_after_minutes)
     if args.report:
-        report(make_study(args), Path(args.runs_dir), results, models, comparisons, title, module, annotate, extend)
+        report(make_study(args), Path(args.runs_dir), results, models, comparisons, title, module, annotate, extend,
+               records=Path(args.records))
 
 
 def study_markdown(title: str, module: str, record: dict, extra: Sequence[str] = ()) -> str:
@@ -559,6 +629,6 @@ def interval(c: dict) -> str:
             f"[{100 * b[0]:+.1f}, {100 * b[1]:+.1f}]; p {c['p']:.3f}, Holm {c['p_holm']:.3f}; {len(c['seeds'])} seeds)")
 
 
-__all__ = ["AA_EXAMPLES", "Arm", "ECHO", "EPS", "SATURATION", "claim", "comparison", "interval", "judge", "pct",
+__all__ = ["AA_EXAMPLES", "Arm", "archive_run", "archived", "ECHO", "EPS", "SATURATION", "claim", "comparison", "interval", "judge", "pct",
            "read_json", "results_of", "score_autoattack", "score_echo", "score_matched", "score_saturation",
            "score_union", "sha256", "train_timed", "training_record", "union_attacks", "write_json"]

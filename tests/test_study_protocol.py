@@ -48,3 +48,48 @@ def test_one_commit_is_judged_with_holm(protocol):
 def test_mixed_code_or_too_few_seeds_are_never_judged(protocol, runs, reason):
     out = protocol.judge({"cas": protocol.comparison(runs, "at_cas", "at")})["cas"]
     assert out["verdict"].startswith("not judged") and reason in out["verdict"] and "p_holm" not in out
+
+
+def _finished_run(protocol, out: Path, seed: int) -> str:
+    """A run folder as a worker leaves it: run config, training record, scores, the selected model."""
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_bytes(f"weights of seed {seed}".encode())
+    (out / "final" / "config.json").write_text("{}")
+    sha = protocol.sha256(out / "final" / "model.safetensors")
+    code = {"commit": "c" * 40, "dirty": False, "casify_version": "0"}
+    flags = [bool((i + seed) % 3) for i in range(30)]
+    protocol.write_json(out / "run_config.json", {"code": code, "code_history": [code]})
+    protocol.write_json(out / "train_record.json", {"seconds": 10.0, "steps": 5, "history": [], "code": code})
+    protocol.write_json(out / "score.json", {
+        "natural": 0.9, "worst_case": sum(flags) / 30, "n": 30, "gradient_masking_suspected": False,
+        "failed_checks": [], "families": {}, "code": code, "model_sha256": sha, "seconds": 3.0,
+        "per_example": {"worst_case": flags, "natural": [True] * 30}})
+    protocol.write_json(out / "matched.json", {"worst_case": 0.5, "per_example": flags, "seconds": 1.0})
+    return sha
+
+
+def test_finished_runs_are_archived_and_outlive_their_scratch_folder(protocol, tmp_path):
+    """A machine's scratch folder is gone by the next session: the archive (committed) is what a later worker skips
+    and what the report reads; seed 0's model is archived with it and checked against the scored SHA-256."""
+    study = protocol.Study(name="toy", arms={"at": protocol.Arm()}, schedule=[("at", 0), ("at", 1)],
+                           build_model=None, datasets=None, test_set=None, train_config=None,
+                           extras={"matched.json": lambda arm, seed: True})
+    scratch, records = tmp_path / "scratch", tmp_path / "studies" / "toy"
+    shas = {s: _finished_run(protocol, scratch / f"at_s{s}", s) for s in (0, 1)}
+    before = protocol.collect(study, scratch)
+    for seed in (0, 1):
+        protocol.archive_run(study, scratch, records, "at", seed)
+    assert "\n" not in (records / "runs" / "at_s0" / "score.json").read_text()  # compact
+    assert protocol.sha256(records / "models" / "at_s0" / "model.safetensors") == shas[0]
+    assert not (records / "models" / "at_s1").exists()  # only seed 0's model is committed
+    import shutil
+    shutil.rmtree(scratch)
+    after = protocol.collect(study, scratch, records)
+    assert after.keys() == before.keys() and all(after[k]["_flags"] == before[k]["_flags"] for k in before)
+    assert after[("at", 1)]["commits"] == ["c" * 40] and study.done(scratch, "at", 1, records)
+    protocol.work(study, scratch, records=records)  # nothing left to do: no claim, no error, no training
+    assert not scratch.exists()
+    assert protocol.copy_selected_models(study, scratch, [("at", 0)], records / "models",
+                                         expected={"at_s0": shas[0]}) == {"at_s0": shas[0]}
+    with pytest.raises(SystemExit, match="not the scored model"):
+        protocol.copy_selected_models(study, scratch, [("at", 0)], records / "models", expected={"at_s0": "0" * 64})

@@ -25,10 +25,11 @@ def _git(*args: str) -> Optional[str]:
 
 
 # What counts as the code: the package, its launcher and the study scripts; not what a study writes (results,
-# reports, models), so a report rewritten mid-study does not mark later runs as run from a changed tree. Untracked
+# reports, models, archived run records), so a report rewritten mid-study does not mark later runs as run from a changed tree. Untracked
 # files count: a defense or attack file dropped into its folder is imported by the package.
 CODE_PATHS = ("casify", "casify_cli.py", "studies", ":(exclude,glob)studies/*/results/**",
-              ":(exclude,glob)studies/*/models/**", ":(exclude,glob)studies/*/README.md", ":(exclude,glob)**/__pycache__/**")
+              ":(exclude,glob)studies/*/models/**", ":(exclude,glob)studies/*/runs/**",
+              ":(exclude,glob)studies/*/README.md", ":(exclude,glob)**/__pycache__/**")
 
 
 @functools.lru_cache(maxsize=1)
