@@ -268,6 +268,9 @@ class Study:
     custom_jobs: Dict[str, Callable] = field(default_factory=dict)
     eps: Callable[[str], float] = lambda name: EPS  # the radius an arm is trained and scored at (pixels, L-inf)
     data_key: Callable[[str], str] = lambda name: "data"  # arms with one key share one (train, val) pair
+    # what a run needs before its model is built, e.g. a natural fine-tune shared by every arm of a seed:
+    # fn(arm name, arm, seed, run folder, (train, val)); it may leave JSON records in the run folder (archived with it)
+    prepare: Optional[Callable] = None
 
     def run_dir(self, runs_dir: Path, arm: str, seed: int) -> Path:
         return Path(runs_dir) / f"{arm}_s{seed}"
@@ -290,8 +293,9 @@ def archived(records: Path, arm: str, seed: int) -> Path:
 
 
 def archive_run(study: Study, runs_dir: Path, records: Path, name: str, seed: int) -> Path:
-    """Copy a finished run's records into the study's folder ``records`` (``runs/<arm>_s<seed>/``: the run's config
-    and code history, its training record, every score, the selected model's ``config.json``) and seed 0's selected
+    """Copy a finished run's records into the study's folder ``records`` (``runs/<arm>_s<seed>/``: every JSON record
+    of the run folder - config and code history, training record, every score - and the selected model's
+    ``config.json``) and seed 0's selected
     model into ``models/<arm>_s0/``. Why: workers' scratch folders live on one machine for one session, the
     committed folder outlives both; a later worker (another session, another machine, the same pinned commit) skips
     what is archived, and ``--report`` reads it. Compact JSON: the per-example flags are most of a record."""
@@ -300,10 +304,10 @@ def archive_run(study: Study, runs_dir: Path, records: Path, name: str, seed: in
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "final").mkdir(parents=True)
-    for file in ["run_config.json"] + study.wanted(name, seed):
-        record = read_json(src / file)
-        if record is not None:
-            (tmp / file).write_text(json.dumps(record, separators=(",", ":"), default=str))
+    scratch = {"train_seconds_partial.json", "error.json"}  # a worker's bookkeeping, not the run's record
+    for path in sorted(src.glob("*.json")):
+        if path.name not in scratch:
+            (tmp / path.name).write_text(json.dumps(read_json(path), separators=(",", ":"), default=str))
     shutil.copyfile(src / "final" / "config.json", tmp / "final" / "config.json")
     if seed == 0:  # the model is in place before the archive that promises it
         copy_selected_models(study, runs_dir, [(name, 0)], Path(records) / "models")
@@ -319,6 +323,8 @@ def train_run(study: Study, runs_dir: Path, name: str, seed: int, data) -> None:
         return
     arm = study.arms[name]
     cfg = study.train_config(name, arm, seed, out)
+    if study.prepare is not None:
+        study.prepare(name, arm, seed, out, data)
     trainer = Trainer(study.build_model(name, arm, seed), *data, cfg, identity={"study": study.name, "arm": name})
     print(f"[train] {name} s{seed}: {trainer.total_steps} steps", flush=True)
     state, seconds, validation = train_timed(trainer, out)

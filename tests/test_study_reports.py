@@ -91,3 +91,68 @@ def test_every_relative_link_in_studies_and_benchmarks_resolves():
                 continue
             path = target.split("#")[0]
             assert (page.parent / path).exists(), f"{page.relative_to(ROOT)} links to a missing {target}"
+
+
+@pytest.mark.parametrize("name", ["channel_defenses", "lite0_cifar10"])
+def test_queue_studies_build_their_data_on_a_small_cifar_folder(studies_importable, tmp_path, monkeypatch, name):
+    """What a worker calls first (datasets, test set) runs against the package as it is now: a study script whose
+    import broke in a refactor fails here, not hours into a run on a machine with the real data."""
+    import importlib
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for file, n in (("train.npz", 120), ("test846.npz", 8)):
+        np.savez(tmp_path / file, x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 y=rng.integers(0, 10, n).astype(np.int64))
+    study = importlib.import_module(f"studies.{name}.study")
+    monkeypatch.setitem(study.PROTOCOL, "val_start", 100)
+    monkeypatch.setitem(study.PROTOCOL, "val_size", 20)
+    monkeypatch.setitem(study.PROTOCOL, "train_images", 100)
+    train, val = study.datasets(tmp_path)
+    test = study.test_set(tmp_path)
+    size = study.PROTOCOL.get("image_size", 32)
+    assert (len(train), len(val), len(test)) == (100, 20, 8)
+    for dataset in (train, val, test):
+        x, y = dataset[0]
+        assert tuple(x.shape) == (3, size, size) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_lite0_runs_share_their_seeds_natural_base(studies_importable, tmp_path, monkeypatch):
+    """The Lite0 study's two phases on a tiny generated ImageNet-like checkpoint: the seed's natural base is trained
+    once (its record and weights in natural_s<seed>/, copied into each run), and every arm of the seed starts from
+    exactly those weights, with its defense on top."""
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from studies import _protocol as protocol
+    from studies.lite0_cifar10 import study as lite0
+    torch.manual_seed(1)
+    ckpt = tmp_path / "in1k.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_efficientnet").state_dict().items()
+               if not k.endswith("num_batches_tracked")}, str(ckpt))
+    for key, value in {"arch": "test_efficientnet", "image_size": 32, "natural_steps": 3, "batch_size": 8,
+                       "val_size": 8, "val_attack_steps": 1}.items():
+        monkeypatch.setitem(lite0.PROTOCOL, key, value)
+    monkeypatch.setattr(lite0, "WEIGHTS_SHA256", protocol.sha256(ckpt))
+    g = torch.Generator().manual_seed(0)
+    data = (torch.utils.data.TensorDataset(torch.rand(24, 3, 32, 32, generator=g), torch.arange(24) % 10),
+            torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % 10))
+    runs = tmp_path / "runs"
+    out = runs / "at_cas_s0"
+    out.mkdir(parents=True)
+    arm = protocol.Arm("at", "cas", ["blocks.1"])
+    lite0.prepare("at_cas", arm, 0, out, data, str(ckpt), runs)
+    record = protocol.read_json(out / "natural_base.json")
+    assert record["steps"] == 3 and record["imagenet_sha256"] == protocol.sha256(ckpt)
+    assert record == protocol.read_json(runs / "natural_s0" / "natural_base.json")
+    natural = load_file(str(runs / "natural_s0" / "base.safetensors"))
+    assert record["base_sha256"] == protocol.sha256(runs / "natural_s0" / "base.safetensors")
+    model = lite0.build_model(arm, 0, str(ckpt), runs)
+    own = model.state_dict()
+    from casify.defenses import find_defense_modules
+    assert find_defense_modules(model) and all(torch.equal(own[k], v) for k, v in natural.items())
+    assert not torch.equal(natural["classifier.weight"], lite0.imagenet_base(str(ckpt)).classifier.weight)
+    monkeypatch.setattr(lite0, "WEIGHTS_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="not the study's ImageNet weights"):
+        lite0.build_model(arm, 0, str(ckpt), runs)

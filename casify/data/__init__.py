@@ -14,11 +14,12 @@ from .build import (DATASET_NAMES, RECORD_KWARGS, RECORD_SOURCES, build_dataset,
                     short_name)
 from .datasets import (DATA_ENV, SPLITS, EpochSeededDataset, NpzDataset, TensorImageDataset, data_root, digits_dataset,
                        imagefolder_dataset, torchvision_dataset, train_val_split)
-from .transforms import (ResizeTensor, ToImageTensor, cifar_train_transform, imagenet_eval_transform,
+from .transforms import (ResizeTensor, Then, ToImageTensor, cifar_train_transform, imagenet_eval_transform,
                          imagenet_train_transform, to_image_tensor)
 
 __all__ = [
-    "DATA_ENV", "DATASET_NAMES", "EpochSeededDataset", "NpzDataset", "TensorImageDataset", "build_dataset", "cifar_train_transform",
+    "DATA_ENV", "DATASET_NAMES", "EpochSeededDataset", "NpzDataset", "ResizeTensor", "TensorImageDataset", "Then",
+    "ToImageTensor", "build_dataset", "cifar_train_transform",
     "data_root", "digits_dataset", "imagefolder_dataset", "imagenet_eval_transform", "imagenet_train_transform",
     "dataset_name", "short_name", "to_image_tensor", "torchvision_dataset", "train_val_split",
 ]

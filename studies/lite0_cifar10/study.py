@@ -19,6 +19,7 @@ arms whose commits differ).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,8 @@ from studies._protocol import Arm, Study
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODELS = HERE / "models"
-ARCH = "efficientnet_lite0"
+# The timm variant the shared weights belong to (TF padding, batch-norm eps 1e-3, mean = std = 0.5): variant_check.py
+ARCH = "tf_efficientnet_lite0"
 # The two last blocks of the stride-32 stage (blocks.5.3: 192 channels, blocks.6.0: 320): the paper puts CAS after
 # the last stage's blocks of ResNet-18 (layer4.0, layer4.1), two modules at the network's coarsest resolution.
 LAST_BLOCKS = ["blocks.5.3", "blocks.6.0"]
@@ -54,7 +56,7 @@ SCHEDULE = ([(arm, s) for s in SEEDS for arm in ARMS]
             + [(arm, s) for s in (3, 4) for arm, seeds in EXTRA_SEEDS.items() if s in seeds])
 # Written before the first run, from the input-size measurement (results/input_size.json) and the budget (about
 # 8 CPU-hours for the study on two processes of one thread each); see README.md.
-PROTOCOL = {"image_size": 64, "train_images": 10000, "val_start": 45000, "val_size": 500, "epochs": 2.0,
+PROTOCOL = {"arch": ARCH, "natural_steps": 78, "natural_lr": 0.1, "natural_trainable": "classifier", "image_size": 64, "train_images": 10000, "val_start": 45000, "val_size": 500, "epochs": 2.0,
             "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine",
             "warmup_steps": 20, "attack_steps": 3, "eps": "8/255", "attack_alpha": "2.5 * eps / 3",
             "val_attack_steps": 10, "selection": "last step (final/), the same for every arm", "test": "test846.npz"}
@@ -66,17 +68,81 @@ COMPARISONS = {  # name: (A, B); A is the arm the hypothesis favours
 }
 
 
-def build_model(arm: Arm, seed: int, checkpoint: str):
-    import casify
+def imagenet_base(checkpoint: str):
+    """The ImageNet weights in the protocol's timm variant with a new 10-class classifier (drawn from the current
+    torch seed); refused unless they are the study's weights."""
     from casify.models.pretrained_weights import create_timm_from_checkpoint
-    torch.manual_seed(seed)  # the new classifier and the defense modules are drawn from the run's seed
-    base, loaded = create_timm_from_checkpoint(ARCH, checkpoint, num_classes=10)
+    base, loaded = create_timm_from_checkpoint(PROTOCOL["arch"], checkpoint, num_classes=10)
     if loaded.sha256 != WEIGHTS_SHA256:
         raise ValueError(f"{checkpoint} is not the study's ImageNet weights (SHA-256 {loaded.sha256[:16]}..., the rule "
                          f"names {WEIGHTS_SHA256[:16]}...)")
+    return base
+
+
+def natural_folder(runs_dir: Path, seed: int) -> Path:
+    return Path(runs_dir) / f"natural_s{seed}"
+
+
+def natural_base(seed: int, checkpoint: str, data, runs_dir: Path) -> dict:
+    """The seed's natural fine-tune of the ImageNet weights (no attack, no defense: ``natural_steps`` at
+    ``natural_lr``), trained once and shared by every arm of that seed, so that a seed's arms differ only in their
+    robust fine-tuning. One worker trains it (a claim, resumable); another that needs it waits for its record."""
+    import casify
+    from casify.core.code_version import code_version
+    from casify.io.serialization import atomic_write
+    from casify.train import TrainConfig, Trainer
+    from safetensors.torch import save_file
+    out = natural_folder(runs_dir, seed)
+    record_path = out / "natural_base.json"
+    while not record_path.exists():
+        if not protocol.claim(out, ".natural_claim"):
+            time.sleep(15)  # another worker trains it
+            continue
+        if record_path.exists():
+            break
+        p = PROTOCOL
+        torch.manual_seed(seed)
+        base = imagenet_base(checkpoint)
+        size = p["image_size"]
+        model = casify.wrap(base, [], input_size=(3, size, size))  # shares its modules with ``base``
+        if p["natural_trainable"] == "classifier":  # a linear probe: the ImageNet features stay as they are
+            head = {id(w) for w in base.get_classifier().parameters()}
+            for w in model.parameters():
+                w.requires_grad_(id(w) in head)
+        config = TrainConfig(method="standard", cas=False, epochs=1.0, max_steps=p["natural_steps"],
+                             batch_size=p["batch_size"], lr=p["natural_lr"], momentum=p["momentum"],
+                             weight_decay=p["weight_decay"], schedule="cosine", seed=seed,
+                             val_max_examples=p["val_size"], val_attack_steps=p["val_attack_steps"],
+                             checkpoint_every_steps=20, progress=False, output_dir=str(out / "train"))
+        state, seconds, validation = protocol.train_timed(Trainer(model, *data, config), out)
+        weights = out / "base.safetensors"
+        atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in base.state_dict().items()},
+                                                    str(tmp)))
+        for w in base.parameters():
+            w.requires_grad_(True)
+        protocol.write_json(record_path, {
+            "seed": seed, "steps": state.global_step, "seconds": round(seconds, 1),
+            "validation_seconds": round(validation, 1), "history": state.history, "config": config.to_dict(),
+            "base_sha256": protocol.sha256(weights), "imagenet_sha256": WEIGHTS_SHA256, "code": code_version()})
+    return protocol.read_json(record_path)
+
+
+def build_model(arm: Arm, seed: int, checkpoint: str, runs_dir: Path):
+    """The arm's model: the seed's natural base (:func:`natural_base`) wrapped with the arm's defense (its modules
+    drawn from the run's seed)."""
+    import casify
+    from safetensors.torch import load_file
+    torch.manual_seed(seed)
+    base = imagenet_base(checkpoint)
+    base.load_state_dict(load_file(str(natural_folder(runs_dir, seed) / "base.safetensors")), strict=True)
     size = PROTOCOL["image_size"]
     return casify.wrap(base, arm.layers, input_size=(3, size, size), defense=arm.defense or "cas", init=arm.init,
                        layer_options=arm.layer_options, **arm.options)
+
+
+def prepare(name: str, arm: Arm, seed: int, out: Path, data, checkpoint: str, runs_dir: Path) -> None:
+    """Before a run's model is built: its seed's natural base, its record copied into the run (archived with it)."""
+    protocol.write_json(out / "natural_base.json", natural_base(seed, checkpoint, data, runs_dir))
 
 
 def datasets(data_dir: Path, size: Optional[int] = None, train_images: Optional[int] = None,
@@ -117,7 +183,9 @@ def study(args) -> Study:
     routed = {n for n, a in ARMS.items() if a.defense in ("cas", "cifs")}
     return Study(
         name="lite0_cifar10", arms=ARMS, schedule=SCHEDULE,
-        build_model=lambda name, arm, seed: build_model(arm, seed, args.checkpoint),
+        build_model=lambda name, arm, seed: build_model(arm, seed, args.checkpoint, Path(args.runs_dir)),
+        prepare=lambda name, arm, seed, out, data: prepare(name, arm, seed, out, data, args.checkpoint,
+                                                           Path(args.runs_dir)),
         datasets=lambda name: datasets(data_dir), test_set=lambda name: test_set(data_dir), train_config=train_config,
         # the CPU budget: the union on every run; saturation, AutoAttack and Square on seed 0 of every arm
         extras={"saturation.json": lambda arm, seed: seed == 0, "autoattack.json": lambda arm, seed: seed == 0,

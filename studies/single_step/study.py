@@ -53,8 +53,16 @@ MARGIN = 0.02  # non-inferiority: the t interval's lower end must lie above -2 p
 TIME_RATIO = 0.6
 
 
-def build_model(name: str, arm: Arm, seed: int, checkpoint: str):
-    return claims.build_model(arm, seed) if RUNS[name][0] == "claims" else lite0.build_model(arm, seed, checkpoint)
+def build_model(name: str, arm: Arm, seed: int, checkpoint: str, runs_dir: Path):
+    if RUNS[name][0] == "claims":
+        return claims.build_model(arm, seed)
+    return lite0.build_model(arm, seed, checkpoint, runs_dir)
+
+
+def prepare(name: str, arm: Arm, seed: int, out: Path, data, checkpoint: str, runs_dir: Path) -> None:
+    """The Lite0 protocol's runs start from their seed's natural base, as in ``studies.lite0_cifar10``."""
+    if RUNS[name][0] == "lite0":
+        lite0.prepare(name, arm, seed, out, data, checkpoint, runs_dir)
 
 
 def train_config(name: str, arm: Arm, seed: int, out: Path):
@@ -71,7 +79,9 @@ def study(args) -> Study:
     tests = {"claims": lambda: claims.test_set(data_dir), "lite0": lambda: lite0.test_set(data_dir)}
     return Study(
         name="single_step", arms=ARMS, schedule=SCHEDULE,
-        build_model=lambda name, arm, seed: build_model(name, arm, seed, args.checkpoint),
+        build_model=lambda name, arm, seed: build_model(name, arm, seed, args.checkpoint, Path(args.runs_dir)),
+        prepare=lambda name, arm, seed, out, data: prepare(name, arm, seed, out, data, args.checkpoint,
+                                                           Path(args.runs_dir)),
         datasets=lambda name: data[RUNS[name][0]](), test_set=lambda name: tests[RUNS[name][0]](),
         train_config=train_config, eps=lambda name: RUNS[name][2], data_key=lambda name: RUNS[name][0],
         extras={"saturation.json": lambda name, seed: seed == 0 and not name.endswith(tuple(SWEEP_EPS))})

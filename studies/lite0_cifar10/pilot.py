@@ -1,0 +1,97 @@
+"""Pilots of the Lite0 study's amended protocol, on held-out data only (issue 27).
+
+Why: the first protocol under-trained plain AT (``results/study.json``, "paused"), and the weights had been loaded
+into the wrong timm variant (``variant_check.py``). A candidate protocol is tried here on plain AT, seed 0, and judged
+only on the 500 held-out training images (45,000 on) that every run validates on: natural and PGD-10 accuracy after
+each phase, and seconds. The test set is never read. The candidate chosen goes into ``study.py``'s ``PROTOCOL`` and
+into ``results/study.json`` as the amendment, before any run of the amended study.
+
+A candidate is ``natural_steps`` of standard fine-tuning (no attack; of the new classifier only where
+``natural_trainable`` says so) from the ImageNet weights, then
+``at_epochs`` of PGD-3 AT at eps 8/255 (pixel space), both on the first ``train_images`` training images at
+``image_size`` px, SGD with a cosine schedule in each phase.
+
+    OMP_NUM_THREADS=1 python -m studies.lite0_cifar10.pilot --candidate direct_lr05 --data-dir ../shared/data/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from studies import _protocol as protocol
+
+HERE = Path(__file__).resolve().parent
+COMMON = {"arch": "tf_efficientnet_lite0", "image_size": 64, "train_images": 5000, "batch_size": 64,
+          "weight_decay": 5e-4, "at_epochs": 2.0, "attack_steps": 3, "val_size": 500, "val_attack_steps": 10}
+CANDIDATES = {
+    # AT straight from the ImageNet weights, a larger learning rate than the paused protocol's 0.01
+    "direct_lr05": {**COMMON, "natural_steps": 0, "natural_lr": None, "at_lr": 0.05},
+    # one natural epoch first (the new classifier learns on clean images), then AT
+    "natural_then_at": {**COMMON, "natural_steps": 78, "natural_lr": 0.05, "at_lr": 0.05},
+    # a linear probe first (only the new classifier learns, the ImageNet features stay as they are; Kumar et al.
+    # 2022, "LP-FT"), then AT of every weight at a smaller learning rate
+    "probe_then_at": {**COMMON, "natural_steps": 78, "natural_lr": 0.1, "natural_trainable": "classifier",
+                      "at_lr": 0.01},
+    # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
+    "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
+    "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
+}
+
+
+def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
+    import casify
+    from casify.models.pretrained_weights import create_timm_from_checkpoint
+    from casify.train import TrainConfig, Trainer
+    from studies.lite0_cifar10.study import datasets
+    c = CANDIDATES[name]
+    torch.manual_seed(0)
+    base, _ = create_timm_from_checkpoint(c["arch"], checkpoint, num_classes=10)
+    size = c["image_size"]
+    model = casify.wrap(base, [], input_size=(3, size, size))
+    train, val = datasets(data_dir, size, c["train_images"], c["val_size"])
+    common = dict(cas=False, batch_size=c["batch_size"], weight_decay=c["weight_decay"], schedule="cosine", seed=0,
+                  val_max_examples=c["val_size"], val_attack_steps=c["val_attack_steps"], eps=protocol.EPS,
+                  checkpoint_every_steps=0, progress=False)
+    record = {"candidate": c, "phases": []}
+    phases = []
+    if c["natural_steps"]:
+        phases.append(("natural", TrainConfig(method="standard", epochs=1.0, max_steps=c["natural_steps"],
+                                              lr=c["natural_lr"], output_dir=str(runs_dir / name / "natural"),
+                                              **common)))
+    if c["at_epochs"]:
+        phases.append(("at", TrainConfig(method="at", epochs=c["at_epochs"], lr=c["at_lr"], warmup_steps=10,
+                                         attack_steps=c["attack_steps"], attack_alpha=2.5 * protocol.EPS / 3,
+                                         output_dir=str(runs_dir / name / "at"), **common)))
+    for phase, config in phases:
+        only_head = phase == "natural" and c.get("natural_trainable") == "classifier"
+        head = set(id(p) for p in base.get_classifier().parameters())
+        for p in model.parameters():
+            p.requires_grad_(not only_head or id(p) in head)
+        start = time.time()
+        state = Trainer(model, train, val, config).train(overwrite=True)
+        record["phases"].append({"phase": phase, "steps": state.global_step, "seconds": round(time.time() - start, 1),
+                                 "history": state.history})
+        print(name, phase, state.history[-1], flush=True)
+    from casify.core.code_version import code_version
+    record["code"] = code_version()
+    protocol.write_json(HERE / "results" / f"pilot_{name}.json", record)
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--candidate", nargs="+", choices=sorted(CANDIDATES), required=True)
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
+    p.add_argument("--checkpoint", default="../shared/models/efficientnet_lite0_imagenet.safetensors")
+    p.add_argument("--runs-dir", default="outputs/lite0_pilot")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    for name in args.candidate:
+        run(name, Path(args.data_dir), args.checkpoint, Path(args.runs_dir))
+
+
+if __name__ == "__main__":
+    main()
