@@ -35,6 +35,12 @@ CANDIDATES = {
     # 2022, "LP-FT"), then AT of every weight at a smaller learning rate
     "probe_then_at": {**COMMON, "natural_steps": 78, "natural_lr": 0.1, "natural_trainable": "classifier",
                       "at_lr": 0.01},
+    # the probe at the learning rate a frozen-feature probe prefers (features of norm ~64: lr 0.003 gives 64 % held
+    # out after one epoch, 0.1 overshoots), then AT at lr 0.02, at eps 8/255 and at 4/255 (pixel space)
+    "probe003_at_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
+                         "at_lr": 0.02},
+    "probe003_at_eps4": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
+                         "at_lr": 0.02, "eps_255": 4},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
@@ -50,10 +56,11 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
     torch.manual_seed(0)
     base, _ = create_timm_from_checkpoint(c["arch"], checkpoint, num_classes=10)
     size = c["image_size"]
+    eps = c.get("eps_255", 8) / 255  # pixel space, L-inf
     model = casify.wrap(base, [], input_size=(3, size, size))
     train, val = datasets(data_dir, size, c["train_images"], c["val_size"])
     common = dict(cas=False, batch_size=c["batch_size"], weight_decay=c["weight_decay"], schedule="cosine", seed=0,
-                  val_max_examples=c["val_size"], val_attack_steps=c["val_attack_steps"], eps=protocol.EPS,
+                  val_max_examples=c["val_size"], val_attack_steps=c["val_attack_steps"], eps=eps,
                   checkpoint_every_steps=0, progress=False)
     record = {"candidate": c, "phases": []}
     phases = []
@@ -63,7 +70,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
                                               **common)))
     if c["at_epochs"]:
         phases.append(("at", TrainConfig(method="at", epochs=c["at_epochs"], lr=c["at_lr"], warmup_steps=10,
-                                         attack_steps=c["attack_steps"], attack_alpha=2.5 * protocol.EPS / 3,
+                                         attack_steps=c["attack_steps"], attack_alpha=2.5 * eps / 3,
                                          output_dir=str(runs_dir / name / "at"), **common)))
     for phase, config in phases:
         only_head = phase == "natural" and c.get("natural_trainable") == "classifier"
