@@ -462,7 +462,8 @@ def comparison(runs: Dict[Tuple[str, int], dict], a: str, b: str, metric_key: st
         return out
     if len(seeds) < 3:
         out["verdict"] = f"not judged: {len(seeds)} paired seeds (the rule needs 3)"
-        out["per_seed_diff"] = [runs[(a, s)][metric_key] - runs[(b, s)][metric_key] for s in seeds]
+        mean = {"matched": "matched_worst_case"}.get(metric_key, metric_key)  # the run's accuracy of those flags
+        out["per_seed_diff"] = [runs[(a, s)][mean] - runs[(b, s)][mean] for s in seeds]
         return out
     fa = np.array([runs[(a, s)]["_flags"][metric_key] for s in seeds])
     fb = np.array([runs[(b, s)]["_flags"][metric_key] for s in seeds])
@@ -629,6 +630,8 @@ def pct(x) -> str:
 
 def interval(c: dict) -> str:
     if "t_ci95" not in c:
+        if c.get("per_seed_diff"):  # too few seeds to judge: the differences so far, never a verdict
+            return "per seed " + ", ".join(f"{100 * d:+.1f}" for d in c["per_seed_diff"]) + " (not judged)"
         return c.get("verdict", "-")
     t, b = c["t_ci95"], c["bootstrap_ci95"]
     return (f"{100 * c['mean_diff']:+.1f} (t [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}], crossed bootstrap "

@@ -93,3 +93,13 @@ def test_finished_runs_are_archived_and_outlive_their_scratch_folder(protocol, t
                                          expected={"at_s0": shas[0]}) == {"at_s0": shas[0]}
     with pytest.raises(SystemExit, match="not the scored model"):
         protocol.copy_selected_models(study, scratch, [("at", 0)], records / "models", expected={"at_s0": "0" * 64})
+
+
+def test_too_few_seeds_still_report_each_metrics_per_seed_differences(protocol):
+    runs = _runs(seeds=(0, 1))
+    for run in runs.values():
+        run["_flags"]["matched"] = run["_flags"]["worst_case"]
+        run["matched_worst_case"] = run["natural"] = run["worst_case"]
+    for metric in ("worst_case", "matched", "natural"):
+        out = protocol.comparison(runs, "at_cas", "at", metric)
+        assert "the rule needs 3" in out["verdict"] and len(out["per_seed_diff"]) == 2

@@ -132,3 +132,24 @@ def test_training_record_keeps_the_keys_the_model_card_reads():
                             selected_on="last step", step=3, weights="trained")
     assert record.to_dict() == {"config": {"method": "at", "cas": True}, "loss": {"method": "at"}, "attack": None,
                                 "selected_on": "last step", "step": 3, "weights": "trained"}
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_batch_norm_statistics_stay_and_normalise_the_update_too(tmp_path, one_thread, freeze):
+    """freeze_bn_stats: the update normalises with the running statistics (the function the attack saw) and
+    leaves them as they were; the affine weights still learn. Without it the statistics follow the batches."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 5))
+    bn = net[1]
+    with torch.no_grad():  # running statistics far from the data's, as a pretrained network's on new data
+        bn.running_mean.fill_(-0.5)
+        bn.running_var.fill_(4.0)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    trainer = Trainer(net, _data(), _data(16, seed=1), _config(tmp_path, epochs=1, freeze_bn_stats=freeze))
+    trainer.train()
+    after = bn.state_dict()
+    stats_kept = all(torch.equal(before[k], after[k]) for k in ("running_mean", "running_var"))
+    assert stats_kept is freeze
+    assert not torch.equal(before["weight"], after["weight"])  # the affine weights train either way
+    assert trainer.config.identity().get("freeze_bn_stats", False) is freeze  # part of the run's identity when on

@@ -21,7 +21,7 @@ NOT_IDENTITY = ("output_dir", "progress", "log_with", "log_every_steps", "checkp
                 "num_workers", "cudnn_benchmark")
 # Settings added after run folders existed, with the value every earlier run had: left out of the identity at that value,
 # so a folder written before them resumes (the full config, with them, is still in run_config.json's "train").
-ADDED_LATER = {"attack": "pgd", "overfit_guard": True}
+ADDED_LATER = {"attack": "pgd", "overfit_guard": True, "freeze_bn_stats": False}
 PGD_ALPHA = 2 / 255  # the PGD step when train.attack_alpha is not set (what every run before train.attack used)
 PGD_STEPS = 10
 RUN_RECORD = "run_config.json"
@@ -81,6 +81,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model once for the update and once for the attacks
     compile_mode: Optional[str] = None  # torch.compile's mode: None (default), "reduce-overhead", "max-autotune"
     compile_backend: str = "inductor"
+    # Batch-norm layers normalise with their running statistics in the update too (as in the attack, which runs in
+    # eval mode, and at test) and do not update them; their affine weights still train. For fine-tuning a pretrained
+    # network on data whose statistics differ from its pretraining data: there, batch statistics make the trained
+    # network another function than the one the attack crafted its examples against (EfficientNet-Lite0 on CIFAR-10
+    # at 64 px: features of cosine 0.26 between the two modes; studies/lite0_cifar10).
+    freeze_bn_stats: bool = False
     channels_last: bool = False  # NHWC memory format for weights and batches (faster convolutions on GPUs and CPUs)
     # GPUs: let cuDNN time its convolution algorithms for each new shape and keep the fastest (timm's train.py does);
     # sets torch.backends.cudnn.benchmark for the process. It chooses among algorithms for the same convolution, so it

@@ -29,6 +29,18 @@ from .overfit_guard import collapse_record, describe, fgsm_check_attack
 from .schedule import lr_scheduler
 
 
+def freeze_batch_norm_statistics(model: nn.Module) -> int:
+    """Put every batch-norm layer (torch's and timm's norm-act layers, which subclass them) in eval mode: it
+    normalises with its running statistics and stops updating them; its affine weights still get gradients
+    (``TrainConfig.freeze_bn_stats``). Returns how many layers it froze."""
+    frozen = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            frozen += 1
+    return frozen
+
+
 def model_channels(model: nn.Module) -> Optional[int]:
     """The number of image channels ``model`` takes: its recorded input size, else its first convolution's."""
     size = (getattr(model, "casify_config", None) or {}).get("cas", {}).get("input_size") \
@@ -349,6 +361,8 @@ class Trainer(RunFolder):
             with acc.autocast():
                 x_adv = self.attack(self.attack_model, x, y)
         self.model.train()
+        if self.config.freeze_bn_stats:
+            freeze_batch_norm_statistics(self.model)
         with acc.accumulate(self.model):
             with acc.autocast():
                 loss, metrics = self.loss(self.update_model, x, x_adv, y)

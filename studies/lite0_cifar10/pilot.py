@@ -41,6 +41,13 @@ CANDIDATES = {
                          "at_lr": 0.02},
     "probe003_at_eps4": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
                          "at_lr": 0.02, "eps_255": 4},
+    # batch-norm statistics frozen (TrainConfig.freeze_bn_stats) in both phases: in training mode the upsampled
+    # CIFAR batches' statistics make Lite0 another function (features of cosine 0.26 to eval mode's), so the
+    # attack (eval mode) and the update (training mode) saw two different networks in every candidate above
+    "frozen_probe_at_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
+                             "at_lr": 0.01, "freeze_bn_stats": True},
+    "frozen_direct_at_eps8": {**COMMON, "natural_steps": 0, "natural_lr": None, "at_lr": 0.01,
+                              "freeze_bn_stats": True},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
@@ -61,7 +68,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
     train, val = datasets(data_dir, size, c["train_images"], c["val_size"])
     common = dict(cas=False, batch_size=c["batch_size"], weight_decay=c["weight_decay"], schedule="cosine", seed=0,
                   val_max_examples=c["val_size"], val_attack_steps=c["val_attack_steps"], eps=eps,
-                  checkpoint_every_steps=0, progress=False)
+                  checkpoint_every_steps=0, progress=False, freeze_bn_stats=c.get("freeze_bn_stats", False))
     record = {"candidate": c, "phases": []}
     phases = []
     if c["natural_steps"]:
