@@ -166,6 +166,7 @@ def run(recipe: Recipe) -> dict:
 def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out: Path) -> None:
     """The run's hub/ folder (model, card, report, figures), summary.json, the push if asked, the run table."""
     from ..io.publish import write_hub_folder
+    from ..io.push import push_run_folder
     from ..io.run_table import format_run_table
     defended = "-cas" if recipe.train.cas else ""
     model_id = recipe.hub.model_id or f"casify-{recipe.method}{defended}"
@@ -176,22 +177,7 @@ def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if recipe.hub.push:
         label = f"casify {recipe.method}{'+CAS' if recipe.train.cas else ''}"
-        summary["pushed"] = _publish(out / "hub", recipe.hub, label)
+        summary["pushed"] = push_run_folder(out / "hub", recipe.hub.model_id, private=recipe.hub.private,
+                                            force=recipe.hub.force, commit_message=label)
     print(format_run_table(summary))
 
-
-def _publish(folder: Path, hub: HubSection, message: str) -> bool:
-    """Push the run's hub/ folder; a refusal or a failed upload keeps it and prints the command that pushes it."""
-    from ..io.push import PublishRefused, PushFailed, push_folder
-    try:
-        push_folder(folder, hub.model_id, private=hub.private, force=hub.force, commit_message=message)
-    except (PublishRefused, PushFailed) as e:
-        print(f"casify: {e}", file=sys.stderr)
-        return False
-    except Exception as e:  # the Hub went away since the check before training
-        from ..io.push import push_command
-        print(f"casify: the push to {hub.model_id} failed ({type(e).__name__}: {e}); the folder is kept. Push it "
-              f"later with: {push_command(folder, hub.model_id)}", file=sys.stderr)
-        return False
-    print(f"casify: pushed {folder} to https://huggingface.co/{hub.model_id}")
-    return True
