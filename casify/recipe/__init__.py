@@ -70,11 +70,19 @@ def _base_and_weights(spec: ModelSection):
 
 
 def build_model(spec: ModelSection, defense: Optional[DefenseSection] = None) -> nn.Module:
-    """The model to fine-tune: a saved casify folder as it is, or a base model wrapped with the configured defense
-    (default: CAS with its default options)."""
-    defense = defense or DefenseSection()
-    if spec.name and Path(spec.name).is_dir() and (Path(spec.name) / "config.json").exists():
-        return from_pretrained(spec.name)
+    """The model to fine-tune: a base model wrapped with the configured defense (default: CAS with its default
+    options), or a saved casify folder as it is."""
+    if not _is_saved_folder(spec.name):
+        return _wrapped_base(spec, defense or DefenseSection())
+    return from_pretrained(spec.name)
+
+
+def _is_saved_folder(name: Optional[str]) -> bool:
+    return bool(name) and Path(name).is_dir() and (Path(name) / "config.json").exists()
+
+
+def _wrapped_base(spec: ModelSection, defense: DefenseSection) -> nn.Module:
+    """The base model wrapped with ``defense``; its spec names where its weights came from (the model card says)."""
     base, weights = _base_and_weights(spec)
     base_spec = infer_base_spec(base)
     if not spec.pretrained or spec.checkpoint:
