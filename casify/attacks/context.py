@@ -92,11 +92,11 @@ def attack_context(model: nn.Module, routing: Routing = None, y: Optional[torch.
     if routing is not None and not has_routed:
         raise ValueError("a routing was given but the model has no routed defense modules (CAS, CIFS)"
                          if defended else "a routing was given but the model has no CAS modules")
+    override = StraightThrough(model) if straight else contextlib.nullcontext()
     model.eval()
     try:
-        with route(model, labels=routing) if has_routed else contextlib.nullcontext():
-            with StraightThrough(model) if straight else contextlib.nullcontext():
-                yield
+        with route(model, labels=routing) if has_routed else contextlib.nullcontext(), override:
+            yield
     finally:
         for module, training in modes:
             module.training = training

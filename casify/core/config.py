@@ -146,6 +146,34 @@ class DefenseConfig:
             isinstance(l, str) and l != "auto" and not l.startswith("re:") for l in self.layers)
 
 
+@dataclass(frozen=True)
+class SavedConfig:
+    """A saved folder's ``config.json``, read once: the model it describes (upgraded to :data:`CONFIG_VERSION`) and
+    the checked dict as written, whose file fields describe the weights beside it."""
+    config: DefenseConfig
+    checked: dict
+
+    @property
+    def base_spec(self) -> dict:
+        return self.config.base_model
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def weights_dtype(self) -> Optional[str]:
+        """The dtype the floating-point weights were saved in (None: an older folder that did not record it)."""
+        return self.checked.get("weights_dtype")
+
+
+def read_saved_config(path) -> SavedConfig:
+    """``config.json`` at ``path`` as untrusted data: bounded read, every field and the base spec checked
+    (:func:`casify.core.config_validation.read_config`), then upgraded: one step from a file to what is built."""
+    checked = read_config(path)
+    return SavedConfig(DefenseConfig.from_dict(checked, source=str(path)), checked)
+
+
 def _upgrade(data: dict, source: str) -> dict:
     """Bring an older layout up to :data:`CONFIG_VERSION`. Version 1 (also every folder written before
     ``config_version`` existed) knew one defense, so it becomes version 2 with ``defense: {"name": "cas"}``; the

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -69,16 +69,21 @@ def _agreement(model: nn.Module, x: torch.Tensor, modules: List[RoutedDefense]) 
 
 
 @torch.no_grad()
-def _forced(model: nn.Module, x: torch.Tensor, forced: torch.Tensor, only=None) -> torch.Tensor:
-    if only is None:
-        with route(model, labels=forced):
-            return model(x).argmax(dim=1) == forced
-    previous = only.set_router(lambda a: forced.to(a.device))
-    try:
-        with route(model, labels=None):
-            return model(x).argmax(dim=1) == forced
-    finally:
-        only.set_router(previous)
+def _forced(model: nn.Module, x: torch.Tensor, forced: torch.Tensor,
+            modules: List[RoutedDefense]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Per example, whether the output is the ``forced`` class: with every module routed to it, and with each of
+    ``modules`` alone routed to it (the others by their own prediction)."""
+    with route(model, labels=forced):
+        every = model(x).argmax(dim=1) == forced
+    alone = []
+    for module in modules:
+        previous = module.set_router(lambda a: forced.to(a.device))
+        try:
+            with route(model, labels=None):
+                alone.append(model(x).argmax(dim=1) == forced)
+        finally:
+            module.set_router(previous)
+    return every, alone
 
 
 def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, steps: int = 20, beta: float = 2.0,
@@ -91,9 +96,10 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
                          "casify.wrap(model, layers=[...], defense='cas')); this model routes by nothing")
     if len(dataset) == 0 or max_examples < 1:
         raise ValueError(f"routing_echo needs at least one example; got {len(dataset)} (max_examples={max_examples})")
+    modules = [m for _, m in named]
     was_training = model.training
     model.eval()
-    num_classes = named[0][1].num_classes
+    num_classes = modules[0].num_classes
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     n = min(len(dataset), max_examples)
@@ -105,17 +111,18 @@ def routing_echo(model: nn.Module, dataset: Dataset, *, eps: float = 8 / 255, st
     try:
         for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
             x, y = x.to(device), y.to(device)
-            own, clean = _agreement(model, x, [m for _, m in named])
+            own, clean = _agreement(model, x, modules)
             agree_clean += torch.stack([c.float().sum().cpu() for c in clean])
             x_adv = pgd(model, x, y, eps=eps, steps=steps, objective="cas", beta=beta,
                         generator=torch.Generator(device=device).manual_seed(seed))
-            _, adv = _agreement(model, x_adv, [m for _, m in named])
+            _, adv = _agreement(model, x_adv, modules)
             agree_adv += torch.stack([c.float().sum().cpu() for c in adv])
             forced = _wrong_classes(y, num_classes, generator).to(device)
-            forced_all += int(_forced(model, x, forced).sum())
+            every, alone = _forced(model, x, forced, modules)
+            forced_all += int(every.sum())
             forced_null += int((own == forced).sum())
-            for i, (_, module) in enumerate(named):
-                forced_each[i] += float(_forced(model, x, forced, only=module).sum())
+            for i, hits in enumerate(alone):
+                forced_each[i] += float(hits.sum())
     finally:
         model.train(was_training)
     names = [name for name, _ in named]

@@ -18,12 +18,12 @@ from torch import nn
 
 from ..attacks import CASCADE_GROUPS, PRESETS, Attack, get_attack_kind, objective_tag
 from ..defenses import attack_head_count, find_defense_modules
-from ..attacks.threat_model import ball_noise, format_radius, large_eps, with_norm
+from ..attacks.threat_model import LARGE_EPS_LINF, ball_noise, format_radius, large_eps, with_norm
 from . import blackbox
 from .deployed import InputTied
 
 SUITES = ("quick", "standard")
-LARGE_EPS = 128 / 255
+LARGE_EPS = LARGE_EPS_LINF  # the L-inf radius of the eps_monotone check (:func:`large_eps`)
 CHECK_FINAL_LOGITS = "check:pgd20[final-logits]"
 CHECK_ADAPTIVE = "check:pgd20[cas]"
 LARGE_EPS_ROLE = "large-eps"  # the check-only PGD-20 at a radius where nothing should survive (eps_monotone)
@@ -343,10 +343,10 @@ class RowBuilder:
             jobs.append(attack_job(attack.name, "sweep", attack, self.target, in_worst_case=False))
         return jobs
 
-    def checks(self, input_numel: int, has_pgd20: bool) -> List[Job]:
-        """The checks' own attacks, never rows of the report: a large-eps PGD-20 (eps_monotone) and, on a defended
-        model, the references of final_logits_vs_adaptive (an adaptive PGD-20 only when the rows have none)."""
-        big = large_eps(self.norm, input_numel) if self.norm != "linf" else LARGE_EPS
+    def checks(self, big: float, has_pgd20: bool) -> List[Job]:
+        """The checks' own attacks, never rows of the report: a PGD-20 at the large radius ``big`` (eps_monotone)
+        and, on a defended model, the references of final_logits_vs_adaptive (an adaptive PGD-20 only when the rows
+        have none)."""
         attack = Attack(name=f"pgd20@{format_radius(big, self.norm)}", eps=big, steps=20,
                         objective=objective_for(self.defended), norm=self.norm)
         jobs = [attack_job(attack.name, "check", attack, self.target, in_worst_case=False,
@@ -408,5 +408,7 @@ def plan_rows(model: nn.Module, target: nn.Module, attacks: Union[str, Sequence[
         jobs.append(square_job(square_queries, model, eps, norm))
     if checks:
         jobs.append(noise_job(eps, norm))
-    check_jobs = rows.checks(input_numel, has_pgd20=any(j.role == "pgd20" for j in jobs)) if checks else []
+    # the large radius depends on the ball alone (L-inf: LARGE_EPS; L2: the size of one input), not on the model
+    check_jobs = (rows.checks(large_eps(norm, input_numel), has_pgd20=any(j.role == "pgd20" for j in jobs))
+                  if checks else [])
     return seeded(Plan(jobs, rows.sweep(eps_sweep), check_jobs, suite, versions), seed)

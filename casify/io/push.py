@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Union
 
@@ -53,3 +54,20 @@ def push_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: bool 
                  else "Nothing was uploaded; run the same command again once the Hub answers")
         raise PushFailed(f"the upload to {repo_id} failed ({type(e).__name__}: {first}); the folder is kept at "
                          f"{folder}. {retry}") from e
+
+
+def push_run_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: bool = False, force: bool = False,
+                    commit_message: str = "Upload robust model trained with casify") -> bool:
+    """The end of a ``--push_to_hub`` run: push the run's hub/ folder, or keep it and say on stderr why and how to
+    push it later. Whether it was pushed; the run that trained the model never fails at its last step."""
+    try:
+        push_folder(folder, repo_id, private=private, force=force, commit_message=commit_message)
+    except (PublishRefused, PushFailed) as e:
+        print(f"casify: {e}", file=sys.stderr)
+        return False
+    except Exception as e:  # the Hub went away since the check before training
+        print(f"casify: the push to {repo_id} failed ({type(e).__name__}: {e}); the folder is kept. Push it "
+              f"later with: {push_command(folder, repo_id)}", file=sys.stderr)
+        return False
+    print(f"casify: pushed {folder} to https://huggingface.co/{repo_id}")
+    return True

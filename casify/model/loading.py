@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..core.config import DefenseConfig
+from ..core.config import SavedConfig, read_saved_config
 from ..core.config_validation import FORMAT, LoadError, read_config, validate_config  # noqa: F401  (re-exported)
 from .defended import DefendedModel
 from ..io.publish import UPLOAD_FILES, UPLOAD_SUFFIXES, push_to_hub, upload_patterns, write_hub_folder  # noqa: F401
@@ -122,14 +122,32 @@ def check_inside(folder: Path, path: Path) -> None:
                         "only the files inside a model folder; copy the file into it instead of linking")
 
 
-def load_config(path_or_repo, revision: Optional[str] = None, token=None) -> dict:
-    """The checked config of a saved folder or Hub repo (see :func:`casify.core.config_validation.validate_config`)."""
-    folder, _ = _resolve_folder(path_or_repo, revision, token)
+def _config_file(folder: Path) -> Path:
+    """The folder's ``config.json``, refused when absent or a link to outside the folder."""
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise LoadError(f"{folder} has no {CONFIG_NAME}; is it a folder written by casify's save_pretrained?")
     check_inside(folder, config_file)
-    return read_config(config_file)
+    return config_file
+
+
+def load_config(path_or_repo, revision: Optional[str] = None, token=None) -> dict:
+    """The checked config of a saved folder or Hub repo (see :func:`casify.core.config_validation.validate_config`)."""
+    folder, _ = _resolve_folder(path_or_repo, revision, token)
+    return read_config(_config_file(folder))
+
+
+def _weights_file(folder: Path, repo_id: Optional[str], revision: Optional[str], token) -> Path:
+    """The folder's ``model.safetensors``; from the Hub, fetched only now that the config was checked, and of the
+    same snapshot (commit) as the config."""
+    if repo_id is not None:
+        weights = _hub_snapshot(repo_id, WEIGHTS_NAME, _pinned(folder, revision), token) / WEIGHTS_NAME
+    else:
+        weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise LoadError(f"{folder} has no {WEIGHTS_NAME}")
+    check_inside(weights.parent, weights)
+    return weights
 
 
 def _saved_shapes(weights: Path) -> Dict[str, Tuple[int, ...]]:
@@ -162,38 +180,17 @@ def _mismatch_error(weights: Path, detail: List[str]) -> LoadError:
                      "Was the folder written by another model, or is model= not the saved architecture?")
 
 
-def _check_sizes_on_meta(spec: dict, config: dict, weights: Path, cas_config: DefenseConfig, trace_kwargs: dict) -> None:
-    """Refuse a config whose sizes disagree with the weights file before anything is allocated.
+def _shapes(tensors: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
 
-    The base is built and wrapped on the meta device (shapes, no memory) and compared with the tensor shapes in the
-    safetensors header, so the file on disk bounds what is then built for real. An architecture that cannot be built
-    or traced on meta skips the comparison; its kwargs are still bounded and the strict check after loading holds.
-    """
-    saved = _saved_shapes(weights)
-    num_classes = config["cas"]["num_classes"]
-    for key, shape in saved.items():
-        if key.startswith("cas_modules.") and key.endswith(".classifier.weight") and shape[:1] != (num_classes,):
-            raise _mismatch_error(weights, [f"{key}: saved {shape} vs cas.num_classes = {num_classes}"])
-    try:
-        with torch.device("meta"):
-            meta = build_base(spec)
-    except LoadError:
-        raise
-    except Exception:
-        return
-    detail = _mismatch({k: tuple(v.shape) for k, v in meta.state_dict().items()}, saved, unexpected=False)
-    if detail:
-        raise _mismatch_error(weights, detail)
-    try:
-        meta = wrap(meta, cas_config, **trace_kwargs)  # parameters on meta: CAS modules and the dummy input go there too
-    except Exception:
-        return  # the real wrap below reports its own error
-    detail = _mismatch({k: tuple(v.shape) for k, v in meta.state_dict().items()}, saved)
-    if detail:
-        raise _mismatch_error(weights, detail)
+
+class _CannotBuild(LoadError):
+    """The architecture a checked spec names failed to build (a spec the library refuses is a plain LoadError)."""
 
 
 def _build_base(spec: dict) -> nn.Module:
+    """The freshly initialised base a checked spec names, on the current device (meta for :func:`check_weights_fit`,
+    which passes over an architecture that cannot be built there)."""
     if spec["source"] == "custom":
         return build_base(spec)  # raises ValueError: build it yourself and pass it as model=
     try:
@@ -201,8 +198,50 @@ def _build_base(spec: dict) -> nn.Module:
     except LoadError:
         raise
     except Exception as e:  # e.g. a WideResNet depth that is not 6n + 4
-        raise LoadError(f"could not build {spec['source']} model {spec['name']!r} with {spec['kwargs']}: "
-                        f"{type(e).__name__}: {e}") from e
+        raise _CannotBuild(f"could not build {spec['source']} model {spec['name']!r} with {spec['kwargs']}: "
+                           f"{type(e).__name__}: {e}") from e
+
+
+def check_weights_fit(saved: SavedConfig, weights: Path, trace_kwargs: dict) -> None:
+    """Refuse a config whose sizes disagree with the weights file before anything is allocated.
+
+    The base is built and wrapped on the meta device (shapes, no memory) and compared with the tensor shapes in the
+    safetensors header, so the file on disk bounds what is then built for real. An architecture that cannot be built
+    or traced on meta skips the comparison; its kwargs are still bounded and the strict check after loading holds.
+    """
+    on_disk = _saved_shapes(weights)
+    for key, shape in on_disk.items():
+        if key.startswith("cas_modules.") and key.endswith(".classifier.weight") and shape[:1] != (saved.num_classes,):
+            raise _mismatch_error(weights, [f"{key}: saved {shape} vs cas.num_classes = {saved.num_classes}"])
+    try:
+        with torch.device("meta"):
+            meta = _build_base(saved.base_spec)
+    except _CannotBuild:
+        return
+    detail = _mismatch(_shapes(meta.state_dict()), on_disk, unexpected=False)
+    if detail:
+        raise _mismatch_error(weights, detail)
+    try:
+        meta = wrap(meta, saved.config, **trace_kwargs)  # parameters on meta: CAS modules and the dummy input go there too
+    except Exception:
+        return  # the real wrap reports its own error
+    detail = _mismatch(_shapes(meta.state_dict()), on_disk)
+    if detail:
+        raise _mismatch_error(weights, detail)
+
+
+def _load_weights(wrapped: DefendedModel, weights: Path, saved_dtype: Optional[str], map_location) -> DefendedModel:
+    """``wrapped`` holding the file's tensors, strictly: the same names and shapes, and no silent cast."""
+    state = load_file(str(weights), device=str(map_location))
+    detail = _mismatch(_shapes(wrapped.state_dict()), _shapes(state))
+    if detail:
+        raise _mismatch_error(weights, detail)
+    if saved_dtype is not None:
+        _check_file_dtype(weights, state, saved_dtype)
+        wrapped = wrapped.to(getattr(torch, saved_dtype))  # the model is built in the dtype it was saved in
+    _check_dtypes(weights, wrapped.state_dict(), state)
+    wrapped.load_state_dict(state, strict=True)
+    return wrapped
 
 
 def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Module] = None, *,
@@ -215,38 +254,20 @@ def from_pretrained(path_or_repo: Union[str, os.PathLike], model: Optional[nn.Mo
     against the SHA-256 recorded at save time, and the architecture's shapes against the weights before it is built.
     """
     folder, repo_id = _resolve_folder(path_or_repo, revision, token)
-    config = load_config(folder)
-    if repo_id is not None:  # the same snapshot (commit) as the config, the weights file only
-        weights = _hub_snapshot(repo_id, WEIGHTS_NAME, _pinned(folder, revision), token) / WEIGHTS_NAME
-    else:
-        weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise LoadError(f"{folder} has no {WEIGHTS_NAME}")
-    check_inside(weights.parent, weights)
-    verify_weights(weights, config)
-    if isinstance(model, DefendedModel):
-        raise TypeError("pass the original (un-wrapped) architecture as model=, not a wrapped one")
     # The same path as a fresh wrap: the saved DefenseConfig, resolved names only. Fields that describe the file
     # (format, weights_sha256) stay behind; metrics, training and other saved fields come along as inert data.
-    cas_config = DefenseConfig.from_dict(config, source=str(folder / CONFIG_NAME))
+    saved = read_saved_config(_config_file(folder))
+    weights = _weights_file(folder, repo_id, revision, token)
+    verify_weights(weights, saved.checked)
+    if isinstance(model, DefendedModel):
+        raise TypeError("pass the original (un-wrapped) architecture as model=, not a wrapped one")
     trace_kwargs = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     if model is None:
-        if cas_config.base_model["source"] != "custom":
-            _check_sizes_on_meta(cas_config.base_model, config, weights, cas_config, trace_kwargs)
-        model = _build_base(cas_config.base_model)
-    wrapped = wrap(model, cas_config, **trace_kwargs)
-    state = load_file(str(weights), device=str(map_location))
-    detail = _mismatch({k: tuple(v.shape) for k, v in wrapped.state_dict().items()},
-                       {k: tuple(v.shape) for k, v in state.items()})
-    if detail:
-        raise _mismatch_error(weights, detail)
-    saved_dtype = config.get("weights_dtype")
-    if saved_dtype is not None:
-        _check_file_dtype(weights, state, saved_dtype)
-        wrapped = wrapped.to(getattr(torch, saved_dtype))  # the model is built in the dtype it was saved in
-    _check_dtypes(weights, wrapped.state_dict(), state)
-    wrapped.load_state_dict(state, strict=True)
-    return wrapped
+        if saved.base_spec["source"] != "custom":
+            check_weights_fit(saved, weights, trace_kwargs)
+        model = _build_base(saved.base_spec)
+    wrapped = wrap(model, saved.config, **trace_kwargs)
+    return _load_weights(wrapped, weights, saved.weights_dtype, map_location)
 
 
 def _check_file_dtype(weights: Path, state: Dict[str, torch.Tensor], saved_dtype: str) -> None:

@@ -77,7 +77,8 @@ def wrap(model: nn.Module, layers: Union[LayerSpec, DefenseConfig] = "auto", *, 
                            input_size=input_size, channel_dims=channel_dims, base_spec=base_spec,
                            class_names=class_names, defense=defense, defense_options=options,
                            layer_options=layer_options or {})
-    return DefendedModel.from_rewrite(model, rewrite(model, config, leaf_modules, autowrap_functions))
+    rewritten = rewrite(model, config, leaf_modules, autowrap_functions)
+    return DefendedModel.from_rewrite(model, rewritten)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

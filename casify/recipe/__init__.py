@@ -70,11 +70,19 @@ def _base_and_weights(spec: ModelSection):
 
 
 def build_model(spec: ModelSection, defense: Optional[DefenseSection] = None) -> nn.Module:
-    """The model to fine-tune: a saved casify folder as it is, or a base model wrapped with the configured defense
-    (default: CAS with its default options)."""
-    defense = defense or DefenseSection()
-    if spec.name and Path(spec.name).is_dir() and (Path(spec.name) / "config.json").exists():
-        return from_pretrained(spec.name)
+    """The model to fine-tune: a base model wrapped with the configured defense (default: CAS with its default
+    options), or a saved casify folder as it is."""
+    if not _is_saved_folder(spec.name):
+        return _wrapped_base(spec, defense or DefenseSection())
+    return from_pretrained(spec.name)
+
+
+def _is_saved_folder(name: Optional[str]) -> bool:
+    return bool(name) and Path(name).is_dir() and (Path(name) / "config.json").exists()
+
+
+def _wrapped_base(spec: ModelSection, defense: DefenseSection) -> nn.Module:
+    """The base model wrapped with ``defense``; its spec names where its weights came from (the model card says)."""
     base, weights = _base_and_weights(spec)
     base_spec = infer_base_spec(base)
     if not spec.pretrained or spec.checkpoint:
@@ -166,6 +174,7 @@ def run(recipe: Recipe) -> dict:
 def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out: Path) -> None:
     """The run's hub/ folder (model, card, report, figures), summary.json, the push if asked, the run table."""
     from ..io.publish import write_hub_folder
+    from ..io.push import push_run_folder
     from ..io.run_table import format_run_table
     defended = "-cas" if recipe.train.cas else ""
     model_id = recipe.hub.model_id or f"casify-{recipe.method}{defended}"
@@ -176,22 +185,7 @@ def _write_outputs(recipe: Recipe, robust: nn.Module, report, summary: dict, out
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if recipe.hub.push:
         label = f"casify {recipe.method}{'+CAS' if recipe.train.cas else ''}"
-        summary["pushed"] = _publish(out / "hub", recipe.hub, label)
+        summary["pushed"] = push_run_folder(out / "hub", recipe.hub.model_id, private=recipe.hub.private,
+                                            force=recipe.hub.force, commit_message=label)
     print(format_run_table(summary))
 
-
-def _publish(folder: Path, hub: HubSection, message: str) -> bool:
-    """Push the run's hub/ folder; a refusal or a failed upload keeps it and prints the command that pushes it."""
-    from ..io.push import PublishRefused, PushFailed, push_folder
-    try:
-        push_folder(folder, hub.model_id, private=hub.private, force=hub.force, commit_message=message)
-    except (PublishRefused, PushFailed) as e:
-        print(f"casify: {e}", file=sys.stderr)
-        return False
-    except Exception as e:  # the Hub went away since the check before training
-        from ..io.push import push_command
-        print(f"casify: the push to {hub.model_id} failed ({type(e).__name__}: {e}); the folder is kept. Push it "
-              f"later with: {push_command(folder, hub.model_id)}", file=sys.stderr)
-        return False
-    print(f"casify: pushed {folder} to https://huggingface.co/{hub.model_id}")
-    return True
