@@ -39,6 +39,12 @@ def test_backbone_kept_classifier_reinitialised_and_named(imagenet_like, capsys)
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("classifier."))
     assert model.classifier.weight.shape[0] == 10
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()  # head_init="zero": logits start at 0
+    timm_init, loaded_timm = create_timm_from_checkpoint("test_efficientnet", path, num_classes=10, head_init="timm")
+    assert timm_init.classifier.weight.abs().sum() > 0 and loaded_timm.head_init == "timm"
+    assert "starts at zero" in loaded.describe() and "starts at zero" not in loaded_timm.describe()
+    with pytest.raises(CheckpointError, match="head_init must be one of"):
+        create_timm_from_checkpoint("test_efficientnet", path, num_classes=10, head_init="xavier")
     assert set(loaded.dropped) == {"classifier.weight", "classifier.bias"}
     assert loaded.dropped["classifier.weight"][0] == 1000 and loaded.num_classes == 10
     assert model.pretrained_cfg["mean"] == timm.create_model("test_efficientnet").pretrained_cfg["mean"]

@@ -48,6 +48,13 @@ CANDIDATES = {
                              "at_lr": 0.01, "freeze_bn_stats": True},
     "frozen_direct_at_eps8": {**COMMON, "natural_steps": 0, "natural_lr": None, "at_lr": 0.01,
                               "freeze_bn_stats": True},
+    # ... and the new classifier starting at zero (create_timm_from_checkpoint's head_init="zero"): every candidate
+    # above started from timm's EfficientNet init scaled for 10 classes, whose logits on Lite0's features give a
+    # first loss of ~13
+    "zero_frozen_direct_eps8": {**COMMON, "natural_steps": 0, "natural_lr": None, "at_lr": 0.01,
+                                "freeze_bn_stats": True, "head_init": "zero"},
+    "zero_frozen_probe_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
+                               "at_lr": 0.01, "freeze_bn_stats": True, "head_init": "zero"},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
@@ -61,7 +68,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
     from studies.lite0_cifar10.study import datasets
     c = CANDIDATES[name]
     torch.manual_seed(0)
-    base, _ = create_timm_from_checkpoint(c["arch"], checkpoint, num_classes=10)
+    base, _ = create_timm_from_checkpoint(c["arch"], checkpoint, num_classes=10, head_init=c.get("head_init", "timm"))
     size = c["image_size"]
     eps = c.get("eps_255", 8) / 255  # pixel space, L-inf
     model = casify.wrap(base, [], input_size=(3, size, size))
