@@ -55,6 +55,13 @@ CANDIDATES = {
                                 "freeze_bn_stats": True, "head_init": "zero"},
     "zero_frozen_probe_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
                                "at_lr": 0.01, "freeze_bn_stats": True, "head_init": "zero"},
+    # both collapsed in AT to one class (loss ln 10, held-out 7.8 %): at eps 4/255 instead, and at 8/255 with a
+    # five times smaller AT learning rate
+    "zero_frozen_probe_eps4": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
+                               "at_lr": 0.01, "freeze_bn_stats": True, "head_init": "zero", "eps_255": 4},
+    "zero_frozen_probe_eps8_lr002": {**COMMON, "natural_steps": 78, "natural_lr": 0.003,
+                                     "natural_trainable": "classifier", "at_lr": 0.002, "freeze_bn_stats": True,
+                                     "head_init": "zero"},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
