@@ -134,8 +134,8 @@ def create_timm_from_checkpoint(name: str, checkpoint, head_init: str = "zero",
     ``head_init``: how a re-initialised classifier starts. ``"zero"`` (default; Kolesnikov et al. 2020, BiT, for
     transfer): logits start at 0, so the first steps neither send large gradients into the pretrained backbone nor
     start from a loss far above chance. ``"timm"``: the architecture's own init, which timm scales by the *new*
-    class count: EfficientNet's uniform(+-1/sqrt(10)) for 10 classes gives Lite0's pooled features (norm ~47 on
-    64-px CIFAR-10) logits of std ~9 and a first loss of ~13 (studies/lite0_cifar10)."""
+    class count: EfficientNet's uniform(+-1/sqrt(10)) for 10 classes gives Lite0's pooled features (norm ~50 on
+    64-px CIFAR-10) a first loss of 11.5 (studies/lite0_cifar10/fine_tune_checks.py)."""
     import timm
     if head_init not in HEAD_INITS:
         raise CheckpointError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")

@@ -42,7 +42,7 @@ CANDIDATES = {
     "probe003_at_eps4": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
                          "at_lr": 0.02, "eps_255": 4},
     # batch-norm statistics frozen (TrainConfig.freeze_bn_stats) in both phases: in training mode the upsampled
-    # CIFAR batches' statistics make Lite0 another function (features of cosine 0.26 to eval mode's), so the
+    # CIFAR batches' statistics make Lite0 another function (pooled features of mean cosine 0.30 to eval mode's), so the
     # attack (eval mode) and the update (training mode) saw two different networks in every candidate above
     "frozen_probe_at_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
                              "at_lr": 0.01, "freeze_bn_stats": True},
@@ -50,7 +50,7 @@ CANDIDATES = {
                               "freeze_bn_stats": True},
     # ... and the new classifier starting at zero (create_timm_from_checkpoint's head_init="zero"): every candidate
     # above started from timm's EfficientNet init scaled for 10 classes, whose logits on Lite0's features give a
-    # first loss of ~13
+    # first loss of 11.5
     "zero_frozen_direct_eps8": {**COMMON, "natural_steps": 0, "natural_lr": None, "at_lr": 0.01,
                                 "freeze_bn_stats": True, "head_init": "zero"},
     "zero_frozen_probe_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier",
