@@ -365,12 +365,12 @@ def work(study: Study, runs_dir: Path, only: Sequence[str] = (), records: Option
     data = {}
     started = time.time()
     for name, seed in study.schedule:
-        if only and name not in only or (records is not None and study.done(runs_dir, name, seed, records)):
-            continue
-        if records is not None and study.done(runs_dir, name, seed):  # finished here, not archived yet
-            archive_run(study, runs_dir, records, name, seed)
+        if only and name not in only or records is not None and study.complete(archived(records, name, seed),
+                                                                                name, seed):
             continue
         if study.done(runs_dir, name, seed):
+            if records is not None:  # finished here, not archived yet
+                archive_run(study, runs_dir, records, name, seed)
             continue
         if stop_after is not None and time.time() - started > stop_after:
             print(f"[stop] {stop_after / 60:.0f} minutes passed: no new run taken", flush=True)

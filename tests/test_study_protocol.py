@@ -103,3 +103,15 @@ def test_too_few_seeds_still_report_each_metrics_per_seed_differences(protocol):
     for metric in ("worst_case", "matched", "natural"):
         out = protocol.comparison(runs, "at_cas", "at", metric)
         assert "the rule needs 3" in out["verdict"] and len(out["per_seed_diff"]) == 2
+
+
+def test_a_worker_archives_runs_finished_before_it_started(protocol, tmp_path):
+    """A run that finished in the scratch folder but was never archived (its worker was stopped in between) is
+    archived by the next worker, not trained again."""
+    study = protocol.Study(name="toy", arms={"at": protocol.Arm()}, schedule=[("at", 0)], build_model=None,
+                           datasets=None, test_set=None, train_config=None)
+    scratch, records = tmp_path / "scratch", tmp_path / "studies" / "toy"
+    _finished_run(protocol, scratch / "at_s0", 0)
+    protocol.work(study, scratch, records=records)
+    assert study.complete(protocol.archived(records, "at", 0), "at", 0)
+    assert not (scratch / "at_s0" / "error.json").exists() and not (scratch / "at_s0" / ".claim").exists()
