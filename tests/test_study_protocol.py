@@ -115,3 +115,14 @@ def test_a_worker_archives_runs_finished_before_it_started(protocol, tmp_path):
     protocol.work(study, scratch, records=records)
     assert study.complete(protocol.archived(records, "at", 0), "at", 0)
     assert not (scratch / "at_s0" / "error.json").exists() and not (scratch / "at_s0" / ".claim").exists()
+
+
+def test_archived_run_records_are_not_ignored_by_git():
+    """The archive exists to be committed: .gitignore's scratch patterns (runs/, outputs/) must not swallow it."""
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("studies/some_study/runs/at_s0/score.json", "studies/some_study/models/at_s0/model.safetensors"):
+        done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path])
+        assert done.returncode == 1, f"{path} is ignored by git"
