@@ -156,3 +156,14 @@ def test_lite0_runs_share_their_seeds_natural_base(studies_importable, tmp_path,
     monkeypatch.setattr(lite0, "WEIGHTS_SHA256", "0" * 64)
     with pytest.raises(ValueError, match="not the study's ImageNet weights"):
         lite0.build_model(arm, 0, str(ckpt), runs)
+
+
+def test_a_paused_study_takes_no_run_until_amended(studies_importable):
+    from studies.lite0_cifar10 import study as lite0
+    with pytest.raises(SystemExit, match="paused"):
+        lite0.check_not_paused({"paused": {"why": "under-trains"}})
+    lite0.check_not_paused({"paused": {"why": "under-trains"}, "amendments": [{"protocol": {}}]})
+    lite0.check_not_paused(None)
+    committed = _json(STUDIES / "lite0_cifar10" / "results" / "study.json")
+    with pytest.raises(SystemExit):  # today's committed record: paused, no amendment
+        lite0.check_not_paused(committed)

@@ -56,7 +56,9 @@ SCHEDULE = ([(arm, s) for s in SEEDS for arm in ARMS]
             + [(arm, s) for s in (3, 4) for arm, seeds in EXTRA_SEEDS.items() if s in seeds])
 # Written before the first run, from the input-size measurement (results/input_size.json) and the budget (about
 # 8 CPU-hours for the study on two processes of one thread each); see README.md.
-PROTOCOL = {"arch": ARCH, "natural_steps": 78, "natural_lr": 0.1, "natural_trainable": "classifier", "image_size": 64, "train_images": 10000, "val_start": 45000, "val_size": 500, "epochs": 2.0,
+# Paused (results/study.json): the natural_* keys and ARCH are the pilots' fixes, not yet an amendment; --work refuses
+# to run until study.json records one.
+PROTOCOL = {"arch": ARCH, "natural_steps": 78, "natural_lr": 0.003, "natural_trainable": "classifier", "image_size": 64, "train_images": 10000, "val_start": 45000, "val_size": 500, "epochs": 2.0,
             "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine",
             "warmup_steps": 20, "attack_steps": 3, "eps": "8/255", "attack_alpha": "2.5 * eps / 3",
             "val_attack_steps": 10, "selection": "last step (final/), the same for every arm", "test": "test846.npz"}
@@ -178,7 +180,16 @@ def train_config(name: str, arm: Arm, seed: int, out: Path):
                        checkpoint_every_steps=20, progress=False, output_dir=str(out))
 
 
+def check_not_paused(record: Optional[dict]) -> None:
+    """A paused study takes no run until its amendment is written into results/study.json ("amendments")."""
+    if record and record.get("paused") and not record.get("amendments"):
+        raise SystemExit("lite0_cifar10 is paused (results/study.json, 'paused' and 'pilots_after_pause'): write the "
+                         "amendment chosen on held-out data into its 'amendments' before any run")
+
+
 def study(args) -> Study:
+    if getattr(args, "work", False):
+        check_not_paused(protocol.read_json(RESULTS / "study.json"))
     data_dir = Path(args.data_dir)
     routed = {n for n, a in ARMS.items() if a.defense in ("cas", "cifs")}
     return Study(

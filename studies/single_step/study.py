@@ -74,6 +74,8 @@ def train_config(name: str, arm: Arm, seed: int, out: Path):
 
 
 def study(args) -> Study:
+    if getattr(args, "work", False) and not (args.only and all(RUNS[n][0] == "claims" for n in args.only)):
+        lite0.check_not_paused(protocol.read_json(lite0.RESULTS / "study.json"))  # its Lite0 arms use that protocol
     data_dir = Path(args.data_dir)
     data = {"claims": lambda: claims.datasets(data_dir), "lite0": lambda: lite0.datasets(data_dir)}
     tests = {"claims": lambda: claims.test_set(data_dir), "lite0": lambda: lite0.test_set(data_dir)}
