@@ -82,7 +82,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
     import casify
     from casify.models.pretrained_weights import create_timm_from_checkpoint
     from casify.train import TrainConfig, Trainer
-    from studies.lite0_cifar10.study import datasets
+    from studies.lite0_cifar10.study import datasets, train_only_classifier
     c = CANDIDATES[name]
     torch.manual_seed(0)
     base, _ = create_timm_from_checkpoint(c["arch"], checkpoint, num_classes=10, head_init=c.get("head_init", "timm"))
@@ -104,10 +104,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
                                          attack_steps=c["attack_steps"], attack_alpha=2.5 * eps / 3,
                                          output_dir=str(runs_dir / name / "at"), **common)))
     for phase, config in phases:
-        only_head = phase == "natural" and c.get("natural_trainable") == "classifier"
-        head = set(id(p) for p in base.get_classifier().parameters())
-        for p in model.parameters():
-            p.requires_grad_(not only_head or id(p) in head)
+        train_only_classifier(model, base, phase == "natural" and c.get("natural_trainable") == "classifier")
         start = time.time()
         state = Trainer(model, train, val, config).train(overwrite=True)
         record["phases"].append({"phase": phase, "steps": state.global_step, "seconds": round(time.time() - start, 1),

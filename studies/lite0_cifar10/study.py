@@ -81,6 +81,14 @@ def imagenet_base(checkpoint: str):
     return base
 
 
+def train_only_classifier(model: torch.nn.Module, base: torch.nn.Module, only: bool) -> None:
+    """``only``: a linear probe, the ImageNet features stay as they are (every other weight frozen); else every
+    weight trains."""
+    head = {id(w) for w in base.get_classifier().parameters()}
+    for w in model.parameters():
+        w.requires_grad_(not only or id(w) in head)
+
+
 def natural_folder(runs_dir: Path, seed: int) -> Path:
     return Path(runs_dir) / f"natural_s{seed}"
 
@@ -107,10 +115,7 @@ def natural_base(seed: int, checkpoint: str, data, runs_dir: Path) -> dict:
         base = imagenet_base(checkpoint)
         size = p["image_size"]
         model = casify.wrap(base, [], input_size=(3, size, size))  # shares its modules with ``base``
-        if p["natural_trainable"] == "classifier":  # a linear probe: the ImageNet features stay as they are
-            head = {id(w) for w in base.get_classifier().parameters()}
-            for w in model.parameters():
-                w.requires_grad_(id(w) in head)
+        train_only_classifier(model, base, p["natural_trainable"] == "classifier")
         config = TrainConfig(method="standard", cas=False, epochs=1.0, max_steps=p["natural_steps"],
                              batch_size=p["batch_size"], lr=p["natural_lr"], momentum=p["momentum"],
                              weight_decay=p["weight_decay"], schedule="cosine", seed=seed,
@@ -120,8 +125,7 @@ def natural_base(seed: int, checkpoint: str, data, runs_dir: Path) -> dict:
         weights = out / "base.safetensors"
         atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in base.state_dict().items()},
                                                     str(tmp)))
-        for w in base.parameters():
-            w.requires_grad_(True)
+        train_only_classifier(model, base, False)
         protocol.write_json(record_path, {
             "seed": seed, "steps": state.global_step, "seconds": round(seconds, 1),
             "validation_seconds": round(validation, 1), "history": state.history, "config": config.to_dict(),
