@@ -73,33 +73,28 @@ def evaluate(model: Union[nn.Module, str, os.PathLike], dataset, *,
             sharded over processes and per-example results gathered with ``gather_for_metrics``.
     """
     start_time = time.perf_counter()
-    source = None
-    if isinstance(model, (str, os.PathLike)):
-        from ..model.loading import from_pretrained
-        source = os.fspath(model)
-        model = from_pretrained(model)
-    if isinstance(transfer_from, (str, os.PathLike)):
-        from ..model.loading import from_pretrained
-        transfer_from = from_pretrained(transfer_from)
-    if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import Accelerator
-        accelerator = Accelerator()
-    if accelerator is not None:
-        device = accelerator.device
-    model = unwrap_parallel(model)
-    device = _default_device(model, device)
-    model.to(device)
-    if transfer_from is not None:
-        transfer_from = unwrap_parallel(transfer_from).to(device)
-
+    model, source = _as_model(model)
     data, data_name, split = _as_dataset(dataset)
     if max_examples is not None:
         if int(max_examples) < 1:
             raise ValueError(f"max_examples must be at least 1 (None: every example), got {max_examples}")
         data = Subset(data, range(min(int(max_examples), len(data))))
-    # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size
+    # the CLI's guards, here too: no examples, 0..255 / uint8 / NaN images, another class count or image size;
+    # checked before the surrogate is loaded or the model moved
     fit = check_data_fits(model, data, "the data" if data_name == "tensors" else
                           f"the {data_name}{f' {split}' if split else ''} data")
+    if transfer_from is not None:
+        transfer_from, _ = _as_model(transfer_from)
+    if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+        accelerator = Accelerator()
+    if accelerator is not None:
+        device = accelerator.device
+    device = _default_device(model, device)
+    model.to(device)
+    if transfer_from is not None:
+        transfer_from.to(device)
+
     norm = check_norm(norm)
     eps = check_eps(eps, norm=norm)  # "8/255" as the README writes radii; an L-inf eps=8 is an error suggesting /255
     eps_sweep = None if eps_sweep is None else [check_eps(e, norm=norm) for e in eps_sweep]
@@ -209,6 +204,16 @@ def protocol(defended: bool, per_attack: bool, max_examples: Optional[int]) -> d
         "eps_sweep": "at each radius of the sweep the same rows run again (seeded alike, no checks); the curve keeps "
                      "natural, the per-example worst case and each family; pgd20@<eps> is that run's main PGD-20 row",
     }
+
+
+def _as_model(model: Union[nn.Module, str, os.PathLike]) -> Tuple[nn.Module, Optional[str]]:
+    """The module to evaluate and, for a folder or Hub id, where it was loaded from: a module is taken out of any
+    (Distributed)DataParallel / DeepSpeed wrapper (:func:`~casify.evaluate.deployed.unwrap_parallel`); a folder or Hub id
+    is loaded (:func:`casify.from_pretrained`, which returns the model itself, never a parallel wrapper)."""
+    if isinstance(model, nn.Module):
+        return unwrap_parallel(model), None
+    from ..model.loading import from_pretrained
+    return from_pretrained(model), os.fspath(model)
 
 
 GENERIC_DATASETS = ("TensorImageDataset", "TensorDataset", "Subset", "NpzDataset")
