@@ -125,7 +125,8 @@ def test_lite0_runs_share_their_seeds_natural_base(studies_importable, tmp_path,
     import torch
     from safetensors.torch import load_file, save_file
 
-    from studies import _protocol as protocol
+    from studies._protocol import Arm
+    from studies._records import read_json, sha256
     from studies.lite0_cifar10 import study as lite0
     torch.manual_seed(1)
     ckpt = tmp_path / "in1k.safetensors"
@@ -134,20 +135,20 @@ def test_lite0_runs_share_their_seeds_natural_base(studies_importable, tmp_path,
     for key, value in {"arch": "test_efficientnet", "image_size": 32, "natural_steps": 3, "batch_size": 8,
                        "val_size": 8, "val_attack_steps": 1}.items():
         monkeypatch.setitem(lite0.PROTOCOL, key, value)
-    monkeypatch.setattr(lite0, "WEIGHTS_SHA256", protocol.sha256(ckpt))
+    monkeypatch.setattr(lite0, "WEIGHTS_SHA256", sha256(ckpt))
     g = torch.Generator().manual_seed(0)
     data = (torch.utils.data.TensorDataset(torch.rand(24, 3, 32, 32, generator=g), torch.arange(24) % 10),
             torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % 10))
     runs = tmp_path / "runs"
     out = runs / "at_cas_s0"
     out.mkdir(parents=True)
-    arm = protocol.Arm("at", "cas", ["blocks.1"])
+    arm = Arm("at", "cas", ["blocks.1"])
     lite0.prepare("at_cas", arm, 0, out, data, str(ckpt), runs)
-    record = protocol.read_json(out / "natural_base.json")
-    assert record["steps"] == 3 and record["imagenet_sha256"] == protocol.sha256(ckpt)
-    assert record == protocol.read_json(runs / "natural_s0" / "natural_base.json")
+    record = read_json(out / "natural_base.json")
+    assert record["steps"] == 3 and record["imagenet_sha256"] == sha256(ckpt)
+    assert record == read_json(runs / "natural_s0" / "natural_base.json")
     natural = load_file(str(runs / "natural_s0" / "base.safetensors"))
-    assert record["base_sha256"] == protocol.sha256(runs / "natural_s0" / "base.safetensors")
+    assert record["base_sha256"] == sha256(runs / "natural_s0" / "base.safetensors")
     model = lite0.build_model(arm, 0, str(ckpt), runs)
     own = model.state_dict()
     from casify.defenses import find_defense_modules

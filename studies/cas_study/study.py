@@ -40,6 +40,9 @@ from pathlib import Path
 import torch
 
 from studies import _protocol as protocol
+from studies._records import read_json, results_of, sha256, write_json
+from studies._report import pct
+from studies._scoring import score_saturation
 from studies.paper_claims import study as claims  # the protocol, the dataset split and the scoring suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -175,7 +178,7 @@ def train_one(args, name: str, seed: int, train_set, val_set) -> None:
     folder = model_folder(args, name, seed)
     record = {"arm": name, "seed": seed, "seconds": round(seconds, 1), "steps": state.global_step,
               "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
-              "selected_folder": folder.name, "model_sha256": protocol.sha256(folder / "model.safetensors"),
+              "selected_folder": folder.name, "model_sha256": sha256(folder / "model.safetensors"),
               "config": cfg.to_dict(), "torch": torch.__version__, "machine": platform.machine()}
     (out / "train_record.json").write_text(json.dumps(record, indent=1, default=str))
     print(f"[train] {name} s{seed}: {record['seconds']:.0f}s, selected step {state.best_step}", flush=True)
@@ -209,38 +212,38 @@ def score_one(args, name: str, seed: int) -> None:
     folder = model_folder(args, name, seed)
     model = claims.load_model(folder)
     cas = bool(ARMS[name][1])
-    sha = protocol.sha256(folder / "model.safetensors")
+    sha = sha256(folder / "model.safetensors")
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     committed = seed in COMMITTED_SEEDS.get(name, ())
     if not committed and not (out / "score.json").exists():
-        protocol.write_json(out / "score.json", union_record(name, seed, model, test, cas, sha))
+        write_json(out / "score.json", union_record(name, seed, model, test, cas, sha))
     if not committed and not cas and not (out / "matched.json").exists():
         # a plain model's union is the matched list itself (the same seven rows, the same seeds): no second run
         score = json.loads((out / "score.json").read_text())
-        protocol.write_json(out / "matched.json", {"rows": "the union's rows (identical for a plain model)",
-                                      "worst_case": score["worst_case"],
-                                      "per_example": score["per_example"]["worst_case"], "seconds": 0.0})
+        write_json(out / "matched.json", {"rows": "the union's rows (identical for a plain model)",
+                                          "worst_case": score["worst_case"],
+                                          "per_example": score["per_example"]["worst_case"], "seconds": 0.0})
     if not committed and name in MATCHED_ARMS and not (out / "matched.json").exists():
         start = time.time()
         report = _score(model, test, claims.attack_list(cas)[:MATCHED_ROWS])
-        protocol.write_json(out / "matched.json", {"rows": [r.name for r in report.attacks],
-                                      "worst_case": report.worst_case["accuracy"],
-                                      "per_example": report.per_example["worst_case"],
-                                      "seconds": round(time.time() - start, 1)})
+        write_json(out / "matched.json", {"rows": [r.name for r in report.attacks],
+                                          "worst_case": report.worst_case["accuracy"],
+                                          "per_example": report.per_example["worst_case"],
+                                          "seconds": round(time.time() - start, 1)})
     if not committed and name in SATURATION_ARMS and not (out / "saturation.json").exists():
         # the shared saturation check (the same restarts, seed and record as every study's)
-        protocol.write_json(out / "saturation.json", protocol.score_saturation(
+        write_json(out / "saturation.json", score_saturation(
             model, test, cas, json.loads((out / "score.json").read_text()), EPS))
     authors = authors_row(name)
     if authors is not None and not (out / "authors.json").exists():
         report = evaluate(model, test, attacks=[authors], eps=EPS, seed=0, progress=False, checks=False)
-        protocol.write_json(out / "authors.json", {"row": authors.to_dict(), "accuracy": report.worst_case["accuracy"],
-                                      "per_example": report.per_example["worst_case"]})
+        write_json(out / "authors.json", {"row": authors.to_dict(), "accuracy": report.worst_case["accuracy"],
+                                          "per_example": report.per_example["worst_case"]})
     if cas and DEFENSES[defense_of(name)].routed and not (out / "echo.json").exists():
         start = time.time()
         echo = routing_echo(model, test, eps=EPS, steps=ECHO["steps"], beta=ARMS[name][2],
                             max_examples=ECHO["max_examples"], seed=0)
-        protocol.write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)})
+        write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha, "seconds": round(time.time() - start, 1)})
         print(f"[echo] {name} s{seed}: forced {echo.forced_all:.3f} agreement {echo.head_agreement_clean}", flush=True)
 
 
@@ -286,8 +289,8 @@ def collect(args) -> list:
     for name, seeds in COMMITTED_SEEDS.items():
         for s in seeds:
             r = committed["runs"][f"{name}/s{s}"]
-            echo = protocol.read_json(run_dir(args, name, s) / "echo.json")
-            retrained = protocol.read_json(run_dir(args, name, s) / "train_record.json")
+            echo = read_json(run_dir(args, name, s) / "echo.json")
+            retrained = read_json(run_dir(args, name, s) / "train_record.json")
             runs.append({"arm": name, "seed": s, **_cas_settings(name),
                          "paper_style": r["rows"].get("pgd20[cas]" if ARMS[name][1] else "pgd20"),
                          "natural": r["natural"], "worst_case": r["worst_case"], "n": r["n"],
@@ -299,12 +302,12 @@ def collect(args) -> list:
         if seed in COMMITTED_SEEDS.get(name, ()):
             continue
         out = run_dir(args, name, seed)
-        score = protocol.read_json(out / "score.json")
+        score = read_json(out / "score.json")
         if score is None:
             continue
-        train = protocol.read_json(out / "train_record.json")
-        matched = protocol.read_json(out / "matched.json")
-        authors = protocol.read_json(out / "authors.json")
+        train = read_json(out / "train_record.json")
+        matched = read_json(out / "matched.json")
+        authors = read_json(out / "authors.json")
         runs.append({"arm": name, "seed": seed, **_cas_settings(name),
                      "defense": defense_of(name) if ARMS[name][1] else None,
                      "authors_evaluation": authors["accuracy"] if authors else None,
@@ -312,7 +315,7 @@ def collect(args) -> list:
                          score["per_example"], "pgd20[cas]" if ARMS[name][1] else "pgd20")),
                      "natural": score["natural"], "worst_case": score["worst_case"], "n": score["n"],
                      "matched_worst_case": matched["worst_case"] if matched else None,
-                     "saturation": protocol.read_json(out / "saturation.json"), "echo": protocol.read_json(out / "echo.json"),
+                     "saturation": read_json(out / "saturation.json"), "echo": read_json(out / "echo.json"),
                      "gradient_masking_suspected": score["gradient_masking_suspected"],
                      "failed_checks": score["failed_checks"], "model_sha256": score["model_sha256"],
                      "selected_step": train["best_step"], "steps": train["steps"], "train_seconds": train["seconds"],
@@ -419,9 +422,9 @@ def cmd_report(args) -> None:
     family = json.loads(fpath.read_text()) if fpath.exists() else {"decision_rule": family_rule()}
     family["comparisons"] = {k: compare(args, runs, a, b) for k, (a, b) in FAMILY_COMPARISONS.items()}
     family["runs"] = family_runs
-    protocol.write_json(fpath, family)
+    write_json(fpath, family)
     (Path(args.results_dir) / "defense_family.md").write_text(family_markdown(family))
-    protocol.write_json(path, record)
+    write_json(path, record)
     (Path(args.results_dir).parent / "README.md").write_text(markdown(record))
     (Path(args.results_dir) / "channel_defenses_table.md").write_text(headline_table(args, record, family))
     figure(record, Path(args.results_dir) / "cas_study.png")
@@ -469,14 +472,14 @@ def markdown(record: dict) -> str:
     for r in record["runs"]:
         sat = r.get("saturation")
         echo = r.get("echo")
-        e1 = f"{protocol.pct(echo['forced_all'])} (chance {protocol.pct(echo['chance'])})" if echo else "-"
-        e2 = (f"{protocol.pct(echo['head_agreement_clean'][0])} / {protocol.pct(echo['head_agreement_adversarial'][0])}"
+        e1 = f"{pct(echo['forced_all'])} (chance {pct(echo['chance'])})" if echo else "-"
+        e2 = (f"{pct(echo['head_agreement_clean'][0])} / {pct(echo['head_agreement_adversarial'][0])}"
               if echo else "-")
         s = f"{sat['newly_fooled']} / {sat['survivors']}" if sat else "-"
         if echo and r.get("retrained_sha256_matches") is False:  # the echo is a retrained model's, not this one's
             e1, e2 = e1 + " (r)", e2 + " (r)"
-        lines.append(f"| {r['arm']} | {r['seed']} | {'-' if r['beta'] is None else r['beta']} | {r['train_routing'] or '-'} | {protocol.pct(r['natural'])} | "
-                     f"{protocol.pct(r['worst_case'])} | {protocol.pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
+        lines.append(f"| {r['arm']} | {r['seed']} | {'-' if r['beta'] is None else r['beta']} | {r['train_routing'] or '-'} | {pct(r['natural'])} | "
+                     f"{pct(r['worst_case'])} | {pct(r.get('matched_worst_case'))} | {s} | {e1} | {e2} | "
                      f"`{r['model_sha256'][:16]}` |")
     if any(r.get("retrained_sha256_matches") is False for r in record["runs"]):
         lines += ["", "(r): the echo of a retrained model. The committed model of that row was retrained with the "
@@ -601,7 +604,7 @@ def retrofit_rows() -> list:
     (retrofit_standard.json, eps 8/255) and the robust resnet4b with CAS on its head's hidden layer
     (retrofit_head.json, eps 2/255); means over seeds, points vs the AT arm of the same study."""
     rows = []
-    standard = protocol.read_json(protocol.results_of("retrofit_standard") / "retrofit_standard.json")
+    standard = read_json(results_of("retrofit_standard") / "retrofit_standard.json")
     if standard and standard.get("comparison", {}).get("worst_case", {}).get("t_ci95"):
         chosen, c = standard["chosen_variant"], standard["comparison"]
         by = {arm: [r for r in standard["runs"] if r["arm"] == arm and r["worst_case"] is not None]
@@ -619,7 +622,7 @@ def retrofit_rows() -> list:
         rows.append(f"| CAS, {variant} (chosen on held-out data), retrofit "
                     f"of a standard-trained base | AT fine-tuning | (not in the paper) | {cell('paper_style')} | "
                     f"{cell('worst_case')} | **{word}**: {_interval(c['worst_case'])} | {cell('natural')} |")
-    head = protocol.read_json(protocol.results_of("retrofit_study") / "retrofit_head.json")
+    head = read_json(results_of("retrofit_study") / "retrofit_head.json")
     judged = [c for c in (head or {}).get("comparisons", []) if c.get("seed_rule")]
     if judged:
         c, r = judged[0], judged[0]["seed_rule"]
@@ -661,8 +664,8 @@ def family_markdown(record: dict) -> str:
             continue
         gap = (f"{100 * (r['authors_evaluation'] - r['worst_case']):+.1f}" if r.get("authors_evaluation") is not None
                else "-")
-        lines.append(f"| {r['arm']} | {r['seed']} | {protocol.pct(r['natural'])} | {protocol.pct(r.get('authors_evaluation'))} | "
-                     f"{protocol.pct(r['worst_case'])} | {gap} | `{r['model_sha256'][:16]}` |")
+        lines.append(f"| {r['arm']} | {r['seed']} | {pct(r['natural'])} | {pct(r.get('authors_evaluation'))} | "
+                     f"{pct(r['worst_case'])} | {gap} | `{r['model_sha256'][:16]}` |")
     lines += ["", "| comparison | worst case (union), A - B | verdict |", "|---|---|---|"]
     for c in record["comparisons"].values():
         lines.append(f"| {c['A']} vs {c['B']} | {_interval(c['worst_case'])} | **{c['worst_case'].get('verdict')}** |")
@@ -673,7 +676,7 @@ def cmd_init_family(args) -> None:
     path = Path(args.results_dir) / "defense_family.json"
     if path.exists():
         raise SystemExit(f"{path} exists: the rule is written once, before the first run")
-    protocol.write_json(path, {"decision_rule": family_rule(), "runs": []})
+    write_json(path, {"decision_rule": family_rule(), "runs": []})
     print(f"wrote {path}")
 
 
@@ -681,8 +684,8 @@ def cmd_init(args) -> None:
     path = Path(args.results_dir) / "cas_study.json"
     if path.exists():
         raise SystemExit(f"{path} exists: the rule is written once, before the first run")
-    protocol.write_json(path, {"decision_rule": decision_rule(), "protocol": claims.PROTOCOL, "arms": ARMS,
-                  "schedule": SCHEDULE, "runs": []})
+    write_json(path, {"decision_rule": decision_rule(), "protocol": claims.PROTOCOL, "arms": ARMS,
+                      "schedule": SCHEDULE, "runs": []})
     print(f"wrote {path}")
 
 

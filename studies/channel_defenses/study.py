@@ -28,6 +28,8 @@ import torch
 
 from studies import _protocol as protocol
 from studies._protocol import Arm, Study
+from studies._records import read_json
+from studies._scoring import EPS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -83,7 +85,7 @@ def test_set(data_dir: Path):
 
 def train_config(name: str, arm: Arm, seed: int, out: Path):
     from casify.train import TrainConfig
-    eps, p = protocol.EPS, PROTOCOL
+    eps, p = EPS, PROTOCOL
     return TrainConfig(method=arm.method, cas=arm.defended, beta=arm.beta, loss_kwargs=dict(arm.loss_kwargs),
                        epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
                        schedule="multistep", milestones=tuple(p["milestones"]), eps=eps,
@@ -98,7 +100,7 @@ def authors_row(name: str):
     joint loss with the probe gradient detached (their --attack_loss Joint, beta 2), FSR on the final logits with the
     deterministic mask (their test.py)."""
     from casify.attacks import Attack
-    common = {"eps": protocol.EPS, "steps": 20, "alpha": 0.1 * protocol.EPS, "random_start": False, "keep": "last"}
+    common = {"eps": EPS, "steps": 20, "alpha": 0.1 * EPS, "random_start": False, "keep": "last"}
     defense = ARMS[name].defense
     if defense == "cifs":
         return Attack(name="authors-pgd20", objective="cas", **common)
@@ -110,7 +112,7 @@ def authors_row(name: str):
 def score_authors(model, test, union, name: str) -> dict:
     from casify.evaluate import evaluate
     row = authors_row(name)
-    report = evaluate(model, test, attacks=[row], eps=protocol.EPS, seed=0, progress=False, checks=False)
+    report = evaluate(model, test, attacks=[row], eps=EPS, seed=0, progress=False, checks=False)
     return {"row": row.to_dict(), "accuracy": report.worst_case["accuracy"],
             "per_example": report.per_example["worst_case"]}
 
@@ -148,7 +150,7 @@ def decision_rule() -> dict:
 
 def annotate(run_dir: Path, run: dict) -> None:
     """The authors' own evaluation beside casify's union (CIFS and FSR)."""
-    authors = protocol.read_json(run_dir / "authors.json")
+    authors = read_json(run_dir / "authors.json")
     run["authors_evaluation"] = authors["accuracy"] if authors else None
 
 

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from studies._protocol import pct as _pct
+from studies._report import pct as _pct
 
 # The audit's numbers (issue text, seed 0, 846 images, 8/255), for the side-by-side table.
 AUDIT = {"quick suite worst case": (0.203, 0.201), "PGD-20, final logits": (0.390, 0.246),

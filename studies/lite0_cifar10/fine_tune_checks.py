@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from studies import _protocol as protocol
+from studies._records import write_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,7 +62,7 @@ def main(argv=None):
             record["feature_norm"] = {m: round(sum(v) / len(v), 1) for m, v in norms.items()}
     from casify.core.code_version import code_version
     record["code"] = code_version()
-    protocol.write_json(HERE / "results" / "fine_tune_checks.json", record)
+    write_json(HERE / "results" / "fine_tune_checks.json", record)
     print(record)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from studies import _protocol as protocol
+from studies._records import write_json
 
 HERE = Path(__file__).resolve().parent
 H100_FP32_PEAK = 67e12
@@ -65,7 +65,7 @@ def main(argv=None):
                                          for u in UTILISATION},
               "assumption": "sustained rate = utilisation x 67 TFLOP/s (H100 SXM dense FP32); training only, the "
                             "evaluation not included"}
-    protocol.write_json(HERE / "results" / "flops.json", record)
+    write_json(HERE / "results" / "flops.json", record)
     print(record)
 
 

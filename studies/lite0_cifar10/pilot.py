@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from studies import _protocol as protocol
+from studies._records import write_json
 
 HERE = Path(__file__).resolve().parent
 COMMON = {"arch": "tf_efficientnet_lite0", "image_size": 64, "train_images": 5000, "batch_size": 64,
@@ -112,7 +112,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
         print(name, phase, state.history[-1], flush=True)
     from casify.core.code_version import code_version
     record["code"] = code_version()
-    protocol.write_json(HERE / "results" / f"pilot_{name}.json", record)
+    write_json(HERE / "results" / f"pilot_{name}.json", record)
     return record
 
 

@@ -4,7 +4,7 @@ CIFAR-10 by AT fine-tuning, with and without each channel-wise defense.
 From the real ImageNet-1k weights (``efficientnet_lite0_imagenet.safetensors``, timm's keys; a new 10-class
 classifier), every arm is fine-tuned with PGD-3 AT at eps 8/255 (L-inf, pixel space) under the same budget
 (:data:`PROTOCOL`), selected at its last step, and scored on test846 with the adaptive union
-(:func:`studies._protocol.union_attacks`); seed 0 of every arm also gets restart saturation and AutoAttack (standard)
+(:func:`studies._scoring.union_attacks`); seed 0 of every arm also gets restart saturation and AutoAttack (standard)
 and Square on 200 images, routed arms the routing echo against its real null. Comparisons
 follow :data:`casify.evaluate.compare.CROSSED_SEED_RULE` (both arms at one commit, crossed bootstrap, Holm over the
 family), written into ``results/study.json`` by ``--init`` and committed before the first run.
@@ -27,6 +27,8 @@ import torch
 
 from studies import _protocol as protocol
 from studies._protocol import Arm, Study
+from studies._records import read_json, sha256, write_json
+from studies._scoring import EPS
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -126,11 +128,11 @@ def natural_base(seed: int, checkpoint: str, data, runs_dir: Path) -> dict:
         atomic_write(weights, lambda tmp: save_file({k: v.contiguous() for k, v in base.state_dict().items()},
                                                     str(tmp)))
         train_only_classifier(model, base, False)
-        protocol.write_json(record_path, {
+        write_json(record_path, {
             "seed": seed, "steps": state.global_step, "seconds": round(seconds, 1),
             "validation_seconds": round(validation, 1), "history": state.history, "config": config.to_dict(),
-            "base_sha256": protocol.sha256(weights), "imagenet_sha256": WEIGHTS_SHA256, "code": code_version()})
-    return protocol.read_json(record_path)
+            "base_sha256": sha256(weights), "imagenet_sha256": WEIGHTS_SHA256, "code": code_version()})
+    return read_json(record_path)
 
 
 def build_model(arm: Arm, seed: int, checkpoint: str, runs_dir: Path):
@@ -148,7 +150,7 @@ def build_model(arm: Arm, seed: int, checkpoint: str, runs_dir: Path):
 
 def prepare(name: str, arm: Arm, seed: int, out: Path, data, checkpoint: str, runs_dir: Path) -> None:
     """Before a run's model is built: its seed's natural base, its record copied into the run (archived with it)."""
-    protocol.write_json(out / "natural_base.json", natural_base(seed, checkpoint, data, runs_dir))
+    write_json(out / "natural_base.json", natural_base(seed, checkpoint, data, runs_dir))
 
 
 def datasets(data_dir: Path, size: Optional[int] = None, train_images: Optional[int] = None,
@@ -174,7 +176,7 @@ def test_set(data_dir: Path):
 
 def train_config(name: str, arm: Arm, seed: int, out: Path):
     from casify.train import TrainConfig
-    eps = protocol.EPS
+    eps = EPS
     p = PROTOCOL
     return TrainConfig(method=arm.method, cas=arm.defended, beta=arm.beta, loss_kwargs=dict(arm.loss_kwargs),
                        epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"],
@@ -193,7 +195,7 @@ def check_not_paused(record: Optional[dict]) -> None:
 
 def study(args) -> Study:
     if getattr(args, "work", False):
-        check_not_paused(protocol.read_json(RESULTS / "study.json"))
+        check_not_paused(read_json(RESULTS / "study.json"))
     data_dir = Path(args.data_dir)
     routed = {n for n, a in ARMS.items() if a.defense in ("cas", "cifs")}
     return Study(

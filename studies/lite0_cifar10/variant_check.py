@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from studies import _protocol as protocol
+from studies._records import sha256, write_json
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("efficientnet_lite0", "tf_efficientnet_lite0")
@@ -88,12 +88,12 @@ def main(argv=None):
                              "seconds": round(time.time() - start, 1)})
                 print(rows[-1], flush=True)
     from casify.core.code_version import code_version
-    record = {"checkpoint_sha256": protocol.sha256(Path(args.checkpoint)), "held_out": [HELD_OUT_START, len(x)],
+    record = {"checkpoint_sha256": sha256(Path(args.checkpoint)), "held_out": [HELD_OUT_START, len(x)],
               "bank": args.bank, "queries": args.queries, "k": 10, "rows": rows, "code": code_version(),
               "torch": torch.__version__, "timm": timm.__version__}
     best = max((r for r in rows if r["arch"] == r["normalisation_of"]), key=lambda r: (r["size"], r["knn10_accuracy"]))
     record["verdict"] = (f"at {best['size']} px the better variant (its own normalisation) is {best['arch']}")
-    protocol.write_json(HERE / "results" / "variant_check.json", record)
+    write_json(HERE / "results" / "variant_check.json", record)
     print(record["verdict"])
 
 

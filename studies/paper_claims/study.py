@@ -39,7 +39,8 @@ from typing import Optional
 
 import torch
 
-from studies._protocol import pct as _pct, sha256
+from studies._records import sha256
+from studies._report import pct as _pct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 8 / 255

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from studies._protocol import sha256
+from studies._records import sha256
 
 RESULT = Path(__file__).resolve().parent / "results" / "standard_base.json"
 PROTOCOL = {"model": "cifar_resnet18", "width": 0.125, "num_classes": 10, "train_images": 45000,

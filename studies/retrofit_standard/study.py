@@ -48,6 +48,8 @@ import torch
 
 from casify.train.schedule import first_step_of_epoch
 from studies import _protocol as protocol
+from studies._records import read_json, sha256, write_json
+from studies._report import pct
 from studies.cas_study import study as cas_study  # the union's record, the echo settings, the report's helpers
 from studies.paper_claims import study as claims  # the scoring union
 from studies.retrofit_standard import standard_base  # the base's protocol and record
@@ -105,7 +107,7 @@ def load_base(args):
 
     import casify
     folder = Path(args.base) / base_record()["selected"]
-    sha = protocol.sha256(folder / "model.safetensors")
+    sha = sha256(folder / "model.safetensors")
     if sha != base_record()["sha256"]:
         raise SystemExit(f"{folder}/model.safetensors has SHA-256 {sha[:16]}..., not the recorded base's "
                          f"{base_record()['sha256'][:16]}...: retrain it with python -m studies.retrofit_standard.standard_base")
@@ -190,11 +192,11 @@ def train_one(args, arm: str, seed: int, train_set, val_set) -> None:
                       identity={"study": "retrofit_standard", "arm": arm, "base_sha256": base_record()["sha256"]})
     state, seconds = claims.train_timed(trainer, out, f"{arm} s{seed}")
     folder = out / "best"
-    protocol.write_json(out / "train_record.json", {
+    write_json(out / "train_record.json", {
         "arm": arm, "seed": seed, "seconds": round(seconds, 1), "this_session_seconds": round(time.time() - start, 1),
         "steps": state.global_step, "cap": trainer.total_steps, "stopped_after_peak": trainer.stop,
         "best_step": state.best_step, "best_val_pgd": state.best_metric, "history": state.history,
-        "selected_at_last_step": state.best_step == state.global_step, "model_sha256": protocol.sha256(
+        "selected_at_last_step": state.best_step == state.global_step, "model_sha256": sha256(
             folder / "model.safetensors"), "config": cfg.to_dict(), "torch": torch.__version__,
         "machine": platform.machine()})
     print(f"[train] {arm} s{seed}: {seconds:.0f}s, {state.global_step} steps, best {state.best_step} "
@@ -205,7 +207,7 @@ def chosen_variant(args):
     """The CAS variant confirmed with 3 seeds (highest held-out best), or None while a seed-0 run is missing."""
     best = {}
     for arm in VARIANTS:
-        rec = protocol.read_json(run_dir(args, arm, 0) / "train_record.json")
+        rec = read_json(run_dir(args, arm, 0) / "train_record.json")
         if rec is None:
             return None
         best[arm] = rec["best_val_pgd"]
@@ -218,17 +220,17 @@ def score_one(args, arm: str, seed: int) -> None:
     out = run_dir(args, arm, seed)
     folder = out / "best"
     model = claims.load_model(folder)
-    sha = protocol.sha256(folder / "model.safetensors")
+    sha = sha256(folder / "model.safetensors")
     test = NpzDataset(Path(args.data_dir) / "test846.npz")
     cas = ARMS[arm] is not None
     if not (out / "score.json").exists():
-        protocol.write_json(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
+        write_json(out / "score.json", cas_study.union_record(arm, seed, model, test, cas, sha))
     if cas and not (out / "echo.json").exists():
         start = time.time()
         echo = routing_echo(model, test, eps=EPS, steps=cas_study.ECHO["steps"], beta=ARMS[arm][0],
                             max_examples=cas_study.ECHO["max_examples"], seed=0)
-        protocol.write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha,
-                                             "seconds": round(time.time() - start, 1)})
+        write_json(out / "echo.json", {**echo.to_dict(), "model_sha256": sha,
+                                       "seconds": round(time.time() - start, 1)})
 
 
 def jobs(args):
@@ -252,7 +254,7 @@ def cmd_work(args) -> None:
     val_set = NpzDataset(data, indices=list(range(45000, 45500)))
     rule_path = RESULTS / "retrofit_standard.json"
     if not rule_path.exists():
-        protocol.write_json(rule_path, {"decision_rule": rule(), "base": base_record()["sha256"], "runs": []})
+        write_json(rule_path, {"decision_rule": rule(), "base": base_record()["sha256"], "runs": []})
     for kind, arm, seed in jobs(args):
         out = run_dir(args, arm, seed)
         done = out / ("train_record.json" if kind == "train" else "score.json")
@@ -281,10 +283,10 @@ def cmd_report(args) -> None:
     for arm in ARMS:
         for seed in CONFIRM_SEEDS:
             out = run_dir(args, arm, seed)
-            train = protocol.read_json(out / "train_record.json")
+            train = read_json(out / "train_record.json")
             if train is None:
                 continue
-            score = protocol.read_json(out / "score.json")
+            score = read_json(out / "score.json")
             beta, routing = (None, None) if ARMS[arm] is None else ARMS[arm][:2]
             runs.append({"arm": arm, "seed": seed, "beta": beta, "train_routing": routing,
                          "base": {"name": "standard_base (cifar_resnet18 w1/8, natural)", "sha256": base["sha256"]},
@@ -296,7 +298,7 @@ def cmd_report(args) -> None:
                          if score else None,
                          "worst_case": score["worst_case"] if score else None,
                          "gradient_masking_suspected": score["gradient_masking_suspected"] if score else None,
-                         "echo": protocol.read_json(out / "echo.json"), "model_sha256": train["model_sha256"],
+                         "echo": read_json(out / "echo.json"), "model_sha256": train["model_sha256"],
                          "train_seconds": train["seconds"], "score_seconds": score["seconds"] if score else None,
                          "history": train["history"]})
             if score:
@@ -314,14 +316,13 @@ def cmd_report(args) -> None:
                                "verdict": f"not judged: {len(pairs)} paired seeds (the rule needs 3)"})
     record["comparison"] = comparison
     record["budget_cpu_hours"] = round(sum(r["train_seconds"] + (r["score_seconds"] or 0) for r in runs) / 3600, 2)
-    protocol.write_json(path, record)
+    write_json(path, record)
     (RESULTS.parent / "README.md").write_text(markdown(record, base))
     figure(record, RESULTS / "retrofit_standard.png")
     print(f"wrote {path} ({len(runs)} runs; chosen {chosen}; verdict {comparison['worst_case'].get('verdict')})")
 
 
 def markdown(record: dict, base: dict) -> str:
-    pct = protocol.pct
     c = record["comparison"]
     lines = ["# Retrofit of a standard-trained base: AT vs AT+CAS fine-tuning (issue 18, part 5(a))", "",
              f"Base: `studies/retrofit_standard/standard_base.py` (cifar_resnet18 width 1/8, pooled linear head, natural training on "
@@ -404,8 +405,8 @@ def main(argv=None) -> None:
         if (RESULTS / "retrofit_standard.json").exists():
             p.error(f"{RESULTS / 'retrofit_standard.json'} exists: --rule writes the rule before the first run only "
                     "(delete the file to start the study over)")
-        protocol.write_json(RESULTS / "retrofit_standard.json",
-                         {"decision_rule": rule(), "base": None, "runs": []})
+        write_json(RESULTS / "retrofit_standard.json",
+                   {"decision_rule": rule(), "base": None, "runs": []})
     if args.work:
         cmd_work(args)
     if args.report:

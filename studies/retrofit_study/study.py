@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from studies import _protocol as protocol
+from studies._records import STUDIES, sha256
 
 # The decision rule, fixed before the first run (written into retrofit.json verbatim).
 DECISION_RULE = (
@@ -196,7 +196,7 @@ def _score_model(args, model, label: str, out_file: Path) -> None:
         "mode": summary.get("mode"), "cascade": summary.get("cascade"), "upper_bounds": summary.get("upper_bounds"),
         "families": summary.get("families"),
         "attacks": [{k: v for k, v in dataclasses.asdict(r).items() if k != "settings"} for r in report.attacks],
-        "evaluate_py_sha256": protocol.sha256(Path(casify.evaluate.__file__)), "casify_path": str(Path(casify.__file__).parent),
+        "evaluate_py_sha256": sha256(Path(casify.evaluate.__file__)), "casify_path": str(Path(casify.__file__).parent),
         "per_example": {"natural": [bool(v) for v in report.per_example["natural"]],
                         "worst_case": [bool(v) for v in report.per_example["worst_case"]]},
         "seconds": round(seconds, 1), "versions": report.versions,
@@ -460,7 +460,7 @@ def _plot(runs, comparisons, path: Path) -> None:
 def standard_base_pointer(where: Path) -> str:
     """The mission's common case (a standard-trained base made robust) is its own study, issue 18 part 5(a); the
     link is relative to the folder of the report that carries it."""
-    link = os.path.relpath(protocol.STUDIES / "retrofit_standard" / "README.md", Path(where).resolve())
+    link = os.path.relpath(STUDIES / "retrofit_standard" / "README.md", Path(where).resolve())
     return ("A standard-trained (non-robust) base with a pooled linear head, made robust by AT vs AT+CAS "
             f"fine-tuning: [retrofit_standard]({link}) (`studies/retrofit_standard`).")
 

@@ -31,6 +31,9 @@ from pathlib import Path
 
 from studies import _protocol as protocol
 from studies._protocol import Arm, Study
+from studies._records import read_json
+from studies._report import interval
+from studies._scoring import EPS
 from studies.channel_defenses import study as claims
 from studies.lite0_cifar10 import study as lite0
 
@@ -40,7 +43,7 @@ MODELS = HERE / "models"
 ATTACKS = ("pgd", "n_fgsm", "fgsm_rs")
 SWEEP_EPS = {"eps12": 12 / 255, "eps16": 16 / 255}
 # name: (protocol, training attack, eps); plain AT in every arm
-RUNS = {f"{p}_{a}": (p, a, protocol.EPS) for p in ("claims", "lite0") for a in ATTACKS}
+RUNS = {f"{p}_{a}": (p, a, EPS) for p in ("claims", "lite0") for a in ATTACKS}
 RUNS.update({f"claims_{a}_{tag}": ("claims", a, eps) for a in ("n_fgsm", "fgsm_rs") for tag, eps in SWEEP_EPS.items()})
 ARMS = {name: Arm("at", init="paper" if p == "claims" else None) for name, (p, _, _) in RUNS.items()}
 SEEDS = (0, 1, 2)
@@ -75,7 +78,7 @@ def train_config(name: str, arm: Arm, seed: int, out: Path):
 
 def study(args) -> Study:
     if getattr(args, "work", False) and not (args.only and all(RUNS[n][0] == "claims" for n in args.only)):
-        lite0.check_not_paused(protocol.read_json(lite0.RESULTS / "study.json"))  # its Lite0 arms use that protocol
+        lite0.check_not_paused(read_json(lite0.RESULTS / "study.json"))  # its Lite0 arms use that protocol
     data_dir = Path(args.data_dir)
     data = {"claims": lambda: claims.datasets(data_dir), "lite0": lambda: lite0.datasets(data_dir)}
     tests = {"claims": lambda: claims.test_set(data_dir), "lite0": lambda: lite0.test_set(data_dir)}
@@ -108,7 +111,7 @@ def decision_rule() -> dict:
 
 def annotate(run_dir: Path, run: dict) -> None:
     """The catastrophic-overfitting guard's record of the run (None: no collapse) and its training eps."""
-    config = protocol.read_json(run_dir / "final" / "config.json") or {}
+    config = read_json(run_dir / "final" / "config.json") or {}
     run["overfitting"] = (config.get("training") or {}).get("overfitting")
     run["eps_255"] = round(RUNS[run["arm"]][2] * 255, 3)
 
@@ -136,7 +139,7 @@ def goal(record: dict, runs: dict) -> list:
                                           (margin_ok, "the margin"), (fast, "the time")) if not ok]
             outcome = "met" if not failed else "failed: " + ", ".join(failed)
         record["goal"][name] = {"time_ratio": ratio, "margin_ok": margin_ok, "outcome": outcome}
-        lines.append(f"| {a} | {protocol.interval(c)} | {c.get('verdict')} | {margin_ok} | "
+        lines.append(f"| {a} | {interval(c)} | {c.get('verdict')} | {margin_ok} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}'} | **{outcome}** |")
     collapses = {f"{r['arm']}/s{r['seed']}": r.get("overfitting") for r in runs.values() if r.get("overfitting")}
     record["collapses"] = collapses
