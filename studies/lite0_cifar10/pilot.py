@@ -8,8 +8,8 @@ into ``results/study.json`` as the amendment, before any run of the amended stud
 
 A candidate is ``natural_steps`` of standard fine-tuning (no attack; of the new classifier only where
 ``natural_trainable`` says so) from the ImageNet weights, then
-``at_epochs`` of PGD-3 AT at eps 8/255 (pixel space), both on the first ``train_images`` training images at
-``image_size`` px, SGD with a cosine schedule in each phase.
+``at_epochs`` of PGD-3 AT (or ``at_method``: TRADES) at eps 8/255 (pixel space), both on the first ``train_images``
+training images at ``image_size`` px, SGD with a cosine schedule in each phase.
 
     OMP_NUM_THREADS=1 python -m studies.lite0_cifar10.pilot --candidate direct_lr05 --data-dir ../shared/data/cifar10
 """
@@ -72,6 +72,13 @@ CANDIDATES = {
                                         "at_lr": 0.005, "freeze_bn_stats": True, "head_init": "zero"},
     "zero_frozen_natural_all_at_eps4": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 1.0,
                                         "at_lr": 0.005, "freeze_bn_stats": True, "head_init": "zero", "eps_255": 4},
+    # every PGD-AT collapsed to uniform, and so did a hand-written AT loop outside casify: the AT objective on its own
+    # pulls the logits to zero before any robust feature is learned. TRADES keeps the clean cross-entropy beside its
+    # KL term (Zhang et al. 2019; lambda 6, the paper's), so the clean signal the natural fine-tune reached stays in the
+    # loss; its attack (PGD-3 on the KL) costs what PGD-3 AT costs. After the same natural fine-tune, one epoch
+    "zero_frozen_natural_all_trades_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 1.0,
+                                            "at_lr": 0.005, "freeze_bn_stats": True, "head_init": "zero",
+                                            "at_method": "trades"},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
@@ -100,7 +107,8 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
                                               lr=c["natural_lr"], output_dir=str(runs_dir / name / "natural"),
                                               **common)))
     if c["at_epochs"]:
-        phases.append(("at", TrainConfig(method="at", epochs=c["at_epochs"], lr=c["at_lr"], warmup_steps=10,
+        phases.append(("at", TrainConfig(method=c.get("at_method", "at"), epochs=c["at_epochs"], lr=c["at_lr"],
+                                         warmup_steps=10,
                                          attack_steps=c["attack_steps"], attack_alpha=2.5 * eps / 3,
                                          output_dir=str(runs_dir / name / "at"), **common)))
     for phase, config in phases:
