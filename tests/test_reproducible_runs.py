@@ -180,3 +180,49 @@ def test_a_stopped_run_leaves_a_checkpoint_not_a_final_model_and_resumes_exactly
     resumed = Trainer(_model(), _augmented_data(), None, _config(tmp_path / "b", checkpoint_every_steps=None))
     assert resumed.train().global_step == 12
     _assert_same(_weights(reference), _weights(resumed))
+
+
+def test_eps_warmup_grows_the_training_attack_linearly_and_resumes_exactly(tmp_path, one_thread):
+    """train.eps_warmup_steps: the training attack's radius (and a given step size) is (step + 1) / warmup of the
+    full one, then the full one; validation attacks at the full eps; a crash mid-warm-up resumes bit-exactly."""
+    seen = []
+    reference = Trainer(_model(), _augmented_data(), _augmented_data(16, 1),
+                        _config(tmp_path / "a", eps_warmup_steps=4, attack_alpha=2 / 255))
+    original = reference._training_attack_now
+
+    def spy():
+        attack = original()
+        seen.append((reference.state.global_step, attack.eps, attack.alpha))
+        return attack
+
+    reference._training_attack_now = spy
+    reference.train(resume=False)
+    first = {step: (eps, alpha) for step, eps, alpha in seen}
+    for step in range(6):
+        scale = min(1.0, (step + 1) / 4)
+        assert first[step] == pytest.approx((4 / 255 * scale, 2 / 255 * scale))
+    assert reference.val_attack.eps == pytest.approx(4 / 255) and reference.attack.eps == pytest.approx(4 / 255)
+
+    def crash_after_step_3(trainer):  # inside the warm-up, after the checkpoint of step 2
+        if trainer.state.global_step == 3:
+            raise Crash()
+
+    crashed = Trainer(_model(), _augmented_data(), _augmented_data(16, 1),
+                      _config(tmp_path / "b", eps_warmup_steps=4, attack_alpha=2 / 255),
+                      callbacks=[crash_after_step_3])
+    with pytest.raises(Crash):
+        crashed.train()
+    resumed = Trainer(_model(), _augmented_data(), _augmented_data(16, 1),
+                      _config(tmp_path / "b", eps_warmup_steps=4, attack_alpha=2 / 255))
+    resumed.train()
+    _assert_same(_weights(reference), _weights(resumed))
+    plain = Trainer(_model(), _augmented_data(), _augmented_data(16, 1), _config(tmp_path / "c", attack_alpha=2 / 255))
+    plain.train(resume=False)
+    assert any(not torch.equal(a, b) for a, b in zip(_weights(reference).values(), _weights(plain).values()))
+
+
+def test_eps_warmup_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="eps_warmup_steps must be >= 0"):
+        TrainConfig(eps_warmup_steps=-1)
+    with pytest.raises(ValueError, match="natural training"):
+        TrainConfig(method="standard", eps_warmup_steps=10)

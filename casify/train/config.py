@@ -21,7 +21,7 @@ NOT_IDENTITY = ("output_dir", "progress", "log_with", "log_every_steps", "checkp
                 "num_workers", "cudnn_benchmark")
 # Settings added after run folders existed, with the value every earlier run had: left out of the identity at that value,
 # so a folder written before them resumes (the full config, with them, is still in run_config.json's "train").
-ADDED_LATER = {"attack": "pgd", "overfit_guard": True, "freeze_bn_stats": False}
+ADDED_LATER = {"attack": "pgd", "overfit_guard": True, "freeze_bn_stats": False, "eps_warmup_steps": 0}
 PGD_ALPHA = 2 / 255  # the PGD step when train.attack_alpha is not set (what every run before train.attack used)
 PGD_STEPS = 10
 RUN_RECORD = "run_config.json"
@@ -58,6 +58,12 @@ class TrainConfig:
     attack: str = "pgd"
     attack_steps: Optional[int] = None
     attack_alpha: Optional[float] = None
+    # The training attack's radius grows linearly from eps / eps_warmup_steps to eps over the first eps_warmup_steps
+    # optimizer steps (its step size in proportion); validation always attacks at eps. For a non-robust pretrained
+    # network, whose adversarial loss at full eps is smallest for a constant output: without it, PGD-3 AT and TRADES
+    # of EfficientNet-Lite0 drove every unit after its last 1x1 convolution below zero within 78 steps (output
+    # uniform, nothing left to train; studies/lite0_cifar10/pilot.py). N-FGSM's authors warm eps up on SVHN.
+    eps_warmup_steps: int = 0
     epochs: float = 1.0
     max_steps: Optional[int] = None
     batch_size: int = 128
@@ -126,6 +132,12 @@ class TrainConfig:
         if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be >= 0 (0: no checkpoints, null: once per epoch), got "
                              f"{self.checkpoint_every_steps}")
+        if self.eps_warmup_steps < 0:
+            raise ValueError(f"eps_warmup_steps must be >= 0 (0: the full eps from the first step), got "
+                             f"{self.eps_warmup_steps}")
+        if self.eps_warmup_steps and self.method == "standard":
+            raise ValueError("eps_warmup_steps warms up the training attack's radius; natural training (method "
+                             "'standard') has no attack: set it to 0 or choose an adversarial method")
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0 (0 trains nothing), got {self.max_steps}")
         check_log_with(self.log_with)  # before anything is built, not at the first logged step

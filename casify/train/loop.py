@@ -3,6 +3,7 @@ updates in training mode (the loss routes by the label); validation selects the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -359,7 +360,7 @@ class Trainer(RunFolder):
         x_adv = x
         if self.attack is not None:  # eval mode, predicted routing: the attack sets both, restores the mode
             with acc.autocast():
-                x_adv = self.attack(self.attack_model, x, y)
+                x_adv = self._training_attack_now()(self.attack_model, x, y)
         self.model.train()
         if self.config.freeze_bn_stats:
             freeze_batch_norm_statistics(self.model)
@@ -370,6 +371,17 @@ class Trainer(RunFolder):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss, metrics
+
+    def _training_attack_now(self) -> attacks.Attack:
+        """The training attack at this optimizer step: during ``eps_warmup_steps`` its radius (and step) is the
+        fraction ``(step + 1) / eps_warmup_steps`` of the full one; a function of the step alone, so a resumed run
+        crafts what the uninterrupted one would."""
+        warmup = self.config.eps_warmup_steps
+        if not warmup or self.state.global_step >= warmup:
+            return self.attack
+        scale = (self.state.global_step + 1) / warmup
+        alpha = None if self.attack.alpha is None else self.attack.alpha * scale  # None: the kind's own, ~ eps
+        return dataclasses.replace(self.attack, eps=self.attack.eps * scale, alpha=alpha)
 
     def _after_optimizer_step(self, window: MetricWindow, lr: float, bar) -> bool:
         """Advance the EMA, the rate and the step count; when due, log, validate and select, checkpoint; call the

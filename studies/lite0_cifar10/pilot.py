@@ -79,6 +79,13 @@ CANDIDATES = {
     "zero_frozen_natural_all_trades_eps8": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 1.0,
                                             "at_lr": 0.005, "freeze_bn_stats": True, "head_init": "zero",
                                             "at_method": "trades"},
+    # it collapsed too (loss 2.3025, output uniform): every unit after Lite0's last 1x1 convolution (conv_head) was below
+    # zero on held-out images (pre-activation mean |x| 108), so the features were dead and no loss could bring them
+    # back. The adversarial loss at the full eps is smallest for a constant output. PGD-3 AT with the training attack's
+    # radius warmed up from 0 over the first epoch (TrainConfig.eps_warmup_steps), then one epoch at 8/255
+    "zero_frozen_natural_all_at_eps8_warm": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 2.0,
+                                             "at_lr": 0.005, "freeze_bn_stats": True, "head_init": "zero",
+                                             "eps_warmup_steps": 78},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
@@ -108,7 +115,7 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
                                               **common)))
     if c["at_epochs"]:
         phases.append(("at", TrainConfig(method=c.get("at_method", "at"), epochs=c["at_epochs"], lr=c["at_lr"],
-                                         warmup_steps=10,
+                                         warmup_steps=10, eps_warmup_steps=c.get("eps_warmup_steps", 0),
                                          attack_steps=c["attack_steps"], attack_alpha=2.5 * eps / 3,
                                          output_dir=str(runs_dir / name / "at"), **common)))
     for phase, config in phases:
