@@ -59,10 +59,10 @@ class TrainConfig:
     attack_steps: Optional[int] = None
     attack_alpha: Optional[float] = None
     # The training attack's radius grows linearly from eps / eps_warmup_steps to eps over the first eps_warmup_steps
-    # optimizer steps (its step size in proportion); validation always attacks at eps. For a non-robust pretrained
-    # network, whose adversarial loss at full eps is smallest for a constant output: without it, PGD-3 AT and TRADES
-    # of EfficientNet-Lite0 drove every unit after its last 1x1 convolution below zero within 78 steps (output
-    # uniform, nothing left to train; studies/lite0_cifar10/pilot.py). N-FGSM's authors warm eps up on SVHN.
+    # optimizer steps (its step size in proportion); validation always attacks at eps. A curriculum for runs that fail
+    # at the full eps from the first step (N-FGSM's authors warm eps up on SVHN). On EfficientNet-Lite0 with frozen
+    # batch-norm statistics it slowed but did not stop AT from silencing every pooled feature
+    # (studies/lite0_cifar10/pilot.py, dead_units.py).
     eps_warmup_steps: int = 0
     epochs: float = 1.0
     max_steps: Optional[int] = None
