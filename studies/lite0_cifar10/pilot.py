@@ -102,10 +102,33 @@ CANDIDATES = {
                                                       "at_epochs": 2.0, "at_lr": 0.005, "freeze_bn_stats": True,
                                                       "at_freeze_bn_stats": False, "recalibrate_bn": True,
                                                       "head_init": "zero", "eps_warmup_steps": 78},
+    # AdaBN then batch statistics, after the warm-up epoch: 50.4 % natural, 0.0 % PGD-10, 33.6 % FGSM held out. Every
+    # candidate above attacked the 64 px image the data pipeline had upsampled, a larger threat than CIFAR-10's
+    # 8/255 on its own 32 x 32 pixels (it adds every perturbation above the 32 px image's band, which an ImageNet
+    # network reads). The same, with the attack on the 32 px image and the upsampling inside the model
+    # (``attack_size``), the threat model every CIFAR-10 number in casify uses
+    "adabn_batch_stats_warm_attack32": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 2.0,
+                                        "at_lr": 0.005, "freeze_bn_stats": True, "at_freeze_bn_stats": False,
+                                        "recalibrate_bn": True, "head_init": "zero", "eps_warmup_steps": 78,
+                                        "attack_size": 32},
     # natural fine-tuning of every weight at smaller learning rates (no AT phase): is 0.02-0.05 too large for Lite0?
     "natural_lr005": {**COMMON, "natural_steps": 78, "natural_lr": 0.005, "at_epochs": 0},
     "natural_lr001": {**COMMON, "natural_steps": 78, "natural_lr": 0.001, "at_epochs": 0},
 }
+
+
+class UpsampledInput(torch.nn.Module):
+    """The network at ``size`` px behind a bilinear upsampling of its input: the data and the attack stay at the
+    data's own size (CIFAR-10's 32 x 32), and the ImageNet network still sees the size it transfers at."""
+
+    def __init__(self, base: torch.nn.Module, size: int):
+        super().__init__()
+        self.base, self.size = base, size
+        self.pretrained_cfg = getattr(base, "pretrained_cfg", None)  # its normalisation (normalize="auto")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.base(x)
 
 
 def recalibrate_batch_norm(model: torch.nn.Module, train, batch_size: int) -> None:
@@ -129,8 +152,10 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
     base, _ = create_timm_from_checkpoint(c["arch"], checkpoint, num_classes=10, head_init=c.get("head_init", "timm"))
     size = c["image_size"]
     eps = c.get("eps_255", 8) / 255  # pixel space, L-inf
-    model = casify.wrap(base, [], input_size=(3, size, size))
-    train, val = datasets(data_dir, size, c["train_images"], c["val_size"])
+    attack_size = c.get("attack_size", size)  # the data's size: what the attack perturbs
+    network = base if attack_size == size else UpsampledInput(base, size)
+    model = casify.wrap(network, [], input_size=(3, attack_size, attack_size))
+    train, val = datasets(data_dir, attack_size, c["train_images"], c["val_size"])
     common = dict(cas=False, batch_size=c["batch_size"], weight_decay=c["weight_decay"], schedule="cosine", seed=0,
                   val_max_examples=c["val_size"], val_attack_steps=c["val_attack_steps"], eps=eps,
                   checkpoint_every_steps=0, progress=False)
@@ -155,7 +180,8 @@ def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
         state = Trainer(model, train, val, config).train(overwrite=True)
         record["phases"].append({"phase": phase, "steps": state.global_step, "seconds": round(time.time() - start, 1),
                                  "history": state.history,
-                                 "dead_units": measure(Path(config.output_dir) / "final", checkpoint, data_dir)})
+                                 "dead_units": measure(Path(config.output_dir) / "final", checkpoint, data_dir)
+                                 if network is base else None})
         print(name, phase, state.history[-1], flush=True)
     from casify.core.code_version import code_version
     record["code"] = code_version()
