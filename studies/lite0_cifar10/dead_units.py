@@ -24,10 +24,9 @@ def measure(folder: Path, checkpoint: str, data_dir: Path, n: int = 64) -> dict:
     import casify
     from casify.models.pretrained_weights import create_timm_from_checkpoint
     from safetensors.torch import load_file
-    from studies.lite0_cifar10.pilot import COMMON
-    from studies.lite0_cifar10.study import datasets
-    size = COMMON["image_size"]
-    base, _ = create_timm_from_checkpoint(COMMON["arch"], checkpoint, num_classes=10, head_init="zero")
+    from studies.lite0_cifar10.study import ARCH, PROTOCOL, datasets
+    size = PROTOCOL["image_size"]  # the pilots' size too (pilot.py's COMMON)
+    base, _ = create_timm_from_checkpoint(ARCH, checkpoint, num_classes=10, head_init="zero")
     model = casify.wrap(base, [], input_size=(3, size, size))
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     model.eval()
