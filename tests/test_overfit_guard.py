@@ -33,6 +33,7 @@ def test_the_rule_needs_a_drop_from_the_best_and_fgsm_far_above_pgd():
     assert collapse_record([], _h(2, 0.0, 0.9)) is None  # the first validation: the run keeps a checkpoint
     masked = collapse_record([_h(2, 0.02, 0.10)], _h(4, 0.03, 0.50))  # never robust, FGSM 47 points above PGD
     assert masked["trigger"] == "masked" and masked["best_pgd_step"] == 2 and record["trigger"] == "fell"
+    assert masked["best_fgsm_minus_pgd"] == pytest.approx(0.08) and "far above" in masked["condition"]
     assert collapse_record([_h(2, 0.02, 0.10)], _h(4, 0.03, 0.40)) is None  # a 37-point gap, nothing fell
     assert collapse_record(history, {"step": 8, "val_pgd": 0.0}) is None  # natural training: no FGSM measured
 
@@ -112,8 +113,11 @@ def test_fgsm_training_beyond_what_the_model_can_resist_is_caught_for_real(tmp_p
         state = trainer.train(resume=False, overwrite=True)
     assert len([w for w in caught if "catastrophic overfitting" in str(w.message)]) == 1
     record = state.overfitting
-    assert record is not None and record["fgsm_minus_pgd"] > 0.40 and record["val_pgd"] < 0.15
-    assert state.best_step < record["step"]  # selected before the guard fired, never after
+    assert record is not None and record["trigger"] == "masked" and record["condition"] in str(caught[-1].message)
+    assert record["fgsm_minus_pgd"] > 0.40 and record["val_pgd"] < 0.15
+    before = [h for h in state.history if h["step"] < record["step"]]
+    first_best = max(before, key=lambda h: h["val_pgd"])  # max() keeps the first of equal bests
+    assert state.best_step == first_best["step"]  # selected among the validations before the guard fired, never after
     final = state.history[-1]
     assert final["val_fgsm"] - final["val_pgd"] > 0.40  # the run stayed masked: a real collapse, not noise
 

@@ -137,8 +137,11 @@ def _overfitting_words(record: Optional[dict]) -> Optional[str]:
     def pct(key):
         value = record.get(key)
         return f"{100 * value:.1f} %" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
-    return (f"detected at step {record.get('step')} (held-out PGD accuracy {pct('val_pgd')}, best {pct('best_pgd')} "
-            f"at step {record.get('best_pgd_step')}; FGSM accuracy {pct('val_fgsm')}). {record.get('selection', '')}")
+    condition = record.get("condition")  # which condition held, in the guard's words (absent before it had two)
+    condition = f", {condition}" if isinstance(condition, str) else ""
+    return (f"detected at step {record.get('step')}{condition} (held-out PGD accuracy {pct('val_pgd')}, best "
+            f"{pct('best_pgd')} at step {record.get('best_pgd_step')}; FGSM accuracy {pct('val_fgsm')}). "
+            f"{record.get('selection', '')}")
 
 
 def _summary(evaluation: Union[None, dict, EvalSummary]) -> Optional[EvalSummary]:

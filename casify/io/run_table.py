@@ -47,7 +47,8 @@ def format_run_table(summary: dict) -> str:
                                            if suspected else "no check failed"))
     overfit = summary.get("overfitting")
     if isinstance(overfit, dict):  # the Trainer's catastrophic-overfitting guard fired (casify.train.overfit_guard)
-        lines.append(f"  CATASTROPHIC OVERFITTING at step {overfit.get('step')}: held-out PGD accuracy "
+        condition = f" ({overfit['condition']})" if isinstance(overfit.get("condition"), str) else ""
+        lines.append(f"  CATASTROPHIC OVERFITTING{condition} at step {overfit.get('step')}: held-out PGD accuracy "
                      f"{_pct(overfit.get('val_pgd')).strip()}, FGSM {_pct(overfit.get('val_fgsm')).strip()}; "
                      f"{overfit.get('selection', '')}")
     lines += [f"model:   {out / str(summary.get('selected', 'best'))}",

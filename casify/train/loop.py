@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import attacks, losses
+from ..attacks.constants import SINGLE_STEP_ATTACKS
 from ..defenses import routed_modules
 from ..data import EpochSeededDataset
 from ..data.data_fit import check_data_fits
@@ -26,7 +27,7 @@ from .trackers import flat_config
 from .checkpoints import RunFolder, checkpoint_step, model_fingerprint
 from .config import TrainConfig, TrainState
 from .metrics import MetricWindow, grouped_tags
-from .overfit_guard import collapse_record, describe, fgsm_check_attack
+from .overfit_guard import MASKING_GAP, collapse_record, describe, fgsm_check_attack
 from .schedule import lr_scheduler
 
 
@@ -380,8 +381,8 @@ class Trainer(RunFolder):
         if not warmup or self.state.global_step >= warmup:
             return self.attack
         scale = (self.state.global_step + 1) / warmup
-        alpha = None if self.attack.alpha is None else self.attack.alpha * scale  # None: the kind's own, ~ eps
-        return dataclasses.replace(self.attack, eps=self.attack.eps * scale, alpha=alpha)
+        # Attack resolves its step when built (the kind's own default, proportional to eps, or the one set)
+        return dataclasses.replace(self.attack, eps=self.attack.eps * scale, alpha=self.attack.alpha * scale)
 
     def _after_optimizer_step(self, window: MetricWindow, lr: float, bar) -> bool:
         """Advance the EMA, the rate and the step count; when due, log, validate and select, checkpoint; call the
@@ -460,14 +461,23 @@ class Trainer(RunFolder):
         if self.config.overfit_guard and self.state.best_step >= 0:
             collapse["selection"] = (f"best/ stays the checkpoint of step {self.state.best_step}, selected before the "
                                      "collapse (train.overfit_guard)")
+            own = collapse.get("best_fgsm_minus_pgd")
+            if own is not None and own > MASKING_GAP:  # the fallback itself was masked: say so, do not vouch for it
+                collapse["selection"] += (f", though its own FGSM accuracy was already {own:.0%} above its PGD "
+                                          "accuracy")
         elif self.config.overfit_guard:
             collapse["selection"] = "no checkpoint was selected before the collapse"
         else:
             collapse["selection"] = "train.overfit_guard is off: selection goes on by held-out PGD accuracy"
         self.state.overfitting = collapse
         if self.accelerator.is_main_process:
-            warnings.warn(f"casify: {describe(collapse)}. Single-step training overfitted; N-FGSM (train.attack: "
-                          "n_fgsm), a smaller eps or PGD (train.attack: pgd) avoid it", stacklevel=3)
+            if self.config.attack in SINGLE_STEP_ATTACKS:
+                advice = ("Single-step training overfitted; N-FGSM (train.attack: n_fgsm), a smaller eps or PGD "
+                          "(train.attack: pgd) avoid it")
+            else:
+                advice = (f"Training with {self.config.attack} shows gradient masking; check the model with stronger "
+                          "and black-box attacks (casify eval) before trusting its robust accuracy")
+            warnings.warn(f"casify: {describe(collapse)}. {advice}", stacklevel=3)
         self._note_overfitting_in_saved_model("best")
 
 
