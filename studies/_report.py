@@ -134,7 +134,8 @@ def study_markdown(title: str, module: str, record: dict, extra: Sequence[str] =
                      f"`{r['model_sha256'][:16]}` |")
     lines += ["", f"CPU time of these runs: {record.get('cpu_hours')} h (one thread each). The selected model of "
                   "seed 0 of every arm is in `models/` (re-score it with `casify eval`).", ""]
-    return "\n".join(list(extra) + [""] + lines if extra else lines)
+    # a study's own section (its goal) right under the title, before the rule and the tables
+    return "\n".join(lines[:2] + list(extra) + [""] + lines[2:] if extra else lines)
 
 
 def pct(x) -> str:
