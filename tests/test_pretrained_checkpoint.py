@@ -14,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from casify.models.pretrained_weights import CheckpointError, create_timm_from_checkpoint
+from casify.model.pretrained_weights import CheckpointError, build_named_base, create_timm_from_checkpoint
 from casify.recipe import CommandLine, ConfigError, build_base_model, load_recipe, run
 from casify.recipe.config import ModelSection
 
@@ -55,6 +55,31 @@ def test_backbone_kept_classifier_reinitialised_and_named(imagenet_like, capsys)
     # same class count: the classifier is loaded too, nothing dropped
     same, loaded = create_timm_from_checkpoint("test_efficientnet", path)
     assert not loaded.dropped and torch.equal(same.classifier.weight, state["classifier.weight"])
+
+
+def test_the_named_base_credits_its_weights_to_where_they_came_from(imagenet_like, tmp_path):
+    """The spec a saved card reads: a checkpoint's file and SHA-256, never timm's Hub repo for weights that did not
+    come from it; a torchvision checkpoint loads strictly or is refused."""
+    import torchvision
+    path, _ = imagenet_like
+    from_file = build_named_base("test_efficientnet", checkpoint=str(path), num_classes=10)
+    assert from_file.spec["pretrained_weights"] == {"file": path.name,
+                                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert "hf_hub_id" not in from_file.spec and from_file.loaded.dropped
+    assert timm.create_model("resnet18").pretrained_cfg.get("hf_hub_id")  # timm names a repo even without weights
+    fresh = build_named_base("resnet18", num_classes=10)
+    assert "hf_hub_id" not in fresh.spec and fresh.loaded is None and fresh.spec["name"] == "resnet18"
+    torch.manual_seed(2)
+    saved = torchvision.models.resnet18(num_classes=10)
+    tv_path = tmp_path / "resnet18_task.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tv_path))
+    tv = build_named_base("torchvision:resnet18", checkpoint=str(tv_path), num_classes=10)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in tv.model.state_dict().items())
+    assert tv.spec["source"] == "torchvision" and tv.spec["pretrained_weights"]["file"] == tv_path.name
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_named_base("torchvision:resnet18", checkpoint=str(tv_path), num_classes=5)
+    with pytest.raises(ValueError, match="model.name is required"):
+        build_named_base("", checkpoint=str(tv_path))
 
 
 def test_checkpoints_that_do_not_fit_are_refused_naming_the_first_mismatches(imagenet_like, tmp_path):

@@ -10,23 +10,20 @@ flags) and, here, what runs one. It may import every layer below it (:mod:`casif
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..core.code_version import code_version
 from ..data import build_dataset, short_name
 from ..defenses import find_defense_modules
 from ..model.loading import from_pretrained
-from ..models.pretrained_weights import check_backbone, create_timm_from_checkpoint, read_checkpoint
+from ..model.pretrained_weights import NamedBase, build_named_base
 from .config import (CommandLine, ConfigError, DataSection, DefenseSection, EvalSection, HubSection,
                             ModelSection, Recipe, load_recipe, run_name)
-from ..core.spec import infer_base_spec
 from ..model.surgery import wrap
 from ..train import Trainer
 
@@ -35,38 +32,20 @@ __all__ = ["CommandLine", "ConfigError", "Recipe", "build_base_model", "build_da
 
 
 def build_base_model(spec: ModelSection) -> nn.Module:
-    """The base model of :func:`_base_and_weights` (see there)."""
-    return _base_and_weights(spec)[0]
+    """The base model of :func:`_named_base` (see there)."""
+    return _named_base(spec).model
 
 
-def _base_and_weights(spec: ModelSection):
-    """A timm (``name``) or torchvision (``torchvision:name``) model, optionally pretrained or from a local checkpoint.
-
-    A timm model with ``checkpoint`` goes through timm's own loading path (``pretrained=True`` with the file as
-    ``pretrained_cfg_overlay``), after a check that the checkpoint's backbone fits: an ImageNet checkpoint loads into
-    a ``num_classes: 10`` model with only the classifier re-initialised, and one line says what was dropped
-    (:mod:`casify.models.pretrained_weights`). Returns the model and, when it came from a checkpoint, the
-    ``{"file", "sha256"}`` its model card names."""
-    if not spec.name:
-        raise ValueError("model.name is required (a timm name, 'torchvision:<name>', or a casify folder)")
-    kwargs = dict(spec.kwargs or {})
-    if spec.name.startswith("torchvision:"):
-        import torchvision.models as tvm
-        weights = "DEFAULT" if spec.pretrained and not spec.checkpoint else None
-        model = tvm.get_model(spec.name.split(":", 1)[1], weights=weights, **kwargs)
-        if spec.checkpoint:
-            state = read_checkpoint(Path(spec.checkpoint).expanduser())
-            check_backbone(model, state, spec.name, Path(spec.checkpoint))
-            model.load_state_dict(state, strict=True)
-            return model, {"file": Path(spec.checkpoint).name,
-                           "sha256": hashlib.sha256(Path(spec.checkpoint).expanduser().read_bytes()).hexdigest()}
-        return model, None
-    import timm
-    if spec.checkpoint:
-        model, loaded = create_timm_from_checkpoint(spec.name, spec.checkpoint, **kwargs)
-        print(f"casify: {loaded.describe()}", file=sys.stderr)
-        return model, {"file": Path(loaded.path).name, "sha256": loaded.sha256}
-    return timm.create_model(spec.name, pretrained=bool(spec.pretrained), **kwargs), None
+def _named_base(spec: ModelSection) -> NamedBase:
+    """A timm (``name``) or torchvision (``torchvision:name``) model, optionally pretrained or from a local checkpoint,
+    with its spec (:func:`casify.model.pretrained_weights.build_named_base`). A timm checkpoint goes through timm's own
+    loading path after a check that its backbone fits: an ImageNet checkpoint loads into a ``num_classes: 10`` model
+    with only the classifier re-initialised, and one line says what was dropped."""
+    base = build_named_base(spec.name, pretrained=bool(spec.pretrained), checkpoint=spec.checkpoint,
+                            **(spec.kwargs or {}))
+    if base.loaded is not None:
+        print(f"casify: {base.loaded.describe()}", file=sys.stderr)
+    return base
 
 
 def build_model(spec: ModelSection, defense: Optional[DefenseSection] = None) -> nn.Module:
@@ -83,15 +62,10 @@ def _is_saved_folder(name: Optional[str]) -> bool:
 
 def _wrapped_base(spec: ModelSection, defense: DefenseSection) -> nn.Module:
     """The base model wrapped with ``defense``; its spec names where its weights came from (the model card says)."""
-    base, weights = _base_and_weights(spec)
-    base_spec = infer_base_spec(base)
-    if not spec.pretrained or spec.checkpoint:
-        base_spec.pop("hf_hub_id", None)  # the weights do not come from that Hub repo: the card must not say they do
-    if weights:  # the card names the checkpoint the base came from
-        base_spec["pretrained_weights"] = weights
+    base = _named_base(spec)
     layers = spec.cas_layers
-    return wrap(base, layers if layers is not None else [], init=spec.init, suppress=spec.suppress,
-                normalize=spec.normalize, input_size=spec.input_size, base_spec=base_spec, defense=defense.name,
+    return wrap(base.model, layers if layers is not None else [], init=spec.init, suppress=spec.suppress,
+                normalize=spec.normalize, input_size=spec.input_size, base_spec=base.spec, defense=defense.name,
                 layer_options=defense.layer_options, **defense.options)
 
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 def measure(folder: Path, checkpoint: str, data_dir: Path, n: int = 64) -> dict:
     import casify
-    from casify.models.pretrained_weights import create_timm_from_checkpoint
+    from casify.model.pretrained_weights import create_timm_from_checkpoint
     from safetensors.torch import load_file
     from studies.lite0_cifar10.study import ARCH, PROTOCOL, datasets
     size = PROTOCOL["image_size"]  # the pilots' size too (pilot.py's COMMON)

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv=None):
     import casify
-    from casify.models.pretrained_weights import create_timm_from_checkpoint
+    from casify.model.pretrained_weights import create_timm_from_checkpoint
     from studies.lite0_cifar10.variant_check import held_out_images
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data/cifar10")

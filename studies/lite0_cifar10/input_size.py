@@ -34,7 +34,7 @@ SETTINGS = {"train_images": 10000, "val_start": 45000, "val_size": 1000, "epochs
 
 def build(size: int, checkpoint: str, arch: str):
     import casify
-    from casify.models.pretrained_weights import create_timm_from_checkpoint
+    from casify.model.pretrained_weights import create_timm_from_checkpoint
     base, loaded = create_timm_from_checkpoint(arch, checkpoint, num_classes=10)
     print(f"[{size}px] {loaded.describe()}", flush=True)
     return casify.wrap(base, [], input_size=(3, size, size))  # normalize="auto": the variant's pretrained_cfg

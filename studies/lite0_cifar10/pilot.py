@@ -151,7 +151,7 @@ def recalibrate_batch_norm(model: torch.nn.Module, train, batch_size: int) -> No
 
 def run(name: str, data_dir: Path, checkpoint: str, runs_dir: Path) -> dict:
     import casify
-    from casify.models.pretrained_weights import create_timm_from_checkpoint
+    from casify.model.pretrained_weights import create_timm_from_checkpoint
     from casify.train import TrainConfig, Trainer
     from studies.lite0_cifar10.dead_units import measure
     from studies.lite0_cifar10.study import datasets, train_only_classifier

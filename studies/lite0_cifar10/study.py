@@ -75,7 +75,7 @@ COMPARISONS = {  # name: (A, B); A is the arm the hypothesis favours
 def imagenet_base(checkpoint: str):
     """The ImageNet weights in the protocol's timm variant with a new 10-class classifier (drawn from the current
     torch seed); refused unless they are the study's weights."""
-    from casify.models.pretrained_weights import create_timm_from_checkpoint
+    from casify.model.pretrained_weights import create_timm_from_checkpoint
     base, loaded = create_timm_from_checkpoint(PROTOCOL["arch"], checkpoint, num_classes=10)
     if loaded.sha256 != WEIGHTS_SHA256:
         raise ValueError(f"{checkpoint} is not the study's ImageNet weights (SHA-256 {loaded.sha256[:16]}..., the rule "

@@ -1,4 +1,10 @@
-"""Load a pretrained checkpoint (an ImageNet-1k one, say) into a task-sized timm model, the timm way.
+"""A named base model with its weights, and the spec that says where they came from; a pretrained checkpoint (an
+ImageNet-1k one, say) loaded into a task-sized timm model the timm way.
+
+:func:`build_named_base` is what a recipe's ``model`` section names: a timm or torchvision architecture, with the
+library's pretrained weights or a local checkpoint, returned with its base spec (how to rebuild it, and the model
+card's record of its weights: the Hub repo only when the weights came from it, the checkpoint's file and SHA-256 when
+they came from a file). The spec is made here, beside the loading, because only the loader knows which it was.
 
 Why: ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), num_classes=10)`` already
 keeps every backbone tensor and re-initialises a classifier of another size, but when it drops the classifier it
@@ -6,6 +12,9 @@ loads with ``strict=False`` and only logs what was missing: a checkpoint of anot
 backbone keys, would leave those layers silently random. So the checkpoint's keys and shapes are checked against the
 model first (only the classifier named by timm's ``pretrained_cfg`` may differ), and then timm's own loading path
 runs, unchanged. What was dropped is returned (:class:`PretrainedLoad`) for the caller to report.
+
+It lives in :mod:`casify.model` (not with the architectures of :mod:`casify.models`) because it builds the spec with
+:mod:`casify.core.spec`.
 """
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..core.spec import infer_base_spec
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 SHOWN = 5  # how many mismatching names an error lists
@@ -167,5 +178,57 @@ def create_timm_from_checkpoint(name: str, checkpoint, head_init: str = "zero",
     return model, PretrainedLoad(str(path), kept, dropped, num_classes, headless, digest, head_init)
 
 
-__all__ = ["CHECKPOINT_SUFFIXES", "CheckpointError", "HEAD_INITS", "PretrainedLoad", "check_backbone", "classifier_names",
-           "create_timm_from_checkpoint", "read_checkpoint"]
+def load_torchvision_checkpoint(model: nn.Module, checkpoint, name: str) -> PretrainedLoad:
+    """``checkpoint``'s tensors into a torchvision ``model`` of the same class count, strictly, after
+    :func:`check_backbone` (torchvision's builders have no loader that re-initialises a classifier of another size)."""
+    path = Path(checkpoint).expanduser()
+    state = read_checkpoint(path)
+    check_backbone(model, state, name, path)
+    model.load_state_dict(state, strict=True)
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    return PretrainedLoad(str(path), len(state), {}, num_classes, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedBase:
+    """A base model, the spec that rebuilds it and records where its weights came from, and what loading a
+    checkpoint did (None without one)."""
+    model: nn.Module
+    spec: dict
+    loaded: Optional[PretrainedLoad] = None
+
+
+def build_named_base(name: str, *, pretrained: bool = False, checkpoint=None, **kwargs) -> NamedBase:
+    """A timm (``name``) or torchvision (``"torchvision:<name>"``) model, with the library's pretrained weights
+    (``pretrained``: timm's Hub weights, torchvision's ``DEFAULT``) or a local ``checkpoint`` (which wins), or freshly
+    initialised; ``kwargs`` go to the builder (``num_classes=10``...).
+
+    A timm checkpoint goes through :func:`create_timm_from_checkpoint` (an ImageNet head is dropped for another class
+    count); a torchvision one must fit as it is. The spec keeps the Hub repo (``hf_hub_id``) only when the weights came
+    from it, and names a checkpoint's file and SHA-256 (``pretrained_weights``): the model card must not credit
+    weights to a source they did not come from."""
+    if not name:
+        raise ValueError("model.name is required (a timm name, 'torchvision:<name>', or a casify folder)")
+    loaded = None
+    if name.startswith("torchvision:"):
+        import torchvision.models as tvm
+        arch = name.split(":", 1)[1]
+        model = tvm.get_model(arch, weights="DEFAULT" if pretrained and not checkpoint else None, **kwargs)
+        if checkpoint:
+            loaded = load_torchvision_checkpoint(model, checkpoint, name)
+    elif checkpoint:
+        model, loaded = create_timm_from_checkpoint(name, checkpoint, **kwargs)
+    else:
+        import timm
+        model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    spec = infer_base_spec(model)
+    if not pretrained or checkpoint:
+        spec.pop("hf_hub_id", None)
+    if loaded is not None:
+        spec["pretrained_weights"] = {"file": Path(loaded.path).name, "sha256": loaded.sha256}
+    return NamedBase(model, spec, loaded)
+
+
+__all__ = ["CHECKPOINT_SUFFIXES", "CheckpointError", "HEAD_INITS", "NamedBase", "PretrainedLoad", "build_named_base",
+           "check_backbone", "classifier_names", "create_timm_from_checkpoint", "load_torchvision_checkpoint",
+           "read_checkpoint"]
