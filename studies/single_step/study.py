@@ -32,7 +32,7 @@ from pathlib import Path
 from studies import _protocol as protocol
 from studies._protocol import Arm, Study
 from studies._records import read_json
-from studies._report import interval
+from studies._report import interval, pct
 from studies._scoring import EPS
 from studies.channel_defenses import study as claims
 from studies.lite0_cifar10 import study as lite0
@@ -146,6 +146,35 @@ def goal(record: dict, runs: dict) -> list:
     lines += ["", "Catastrophic overfitting (the Trainer's guard): "
               + (", ".join(f"{k} (eps {runs[(k.split('/s')[0], int(k.split('/s')[1]))]['eps_255']}/255)"
                            for k in collapses) if collapses else "none of the runs so far collapsed") + "."]
+    return lines + collapse_sweep(record, runs)
+
+
+def collapse_sweep(record: dict, runs: dict) -> list:
+    """At which eps each single-step method collapses: seed 0 of the claims protocol at 8/255 and the sweep's runs at
+    12 and 16/255, each trained and scored at its own eps. A collapse is what the guard records; the largest gap of
+    held-out FGSM over PGD-10 accuracy and the last validation show what it saw."""
+    arms = [a for a in ("claims_pgd", "claims_n_fgsm", "claims_fgsm_rs") if (a, 0) in runs]
+    arms += [name for name in RUNS if name.endswith(tuple(SWEEP_EPS)) and (name, 0) in runs]
+    if not any(name.endswith(tuple(SWEEP_EPS)) for name in arms):
+        return []
+    lines = ["", "## The collapse sweep (claims protocol, seed 0, each run at its own eps)", "",
+             "| run | attack | eps (pixels) | natural | worst case | last held-out PGD-10 / FGSM | largest FGSM - PGD "
+             "| guard |", "|---|---|---|---|---|---|---|---|"]
+    record["collapse_sweep"] = {}
+    for name in arms:
+        r = runs[(name, 0)]
+        history = [h for h in r["history"] if h.get("val_fgsm") is not None]
+        gap = max((h["val_fgsm"] - h["val_pgd"] for h in history), default=None)
+        last = r["history"][-1] if r["history"] else {}
+        fired = r.get("overfitting")
+        record["collapse_sweep"][name] = {"attack": RUNS[name][1], "eps_255": r["eps_255"], "natural": r["natural"],
+                                          "worst_case": r["worst_case"], "last_val_pgd": last.get("val_pgd"),
+                                          "last_val_fgsm": last.get("val_fgsm"), "largest_fgsm_minus_pgd": gap,
+                                          "guard": fired}
+        guard = "no collapse" if not fired else f"**{fired.get('trigger', 'collapse')}** at step {fired.get('step')}"
+        lines.append(f"| {name} | {RUNS[name][1]} | {r['eps_255']:g}/255 | {pct(r['natural'])} | {pct(r['worst_case'])} "
+                     f"| {pct(last.get('val_pgd'))} / {pct(last.get('val_fgsm'))} "
+                     f"| {'-' if gap is None else f'{100 * gap:+.1f}'} | {guard} |")
     return lines
 
 
