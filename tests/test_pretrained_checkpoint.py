@@ -76,6 +76,10 @@ def test_the_named_base_credits_its_weights_to_where_they_came_from(imagenet_lik
     tv = build_named_base("torchvision:resnet18", checkpoint=str(tv_path), num_classes=10)
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in tv.model.state_dict().items())
     assert tv.spec["source"] == "torchvision" and tv.spec["pretrained_weights"]["file"] == tv_path.name
+    assert tv.loaded.num_classes == 10 and not tv.loaded.dropped
+    # pretrained=True beside a checkpoint: the checkpoint's weights (nothing downloaded), credited to the file
+    both = build_named_base("torchvision:resnet18", pretrained=True, checkpoint=str(tv_path), num_classes=10)
+    assert torch.equal(both.model.fc.weight, saved.fc.weight) and "pretrained_weights" in both.spec
     with pytest.raises(CheckpointError, match="does not fit"):
         build_named_base("torchvision:resnet18", checkpoint=str(tv_path), num_classes=5)
     with pytest.raises(ValueError, match="model.name is required"):

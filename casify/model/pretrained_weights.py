@@ -19,6 +19,7 @@ It lives in :mod:`casify.model` (not with the architectures of :mod:`casify.mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -185,28 +186,40 @@ def load_torchvision_checkpoint(model: nn.Module, checkpoint, name: str) -> Pret
     state = read_checkpoint(path)
     check_backbone(model, state, name, path)
     model.load_state_dict(state, strict=True)
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    matrices = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]  # the classifier is the last
+    num_classes = int(matrices[-1].shape[0]) if matrices else 0
     return PretrainedLoad(str(path), len(state), {}, num_classes, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 @dataclasses.dataclass(frozen=True)
 class NamedBase:
-    """A base model, the spec that rebuilds it and records where its weights came from, and what loading a
-    checkpoint did (None without one)."""
+    """A base model, what loading a checkpoint did (None without one), and (:attr:`spec`) how to rebuild it."""
     model: nn.Module
-    spec: dict
+    pretrained: bool = False
     loaded: Optional[PretrainedLoad] = None
 
+    @functools.cached_property
+    def spec(self) -> dict:
+        """The base spec (:func:`casify.core.spec.infer_base_spec`) with the record of its weights: the Hub repo
+        (``hf_hub_id``) only when the weights came from it, a checkpoint's file and SHA-256 (``pretrained_weights``)
+        when they came from one; the model card must not credit weights to a source they did not come from. Made on
+        first use (a torchvision spec builds candidate architectures to find the name)."""
+        spec = infer_base_spec(self.model)
+        if not self.pretrained or self.loaded is not None:
+            spec.pop("hf_hub_id", None)
+        if self.loaded is not None:
+            spec["pretrained_weights"] = {"file": Path(self.loaded.path).name, "sha256": self.loaded.sha256}
+        return spec
 
-def build_named_base(name: str, *, pretrained: bool = False, checkpoint=None, **kwargs) -> NamedBase:
+
+def build_named_base(name: str, /, *, pretrained: bool = False, checkpoint=None, **kwargs) -> NamedBase:
     """A timm (``name``) or torchvision (``"torchvision:<name>"``) model, with the library's pretrained weights
     (``pretrained``: timm's Hub weights, torchvision's ``DEFAULT``) or a local ``checkpoint`` (which wins), or freshly
     initialised; ``kwargs`` go to the builder (``num_classes=10``...).
 
     A timm checkpoint goes through :func:`create_timm_from_checkpoint` (an ImageNet head is dropped for another class
-    count); a torchvision one must fit as it is. The spec keeps the Hub repo (``hf_hub_id``) only when the weights came
-    from it, and names a checkpoint's file and SHA-256 (``pretrained_weights``): the model card must not credit
-    weights to a source they did not come from."""
+    count); a torchvision one must fit as it is (:func:`load_torchvision_checkpoint`). ``.spec`` says where the weights
+    came from."""
     if not name:
         raise ValueError("model.name is required (a timm name, 'torchvision:<name>', or a casify folder)")
     loaded = None
@@ -221,12 +234,7 @@ def build_named_base(name: str, *, pretrained: bool = False, checkpoint=None, **
     else:
         import timm
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
-    spec = infer_base_spec(model)
-    if not pretrained or checkpoint:
-        spec.pop("hf_hub_id", None)
-    if loaded is not None:
-        spec["pretrained_weights"] = {"file": Path(loaded.path).name, "sha256": loaded.sha256}
-    return NamedBase(model, spec, loaded)
+    return NamedBase(model, bool(pretrained), loaded)
 
 
 __all__ = ["CHECKPOINT_SUFFIXES", "CheckpointError", "HEAD_INITS", "NamedBase", "PretrainedLoad", "build_named_base",

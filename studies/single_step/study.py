@@ -156,8 +156,11 @@ def collapse_sweep(record: dict, runs: dict) -> list:
     arms = [a for a in ("claims_pgd", "claims_n_fgsm", "claims_fgsm_rs") if (a, 0) in runs]
     arms += [name for name in RUNS if name.endswith(tuple(SWEEP_EPS)) and (name, 0) in runs]
     if not any(name.endswith(tuple(SWEEP_EPS)) for name in arms):
+        record.pop("collapse_sweep", None)
         return []
     lines = ["", "## The collapse sweep (claims protocol, seed 0, each run at its own eps)", "",
+             "The sweep's runs (`_eps12`, `_eps16`) are trained and scored at their own eps: in the runs table below, "
+             "their worst case is at that eps, not at 8/255; they are in no comparison.", "",
              "| run | attack | eps (pixels) | natural | worst case | last held-out PGD-10 / FGSM | largest FGSM - PGD "
              "| guard |", "|---|---|---|---|---|---|---|---|"]
     record["collapse_sweep"] = {}
@@ -171,7 +174,8 @@ def collapse_sweep(record: dict, runs: dict) -> list:
                                           "worst_case": r["worst_case"], "last_val_pgd": last.get("val_pgd"),
                                           "last_val_fgsm": last.get("val_fgsm"), "largest_fgsm_minus_pgd": gap,
                                           "guard": fired}
-        guard = "no collapse" if not fired else f"**{fired.get('trigger', 'collapse')}** at step {fired.get('step')}"
+        guard = ("no collapse" if not fired else f"**{fired.get('trigger', 'collapse')}** at step {fired.get('step')}"
+                 if isinstance(fired, dict) else "unreadable record")
         lines.append(f"| {name} | {RUNS[name][1]} | {r['eps_255']:g}/255 | {pct(r['natural'])} | {pct(r['worst_case'])} "
                      f"| {pct(last.get('val_pgd'))} / {pct(last.get('val_fgsm'))} "
                      f"| {'-' if gap is None else f'{100 * gap:+.1f}'} | {guard} |")
