@@ -562,7 +562,8 @@ def headline_table(args, record: dict, family: dict) -> str:
             c = committed["runs"].get(f"{arm}/s{s}")
             if c:
                 runs.setdefault(arm, []).append({"seed": s, "natural": c["natural"], "worst_case": c["worst_case"],
-                                                 "paper_style": c["rows"].get("pgd20[cas]" if ref else "pgd20")})
+                                                 "paper_style": c["rows"].get("pgd20[cas]" if ref else "pgd20"),
+                                                 "source": "paper_claims (committed score)"})
     verdicts = {**{c["A"]: c for c in record["comparisons"].values() if c["B"] == "at" or c["A"] in SCALE_ARMS},
                 **{c["A"]: c for c in family.get("comparisons", {}).values()},
                 **{c["A"]: {"worst_case": c["seed_rule"]} for c in record.get("claims_rescored", {}).values()
@@ -593,7 +594,14 @@ def headline_table(args, record: dict, family: dict) -> str:
         seeds = {r["seed"] for r in a} & {r["seed"] for r in b}
         c = verdicts.get(arm, {}).get("worst_case", {})
         word = {"A better": "helps", "A worse": "hurts"}.get(c.get("verdict"), c.get("verdict"))
-        verdict = f"**{word}**: {_interval(c)}" if "t_ci95" in c else f"{len(seeds)} seed(s): not judged"
+        # the amended rule (issue 28): a comparison whose runs come from two code versions is reported, never judged
+        sources = {r.get("source") for r in a + b if r["seed"] in seeds}
+        if "t_ci95" not in c:
+            verdict = f"{len(seeds)} seed(s): not judged"
+        elif len(sources) > 1:
+            verdict = f"**not judged** (two code versions): {_interval(c)}"
+        else:
+            verdict = f"**{word}**: {_interval(c)}"
         lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | {diff('paper_style')} | {diff('worst_case')} "
                      f"| {verdict} | {diff('natural')} |")
     return "\n".join(lines + retrofit_rows()) + "\n"
