@@ -181,3 +181,38 @@ def test_a_paused_study_takes_no_run_until_amended(studies_importable):
     committed = _json(STUDIES / "lite0_cifar10" / "results" / "study.json")
     with pytest.raises(SystemExit):  # today's committed record: paused, no amendment
         lite0.check_not_paused(committed)
+
+
+def test_the_budget_pilot_compares_arms_of_one_budget_on_held_out_data_only(studies_importable, tmp_path,
+                                                                           monkeypatch):
+    """channel_defenses' budget pilot: a longer budget keeps the study's lr drops at the same fractions, trains the
+    study's own arms, never reads the test set, and reports each defended arm's held-out natural gap to AT of the
+    same seed and budget."""
+    import numpy as np
+
+    from studies.channel_defenses import budget_pilot
+    from studies.channel_defenses import study as channel
+    assert budget_pilot.milestones(12) == tuple(channel.PROTOCOL["milestones"])
+    assert budget_pilot.milestones(24) == (18, 22)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, 60).astype(np.int64))
+    for key, value in {"train_images": 40, "val_start": 40, "val_size": 16, "batch_size": 20,
+                       "val_attack_steps": 1}.items():
+        monkeypatch.setitem(channel.PROTOCOL, key, value)
+
+    def no_test_set(*_):
+        raise AssertionError("the pilot read the test set")
+    monkeypatch.setattr(channel, "test_set", no_test_set)
+    runs = tmp_path / "runs"
+    budget_pilot.main(["--jobs", "at:0", "at_fsr:0", "--epochs", "2", "--data-dir", str(tmp_path),
+                       "--runs-dir", str(runs)])
+    record = budget_pilot.report(runs, tmp_path / "no_archive")
+    by_arm = {r["arm"]: r for r in record["runs"]}
+    assert set(by_arm) == {"at", "at_fsr"} and all(r["epochs"] == 2 and r["milestones"] == [2, 2]
+                                                   for r in by_arm.values())
+    assert all(len(r["held_out_natural"]) == 2 and r["held_out_images"] == 16 for r in by_arm.values())
+    gap = by_arm["at_fsr"]["final_natural"] - by_arm["at"]["final_natural"]
+    assert record["natural_gap_to_at"] == {"e2": {"at_fsr_s0": round(gap, 4)}}
+    with pytest.raises(SystemExit):
+        budget_pilot.main(["--jobs", "fsr:0", "--runs-dir", str(runs)])
