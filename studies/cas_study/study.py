@@ -36,6 +36,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -431,7 +432,7 @@ def cmd_report(args) -> None:
     print(f"wrote {path} ({len(runs)} runs)")
 
 
-def _interval(c: dict) -> str:
+def _interval(c: dict, holm_p: Optional[float] = None) -> str:
     if "t_ci95" not in c:
         per = c.get("per_seed") or []
         if not per:
@@ -440,7 +441,8 @@ def _interval(c: dict) -> str:
         return f"{shown} ({len(per)} seed(s): not judged, the rule needs 3)"
     t, b = c["t_ci95"], c["bootstrap_ci95"]
     return (f"{100 * c['mean_diff']:+.1f} (t [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}], bootstrap "
-            f"[{100 * b[0]:+.1f}, {100 * b[1]:+.1f}]; {len(c['seeds'])} seeds)")
+            f"[{100 * b[0]:+.1f}, {100 * b[1]:+.1f}]; {len(c['seeds'])} seeds"
+            + ("" if holm_p is None else f"; Holm p {holm_p:.2f}") + ")")
 
 
 def markdown(record: dict) -> str:
@@ -552,7 +554,7 @@ def _mean(values):
 def headline_table(args, record: dict, family: dict) -> str:
     """README's "Do channel-wise defenses help?": defense x method, the paper's claim, the paper-style evaluation,
     the adaptive union, the verdict under the seed rule and natural accuracy (means over seeds, points vs the
-    method without the defense)."""
+    method without the defense). The verdicts are Holm-adjusted over the rows the table judges (:func:`_verdicts`)."""
     committed = json.loads(COMMITTED_CLAIMS.read_text())
     runs = {}
     for r in record["runs"]:
@@ -578,12 +580,11 @@ def headline_table(args, record: dict, family: dict) -> str:
                                                            "at_cas_predicted", "at"),
             ("CAS, label-free routing (soft)", "AT", "at_cas_soft", "at"), ("CIFS", "AT", "at_cifs", "at"),
             ("FSR", "AT", "at_fsr", "at"), ("CAS, width 1/4 on 20k images", "AT", "at_cas_scale", "at_scale")]
-    lines = ["| defense | method | paper's claim | paper-style evaluation | adaptive union | verdict (seed rule) | "
-             "natural |", "|---|---|---|---|---|---|---|"]
+    entries = []
     for defense, method, arm, ref in rows:
         a, b = runs.get(arm, []), runs.get(ref, [])
         if not a:
-            lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | not run yet | | | |")
+            entries.append({"cells": [defense, method, PAPER_CLAIMS[arm][0], "not run yet", "", ""], "c": {}})
             continue
         def diff(key):
             # over the seeds where both arms have the value, so A and B are averaged over the same seeds
@@ -592,25 +593,54 @@ def headline_table(args, record: dict, family: dict) -> str:
             db = _mean([r.get(key) for r in b if r["seed"] in both])
             return "-" if da is None or db is None else f"{100 * da:.1f} ({100 * (da - db):+.1f})"
         seeds = {r["seed"] for r in a} & {r["seed"] for r in b}
-        c = verdicts.get(arm, {}).get("worst_case", {})
-        word = {"A better": "helps", "A worse": "hurts"}.get(c.get("verdict"), c.get("verdict"))
         # the amended rule (issue 28): a comparison whose runs come from two code versions is reported, never judged
         sources = {r.get("source") for r in a + b if r["seed"] in seeds}
-        if "t_ci95" not in c:
-            verdict = f"{len(seeds)} seed(s): not judged"
-        elif len(sources) > 1:
-            verdict = f"**not judged** (two code versions): {_interval(c)}"
+        entries.append({"cells": [defense, method, PAPER_CLAIMS[arm][0], diff("paper_style"), diff("worst_case"),
+                                  diff("natural")], "c": verdicts.get(arm, {}).get("worst_case", {}),
+                        "seeds": len(seeds), "mixed": len(sources) > 1})
+    entries += retrofit_rows()
+    lines = ["| defense | method | paper's claim | paper-style evaluation | adaptive union | verdict (seed rule, Holm "
+             "over the judged rows) | natural |", "|---|---|---|---|---|---|---|"]
+    for e, verdict in zip(entries, _verdicts(entries)):
+        cells = e["cells"]
+        lines.append("| " + " | ".join(cells[:5] + [verdict, cells[5]]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _t_p(c: dict) -> float:
+    """The two-sided p-value of the t test behind a seed-rule comparison's t interval (its per-seed differences)."""
+    from scipy import stats
+    return float(stats.ttest_1samp([p["diff"] for p in c["per_seed"]], 0.0).pvalue)
+
+
+def _verdicts(entries: list) -> list:
+    """Each row's verdict cell. A row is judged when it has the seed rule's intervals and both arms come from one
+    code version; the judged rows are one family, Holm-adjusted on their t tests' p-values (the audit: no
+    multiplicity control over the table), and a row keeps "hurts" / "helps" only while its adjusted p < 0.05."""
+    from casify.evaluate.compare import holm
+    judged = [i for i, e in enumerate(entries) if "t_ci95" in e["c"] and not e.get("mixed")]
+    adjusted = dict(zip(judged, holm([_t_p(entries[i]["c"]) for i in judged])))
+    cells = []
+    for i, e in enumerate(entries):
+        c = e["c"]
+        if e["cells"][3] == "not run yet":
+            cells.append("")
+        elif "t_ci95" not in c:
+            cells.append(f"{e.get('seeds', 0)} seed(s): not judged")
+        elif e.get("mixed"):
+            cells.append(f"**not judged** (two code versions): {_interval(c)}")
         else:
-            verdict = f"**{word}**: {_interval(c)}"
-        lines.append(f"| {defense} | {method} | {PAPER_CLAIMS[arm][0]} | {diff('paper_style')} | {diff('worst_case')} "
-                     f"| {verdict} | {diff('natural')} |")
-    return "\n".join(lines + retrofit_rows()) + "\n"
+            word = {"A better": "helps", "A worse": "hurts"}.get(c["verdict"], c["verdict"])
+            word = word if adjusted[i] < 0.05 else "inconclusive"
+            cells.append(f"**{word}**: {_interval(c, adjusted[i])}")
+    return cells
 
 
 def retrofit_rows() -> list:
     """The headline table's retrofit rows (part 5): a standard-trained base made robust by AT fine-tuning
     (retrofit_standard.json, eps 8/255) and the robust resnet4b with CAS on its head's hidden layer
-    (retrofit_head.json, eps 2/255); means over seeds, points vs the AT arm of the same study."""
+    (retrofit_head.json, eps 2/255); means over seeds, points vs the AT arm of the same study. Each row's cells and
+    its seed-rule comparison (both arms of each study ran in that study, one code version)."""
     rows = []
     standard = read_json(results_of("retrofit_standard") / "retrofit_standard.json")
     if standard and standard.get("comparison", {}).get("worst_case", {}).get("t_ci95"):
@@ -623,13 +653,12 @@ def retrofit_rows() -> list:
         def cell(key):
             a, b = mean(chosen, key), mean("at", key)
             return "-" if a is None or b is None else f"{100 * a:.1f} ({100 * (a - b):+.1f})"
-        word = {"A better": "helps", "A worse": "hurts"}.get(c["worst_case"]["verdict"], c["worst_case"]["verdict"])
         variant = {"at_cas": "label routing", "at_cas_predicted": "label-free routing (own argmax)",
                    "at_cas_warmup": "heads warmed up first", "at_cas_beta0.5": "beta 0.5",
                    "at_cas_headlr": "heads at a tenth of the rate"}.get(chosen, chosen)
-        rows.append(f"| CAS, {variant} (chosen on held-out data), retrofit "
-                    f"of a standard-trained base | AT fine-tuning | (not in the paper) | {cell('paper_style')} | "
-                    f"{cell('worst_case')} | **{word}**: {_interval(c['worst_case'])} | {cell('natural')} |")
+        rows.append({"cells": [f"CAS, {variant} (chosen on held-out data), retrofit of a standard-trained base",
+                               "AT fine-tuning", "(not in the paper)", cell("paper_style"), cell("worst_case"),
+                               cell("natural")], "c": c["worst_case"]})
     head = read_json(results_of("retrofit_study") / "retrofit_head.json")
     judged = [c for c in (head or {}).get("comparisons", []) if c.get("seed_rule")]
     if judged:
@@ -640,10 +669,9 @@ def retrofit_rows() -> list:
             if not a or not b or None in a + b:
                 return "-"
             return f"{100 * sum(a) / len(a):.1f} ({100 * (sum(a) / len(a) - sum(b) / len(b)):+.1f})"
-        word = {"A better": "helps", "A worse": "hurts"}.get(r["verdict"], r["verdict"])
-        rows.append(f"| CAS on the MLP head's hidden layer, retrofit of robust resnet4b (eps 2/255) | AT fine-tuning | "
-                    f"(not in the paper) | {head_cell('pgd20')} | {head_cell('worst_case')} | **{word}**: "
-                    f"{_interval(r)} | {head_cell('natural')} |")
+        rows.append({"cells": ["CAS on the MLP head's hidden layer, retrofit of robust resnet4b (eps 2/255)",
+                               "AT fine-tuning", "(not in the paper)", head_cell("pgd20"), head_cell("worst_case"),
+                               head_cell("natural")], "c": r})
     return rows
 
 
