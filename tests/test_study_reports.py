@@ -193,7 +193,7 @@ def test_the_budget_pilot_compares_arms_of_one_budget_on_held_out_data_only(stud
     from studies.channel_defenses import budget_pilot
     from studies.channel_defenses import study as channel
     assert budget_pilot.milestones(12) == tuple(channel.PROTOCOL["milestones"])
-    assert budget_pilot.milestones(24) == (18, 22)
+    assert budget_pilot.milestones(24) == (18, 22) and budget_pilot.milestones(18) == (13.5, 16.5)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "train.npz", x=rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8),
              y=rng.integers(0, 10, 60).astype(np.int64))
@@ -209,10 +209,11 @@ def test_the_budget_pilot_compares_arms_of_one_budget_on_held_out_data_only(stud
                        "--runs-dir", str(runs)])
     record = budget_pilot.report(runs, tmp_path / "no_archive")
     by_arm = {r["arm"]: r for r in record["runs"]}
-    assert set(by_arm) == {"at", "at_fsr"} and all(r["epochs"] == 2 and r["milestones"] == [2, 2]
-                                                   for r in by_arm.values())
+    assert set(by_arm) == {"at", "at_fsr"} and all(r["epochs"] == 2 and r["milestones"] == [1.5, 11 / 6]
+                                                   and r["source"] == "pilot" for r in by_arm.values())
     assert all(len(r["held_out_natural"]) == 2 and r["held_out_images"] == 16 for r in by_arm.values())
     gap = by_arm["at_fsr"]["final_natural"] - by_arm["at"]["final_natural"]
-    assert record["natural_gap_to_at"] == {"e2": {"at_fsr_s0": round(gap, 4)}}
+    commit = by_arm["at"]["commit"] or "untracked"
+    assert record["natural_gap_to_at"] == {f"e2 at {commit[:10]} (pilot)": {"at_fsr_s0": round(gap, 4)}}
     with pytest.raises(SystemExit):
         budget_pilot.main(["--jobs", "fsr:0", "--runs-dir", str(runs)])

@@ -6,7 +6,9 @@ own (the rule: the same budget for every arm), so the question is whether a long
 close the gap. This pilot trains AT, CIFS and FSR of the study (same arms, same protocol) for ``--epochs`` epochs
 (milestones at the study's fractions: 3/4 and 11/12 of the epochs) and reads only the 500 held-out training images
 (45,000 on) that every run validates on: natural and PGD-10 accuracy after each epoch. The test set is never read;
-nothing here is a verdict.
+nothing here is a verdict: one run's held-out accuracy has a standard error of about 2 points (500 images), so a gap
+is read over seeds. The pilot runs at the commit checked out (run it from a pinned worktree); its report keeps runs
+of different commits apart, so the study's archived 12-epoch runs (at the study's pin) are context, not a pairing.
 
     OMP_NUM_THREADS=1 python -m studies.channel_defenses.budget_pilot --jobs at_cifs:0 at:0 \\
         --data-dir ../shared/data/cifar10 --runs-dir outputs/budget_pilot
@@ -26,8 +28,9 @@ RESULTS = channel.RESULTS / "budget_pilot.json"
 
 
 def milestones(epochs: int) -> tuple:
-    """The study's lr drops (9 and 11 of 12 epochs) at the same fractions of a longer budget."""
-    return (round(epochs * 9 / 12), round(epochs * 11 / 12))
+    """The study's lr drops (9 and 11 of 12 epochs) at the same fractions of another budget (epochs may be
+    fractional: the schedule drops at the step that fraction reaches)."""
+    return (epochs * 9 / 12, epochs * 11 / 12)
 
 
 def train(arm_name: str, seed: int, epochs: int, data_dir: Path, runs_dir: Path) -> Path:
@@ -64,20 +67,22 @@ def summary(record: dict) -> dict:
 def report(runs_dir: Path, baseline_records: Path) -> dict:
     """The pilot's runs beside the study's own 12-epoch runs of the same seeds (their held-out history), and the
     held-out natural gap to AT at each budget."""
-    runs = [summary(read_json(p)) for p in sorted(runs_dir.glob("e*/*_s*/train_record.json"))]
+    runs = [{**summary(read_json(p)), "source": "pilot"}
+            for p in sorted(runs_dir.glob("e*/*_s*/train_record.json"))]
     seeds = sorted({r["seed"] for r in runs})
     for arm in channel.ARMS:
         for seed in seeds:
             study_record = read_json(baseline_records / f"{arm}_s{seed}" / "train_record.json")
             if study_record and arm in {r["arm"] for r in runs}:
                 runs.append({**summary(study_record), "source": "the study's run (archived)"})
-    gaps = {}
-    for epochs in sorted({r["epochs"] for r in runs}):
-        at = {r["seed"]: r["final_natural"] for r in runs if r["epochs"] == epochs and r["arm"] == "at"}
-        for r in runs:
-            if r["epochs"] == epochs and r["arm"] != "at" and r["seed"] in at:
-                gaps.setdefault(f"e{epochs}", {})[f"{r['arm']}_s{r['seed']}"] = round(r["final_natural"] -
-                                                                                       at[r["seed"]], 4)
+    gaps = {}  # within one budget, one commit and one source: a gap never pairs runs of two code versions
+    for group in sorted({(r["epochs"], r["commit"] or "untracked", r["source"]) for r in runs}):
+        members = [r for r in runs if (r["epochs"], r["commit"] or "untracked", r["source"]) == group]
+        at = {r["seed"]: r["final_natural"] for r in members if r["arm"] == "at"}
+        for r in members:
+            if r["arm"] != "at" and r["seed"] in at:
+                key = f"e{group[0]} at {group[1][:10]} ({group[2]})"
+                gaps.setdefault(key, {})[f"{r['arm']}_s{r['seed']}"] = round(r["final_natural"] - at[r["seed"]], 4)
     return {"question": __doc__.split("\n")[0], "data": "the 500 held-out training images (45,000 on); the test set "
             "is never read", "runs": runs, "natural_gap_to_at": gaps}
 
