@@ -559,7 +559,8 @@ def _mean(values):
 def headline_table(args, record: dict, family: dict) -> str:
     """README's "Do channel-wise defenses help?": defense x method, the paper's claim, the paper-style evaluation,
     the adaptive union, the verdict under the seed rule and natural accuracy (means over seeds, points vs the
-    method without the defense). The verdicts are Holm-adjusted over every comparison the table shows (:func:`_verdicts`)."""
+    method without the defense). The verdicts are Holm-adjusted over every comparison the table shows
+    (:func:`_verdicts`)."""
     committed = json.loads(COMMITTED_CLAIMS.read_text())
     runs = {}
     for r in record["runs"]:
