@@ -77,14 +77,15 @@ def test_the_named_base_credits_its_weights_to_where_they_came_from(imagenet_lik
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in tv.model.state_dict().items())
     assert tv.spec["source"] == "torchvision" and tv.spec["pretrained_weights"]["file"] == tv_path.name
     assert tv.loaded.num_classes == 10 and not tv.loaded.dropped
-    # pretrained=True beside a checkpoint: the checkpoint's weights, credited to the file, and no download tried
+    # asking for pretrained weights beside a checkpoint: the checkpoint's weights, credited to the file, no download
     import torchvision.models._api as tv_weights
 
     def no_download(*args, **kwargs):
         raise AssertionError("a checkpoint was given: nothing may be downloaded")
     monkeypatch.setattr(tv_weights, "load_state_dict_from_url", no_download)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    both = build_named_base("torchvision:resnet18", pretrained=True, checkpoint=str(tv_path), num_classes=10)
+    both = build_named_base("torchvision:resnet18", pretrained=True,  # offline-ok: downloads fail above
+                            checkpoint=str(tv_path), num_classes=10)
     assert torch.equal(both.model.fc.weight, saved.fc.weight) and "pretrained_weights" in both.spec
     with pytest.raises(CheckpointError, match="does not fit"):
         build_named_base("torchvision:resnet18", checkpoint=str(tv_path), num_classes=5)
