@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from studies._protocol import train_timed, training_record
+from studies._protocol import train_run
 from studies._records import read_json, write_json
 from studies.channel_defenses import study as channel
 
@@ -34,23 +34,15 @@ def milestones(epochs: int) -> tuple:
 
 
 def train(arm_name: str, seed: int, epochs: int, data_dir: Path, runs_dir: Path) -> Path:
-    """One pilot run (resumes from its checkpoints); its folder holds ``train_record.json`` when done."""
-    from casify.train import Trainer
-    arm = channel.ARMS[arm_name]
-    out = runs_dir / f"e{epochs}" / f"{arm_name}_s{seed}"
-    if (out / "train_record.json").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = dataclasses.replace(channel.train_config(arm_name, arm, seed, out), epochs=epochs,
-                              milestones=milestones(epochs))
-    trainer = Trainer(channel.build_model(arm, seed), *channel.datasets(data_dir), cfg,
-                      identity={"study": "channel_defenses_budget_pilot", "arm": arm_name})
-    print(f"[pilot] {arm_name} s{seed} e{epochs}: {trainer.total_steps} steps", flush=True)
-    state, seconds, validation = train_timed(trainer, out)
-    write_json(out / "train_record.json",
-               training_record(arm_name, seed, state, seconds, out / "final", cfg, validation))
-    print(f"[pilot] {arm_name} s{seed} e{epochs}: {seconds:.0f}s", flush=True)
-    return out
+    """One pilot run: the study's own run (:func:`studies._protocol.train_run`, which resumes from its checkpoints and
+    writes ``train_record.json``) with the budget replaced."""
+    def longer(name, arm, s, out):
+        return dataclasses.replace(channel.train_config(name, arm, s, out), epochs=epochs,
+                                   milestones=milestones(epochs))
+    study = dataclasses.replace(channel.study(argparse.Namespace(data_dir=data_dir)), train_config=longer)
+    budget_dir = runs_dir / f"e{epochs}"
+    train_run(study, budget_dir, arm_name, seed, channel.datasets(data_dir))
+    return study.run_dir(budget_dir, arm_name, seed)
 
 
 def summary(record: dict) -> dict:
